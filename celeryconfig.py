@@ -1,0 +1,59 @@
+"""Celery settings of the notifier app, derived from the NOTIFIER_* environment.
+
+Why each choice (see the README's "Priorities and recovery"):
+
+* One queue per priority, consumed in a fixed order (``queue_order_strategy``:
+  ``priority``, honoured by kombu >= 5.7): a worker that listens to all four always
+  takes critical work first. Every message stays at one message priority
+  (``task_default_priority`` 0 and kombu's default ``priority_steps``), the same a plain
+  Celery producer uses, because kombu's Redis transport orders its lists by message
+  priority before queue order: a message sent with another priority would jump the
+  queue order, and a consumer with other steps would never read it.
+* Messages are acknowledged late, after their rows are committed; a killed worker's
+  messages come back after ``visibility_timeout`` seconds (Redis) or at once (RabbitMQ).
+* Ingest forms batches out of the messages a worker holds unacknowledged, so prefetch
+  is at least one batch; the ingest task flushes at once when a critical message comes.
+* Only JSON crosses the broker.
+"""
+
+from kombu import Exchange, Queue
+
+from notifier.settings import PRIORITIES, get_settings, queue_name
+
+_settings = get_settings()
+
+broker_url = _settings.broker_url
+broker_connection_retry_on_startup = True
+broker_transport_options = {
+    "visibility_timeout": _settings.visibility_timeout,
+    "queue_order_strategy": "priority",
+    "unacked_restore_interval": _settings.unacked_restore_interval,
+    "unacked_restore_throttle": 1,
+}
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+task_ignore_result = True
+result_backend = None
+
+# Declared exactly as a plain Celery app declares ``queue="notifier.<priority>"`` (an
+# exchange and routing key of the queue's name), so foreign producers and we agree.
+task_queues = [
+    Queue(queue_name(priority), Exchange(queue_name(priority), type="direct"),
+          routing_key=queue_name(priority))
+    for priority in PRIORITIES
+]
+task_default_queue = queue_name("normal")
+task_default_priority = 0
+task_create_missing_queues = True
+
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = _settings.prefetch_multiplier
+worker_send_task_events = True
+task_send_sent_event = False
+worker_hijack_root_logger = False
+
+timezone = "UTC"
+enable_utc = True

@@ -1,0 +1,249 @@
+"""The producer API: hand notifications to the pipeline and get their ids at once.
+
+Ids are made here (UUIDv7) so a caller never waits for the database. Notifications are
+checked before they are sent, so a caller's mistake raises in the caller's process
+instead of surfacing later as a dead letter. Each goes to the queue of its priority.
+
+* :func:`notify` publishes one message per call: simplest, and right for critical work.
+* :func:`notify_many` publishes many notifications per message.
+* :class:`BufferedProducer` (or :func:`buffered`) collects single ``notify`` calls in
+  process and publishes them many per message, by size or after a short delay.
+"""
+
+from __future__ import annotations
+
+import atexit
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from notifier.celery_app import app
+from notifier.ids import uuid7
+from notifier.schemas import (
+    ENQUEUED_AT_HEADER,
+    NotificationError,
+    NotificationIn,
+    parse_notification,
+    to_message,
+)
+from notifier.settings import PRIORITIES, get_settings, queue_name
+
+INGEST_TASK = "notifier.ingest"
+
+
+def build(
+    recipient: str | Mapping[str, Any] | None = None,
+    type: str | None = None,
+    title: str | None = None,
+    body: str = "",
+    *,
+    priority: str = "normal",
+    channels: list[str] | None = None,
+    data: Mapping[str, Any] | None = None,
+    idempotency_key: str | None = None,
+    send_at: datetime | str | None = None,
+    id: str | uuid.UUID | None = None,
+) -> NotificationIn:
+    """A validated notification with its id; raises NotificationError naming bad fields."""
+    fields = {
+        "recipient": recipient, "type": type, "title": title, "body": body,
+        "priority": priority, "channels": channels, "data": dict(data or {}),
+        "idempotency_key": idempotency_key, "send_at": send_at, "id": id,
+    }
+    return _validated({key: value for key, value in fields.items() if value is not None})
+
+
+def _validated(raw: Mapping[str, Any]) -> NotificationIn:
+    notification = parse_notification(dict(raw))
+    if notification.id is None:
+        notification.id = uuid7()
+    return notification
+
+
+def _publish(messages: list[dict[str, Any]] | dict[str, Any], priority: str) -> None:
+    app.send_task(
+        INGEST_TASK, args=[messages], queue=queue_name(priority),
+        headers={ENQUEUED_AT_HEADER: time.time()},
+    )
+
+
+def notify(
+    recipient: str | Mapping[str, Any], type: str, title: str, body: str = "",
+    **fields: Any,
+) -> str:
+    """Send one notification in its own message; returns its id."""
+    notification = build(recipient, type, title, body, **fields)
+    _publish(to_message(notification), notification.priority)
+    return str(notification.id)
+
+
+def notify_many(
+    notifications: Iterable[Mapping[str, Any]], chunk_size: int | None = None
+) -> list[str]:
+    """Send many notifications, many per message, grouped by priority; returns ids in order.
+
+    Every notification is validated first: if one is bad, nothing is sent and the
+    NotificationError says which item and field.
+    """
+    chunk_size = chunk_size or get_settings().client_chunk_size
+    validated = [_validated_item(index, raw) for index, raw in enumerate(notifications)]
+    by_priority: dict[str, list[dict[str, Any]]] = {p: [] for p in PRIORITIES}
+    for notification in validated:
+        by_priority[notification.priority].append(to_message(notification))
+    for priority in PRIORITIES:  # critical ones leave first
+        items = by_priority[priority]
+        for start in range(0, len(items), chunk_size):
+            _publish(items[start:start + chunk_size], priority)
+    return [str(notification.id) for notification in validated]
+
+
+def _validated_item(index: int, raw: Mapping[str, Any]) -> NotificationIn:
+    try:
+        return _validated(raw)
+    except NotificationError as exc:
+        raise NotificationError([f"[{index}] {problem}" for problem in exc.problems]) from None
+
+
+class BufferedProducer:
+    """Collects ``notify`` calls and publishes them many per message.
+
+    A buffer is published when it holds ``max_items`` notifications, when its oldest has
+    waited ``max_delay`` seconds, on :meth:`flush`, at interpreter exit and on SIGTERM.
+    Critical notifications are never held: they are published at once.
+    """
+
+    def __init__(self, max_items: int | None = None, max_delay: float | None = None):
+        settings = get_settings()
+        self.max_items = max_items or settings.client_chunk_size
+        self.max_delay = max_delay or settings.buffer_max_delay
+        self._buffers: dict[str, list[dict[str, Any]]] = {p: [] for p in PRIORITIES}
+        self._oldest: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._timer = threading.Thread(target=self._flush_on_time, daemon=True,
+                                       name="notifier-buffer")
+        self._timer.start()
+        atexit.register(self.close)
+
+    def notify(
+        self, recipient: str | Mapping[str, Any], type: str, title: str,
+        body: str = "", **fields: Any,
+    ) -> str:
+        """Validate and buffer one notification; returns its id at once."""
+        notification = build(recipient, type, title, body, **fields)
+        if notification.priority == "critical":
+            _publish(to_message(notification), "critical")
+            return str(notification.id)
+        full: list[dict[str, Any]] | None = None
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this BufferedProducer is closed")
+            buffer = self._buffers[notification.priority]
+            buffer.append(to_message(notification))
+            if len(buffer) == 1:
+                self._oldest[notification.priority] = time.monotonic()
+                self._wake.notify()
+            if len(buffer) >= self.max_items:
+                full = self._take(notification.priority)
+        if full:
+            _publish(full, notification.priority)
+        return str(notification.id)
+
+    def flush(self) -> None:
+        """Publish everything buffered now."""
+        with self._lock:
+            taken = {p: self._take(p) for p in PRIORITIES}
+        for priority in PRIORITIES:
+            if taken[priority]:
+                _publish(taken[priority], priority)
+
+    def close(self) -> None:
+        """Flush and stop the timer; later ``notify`` calls raise."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake.notify()
+        self.flush()
+        atexit.unregister(self.close)
+
+    def _take(self, priority: str) -> list[dict[str, Any]]:
+        items, self._buffers[priority] = self._buffers[priority], []
+        self._oldest.pop(priority, None)
+        return items
+
+    def _flush_on_time(self) -> None:
+        while True:
+            due: dict[str, list[dict[str, Any]]] = {}
+            with self._lock:
+                if self._closed:
+                    return
+                if not self._oldest:
+                    self._wake.wait()
+                    continue
+                now = time.monotonic()
+                wait = min(self._oldest.values()) + self.max_delay - now
+                if wait > 0:
+                    self._wake.wait(wait)
+                    continue
+                for priority, oldest in list(self._oldest.items()):
+                    if oldest + self.max_delay <= now:
+                        due[priority] = self._take(priority)
+            for priority, items in due.items():
+                _publish(items, priority)
+
+    def __enter__(self) -> BufferedProducer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+_buffered: BufferedProducer | None = None
+_buffered_lock = threading.Lock()
+
+
+def buffered() -> BufferedProducer:
+    """The process-wide buffered producer, flushed at exit and on SIGTERM."""
+    global _buffered
+    with _buffered_lock:
+        if _buffered is None or _buffered._closed:
+            _buffered = BufferedProducer()
+            _flush_on_sigterm(_buffered)
+        return _buffered
+
+
+def _flush_on_sigterm(producer: BufferedProducer) -> None:
+    """Flush before the process's own SIGTERM behaviour runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        producer.close()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def lookup(idempotency_key: str) -> str | None:
+    """The id of the notification stored under an idempotency key, if still remembered."""
+    from sqlalchemy import select
+
+    from notifier.db import session_scope
+    from notifier.models import IdempotencyKey
+
+    with session_scope() as session:
+        found = session.scalar(
+            select(IdempotencyKey.notification_id).where(IdempotencyKey.key == idempotency_key)
+        )
+    return str(found) if found else None

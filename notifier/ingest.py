@@ -1,0 +1,355 @@
+"""Ingest: turn a batch of broker messages into rows, in one transaction.
+
+The worker acknowledges the messages only after :func:`ingest_batch` commits, so every
+step here must be safe to run twice for the same messages (a worker killed after the
+commit but before the ack gets them again): ids are inserted with ``ON CONFLICT DO
+NOTHING``, idempotency keys remember the first id, dead letters carry a dedup key.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from psycopg.types.json import Jsonb
+from sqlalchemy.orm import Session
+
+from notifier.ids import uuid7
+from notifier.models import DeliveryStatus, NotificationStatus, Stage
+from notifier.schemas import NotificationError, NotificationIn, parse_notification
+from notifier.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+_NOTIFICATION_COLUMNS = (
+    "id", "recipient_id", "type", "priority", "channels", "title", "body", "data",
+    "idempotency_key", "send_at", "status", "enqueued_at",
+)
+
+
+@dataclass(frozen=True)
+class IngestMessage:
+    """One broker message: its id, what it carried, and when the producer sent it."""
+
+    message_id: str
+    payload: Any
+    enqueued_at: datetime | None = None
+    #: Set when the message itself has the wrong shape; the whole message is rejected.
+    error: str | None = None
+
+
+@dataclass
+class Candidate:
+    """A notification that passed validation, with the id it will be stored under."""
+
+    notification: NotificationIn
+    id: uuid.UUID
+    enqueued_at: datetime | None
+
+
+@dataclass
+class Rejection:
+    """What a dead letter records for one bad item of a message."""
+
+    dedup_key: str
+    reason: str
+    payload: Any
+    error_class: str = "NotificationError"
+    type: str | None = None
+
+
+@dataclass
+class IngestResult:
+    stored: list[uuid.UUID] = field(default_factory=list)
+    repeated_ids: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    delivery_ids: list[uuid.UUID] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "stored": len(self.stored), "repeated_ids": self.repeated_ids,
+            "duplicates": self.duplicates, "rejected": self.rejected,
+            "deliveries": len(self.delivery_ids),
+        }
+
+
+def split_messages(
+    messages: Sequence[IngestMessage],
+) -> tuple[list[Candidate], list[Rejection]]:
+    """Validate every item; a bad one becomes a rejection and never holds up the rest."""
+    candidates: list[Candidate] = []
+    rejections: list[Rejection] = []
+    for message in messages:
+        if message.error:
+            rejections.append(Rejection(
+                dedup_key=f"ingest:{message.message_id}:message", reason=message.error,
+                payload=message.payload, error_class="MessageError",
+            ))
+            continue
+        items = message.payload if isinstance(message.payload, list) else [message.payload]
+        for index, raw in enumerate(items):
+            try:
+                notification = parse_notification(raw)
+            except NotificationError as exc:
+                rejections.append(Rejection(
+                    dedup_key=f"ingest:{message.message_id}:{index}", reason=str(exc),
+                    payload=raw, type=_type_of(raw),
+                ))
+                continue
+            candidates.append(Candidate(
+                notification, notification.id or uuid7(), message.enqueued_at
+            ))
+    return candidates, rejections
+
+
+def _type_of(raw: Any) -> str | None:
+    value = raw.get("type") if isinstance(raw, dict) else None
+    return value[:64] if isinstance(value, str) else None
+
+
+def ingest_batch(
+    session: Session, messages: Sequence[IngestMessage], settings: Settings | None = None
+) -> IngestResult:
+    """Write a batch of messages: validated rows in bulk, bad items as dead letters."""
+    settings = settings or get_settings()
+    candidates, rejections = split_messages(messages)
+    dbapi_connection = session.connection().connection
+    cursor = dbapi_connection.driver_connection.cursor()
+    result = IngestResult(rejected=len(rejections))
+
+    candidates, result.repeated_ids = _first_of_each_id(candidates)
+    upsert_recipients(cursor, candidates)
+    candidates, result.duplicates = claim_idempotency_keys(
+        cursor, candidates, timedelta(seconds=settings.dedup_window)
+    )
+    result.stored = copy_notifications(cursor, candidates, dbapi_connection.info)
+    stored = set(result.stored)
+    critical = [c for c in candidates if c.id in stored and c.notification.priority == "critical"]
+    result.delivery_ids = create_deliveries(cursor, critical, settings)
+    write_dead_letters(cursor, Stage.INGEST, rejections)
+    return result
+
+
+def _first_of_each_id(candidates: list[Candidate]) -> tuple[list[Candidate], int]:
+    unique = {c.id: c for c in reversed(candidates)}
+    first = [c for c in candidates if unique.get(c.id) is c]
+    return first, len(candidates) - len(first)
+
+
+def upsert_recipients(cursor: Any, candidates: Iterable[Candidate]) -> None:
+    """Make sure every recipient exists; inline recipient objects update their row.
+
+    Rows are locked in id order so that concurrent batches cannot deadlock.
+    """
+    inline: dict[str, dict[str, Any]] = {}
+    named: set[str] = set()
+    for candidate in candidates:
+        recipient = candidate.notification.recipient
+        if isinstance(recipient, str):
+            named.add(recipient)
+        else:
+            inline[recipient.id] = recipient.model_dump(exclude_unset=True)
+    named -= inline.keys()
+    if named:
+        cursor.execute(
+            "INSERT INTO recipients (id) SELECT unnest(%s::text[]) ORDER BY 1"
+            " ON CONFLICT (id) DO NOTHING",
+            (sorted(named),),
+        )
+    if inline:
+        rows = [inline[key] for key in sorted(inline)]
+        cursor.execute(
+            """
+            INSERT INTO recipients AS r (id, name, email, phone, timezone, locale, addresses)
+            SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],
+                                 %s::text[], %s::text[], %s::jsonb[])
+            ON CONFLICT (id) DO UPDATE SET
+                name = coalesce(EXCLUDED.name, r.name),
+                email = coalesce(EXCLUDED.email, r.email),
+                phone = coalesce(EXCLUDED.phone, r.phone),
+                timezone = CASE WHEN EXCLUDED.timezone = 'UTC' THEN r.timezone
+                                ELSE EXCLUDED.timezone END,
+                locale = coalesce(EXCLUDED.locale, r.locale),
+                addresses = r.addresses || EXCLUDED.addresses,
+                updated_at = now()
+            """,
+            (
+                [row["id"] for row in rows],
+                [row.get("name") for row in rows],
+                [row.get("email") for row in rows],
+                [row.get("phone") for row in rows],
+                [row.get("timezone") or "UTC" for row in rows],
+                [row.get("locale") for row in rows],
+                [Jsonb(row.get("addresses") or {}) for row in rows],
+            ),
+        )
+
+
+def claim_idempotency_keys(
+    cursor: Any, candidates: list[Candidate], window: timedelta
+) -> tuple[list[Candidate], int]:
+    """Drop candidates whose key was seen within the window; returns (kept, dropped).
+
+    The key row remembers the first notification's id, so a repeat is answered with it
+    (``notifier.client.lookup``) and counted. A redelivered message carries the same id
+    as the key's row and passes.
+    """
+    first_by_key: dict[str, Candidate] = {}
+    repeats_in_batch: dict[str, int] = {}
+    for candidate in candidates:
+        key = candidate.notification.idempotency_key
+        if key is None:
+            continue
+        if key in first_by_key:
+            repeats_in_batch[key] = repeats_in_batch.get(key, 0) + 1
+        else:
+            first_by_key[key] = candidate
+    if not first_by_key:
+        return candidates, 0
+    keys = sorted(first_by_key)
+    expires = datetime.now(UTC) + window
+    cursor.execute(
+        """
+        INSERT INTO idempotency_keys AS k (key, notification_id, expires_at, duplicates)
+        SELECT * FROM unnest(%s::text[], %s::uuid[], %s::timestamptz[], %s::int[])
+        ORDER BY 1
+        ON CONFLICT (key) DO UPDATE SET
+            notification_id = CASE WHEN k.expires_at <= now() THEN EXCLUDED.notification_id
+                                   ELSE k.notification_id END,
+            duplicates = CASE WHEN k.expires_at <= now() THEN EXCLUDED.duplicates
+                              WHEN k.notification_id = EXCLUDED.notification_id THEN k.duplicates
+                              ELSE k.duplicates + 1 + EXCLUDED.duplicates END,
+            expires_at = CASE WHEN k.expires_at <= now() THEN EXCLUDED.expires_at
+                              ELSE k.expires_at END
+        RETURNING key, notification_id
+        """,
+        (
+            keys,
+            [first_by_key[key].id for key in keys],
+            [expires] * len(keys),
+            [repeats_in_batch.get(key, 0) for key in keys],
+        ),
+    )
+    owner = dict(cursor.fetchall())
+    kept = [
+        c for c in candidates
+        if c.notification.idempotency_key is None
+        or (first_by_key[c.notification.idempotency_key] is c
+            and owner[c.notification.idempotency_key] == c.id)
+    ]
+    dropped = len(candidates) - len(kept)
+    if dropped:
+        log.info("dropped %d notifications repeating an idempotency key", dropped)
+    return kept, dropped
+
+
+def _ensure_staging_table(cursor: Any, connection_info: dict[str, Any]) -> None:
+    # One temporary table per connection, emptied at every commit: COPY lands there
+    # and one INSERT ... SELECT moves the rows, skipping ids that are already stored.
+    if connection_info.get("ingest_staging"):
+        return
+    cursor.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS ingest_staging"
+        " (LIKE notifications INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    )
+    connection_info["ingest_staging"] = True
+
+
+def copy_notifications(
+    cursor: Any, candidates: Sequence[Candidate], connection_info: dict[str, Any]
+) -> list[uuid.UUID]:
+    """COPY the candidates in and return the ids that were not stored before."""
+    if not candidates:
+        return []
+    _ensure_staging_table(cursor, connection_info)
+    columns = ", ".join(_NOTIFICATION_COLUMNS)
+    with cursor.copy(f"COPY ingest_staging ({columns}) FROM STDIN") as copy:
+        for candidate in candidates:
+            copy.write_row(_notification_row(candidate))
+    cursor.execute(
+        f"INSERT INTO notifications ({columns}) SELECT {columns} FROM ingest_staging"
+        " ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id"
+    )
+    return [row[0] for row in cursor.fetchall()]
+
+
+def _notification_row(candidate: Candidate) -> tuple[Any, ...]:
+    n = candidate.notification
+    status = (
+        NotificationStatus.DISPATCHED if n.priority == "critical" else NotificationStatus.PENDING
+    )
+    return (
+        candidate.id, n.recipient_id, n.type, n.priority, n.channels, n.title, n.body,
+        Jsonb(n.data), n.idempotency_key, n.send_at, status.value, candidate.enqueued_at,
+    )
+
+
+def create_deliveries(
+    cursor: Any, candidates: Sequence[Candidate], settings: Settings
+) -> list[uuid.UUID]:
+    """Delivery rows for notifications that skip aggregation (critical ones).
+
+    The rows are an outbox: the delivery tasks that send them are published after the
+    commit, and a sweeper republishes any whose publication was lost.
+    """
+    if not candidates:
+        return []
+    preferred = _preferred_channels(cursor, {c.notification.recipient_id for c in candidates})
+    rows = [
+        (uuid7(), c.id, c.notification.recipient_id, channel, c.notification.priority)
+        for c in candidates
+        for channel in (
+            c.notification.channels
+            or preferred.get(c.notification.recipient_id)
+            or settings.default_channels
+        )
+    ]
+    cursor.execute(
+        """
+        INSERT INTO deliveries (id, notification_id, recipient_id, channel, priority, status)
+        SELECT d.*, %s FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::text[])
+            AS d
+        ON CONFLICT DO NOTHING
+        RETURNING id
+        """,
+        (DeliveryStatus.PENDING.value, *map(list, zip(*rows, strict=True))),
+    )
+    return [row[0] for row in cursor.fetchall()]
+
+
+def _preferred_channels(cursor: Any, recipient_ids: set[str]) -> dict[str, list[str]]:
+    cursor.execute(
+        "SELECT id, preferences -> 'channels' FROM recipients WHERE id = ANY(%s)"
+        " AND jsonb_typeof(preferences -> 'channels') = 'array'",
+        (list(recipient_ids),),
+    )
+    return {recipient_id: channels for recipient_id, channels in cursor.fetchall() if channels}
+
+
+def write_dead_letters(cursor: Any, stage: Stage, rejections: Sequence[Rejection]) -> None:
+    """Park rejected items with their reason; a redelivered message adds no second row."""
+    if not rejections:
+        return
+    cursor.execute(
+        """
+        INSERT INTO dead_letters (dedup_key, stage, reason, error_class, type, payload)
+        SELECT k, %s, r, e, t, p
+        FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[]) AS x(k, r, e, t, p)
+        ON CONFLICT (dedup_key) DO NOTHING
+        """,
+        (
+            stage.value,
+            [r.dedup_key for r in rejections],
+            [r.reason for r in rejections],
+            [r.error_class for r in rejections],
+            [r.type for r in rejections],
+            [Jsonb(r.payload) for r in rejections],
+        ),
+    )
+    for rejection in rejections:
+        log.warning("rejected %s: %s", rejection.dedup_key, rejection.reason)

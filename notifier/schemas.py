@@ -1,0 +1,231 @@
+"""What a notification may look like when it crosses the broker.
+
+Producers that never import notifier send plain dicts, so every field is checked
+here, at ingest, and a rejection says which field is wrong and why in words a person
+can act on ("priority: must be one of critical, high, normal, low (got 'urgent')").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
+
+from notifier.channels import CHANNEL_NAMES
+from notifier.settings import PRIORITIES, get_settings
+
+#: The message header our producers stamp with the time of ``notify()`` (epoch seconds).
+ENQUEUED_AT_HEADER = "notifier_enqueued_at"
+
+Priority = Literal["critical", "high", "normal", "low"]
+
+_TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}$")
+_EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _single_line(value: str) -> str:
+    # Ids and addresses end up in headers and log lines: no line breaks there.
+    if _CONTROL_CHARS.search(value):
+        raise ValueError("must not contain control characters or line breaks")
+    return value
+
+
+def _email(value: str) -> str:
+    if not _EMAIL_PATTERN.match(value):
+        raise ValueError(f"not a valid email address ({value!r})")
+    return value
+
+
+Identifier = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255),
+    AfterValidator(_single_line),
+]
+Email = Annotated[
+    str, StringConstraints(strip_whitespace=True, max_length=320), AfterValidator(_email)
+]
+
+
+class RecipientIn(BaseModel):
+    """A recipient given inline; it is upserted so later notifications can name its id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: Identifier
+    name: Annotated[str, StringConstraints(max_length=255)] | None = None
+    email: Email | None = None
+    phone: Annotated[str, StringConstraints(pattern=r"^\+?[0-9 ()\-]{4,32}$")] | None = None
+    timezone: Annotated[str, StringConstraints(max_length=64)] | None = None
+    locale: Annotated[str, StringConstraints(max_length=16)] | None = None
+    addresses: dict[str, Annotated[str, AfterValidator(_single_line)]] = {}
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str | None) -> str | None:
+        if value is not None:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @field_validator("addresses")
+    @classmethod
+    def _known_channels(cls, value: dict[str, str]) -> dict[str, str]:
+        _check_channel_names(list(value))
+        return value
+
+
+class NotificationIn(BaseModel):
+    """One notification as a producer sends it (the public contract's fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: uuid.UUID | None = None
+    recipient: Identifier | RecipientIn
+    type: str
+    priority: Priority = "normal"
+    channels: list[str] | None = None
+    title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
+    body: Annotated[str, StringConstraints(max_length=65536)] = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: Identifier | None = None
+    send_at: datetime | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _type_is_a_slug(cls, value: str) -> str:
+        if not _TYPE_PATTERN.match(value):
+            raise ValueError(
+                "must start with a lowercase letter and hold only lowercase letters, digits,"
+                f" '_', '.' or '-', at most 64 characters (got {value!r})"
+            )
+        return value
+
+    @field_validator("channels")
+    @classmethod
+    def _channels_known(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("must name at least one channel, or be left out")
+            _check_channel_names(value)
+            value = list(dict.fromkeys(value))
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _data_small_enough(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(value, separators=(",", ":")))
+        limit = get_settings().max_data_bytes
+        if size > limit:
+            raise ValueError(f"is {size} bytes of JSON, more than the limit of {limit}")
+        return value
+
+    @field_validator("send_at")
+    @classmethod
+    def _send_at_has_zone(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("needs a time zone (e.g. 2026-01-31T09:00:00+00:00)")
+        return value
+
+    @property
+    def recipient_id(self) -> str:
+        return self.recipient if isinstance(self.recipient, str) else self.recipient.id
+
+
+def _check_channel_names(names: list[str]) -> None:
+    unknown = [name for name in names if name not in CHANNEL_NAMES]
+    if unknown:
+        raise ValueError(
+            f"unknown channel {unknown[0]!r}; known: {', '.join(sorted(CHANNEL_NAMES))}"
+        )
+
+
+class NotificationError(ValueError):
+    """A notification failed validation; ``str()`` is one line naming each bad field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def parse_notification(raw: Any) -> NotificationIn:
+    """Validate one notification as received, or raise :class:`NotificationError`."""
+    if not isinstance(raw, dict):
+        raise NotificationError(
+            [f"notification: expected a JSON object, got {type(raw).__name__}"]
+        )
+    try:
+        return NotificationIn.model_validate(raw)
+    except ValidationError as exc:
+        errors = _drop_other_recipient_branch(exc.errors(), raw.get("recipient"))
+        raise NotificationError([_describe(error) for error in errors]) from None
+
+
+def _drop_other_recipient_branch(errors: list[Any], recipient: Any) -> list[Any]:
+    """Keep only the errors of the recipient form the producer meant (id or object)."""
+    wanted = "RecipientIn" if isinstance(recipient, dict) else "str"
+    kept = []
+    for error in errors:
+        loc = error["loc"]
+        if loc[:1] == ("recipient",) and len(loc) > 1:
+            branch = "RecipientIn" if loc[1] == "RecipientIn" else "str"
+            if branch != wanted:
+                continue
+            if not isinstance(recipient, (str, dict)):
+                error = {**error, "type": "recipient_form", "loc": ("recipient",)}
+        kept.append(error)
+    return list({_describe(e): e for e in kept}.values())
+
+
+def _describe(error: Any) -> str:
+    """Turn one pydantic error into "field: problem" with the offending value."""
+    location = ".".join(
+        str(part) for part in error["loc"] if not _is_union_branch(part)
+    ) or "notification"
+    kind = error["type"]
+    if kind == "missing":
+        return f"{location}: is required"
+    if kind == "extra_forbidden":
+        return f"{location}: is not a known field"
+    if kind == "literal_error" and location == "priority":
+        return (
+            f"priority: must be one of {', '.join(PRIORITIES)} (got {error['input']!r})"
+        )
+    if kind == "recipient_form":
+        return "recipient: expected a recipient id (string) or an object with an 'id'"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "dict_type":
+        message = "must be a JSON object"
+    if kind in {"uuid_parsing", "uuid_type"}:
+        message = f"not a valid UUID (got {error['input']!r})"
+    return f"{location}: {message}"
+
+
+def _is_union_branch(part: Any) -> bool:
+    # pydantic names the union member it tried ("str", "RecipientIn", "constrained-str").
+    return isinstance(part, str) and (
+        part in {"str", "RecipientIn"} or part.startswith(("constrained-", "function-"))
+    )
+
+
+def to_message(notification: NotificationIn) -> dict[str, Any]:
+    """The JSON form sent to the broker, without fields left at their defaults."""
+    return notification.model_dump(mode="json", exclude_none=True, exclude_defaults=True) | {
+        "id": str(notification.id),
+        "title": notification.title,
+    }

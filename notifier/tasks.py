@@ -1,0 +1,108 @@
+"""Celery tasks: thin wrappers that hand broker messages to the domain functions."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from notifier.batching import CommittedBatches
+from notifier.celery_app import app
+from notifier.db import describe_db_error, session_scope
+from notifier.ingest import IngestMessage, Rejection, ingest_batch, write_dead_letters
+from notifier.models import Stage
+from notifier.schemas import ENQUEUED_AT_HEADER
+from notifier.settings import get_settings, queue_name
+
+log = logging.getLogger(__name__)
+
+_settings = get_settings()
+
+
+@app.task(
+    name="notifier.ingest",
+    base=CommittedBatches,
+    flush_items=_settings.ingest_batch_size,
+    flush_interval=_settings.ingest_flush_interval,
+    urgent_routing_keys=frozenset({queue_name("critical")}),
+    acks_late=True,
+)
+def ingest(requests: Sequence[Any]) -> dict[str, int]:
+    """Store the notifications of many messages in one transaction."""
+    messages = [_to_ingest_message(request) for request in requests]
+    return store_messages(messages)
+
+
+def store_messages(messages: list[IngestMessage]) -> dict[str, int]:
+    """Commit the batch, retrying while Postgres is away; isolate a message it refuses.
+
+    Raising means "not committed": the messages go back to the queue.
+    """
+    try:
+        return _commit_with_retries(messages)
+    except OperationalError:
+        raise
+    except DBAPIError as exc:
+        log.error("batch of %d messages refused (%s); storing them one by one",
+                  len(messages), describe_db_error(exc))
+    totals: dict[str, int] = {}
+    for message in messages:
+        try:
+            counts = _commit_with_retries([message])
+        except OperationalError:
+            raise
+        except DBAPIError as exc:
+            counts = _dead_letter_message(message, exc)
+        for key, value in counts.items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def _commit_with_retries(messages: list[IngestMessage]) -> dict[str, int]:
+    attempts = _settings.ingest_commit_attempts
+    for attempt in range(1, attempts + 1):
+        try:
+            with session_scope() as session:
+                result = ingest_batch(session, messages, _settings)
+            return result.as_dict()
+        except OperationalError as exc:
+            if attempt == attempts:
+                raise
+            delay = 0.5 * 2 ** (attempt - 1)
+            log.warning("ingest commit failed (%s); retrying in %.1fs",
+                        describe_db_error(exc), delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _dead_letter_message(message: IngestMessage, exc: DBAPIError) -> dict[str, int]:
+    rejection = Rejection(
+        dedup_key=f"ingest:{message.message_id}:message",
+        reason=f"database refused the message: {describe_db_error(exc)}",
+        payload=message.payload, error_class=type(exc.orig or exc).__name__,
+    )
+    with session_scope() as session:
+        cursor = session.connection().connection.driver_connection.cursor()
+        write_dead_letters(cursor, Stage.INGEST, [rejection])
+    return {"rejected": 1}
+
+
+def _to_ingest_message(request: Any) -> IngestMessage:
+    """What one Celery request carried, checked for the shape ``notifier.ingest`` takes."""
+    headers = request.request_dict or {}
+    stamped = headers.get(ENQUEUED_AT_HEADER)
+    enqueued_at = (
+        datetime.fromtimestamp(stamped, UTC) if isinstance(stamped, (int, float)) else None
+    )
+    args, kwargs = request.args, request.kwargs
+    if len(args) == 1 and not kwargs:
+        return IngestMessage(request.id, args[0], enqueued_at)
+    return IngestMessage(
+        request.id, {"args": list(args), "kwargs": kwargs}, enqueued_at,
+        error="message: notifier.ingest takes one argument, a notification or a list of"
+        f" them (got {len(args)} arguments and {len(kwargs)} keyword arguments)",
+    )
