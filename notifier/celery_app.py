@@ -2,12 +2,44 @@
 
 from __future__ import annotations
 
-from celery import Celery
+import os
+import sys
+from typing import Any
 
-try:  # an installed wheel carries the settings inside the package
-    from notifier import celeryconfig
-except ImportError:  # a checkout has them at the repository root
-    import celeryconfig  # type: ignore[no-redef]
+from celery import Celery, signals
+
+from notifier.settings import ConfigError
+
+
+def _load_celeryconfig() -> Any:
+    try:  # an installed wheel carries the settings inside the package
+        from notifier import celeryconfig
+    except ImportError:  # a checkout has them at the repository root
+        import celeryconfig  # type: ignore[no-redef]
+    return celeryconfig
+
+
+def _running_celery_command() -> bool:
+    return os.path.basename(sys.argv[0]) in {"celery", "__main__.py"}
+
+
+try:
+    _config = _load_celeryconfig()
+except ConfigError as exc:
+    if _running_celery_command():  # one line for the operator, not a traceback
+        sys.exit(f"error: {exc}")
+    raise
 
 app = Celery("notifier", include=["notifier.tasks"])
-app.config_from_object(celeryconfig)
+app.config_from_object(_config)
+
+
+@signals.worker_init.connect
+def check_services_before_work(**_: Any) -> None:
+    """Refuse to start a worker that cannot reach Postgres, with one line saying why."""
+    from notifier.db import check_database
+
+    try:
+        check_database()
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")

@@ -77,8 +77,13 @@ def notify(
 ) -> str:
     """Send one notification in its own message; returns its id."""
     notification = build(recipient, type, title, body, **fields)
-    _publish(to_message(notification), notification.priority)
+    publish_one(notification)
     return str(notification.id)
+
+
+def publish_one(notification: NotificationIn) -> None:
+    """Publish a notification made by :func:`build` in its own message."""
+    _publish(to_message(notification), notification.priority)
 
 
 def notify_many(
@@ -137,7 +142,7 @@ class BufferedProducer:
         """Validate and buffer one notification; returns its id at once."""
         notification = build(recipient, type, title, body, **fields)
         if notification.priority == "critical":
-            _publish(to_message(notification), "critical")
+            publish_one(notification)
             return str(notification.id)
         full: list[dict[str, Any]] | None = None
         with self._lock:

@@ -43,10 +43,16 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
 
 
 def describe_db_error(exc: BaseException) -> str:
-    """The first line of the driver's message, without the SQL and traceback noise."""
+    """The gist of the driver's message, without the SQL and traceback noise.
+
+    psycopg says 'connection failed: connection to server at "h", port 1 failed:
+    Connection refused' on its first line; the last clause is the part worth showing.
+    """
     original = getattr(exc, "orig", None) or exc
     lines = [line.strip() for line in str(original).splitlines() if line.strip()]
-    return lines[-1] if lines else type(original).__name__
+    if not lines:
+        return type(original).__name__
+    return lines[0].rsplit(" failed: ", 1)[-1]
 
 
 def check_database(url: str | None = None) -> None:

@@ -43,6 +43,13 @@ def _single_line(value: str) -> str:
     return value
 
 
+def _no_nul(value: str) -> str:
+    # Postgres text cannot hold NUL; refuse it here with the field's name.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
 def _email(value: str) -> str:
     if not _EMAIL_PATTERN.match(value):
         raise ValueError(f"not a valid email address ({value!r})")
@@ -66,7 +73,9 @@ class RecipientIn(BaseModel):
     id: Identifier
     name: Annotated[str, StringConstraints(max_length=255)] | None = None
     email: Email | None = None
-    phone: Annotated[str, StringConstraints(pattern=r"^\+?[0-9 ()\-]{4,32}$")] | None = None
+    phone: Annotated[
+        str, StringConstraints(max_length=32, pattern=r"^\+?[0-9 ()\-]{4,31}$")
+    ] | None = None
     timezone: Annotated[str, StringConstraints(max_length=64)] | None = None
     locale: Annotated[str, StringConstraints(max_length=16)] | None = None
     addresses: dict[str, Annotated[str, AfterValidator(_single_line)]] = {}
@@ -100,8 +109,11 @@ class NotificationIn(BaseModel):
     type: str
     priority: Priority = "normal"
     channels: list[str] | None = None
-    title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
-    body: Annotated[str, StringConstraints(max_length=65536)] = ""
+    title: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255),
+        AfterValidator(_no_nul),
+    ]
+    body: Annotated[str, StringConstraints(max_length=65536), AfterValidator(_no_nul)] = ""
     data: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: Identifier | None = None
     send_at: datetime | None = None
@@ -129,7 +141,10 @@ class NotificationIn(BaseModel):
     @field_validator("data")
     @classmethod
     def _data_small_enough(cls, value: dict[str, Any]) -> dict[str, Any]:
-        size = len(json.dumps(value, separators=(",", ":")))
+        encoded = json.dumps(value, separators=(",", ":"))
+        if "\\u0000" in encoded:
+            raise ValueError("must not contain NUL characters (Postgres JSON cannot hold them)")
+        size = len(encoded)
         limit = get_settings().max_data_bytes
         if size > limit:
             raise ValueError(f"is {size} bytes of JSON, more than the limit of {limit}")

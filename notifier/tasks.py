@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from notifier.batching import CommittedBatches
 from notifier.celery_app import app
@@ -37,25 +37,26 @@ def ingest(requests: Sequence[Any]) -> dict[str, int]:
     return store_messages(messages)
 
 
-def store_messages(messages: list[IngestMessage]) -> dict[str, int]:
-    """Commit the batch, retrying while Postgres is away; isolate a message it refuses.
+#: Errors about the content of a row: the message that causes one is dead-lettered.
+CONTENT_ERRORS = (DataError, IntegrityError)
 
-    Raising means "not committed": the messages go back to the queue.
+
+def store_messages(messages: list[IngestMessage]) -> dict[str, int]:
+    """Commit the batch; isolate and dead-letter a message whose content Postgres refuses.
+
+    Any other failure (Postgres away, a schema out of date) is retried with backoff and
+    then raised, which means "not committed": the messages go back to the queue.
     """
     try:
         return _commit_with_retries(messages)
-    except OperationalError:
-        raise
-    except DBAPIError as exc:
+    except CONTENT_ERRORS as exc:
         log.error("batch of %d messages refused (%s); storing them one by one",
                   len(messages), describe_db_error(exc))
     totals: dict[str, int] = {}
     for message in messages:
         try:
             counts = _commit_with_retries([message])
-        except OperationalError:
-            raise
-        except DBAPIError as exc:
+        except CONTENT_ERRORS as exc:
             counts = _dead_letter_message(message, exc)
         for key, value in counts.items():
             totals[key] = totals.get(key, 0) + value
@@ -69,7 +70,9 @@ def _commit_with_retries(messages: list[IngestMessage]) -> dict[str, int]:
             with session_scope() as session:
                 result = ingest_batch(session, messages, _settings)
             return result.as_dict()
-        except OperationalError as exc:
+        except CONTENT_ERRORS:
+            raise
+        except DBAPIError as exc:
             if attempt == attempts:
                 raise
             delay = 0.5 * 2 ** (attempt - 1)
@@ -80,6 +83,7 @@ def _commit_with_retries(messages: list[IngestMessage]) -> dict[str, int]:
 
 
 def _dead_letter_message(message: IngestMessage, exc: DBAPIError) -> dict[str, int]:
+    """Park a whole message Postgres refused, with the database's reason."""
     rejection = Rejection(
         dedup_key=f"ingest:{message.message_id}:message",
         reason=f"database refused the message: {describe_db_error(exc)}",
