@@ -29,6 +29,9 @@ broker_transport_options = {
     "queue_order_strategy": "priority",
     "unacked_restore_interval": _settings.unacked_restore_interval,
     "unacked_restore_throttle": 1,
+    # The lock around that scan; kombu's default (300 s) means a worker killed while
+    # holding it stops every other worker from restoring messages for five minutes.
+    "unacked_mutex_expire": 10,
 }
 
 task_serializer = "json"

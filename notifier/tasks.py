@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from notifier.batching import CommittedBatches
@@ -38,7 +39,9 @@ def ingest(requests: Sequence[Any]) -> dict[str, int]:
 
 
 #: Errors about the content of a row: the message that causes one is dead-lettered.
-CONTENT_ERRORS = (DataError, IntegrityError)
+#: (Our bulk statements run on the raw psycopg cursor, so both families can arrive.)
+CONTENT_ERRORS = (DataError, IntegrityError, psycopg.DataError, psycopg.IntegrityError)
+DATABASE_ERRORS = (DBAPIError, psycopg.Error)
 
 
 def store_messages(messages: list[IngestMessage]) -> dict[str, int]:
@@ -72,7 +75,7 @@ def _commit_with_retries(messages: list[IngestMessage]) -> dict[str, int]:
             return result.as_dict()
         except CONTENT_ERRORS:
             raise
-        except DBAPIError as exc:
+        except DATABASE_ERRORS as exc:
             if attempt == attempts:
                 raise
             delay = 0.5 * 2 ** (attempt - 1)
@@ -82,12 +85,12 @@ def _commit_with_retries(messages: list[IngestMessage]) -> dict[str, int]:
     raise AssertionError("unreachable")
 
 
-def _dead_letter_message(message: IngestMessage, exc: DBAPIError) -> dict[str, int]:
+def _dead_letter_message(message: IngestMessage, exc: Exception) -> dict[str, int]:
     """Park a whole message Postgres refused, with the database's reason."""
     rejection = Rejection(
         dedup_key=f"ingest:{message.message_id}:message",
         reason=f"database refused the message: {describe_db_error(exc)}",
-        payload=message.payload, error_class=type(exc.orig or exc).__name__,
+        payload=message.payload, error_class=type(getattr(exc, "orig", None) or exc).__name__,
     )
     with session_scope() as session:
         cursor = session.connection().connection.driver_connection.cursor()

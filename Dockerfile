@@ -1,0 +1,22 @@
+# The notifier image: one image for the migrate job, the workers, beat and Flower
+# (docker-compose.yml picks the command). The project is installed as a wheel, which
+# carries the migrations and celeryconfig inside the package.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml README.md celeryconfig.py ./
+COPY migrations ./migrations
+COPY notifier ./notifier
+RUN pip install . && rm -rf /src
+
+# Never run as root; beat keeps its schedule file in the (writable) working directory.
+RUN useradd --create-home --uid 10001 notifier
+USER notifier
+WORKDIR /home/notifier
+
+CMD ["celery", "-A", "notifier", "worker", "-l", "info"]

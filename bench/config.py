@@ -1,0 +1,68 @@
+"""Where the benchmark runs and how big it is, and the environment its processes share.
+
+The notifier package reads its settings from ``NOTIFIER_*`` variables when it is first
+imported, so :meth:`BenchConfig.apply_environment` must run before anything imports
+``notifier``; the worker subprocesses inherit the same variables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/notifier_bench"
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/12"
+#: Every worker of every scenario runs with this many pool processes, so that the naive
+#: baseline, the empty task and the pipeline are compared on equal terms.
+CONCURRENCY = 2
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    database_url: str = DEFAULT_DATABASE_URL
+    broker_url: str = DEFAULT_BROKER_URL
+    #: Notifications per pipeline scenario (and in the backlog of the latency scenario).
+    count: int = 50_000
+    #: Notifications of the naive baseline; it is slow, and its rate is per second anyway.
+    naive_count: int = 10_000
+    #: Tasks of the empty-task scenario (a rate per second, so fewer suffice).
+    empty_count: int = 20_000
+    #: Producer threads of the extra unbuffered ``notify`` scenario (0 or 1: skip it).
+    notify_threads: int = 4
+    #: Critical notifications sent one at a time while the backlog drains.
+    criticals: int = 200
+    #: Seconds between two critical notifications.
+    critical_spacing: float = 0.005
+    #: Seconds between two ``SELECT count(*)`` polls while waiting for rows.
+    poll_interval: float = 0.05
+    #: Scenarios to run (names from ``bench.scenarios.SCENARIOS``); empty means all.
+    only: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def libpq_url(self) -> str:
+        """The database URL as psycopg wants it, without SQLAlchemy's driver suffix."""
+        scheme, rest = self.database_url.split("://", 1)
+        return "postgresql://" + rest if scheme.startswith("postgres") else self.database_url
+
+    def timeout_for(self, count: int) -> float:
+        """Seconds to wait for ``count`` rows before giving up on a scenario."""
+        return 60.0 + count / 250
+
+    def apply_environment(self) -> None:
+        """Point this process (and the workers it starts) at the benchmark's servers."""
+        os.environ["NOTIFIER_DATABASE_URL"] = self.database_url
+        os.environ["NOTIFIER_BROKER_URL"] = self.broker_url
+
+    def worker_environment(self) -> dict[str, str]:
+        """The environment of a worker subprocess: ours, plus the repository on the path."""
+        env = dict(os.environ)
+        env["NOTIFIER_DATABASE_URL"] = self.database_url
+        env["NOTIFIER_BROKER_URL"] = self.broker_url
+        env["PYTHONPATH"] = os.pathsep.join(
+            part for part in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if part
+        )
+        return env

@@ -1,0 +1,330 @@
+"""``make run``: the whole pipeline on this machine, fed a demo, in one command.
+
+Steps: make sure Postgres and Redis answer (embedded ones otherwise, see
+``local_services.py``), create and migrate the database, start a worker, beat and Flower
+in the background (logs and pids in ``.run/``), wait for the worker, send a few demo
+notifications plus one invalid message, wait until Postgres has them and print what
+happened. Running it again reuses what already runs.
+
+``python scripts/run.py stop`` stops worker, beat and Flower, then the embedded servers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import local_services  # a sibling script, not a package
+
+REPO = local_services.REPO
+RUN_DIR = REPO / ".run"
+FLOWER_PORT = 5555
+WORKER_NAME = "run"
+WORKER_TIMEOUT = 60.0  # a cold worker on a small machine takes a few seconds
+COMMIT_TIMEOUT = 20.0
+STOP_TIMEOUT = 30.0  # a warm shutdown lets the worker finish its batch
+
+
+def celery_commands() -> dict[str, list[str]]:
+    """The background processes, run with this interpreter so the venv is used."""
+    celery = [sys.executable, "-m", "celery", "-A", "notifier"]
+    return {
+        "worker": [*celery, "worker", "-l", "info", "-n", f"{WORKER_NAME}@%h"],
+        "beat": [*celery, "beat", "-l", "info",
+                 "--schedule", str(RUN_DIR / "celerybeat-schedule")],
+        "flower": [*celery, "flower", "--address=127.0.0.1", f"--port={FLOWER_PORT}"],
+    }
+
+
+def _marker(name: str) -> str:
+    """What a process's command line holds, so a reused pid is never taken for ours."""
+    return f"-A notifier {name}"
+
+
+def _fail(message: str) -> None:
+    """Stop with one line a person can act on."""
+    print(f"run: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+# --- services and database -------------------------------------------------------------
+
+
+def use_services() -> None:
+    """Point this process (and its children, via the environment) at answering services.
+
+    ``notifier.celery_app`` already read the broker URL when ``local_services`` imported
+    the settings, so the app is re-pointed too: our demo must reach the same broker.
+    """
+    changed = local_services.ensure_services()
+    os.environ.update(changed)
+    from notifier.celery_app import app
+    from notifier.settings import get_settings, mask_url
+
+    get_settings.cache_clear()
+    settings = get_settings()
+    app.conf.broker_url = settings.broker_url
+    print(f"Postgres: {mask_url(settings.database_url)}")
+    print(f"Broker:   {mask_url(settings.broker_url)}")
+
+
+def migrate() -> None:
+    """Create the database if missing and bring its schema to the newest revision."""
+    from sqlalchemy.engine import make_url
+
+    from notifier.migrate import upgrade
+    from notifier.settings import get_settings
+
+    created = upgrade()
+    database = make_url(get_settings().database_url).database
+    print(f"Database {database}: {'created and ' if created else ''}migrated to head.")
+
+
+# --- background processes ---------------------------------------------------------------
+
+
+def running_pid(name: str) -> int | None:
+    """The pid of our ``name`` process if it still runs, else None."""
+    pid = local_services.read_pid(RUN_DIR / f"{name}.pid")
+    return pid if local_services.process_alive(pid, _marker(name)) else None
+
+
+def start_process(name: str, command: list[str]) -> int:
+    """Start ``command`` detached (own session: Ctrl-C on make does not reach it)."""
+    env = dict(os.environ)
+    auth = os.environ.get("NOTIFIER_FLOWER_BASIC_AUTH")
+    if name == "flower" and auth:
+        # Flower reads --basic-auth from FLOWER_BASIC_AUTH too; the environment keeps
+        # the password out of `ps` output, where a command-line flag would show it.
+        env["FLOWER_BASIC_AUTH"] = auth
+    with open(RUN_DIR / f"{name}.log", "wb") as log:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    (RUN_DIR / f"{name}.pid").write_text(f"{process.pid}\n")
+    return process.pid
+
+
+def start_background() -> None:
+    """Start worker, beat and Flower unless they already run."""
+    RUN_DIR.mkdir(exist_ok=True)
+    for name, command in celery_commands().items():
+        pid = running_pid(name)
+        if pid:
+            print(f"{name:<6} already runs (pid {pid}), log .run/{name}.log")
+            continue
+        pid = start_process(name, command)
+        print(f"{name:<6} started (pid {pid}), log .run/{name}.log")
+    if not os.environ.get("NOTIFIER_FLOWER_BASIC_AUTH"):
+        print("Flower has no login: set NOTIFIER_FLOWER_BASIC_AUTH=user:password to require"
+              " one (it listens on 127.0.0.1 only).")
+
+
+def wait_for_worker(timeout: float = WORKER_TIMEOUT) -> None:
+    """Block until our worker answers a ping: demo messages need a consumer."""
+    from notifier.celery_app import app
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not running_pid("worker"):
+            _fail("the worker exited while starting; see .run/worker.log")
+        replies = app.control.ping(timeout=1.0)
+        if any(name.startswith(f"{WORKER_NAME}@") for reply in replies for name in reply):
+            print("Worker answers.")
+            return
+    _fail(f"the worker did not answer within {timeout:.0f}s; see .run/worker.log")
+
+
+def flower_listens(timeout: float = 10.0) -> bool:
+    """Whether Flower's port accepts connections (it takes a moment to open it)."""
+    def accepts() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", FLOWER_PORT), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    return local_services.wait_until(accepts, timeout, interval=0.2)
+
+
+# --- the demo ---------------------------------------------------------------------------
+
+
+@dataclass
+class Demo:
+    """What the demo sent: notification ids, and the task id of the invalid message."""
+
+    ids: list[str]
+    invalid_task_id: str
+
+
+def send_demo() -> Demo:
+    """Send one critical and one normal notification, a batch of 20, and a bad message.
+
+    The bad one goes around the client (which would refuse it) as a foreign producer
+    would send it, to show that ingest parks it as a dead letter instead of failing.
+    """
+    from notifier.celery_app import app
+    from notifier.client import INGEST_TASK, notify, notify_many
+
+    ids = [
+        notify("alice", "security.login", "New sign-in to your account",
+               "From Firefox on Linux.", priority="critical"),
+        notify("bob", "comment.reply", "Carol replied to your comment", "Looks good!"),
+    ]
+    ids += notify_many(_batch(20))
+    bad = {"recipient": "alice", "type": "Password Reset!", "title": "", "priority": "urgent"}
+    result = app.send_task(INGEST_TASK, args=[bad], queue="notifier.low")
+    print(f"Sent {len(ids)} notifications and 1 invalid message.")
+    return Demo(ids, result.id)
+
+
+def _batch(count: int) -> list[dict[str, Any]]:
+    """Notifications of mixed types and priorities for ``notify_many``."""
+    kinds = [("order.shipped", "high", "Your order has shipped"),
+             ("comment.reply", "normal", "New reply in your thread"),
+             ("digest.weekly", "low", "Your week in review"),
+             ("billing.invoice", "normal", "Your invoice is ready")]
+    batch = []
+    for index in range(count):
+        kind, priority, title = kinds[index % len(kinds)]
+        batch.append({"recipient": f"user-{index % 5 + 1}", "type": kind, "priority": priority,
+                      "title": f"{title} (#{index + 1})", "data": {"demo": True}})
+    return batch
+
+
+def wait_for_commit(demo: Demo, timeout: float = COMMIT_TIMEOUT) -> str:
+    """Poll Postgres until every demo row and the dead letter are there; the reason."""
+    from sqlalchemy import text
+
+    from notifier.db import get_engine
+
+    ids = [uuid.UUID(value) for value in demo.ids]
+    reason: str | None = None
+    stored = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with get_engine().connect() as connection:
+            stored = connection.execute(
+                text("SELECT count(*) FROM notifications WHERE id = ANY(:ids)"), {"ids": ids}
+            ).scalar_one()
+            reason = connection.execute(
+                text("SELECT reason FROM dead_letters WHERE dedup_key LIKE :key"),
+                {"key": f"ingest:{demo.invalid_task_id}:%"},
+            ).scalar()
+        if stored == len(ids) and reason:
+            return reason
+        time.sleep(0.25)
+    _fail(f"after {timeout:.0f}s Postgres holds {stored} of {len(ids)} demo notifications"
+          f"{'' if reason else ' and no dead letter'}; see .run/worker.log")
+    raise AssertionError("unreachable")
+
+
+def report(demo: Demo, reason: str) -> None:
+    """Print the notifications table by status and priority, the dead letter, next steps."""
+    from sqlalchemy import text
+
+    from notifier.db import get_engine
+    from notifier.settings import PRIORITIES
+
+    with get_engine().connect() as connection:
+        rows = connection.execute(text(
+            "SELECT status, priority, count(*) FROM notifications GROUP BY 1, 2"
+        )).all()
+    counts = {(status, priority): count for status, priority, count in rows}
+    statuses = sorted({status for status, _ in counts})
+    print(f"\nAll {len(demo.ids)} demo notifications are in Postgres. The notifications"
+          " table (every run so far), by status and priority:")
+    print(f"  {'':<12}" + "".join(f"{p:>10}" for p in PRIORITIES))
+    for status in statuses:
+        print(f"  {status:<12}" + "".join(f"{counts.get((status, p), 0):>10}" for p in PRIORITIES))
+    print(f"\nThe invalid message became a dead letter (stage ingest): {reason}")
+    print_next_steps()
+
+
+def print_next_steps() -> None:
+    """Where to look further, including how a new shell reaches embedded servers."""
+    print("\nLook further:")
+    env_file = local_services.DEFAULT_DATA_DIR / "env"
+    if env_file.is_file() and env_file.read_text().strip():
+        print("  . .notifier-data/env      (in a new shell first: use the embedded servers)")
+    print("  .venv/bin/notifier status  counts, queue depths, dead letters")
+    print(f"  http://127.0.0.1:{FLOWER_PORT}      Flower: workers, tasks, queues")
+    print("  .run/worker.log, .run/beat.log, .run/flower.log")
+    print("  make stop                  stops worker, beat, Flower and embedded servers")
+
+
+# --- stop -------------------------------------------------------------------------------
+
+
+def stop_process(name: str, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM (Celery's warm shutdown), wait, then kill the whole process group."""
+    pid = running_pid(name)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        if not local_services.wait_until(lambda: not running_pid(name), timeout, 0.2):
+            print(f"{name} did not stop within {timeout:.0f}s; killing it", file=sys.stderr)
+            os.killpg(pid, signal.SIGKILL)  # its own session: the group holds its pool too
+        print(f"Stopped {name} (pid {pid}).")
+    (RUN_DIR / f"{name}.pid").unlink(missing_ok=True)
+
+
+def stop() -> None:
+    """Stop beat first (no new work), then the worker and Flower, then the servers."""
+    for name in ("beat", "worker", "flower"):
+        stop_process(name)
+    for name in local_services.stop_services():
+        print(f"Stopped the embedded {name}.")
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+def run() -> None:
+    """The ``make run`` sequence."""
+    use_services()
+    migrate()
+    start_background()
+    wait_for_worker()
+    demo = send_demo()
+    reason = wait_for_commit(demo)
+    if not flower_listens():
+        print("Flower did not open its port; see .run/flower.log", file=sys.stderr)
+    report(demo, reason)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``run.py`` runs everything; ``run.py stop`` stops it."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["stop"]:
+        try:
+            stop()  # needs no settings: a broken configuration must not block stopping
+        except local_services.ServiceError as exc:
+            _fail(str(exc))
+        return 0
+    if argv:
+        _fail(f"unknown arguments {' '.join(argv)!r}; use no argument or 'stop'")
+    try:
+        from notifier.settings import ConfigError
+    except Exception as exc:  # settings are read on import: a bad value raises here
+        _fail(str(exc))
+    try:
+        run()
+    except (ConfigError, local_services.ServiceError) as exc:
+        _fail(str(exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""docker-compose.yml only names commands, queues and settings that really exist.
+
+No Docker engine is needed: the file is parsed and every entry point it uses is resolved
+against the installed project, so a renamed queue, setting or CLI command breaks here
+instead of in a container at deploy time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+from celery import Celery
+
+from notifier.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+EXPECTED_SERVICES = {
+    "postgres", "redis", "migrate", "worker-critical", "worker", "beat", "flower",
+}
+INFRASTRUCTURE = {"postgres", "redis"}
+CELERY_SUBCOMMANDS = {"worker", "beat", "flower"}
+#: Read by compose itself (interpolation), not by notifier: no Settings field.
+COMPOSE_ONLY_VARIABLES = {"NOTIFIER_FLOWER_BASIC_AUTH"}
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)([^}]*)\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+@pytest.fixture(scope="module")
+def app_services(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: spec for name, spec in services.items() if name not in INFRASTRUCTURE}
+
+
+def argv(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    variables = service.get("environment") or {}
+    if isinstance(variables, list):
+        variables = dict(item.split("=", 1) for item in variables)
+    return {str(key): str(value) for key, value in variables.items()}
+
+
+def celery_parts(args: list[str]) -> tuple[str, str, list[str]]:
+    """(app module, sub-command, the sub-command's arguments) of ``celery -A app sub ...``."""
+    assert args[0] == "celery" and args[1] in ("-A", "--app"), args
+    return args[2], args[3], args[4:]
+
+
+def option_names(args: list[str]) -> list[str]:
+    return [arg.split("=", 1)[0] for arg in args if arg.startswith("-")]
+
+
+def test_expected_services_exist(services: dict[str, dict[str, Any]]) -> None:
+    """The file defines the databases, the migration job, both workers, beat and Flower."""
+    assert set(services) == EXPECTED_SERVICES
+
+
+def test_app_services_build_from_the_dockerfile(
+    app_services: dict[str, dict[str, Any]],
+) -> None:
+    """Every app service builds the repository's Dockerfile, whose image runs as non-root."""
+    for name, spec in app_services.items():
+        build = spec["build"]
+        context = build if isinstance(build, str) else build.get("context", ".")
+        dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile",
+                                                                           "Dockerfile")
+        assert (ROOT / context / dockerfile).is_file(), name
+    users = re.findall(r"^USER\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert users and users[-1] not in {"root", "0"}
+
+
+def test_celery_commands_use_the_notifier_app(
+    app_services: dict[str, dict[str, Any]],
+) -> None:
+    """``celery -A notifier`` names an importable module whose ``app`` is a Celery app."""
+    for name, spec in app_services.items():
+        if argv(spec)[0] != "celery":
+            continue
+        module, _, _ = celery_parts(argv(spec))
+        assert isinstance(importlib.import_module(module).app, Celery), name
+
+
+def test_celery_subcommands_and_options_exist(
+    app_services: dict[str, dict[str, Any]],
+) -> None:
+    """Each celery sub-command is worker/beat/flower and every option is one it accepts."""
+    from celery.bin.celery import celery as celery_cli
+    from flower.options import options as flower_options
+
+    celery_commands = [spec for spec in app_services.values() if argv(spec)[0] == "celery"]
+    assert {celery_parts(argv(spec))[1] for spec in celery_commands} == CELERY_SUBCOMMANDS
+    for spec in celery_commands:
+        _, sub, args = celery_parts(argv(spec))
+        command = celery_cli.commands[sub]
+        if sub == "flower":  # Flower's options are tornado options, passed through
+            unknown = [o for o in option_names(args) if o.lstrip("-") not in flower_options]
+        else:
+            known = {opt for param in command.params for opt in param.opts}
+            unknown = [o for o in option_names(args) if o not in known]
+        assert not unknown, f"{sub}: unknown options {unknown}"
+
+
+def test_worker_queues_are_configured_queues(
+    app_services: dict[str, dict[str, Any]],
+) -> None:
+    """``-Q`` names only the app's queues; critical has a worker, the general one takes all."""
+    import notifier
+
+    configured = [queue.name for queue in notifier.app.conf.task_queues]
+    consumed: dict[str, list[str]] = {}
+    for name, spec in app_services.items():
+        args = argv(spec)
+        if args[0] != "celery" or celery_parts(args)[1] != "worker":
+            continue
+        queues = next((args[i + 1] for i, arg in enumerate(args) if arg in ("-Q", "--queues")),
+                      ",".join(configured))
+        consumed[name] = queues.split(",")
+        assert set(consumed[name]) <= set(configured), name
+    assert consumed["worker-critical"] == ["notifier.critical"]
+    assert consumed["worker"] == configured  # most urgent first
+
+
+def test_migrate_runs_the_declared_console_script(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """``notifier db upgrade`` is the pyproject console script and its click command exists."""
+    program, *path = argv(services["migrate"])
+    assert path == ["db", "upgrade"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module_name, _, attribute = scripts[program].partition(":")
+    command = getattr(importlib.import_module(module_name), attribute)
+    context = click.Context(command, info_name=program)
+    for name in path:
+        assert isinstance(command, click.Group), f"{context.command_path} is not a group"
+        sub = command.get_command(context, name)
+        assert sub is not None, f"{context.command_path} has no command {name!r}"
+        context, command = click.Context(sub, info_name=name, parent=context), sub
+
+
+def test_environment_names_real_settings(app_services: dict[str, dict[str, Any]]) -> None:
+    """Every NOTIFIER_* variable set or interpolated is a Settings field (or compose's own)."""
+    fields = {f"NOTIFIER_{name.upper()}" for name in Settings.model_fields}
+    for name, spec in app_services.items():
+        variables = set(environment(spec))
+        assert {"NOTIFIER_DATABASE_URL", "NOTIFIER_BROKER_URL"} <= variables, name
+        assert variables <= fields, f"{name}: {variables - fields}"
+    interpolated = {match[0] for match in _INTERPOLATION.findall(COMPOSE.read_text())}
+    notifier_vars = {var for var in interpolated if var.startswith("NOTIFIER_")}
+    assert notifier_vars <= fields | COMPOSE_ONLY_VARIABLES
+
+
+def test_urls_are_valid_and_point_at_the_compose_services(
+    app_services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The URLs pass Settings validation and name the postgres and redis services."""
+    from urllib.parse import urlsplit
+
+    for spec in app_services.values():
+        for variable, value in environment(spec).items():
+            monkeypatch.setenv(variable, value)
+        settings = Settings()
+        assert urlsplit(settings.database_url).hostname == "postgres"
+        assert urlsplit(settings.broker_url).hostname == "redis"
+
+
+def test_app_services_wait_for_healthy_dependencies(
+    services: dict[str, dict[str, Any]], app_services: dict[str, dict[str, Any]],
+) -> None:
+    """Postgres and Redis have healthchecks; workers and beat start after a finished migrate."""
+    for name in INFRASTRUCTURE:
+        assert services[name].get("healthcheck", {}).get("test"), name
+    for name, spec in app_services.items():
+        depends = spec["depends_on"]
+        if name != "migrate":  # the migration needs Postgres only
+            assert depends["redis"]["condition"] == "service_healthy", name
+        if name in {"migrate", "worker-critical", "worker", "beat"}:
+            assert depends["postgres"]["condition"] == "service_healthy", name
+        if name in {"worker-critical", "worker", "beat"}:
+            assert depends["migrate"]["condition"] == "service_completed_successfully", name
+
+
+def test_flower_requires_a_login_without_a_default_password(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Flower gets --basic-auth from a required variable, never a password in the file."""
+    args = argv(services["flower"])
+    auth = [arg.split("=", 1)[1] for arg in args if arg.startswith("--basic-auth=")]
+    assert len(auth) == 1
+    match = _INTERPOLATION.fullmatch(auth[0])
+    assert match, f"--basic-auth must come from a variable, got {auth[0]!r}"
+    variable, modifier = match.groups()
+    assert variable == "NOTIFIER_FLOWER_BASIC_AUTH"
+    assert modifier.startswith(":?"), "the variable must be required (${VAR:?message})"
+    for name, spec in services.items():
+        assert not any(key.startswith("FLOWER_") for key in environment(spec)), name

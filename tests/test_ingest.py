@@ -1,0 +1,130 @@
+"""Ingest domain functions against the run's real Postgres (no broker involved)."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import text
+
+from notifier.db import session_scope
+from notifier.ingest import IngestMessage, ingest_batch
+from tests.workers import count_rows
+
+
+def _message(payload: object, message_id: str | None = None) -> IngestMessage:
+    return IngestMessage(message_id or str(uuid.uuid4()), payload)
+
+
+def _note(**fields: object) -> dict[str, object]:
+    return {"recipient": "user-1", "type": "task_deadline", "title": "Due soon"} | fields
+
+
+def _ingest(*messages: IngestMessage):
+    with session_scope() as session:
+        return ingest_batch(session, list(messages))
+
+
+def test_batch_is_written_in_one_transaction():
+    """A batch of many messages lands as rows of a single transaction (one bulk write)."""
+    messages = [_message([_note(title=f"n{i}-{j}") for j in range(50)]) for i in range(10)]
+    result = _ingest(*messages)
+    assert len(result.stored) == 500
+    assert count_rows("SELECT count(DISTINCT xmin::text) FROM notifications") == 1
+
+
+def test_bad_items_are_dead_lettered_and_good_ones_land():
+    """An invalid item becomes a dead letter naming the field; the rest of the batch lands."""
+    good = _note()
+    bad = _note(priority="urgent")
+    result = _ingest(_message([good, bad, _note(title="other")], "m-1"))
+    assert (len(result.stored), result.rejected) == (2, 1)
+    with session_scope() as session:
+        row = session.execute(
+            text("SELECT stage, reason, payload, dedup_key FROM dead_letters")
+        ).one()
+    assert row.stage == "ingest"
+    assert row.reason == "priority: must be one of critical, high, normal, low (got 'urgent')"
+    assert row.payload == bad
+    assert row.dedup_key == "ingest:m-1:1"
+
+
+def test_redelivered_message_changes_nothing():
+    """The same message ingested twice (a worker died before its ack) adds no rows."""
+    message = _message([_note(id=str(uuid.uuid4())), _note(type="BAD")], "m-2")
+    _ingest(message)
+    again = _ingest(message)
+    assert again.stored == []
+    assert count_rows() == 1
+    assert count_rows("SELECT count(*) FROM dead_letters") == 1
+
+
+def test_same_id_twice_is_a_no_op():
+    """A notification id seen before is not stored again, within a batch or across batches."""
+    note = _note(id=str(uuid.uuid4()))
+    first = _ingest(_message([note, note]))
+    second = _ingest(_message(note))
+    assert (len(first.stored), first.repeated_ids, second.stored) == (1, 1, [])
+    assert count_rows() == 1
+
+
+def test_idempotency_key_repeats_are_dropped_and_counted():
+    """A repeated idempotency key is dropped, counted, and answered with the first id."""
+    from notifier.client import lookup
+
+    first = _ingest(_message(_note(idempotency_key="order-42")))
+    repeated = _note(idempotency_key="order-42")
+    repeat = _ingest(_message([repeated, repeated | {"title": "again"}]))
+    assert repeat.duplicates == 2 and repeat.stored == []
+    assert lookup("order-42") == str(first.stored[0])
+    assert count_rows("SELECT duplicates FROM idempotency_keys WHERE key = 'order-42'") == 2
+
+
+def test_idempotency_key_is_accepted_again_after_the_window():
+    """Once the dedup window has passed, the same key makes a new notification."""
+    _ingest(_message(_note(idempotency_key="weekly")))
+    with session_scope() as session:
+        session.execute(text("UPDATE idempotency_keys SET expires_at = now() - interval '1 s'"))
+    later = _ingest(_message(_note(idempotency_key="weekly")))
+    assert len(later.stored) == 1
+    assert count_rows() == 2
+
+
+def test_inline_recipient_is_upserted():
+    """A recipient object creates the recipient, and a later one updates its fields."""
+    _ingest(_message(_note(recipient={"id": "ada", "email": "ada@example.org"})))
+    _ingest(_message(_note(recipient={"id": "ada", "name": "Ada", "timezone": "Europe/Berlin",
+                                      "addresses": {"webhook": "https://hooks.example.org/a"}})))
+    with session_scope() as session:
+        row = session.execute(text("SELECT * FROM recipients WHERE id = 'ada'")).one()
+    assert (row.email, row.name, row.timezone) == ("ada@example.org", "Ada", "Europe/Berlin")
+    assert row.addresses == {"webhook": "https://hooks.example.org/a"}
+
+
+def test_critical_notifications_get_delivery_rows_at_ingest():
+    """Critical notifications skip aggregation: one pending delivery per channel at once."""
+    with session_scope() as session:
+        session.execute(text(
+            "INSERT INTO recipients (id, preferences) VALUES ('ops', '{\"channels\": [\"slack\"]}')"
+        ))
+    result = _ingest(_message([
+        _note(priority="critical", channels=["email", "webhook"]),
+        _note(priority="critical", recipient="ops"),
+        _note(priority="normal"),
+    ]))
+    assert len(result.delivery_ids) == 3
+    with session_scope() as session:
+        rows = session.execute(text(
+            "SELECT d.channel, n.status FROM deliveries d JOIN notifications n"
+            " ON n.id = d.notification_id ORDER BY d.channel"
+        )).all()
+    assert [tuple(r) for r in rows] == [
+        ("email", "dispatched"), ("slack", "dispatched"), ("webhook", "dispatched")
+    ]
+    assert count_rows("SELECT count(*) FROM notifications WHERE status = 'pending'") == 1
+
+
+def test_message_of_the_wrong_shape_is_dead_lettered_whole():
+    """A message that is not a notification or a list of them is rejected with the reason."""
+    _ingest(IngestMessage("m-3", {"args": [1, 2], "kwargs": {}}, error="message: wrong shape"))
+    sql = "SELECT count(*) FROM dead_letters WHERE dedup_key = 'ingest:m-3:message'"
+    assert count_rows(sql) == 1
