@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -133,7 +133,10 @@ class BufferedProducer:
         self._timer = threading.Thread(target=self._flush_on_time, daemon=True,
                                        name="notifier-buffer")
         self._timer.start()
-        atexit.register(self.close)
+        # Connect now: the exit flush cannot import what a first publish imports lazily.
+        with app.producer_or_acquire() as producer:
+            producer.connection.ensure_connection(max_retries=1)
+        _at_interpreter_exit(self.close)
 
     def notify(
         self, recipient: str | Mapping[str, Any], type: str, title: str,
@@ -175,7 +178,6 @@ class BufferedProducer:
             self._closed = True
             self._wake.notify()
         self.flush()
-        atexit.unregister(self.close)
 
     def _take(self, priority: str) -> list[dict[str, Any]]:
         items, self._buffers[priority] = self._buffers[priority], []
@@ -207,6 +209,22 @@ class BufferedProducer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _at_interpreter_exit(callback: Callable[[], None]) -> None:
+    """Run ``callback`` when the main thread ends, while publishing still works.
+
+    ``threading``'s exit hooks run before plain ``atexit`` ones, while the timer thread
+    and the broker connection are still alive.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is not None:
+            register(callback)
+            return
+    except RuntimeError:  # already shutting down
+        pass
+    atexit.register(callback)
 
 
 _buffered: BufferedProducer | None = None

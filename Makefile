@@ -1,0 +1,58 @@
+# notifier — the commands a person and CI use. `make help` lists them.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Embedded servers chosen by `make run` (empty when the real ones answer).
+ENV    := if [ -f .notifier-data/env ]; then . ./.notifier-data/env; fi;
+
+.PHONY: help install run stop worker worker-critical beat flower migrate status test bench lint clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[dev,local]"
+	touch $@
+
+install: $(VENV)/.installed  ## Create .venv and install notifier with its dev tools
+
+run: install  ## Migrate, start worker + beat + Flower in the background, send a demo
+	$(BIN)/python scripts/run.py
+
+stop:  ## Stop what `make run` started
+	$(BIN)/python scripts/run.py stop
+
+worker: install  ## A worker on every queue, critical first (foreground)
+	$(ENV) $(BIN)/celery -A notifier worker -l info
+
+worker-critical: install  ## A worker for critical notifications only (foreground)
+	$(ENV) $(BIN)/celery -A notifier worker -l info -Q notifier.critical -n critical@%h
+
+beat: install  ## Celery beat (foreground)
+	$(ENV) $(BIN)/celery -A notifier beat -l info --schedule .run/celerybeat-schedule
+
+flower: install  ## Flower on 127.0.0.1:5555; login from NOTIFIER_FLOWER_BASIC_AUTH=user:password
+	$(ENV) FLOWER_BASIC_AUTH="$${NOTIFIER_FLOWER_BASIC_AUTH:?set NOTIFIER_FLOWER_BASIC_AUTH=user:password}" \
+		$(BIN)/celery -A notifier flower --address=127.0.0.1 --port=5555
+
+migrate: install  ## Create the database if missing and migrate it to head
+	$(ENV) $(BIN)/notifier db upgrade
+
+status: install  ## Counts by status, queue depths, oldest pending
+	$(ENV) $(BIN)/notifier status
+
+test: install  ## The test suite (needs Postgres and Redis; see README)
+	$(BIN)/pytest
+
+bench: install  ## Throughput and latency against a naive baseline (prints figures)
+	$(BIN)/python -m bench
+
+lint: install  ## ruff
+	$(BIN)/ruff check .
+
+clean: stop  ## Stop everything and remove .venv, .run and the embedded servers' data
+	rm -rf $(VENV) .run .notifier-data
