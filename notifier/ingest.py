@@ -118,8 +118,7 @@ def ingest_batch(
     """Write a batch of messages: validated rows in bulk, bad items as dead letters."""
     settings = settings or get_settings()
     candidates, rejections = split_messages(messages)
-    dbapi_connection = session.connection().connection
-    cursor = dbapi_connection.driver_connection.cursor()
+    cursor = session.connection().connection.driver_connection.cursor()
     result = IngestResult(rejected=len(rejections))
 
     candidates, result.repeated_ids = _first_of_each_id(candidates)
@@ -127,7 +126,7 @@ def ingest_batch(
     candidates, result.duplicates = claim_idempotency_keys(
         cursor, candidates, timedelta(seconds=settings.dedup_window)
     )
-    result.stored = copy_notifications(cursor, candidates, dbapi_connection.info)
+    result.stored = copy_notifications(cursor, candidates)
     stored = set(result.stored)
     critical = [c for c in candidates if c.id in stored and c.notification.priority == "critical"]
     result.delivery_ids = create_deliveries(cursor, critical, settings)
@@ -248,25 +247,19 @@ def claim_idempotency_keys(
     return kept, dropped
 
 
-def _ensure_staging_table(cursor: Any, connection_info: dict[str, Any]) -> None:
-    # One temporary table per connection, emptied at every commit: COPY lands there
-    # and one INSERT ... SELECT moves the rows, skipping ids that are already stored.
-    if connection_info.get("ingest_staging"):
-        return
+def copy_notifications(cursor: Any, candidates: Sequence[Candidate]) -> list[uuid.UUID]:
+    """COPY the candidates in and return the ids that were not stored before.
+
+    COPY lands in a temporary table of the connection, emptied at every commit; one
+    INSERT ... SELECT moves the rows on, skipping ids that are already stored. The table
+    is (re)made inside the transaction, so a rolled-back batch cannot leave it missing.
+    """
+    if not candidates:
+        return []
     cursor.execute(
         "CREATE TEMP TABLE IF NOT EXISTS ingest_staging"
         " (LIKE notifications INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
     )
-    connection_info["ingest_staging"] = True
-
-
-def copy_notifications(
-    cursor: Any, candidates: Sequence[Candidate], connection_info: dict[str, Any]
-) -> list[uuid.UUID]:
-    """COPY the candidates in and return the ids that were not stored before."""
-    if not candidates:
-        return []
-    _ensure_staging_table(cursor, connection_info)
     columns = ", ".join(_NOTIFICATION_COLUMNS)
     with cursor.copy(f"COPY ingest_staging ({columns}) FROM STDIN") as copy:
         for candidate in candidates:

@@ -44,8 +44,9 @@ class Settings(BaseSettings):
     ingest_batch_size: int = Field(500, ge=1)
     #: Seconds a partial ingest batch waits for more messages before it is written.
     ingest_flush_interval: float = Field(0.05, gt=0)
-    #: Messages a worker process may hold unacknowledged; ingest batches form from them,
-    #: so it is at least one batch (``None``: twice the batch size).
+    #: Messages a worker process may hold unacknowledged; ingest batches form from them.
+    #: ``None``: four batches' worth, so that the batches in flight and those waiting
+    #: never reach the limit and a critical message can always be fetched.
     worker_prefetch_multiplier: int | None = Field(None, ge=1)
     #: Notifications per broker message in ``notify_many`` and the buffered producer.
     client_chunk_size: int = Field(500, ge=1)
@@ -84,7 +85,7 @@ class Settings(BaseSettings):
 
     @property
     def prefetch_multiplier(self) -> int:
-        return self.worker_prefetch_multiplier or 2 * self.ingest_batch_size
+        return self.worker_prefetch_multiplier or 4 * self.ingest_batch_size
 
     @property
     def is_redis_broker(self) -> bool:

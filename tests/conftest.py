@@ -86,9 +86,9 @@ def clean_state(database: str, broker: redis.Redis) -> Iterator[None]:
     yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def worker() -> Iterator[object]:
-    """A real worker consuming every priority queue, for the tests of one module."""
+    """A real worker process consuming every priority queue, stopped after the test."""
     from tests.workers import WorkerProcess
 
     process = WorkerProcess.start()
