@@ -56,7 +56,16 @@ def test_sigkill_on_redis_mid_batch():
     for _ in range(MESSAGES):
         client.notify_many(_batch())
     broker = redis.Redis.from_url(BROKER_URL)
-    _kill_mid_ingest_then_recover(lambda: broker.llen("notifier.normal") == 0)
+
+    def every_message_reserved_or_stored() -> bool:
+        # Not one message between the list and the worker's unacked record.
+        reserved = broker.hlen("unacked") * PER_MESSAGE
+        return (
+            broker.llen("notifier.normal") == 0
+            and reserved + count_rows() >= MESSAGES * PER_MESSAGE
+        )
+
+    _kill_mid_ingest_then_recover(every_message_reserved_or_stored)
 
 
 @pytest.fixture
@@ -66,10 +75,15 @@ def rabbitmq_url() -> Iterator[str]:
         pytest.skip("rabbitmqctl is not available")
     vhost = f"notifier_test_{uuid.uuid4().hex[:8]}"
     try:
-        subprocess.run(["rabbitmqctl", "add_vhost", vhost], check=True, capture_output=True,
-                       timeout=30)
-        subprocess.run(["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*",
-                        ".*"], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            ["rabbitmqctl", "add_vhost", vhost], check=True, capture_output=True, timeout=30
+        )
+        subprocess.run(
+            ["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
     except (subprocess.SubprocessError, OSError) as exc:
         pytest.skip(f"no RabbitMQ virtual host for the test: {exc}")
     yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
