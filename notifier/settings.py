@@ -65,22 +65,14 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url_is_postgres(cls, url: str) -> str:
-        scheme = urlsplit(url).scheme
-        if scheme not in _DATABASE_SCHEMES:
-            raise ValueError(
-                f"expected a postgresql+psycopg:// URL, got scheme {scheme or 'none'!r}"
-            )
+        scheme = _scheme_among(url, _DATABASE_SCHEMES, "a postgresql+psycopg://")
         # One driver everywhere: psycopg 3, whatever spelling the user chose.
         return "postgresql+psycopg" + url[len(scheme):]
 
     @field_validator("broker_url")
     @classmethod
     def _broker_url_is_supported(cls, url: str) -> str:
-        scheme = urlsplit(url).scheme
-        if scheme not in _BROKER_SCHEMES:
-            raise ValueError(
-                f"expected a redis:// or amqp:// URL, got scheme {scheme or 'none'!r}"
-            )
+        _scheme_among(url, _BROKER_SCHEMES, "a redis:// or amqp://")
         return url
 
     @property
@@ -90,6 +82,13 @@ class Settings(BaseSettings):
     @property
     def is_redis_broker(self) -> bool:
         return urlsplit(self.broker_url).scheme.startswith("redis")
+
+
+def _scheme_among(url: str, schemes: tuple[str, ...], expected: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme not in schemes:
+        raise ValueError(f"expected {expected} URL, got scheme {scheme or 'none'!r}")
+    return scheme
 
 
 def queue_name(priority: str) -> str:
