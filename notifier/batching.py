@@ -78,7 +78,7 @@ class CommittedBatches(Batches):
     #: Batches per pool process that may wait here before the bulk queues are paused.
     #: On Redis a resumed queue is read only after the pending BRPOP returns (up to one
     #: second), so half of this must keep the pool busy for about that long.
-    pause_batches: int = 10
+    pause_batches: int = 20
     #: Routing keys whose messages go first and whose queues are never paused.
     urgent_routing_keys: frozenset[str] = frozenset({queue_name("critical")})
 

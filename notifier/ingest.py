@@ -278,7 +278,7 @@ def _notification_row(candidate: Candidate) -> tuple[Any, ...]:
     )
     return (
         candidate.id, n.recipient_id, n.type, n.priority, n.channels, n.title, n.body,
-        Jsonb(n.data), n.idempotency_key, n.send_at, status.value, candidate.enqueued_at,
+        n.data_json, n.idempotency_key, n.send_at, status.value, candidate.enqueued_at,
     )
 
 

@@ -18,9 +18,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from notifier.channels import CHANNEL_NAMES
@@ -33,6 +35,7 @@ Priority = Literal["critical", "high", "normal", "low"]
 
 _TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}$")
 _EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -138,17 +141,24 @@ class NotificationIn(BaseModel):
             value = list(dict.fromkeys(value))
         return value
 
-    @field_validator("data")
-    @classmethod
-    def _data_small_enough(cls, value: dict[str, Any]) -> dict[str, Any]:
-        encoded = json.dumps(value, separators=(",", ":"))
+    #: ``data`` as JSON text, encoded once: checked here and written as is by ingest.
+    _data_json: str = PrivateAttr(default="{}")
+
+    @model_validator(mode="after")
+    def _data_small_enough(self) -> NotificationIn:
+        encoded = _encode_json(self.data)
         if "\\u0000" in encoded:
-            raise ValueError("must not contain NUL characters (Postgres JSON cannot hold them)")
-        size = len(encoded)
+            raise ValueError("data: must not contain NUL characters (Postgres cannot hold them)")
         limit = get_settings().max_data_bytes
+        size = len(encoded) if encoded.isascii() else len(encoded.encode())
         if size > limit:
-            raise ValueError(f"is {size} bytes of JSON, more than the limit of {limit}")
-        return value
+            raise ValueError(f"data: is {size} bytes of JSON, more than the limit of {limit}")
+        self._data_json = encoded
+        return self
+
+    @property
+    def data_json(self) -> str:
+        return self._data_json
 
     @field_validator("send_at")
     @classmethod
@@ -221,6 +231,8 @@ def _describe(error: Any) -> str:
         return (
             f"priority: must be one of {', '.join(PRIORITIES)} (got {error['input']!r})"
         )
+    if location == "notification" and error["msg"].startswith("Value error, data: "):
+        return error["msg"].removeprefix("Value error, ")  # a whole-model check of data
     if kind == "recipient_form":
         return "recipient: expected a recipient id (string) or an object with an 'id'"
     message = error["msg"].removeprefix("Value error, ")

@@ -32,6 +32,17 @@ def test_batch_is_written_in_one_transaction():
     assert count_rows("SELECT count(DISTINCT xmin::text) FROM notifications") == 1
 
 
+def test_data_survives_copy_exactly():
+    """data with quotes, backslashes, tabs, newlines and non-ASCII is stored as sent."""
+    data = {"text": 'a "quoted"\tline\nnext \\ back', "name": "Zoë ✓", "n": [1, 2.5, None]}
+    result = _ingest(_message(_note(data=data)))
+    with session_scope() as session:
+        stored = session.execute(
+            text("SELECT data FROM notifications WHERE id = :id"), {"id": result.stored[0]}
+        ).scalar_one()
+    assert stored == data
+
+
 def test_bad_items_are_dead_lettered_and_good_ones_land():
     """An invalid item becomes a dead letter naming the field; the rest of the batch lands."""
     good = _note()
