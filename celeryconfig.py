@@ -58,5 +58,13 @@ worker_send_task_events = True
 task_send_sent_event = False
 worker_hijack_root_logger = False
 
+beat_schedule = {
+    "purge-expired-idempotency-keys": {
+        "task": "notifier.purge_expired_keys",
+        "schedule": _settings.retention_interval,
+        "options": {"queue": queue_name("low")},
+    },
+}
+
 timezone = "UTC"
 enable_utc = True

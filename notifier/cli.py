@@ -182,7 +182,8 @@ def _print_status(report: dict[str, Any]) -> None:
     click.echo("notifications: " + _counts(report["notifications"]))
     click.echo("deliveries:    " + _counts(report["deliveries"]))
     click.echo("dead letters:  " + _counts(report["dead_letters"]))
-    click.echo(f"duplicates dropped: {report['duplicates_dropped']}")
+    click.echo(f"duplicates dropped (keys within the dedup window): "
+               f"{report['duplicates_dropped']}")
     age = report["oldest_pending_age_seconds"]
     click.echo("oldest pending: " + ("none" if age is None else f"{age:.1f}s ago"))
     click.echo("queues:        " + _counts(report["queues"]))

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     ingest_commit_attempts: int = Field(3, ge=1)
     #: Largest accepted ``data`` object, in bytes of JSON.
     max_data_bytes: int = Field(65536, ge=1)
+    #: Seconds between beat's retention runs (expired idempotency keys).
+    retention_interval: float = Field(3600, gt=0)
     #: Logging level of the worker and the CLI.
     log_level: str = "INFO"
 

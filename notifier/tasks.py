@@ -16,6 +16,7 @@ from notifier.celery_app import app
 from notifier.db import describe_db_error, session_scope
 from notifier.ingest import IngestMessage, Rejection, ingest_batch, write_dead_letters
 from notifier.models import Stage
+from notifier.retention import purge_expired_idempotency_keys
 from notifier.schemas import ENQUEUED_AT_HEADER
 from notifier.settings import get_settings, queue_name
 
@@ -36,6 +37,18 @@ def ingest(requests: Sequence[Any]) -> dict[str, int]:
     """Store the notifications of many messages in one transaction."""
     messages = [_to_ingest_message(request) for request in requests]
     return store_messages(messages)
+
+
+@app.task(name="notifier.purge_expired_keys", acks_late=True)
+def purge_expired_keys() -> int:
+    """Beat's retention step: forget idempotency keys whose window has passed."""
+    purged = 0
+    while True:
+        with session_scope() as session:
+            deleted = purge_expired_idempotency_keys(session)
+        purged += deleted
+        if deleted == 0:
+            return purged
 
 
 #: Errors about the content of a row: the message that causes one is dead-lettered.
