@@ -101,10 +101,18 @@ def split_messages(
                     payload=raw, type=_type_of(raw),
                 ))
                 continue
-            candidates.append(Candidate(
-                notification, notification.id or uuid7(), message.enqueued_at
-            ))
+            note_id = notification.id or id_for_unnamed(message.message_id, index)
+            candidates.append(Candidate(notification, note_id, message.enqueued_at))
     return candidates, rejections
+
+
+def id_for_unnamed(message_id: str, index: int) -> uuid.UUID:
+    """The id of a notification that came without one: the same for a redelivered message.
+
+    Producers using notifier's client always send ids; a foreign producer may not, and
+    a fresh random id would store a redelivered message twice.
+    """
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"notifier:ingest:{message_id}:{index}")
 
 
 def _type_of(raw: Any) -> str | None:

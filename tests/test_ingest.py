@@ -69,6 +69,15 @@ def test_redelivered_message_changes_nothing():
     assert count_rows("SELECT count(*) FROM dead_letters") == 1
 
 
+def test_redelivered_message_without_ids_changes_nothing():
+    """Notifications sent without ids get the same ids when their message comes again."""
+    message = _message([_note(), _note(title="second")], "m-no-ids")
+    first = _ingest(message)
+    again = _ingest(message)
+    assert len(first.stored) == 2 and again.stored == []
+    assert count_rows() == 2
+
+
 def test_same_id_twice_is_a_no_op():
     """A notification id seen before is not stored again, within a batch or across batches."""
     note = _note(id=str(uuid.uuid4()))
