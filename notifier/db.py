@@ -10,6 +10,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from notifier.settings import ConfigError, get_settings, mask_url
 
@@ -58,13 +59,18 @@ def describe_db_error(exc: BaseException) -> str:
 def check_database(url: str | None = None) -> None:
     """Fail with one line naming ``NOTIFIER_DATABASE_URL`` if Postgres does not answer."""
     url = url or get_settings().database_url
+    # A throwaway connection: the worker checks before it forks, and its pool processes
+    # must not inherit an open socket.
+    engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 5})
     try:
-        with get_engine(url).connect() as connection:
+        with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
     except (OperationalError, DBAPIError) as exc:
         raise ConfigError(
             f"NOTIFIER_DATABASE_URL: cannot connect to {mask_url(url)}: {describe_db_error(exc)}"
         ) from None
+    finally:
+        engine.dispose()
 
 
 def create_database_if_missing(url: str | None = None) -> bool:
