@@ -65,9 +65,13 @@ def _validated(raw: Mapping[str, Any]) -> NotificationIn:
 
 
 def _publish(messages: list[dict[str, Any]] | dict[str, Any], priority: str) -> None:
+    count = len(messages) if isinstance(messages, list) else 1
     app.send_task(
         INGEST_TASK, args=[messages], queue=queue_name(priority),
         headers={ENQUEUED_AT_HEADER: time.time()},
+        # What Flower and logs show of the arguments: a count, never the contents
+        # (addresses, personal data), and no repr of 500 items on every publish.
+        argsrepr=f"[<{count} notification{'s' if count != 1 else ''}>]",
     )
 
 

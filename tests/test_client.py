@@ -34,6 +34,7 @@ def _payloads(queues: redis.Redis, priority: str) -> list[object]:
         envelope = json.loads(message)
         args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
         assert envelope["headers"]["task"] == "notifier.ingest"
+        assert "@" not in envelope["headers"]["argsrepr"]  # no contents in Flower or logs
         payloads.append(args[0])
     return payloads
 
@@ -43,6 +44,8 @@ def test_notify_returns_the_id_at_once_and_routes_by_priority(queues):
     note_id = client.notify("user-1", "alert", "Disk full", priority="high", data={"disk": "/"})
     assert uuid.UUID(note_id).version == 7
     [payload] = _payloads(queues, "high")
+    envelope = json.loads(queues.lindex("notifier.high", 0))
+    assert envelope["headers"]["argsrepr"] == "[<1 notification>]"
     assert payload == {"id": note_id, "recipient": "user-1", "type": "alert",
                        "title": "Disk full", "priority": "high", "data": {"disk": "/"}}
 
