@@ -12,7 +12,8 @@ Why each choice (see the README's "Priorities and recovery"):
 * Messages are acknowledged late, after their rows are committed; a killed worker's
   messages come back after ``visibility_timeout`` seconds (Redis) or at once (RabbitMQ).
 * Ingest forms batches out of the messages a worker holds unacknowledged, so prefetch
-  is at least one batch; the ingest task flushes at once when a critical message comes.
+  is several batches; critical batches go to the pool first, and the worker pauses its
+  bulk queues while enough is waiting (``notifier/batching.py``).
 * Only JSON crosses the broker.
 """
 
