@@ -66,9 +66,7 @@ def check_database(url: str | None = None) -> None:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
     except (OperationalError, DBAPIError) as exc:
-        raise ConfigError(
-            f"NOTIFIER_DATABASE_URL: cannot connect to {mask_url(url)}: {describe_db_error(exc)}"
-        ) from None
+        raise _unreachable(url, exc) from None
     finally:
         engine.dispose()
 
@@ -90,9 +88,12 @@ def create_database_if_missing(url: str | None = None) -> bool:
                 connection.execute(text(f'CREATE DATABASE "{name}"'))
             return not exists
     except (OperationalError, DBAPIError) as exc:
-        masked = mask_url(url.render_as_string(hide_password=False))
-        raise ConfigError(
-            f"NOTIFIER_DATABASE_URL: cannot connect to {masked}: {describe_db_error(exc)}"
-        ) from None
+        raise _unreachable(url.render_as_string(hide_password=False), exc) from None
     finally:
         admin.dispose()
+
+
+def _unreachable(url: str, exc: BaseException) -> ConfigError:
+    return ConfigError(
+        f"NOTIFIER_DATABASE_URL: cannot connect to {mask_url(url)}: {describe_db_error(exc)}"
+    )

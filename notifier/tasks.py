@@ -18,7 +18,7 @@ from notifier.ingest import IngestMessage, Rejection, ingest_batch, write_dead_l
 from notifier.models import Stage
 from notifier.retention import purge_expired_idempotency_keys
 from notifier.schemas import ENQUEUED_AT_HEADER
-from notifier.settings import get_settings, queue_name
+from notifier.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,6 @@ _settings = get_settings()
     base=CommittedBatches,
     flush_items=_settings.ingest_batch_size,
     flush_interval=_settings.ingest_flush_interval,
-    urgent_routing_keys=frozenset({queue_name("critical")}),
     acks_late=True,
 )
 def ingest(requests: Sequence[Any]) -> dict[str, int]:
