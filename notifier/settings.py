@@ -9,11 +9,21 @@ from __future__ import annotations
 from functools import lru_cache
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PRIORITIES: tuple[str, ...] = ("critical", "high", "normal", "low")
 """Priorities from most to least urgent; each has its own queue ``notifier.<priority>``."""
+
+#: Channel URLs used unless ``NOTIFIER_CHANNELS__<NAME>`` says otherwise.
+DEFAULT_CHANNEL_URLS: dict[str, str] = {
+    "email": "smtp://127.0.0.1:25?from=notifier%40localhost",
+    "webhook": "webhook://",
+    "slack": "slack://",
+    "apprise": "apprise://",
+    "inapp": "inapp://",
+    "console": "console://",
+}
 
 _DATABASE_SCHEMES = ("postgresql", "postgresql+psycopg", "postgres")
 _BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp")
@@ -27,7 +37,9 @@ class ConfigError(Exception):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="NOTIFIER_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="NOTIFIER_", env_nested_delimiter="__", extra="ignore"
+    )
 
     #: SQLAlchemy URL of the Postgres database (driver psycopg 3).
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/notifier"
@@ -64,6 +76,47 @@ class Settings(BaseSettings):
     #: Logging level of the worker and the CLI.
     log_level: str = "INFO"
 
+    # --- Delivery -------------------------------------------------------------------
+    #: Channel name -> the URL that configures it (``NOTIFIER_CHANNELS__EMAIL=smtp://...``).
+    #: Entries given here replace the defaults one by one. Options in the query string
+    #: (``?retry_max_attempts=3``) override the retry settings below for that channel.
+    channels: dict[str, str] = {}
+    #: Redis for the circuit breakers and rate limits; default: the broker, if Redis.
+    redis_url: str | None = None
+    #: Deliveries of one channel carried by one delivery task (one connection).
+    delivery_batch_size: int = Field(100, ge=1)
+    #: Let webhook, Slack and SMS targets resolve to private or loopback addresses.
+    allow_private_targets: bool = False
+    #: Retries: the n-th attempt waits about ``base * factor**(n-1)`` seconds (with
+    #: jitter, at most ``cap``); after ``max_attempts`` attempts the delivery is dead.
+    retry_base: float = Field(2.0, gt=0)
+    retry_factor: float = Field(2.0, ge=1)
+    retry_cap: float = Field(600.0, gt=0)
+    retry_max_attempts: int = Field(8, ge=1)
+    #: Waits up to this many seconds ride on a Celery countdown; longer ones are kept in
+    #: Postgres (``next_attempt_at``) for the sweeper. Must stay below the visibility
+    #: timeout, or Redis would hand the waiting task to a second worker.
+    retry_countdown_max: float = Field(30.0, ge=0)
+    #: Circuit breaker: this many provider failures within ``breaker_window`` seconds
+    #: open a channel's circuit for ``breaker_open_seconds``; then one probe batch.
+    breaker_failure_threshold: int = Field(5, ge=1)
+    breaker_window: float = Field(60.0, gt=0)
+    breaker_open_seconds: float = Field(30.0, gt=0)
+    #: Deliveries per recipient per minute, hour and day, and per minute in all (0: no
+    #: limit). Critical notifications count but are never held by a recipient's limit.
+    rate_limit_per_minute: int = Field(60, ge=0)
+    rate_limit_per_hour: int = Field(600, ge=0)
+    rate_limit_per_day: int = Field(5000, ge=0)
+    rate_limit_global_per_minute: int = Field(0, ge=0)
+    #: Seconds between beat's delivery sweeps (lost tasks, due retries).
+    sweep_interval: float = Field(5.0, gt=0)
+    #: A delivery queued this long past its due time without being started was lost by
+    #: the broker and is published again (sending stays idempotent on its id).
+    queued_timeout: float = Field(300.0, gt=0)
+    #: A delivery claimed this long ago and still not recorded belonged to a worker that
+    #: died; it is sent again. Must exceed the longest batch.
+    sending_timeout: float = Field(300.0, gt=0)
+
     @field_validator("database_url")
     @classmethod
     def _database_url_is_postgres(cls, url: str) -> str:
@@ -76,6 +129,26 @@ class Settings(BaseSettings):
     def _broker_url_is_supported(cls, url: str) -> str:
         _scheme_among(url, _BROKER_SCHEMES, "a redis:// or amqp://")
         return url
+
+    @field_validator("channels")
+    @classmethod
+    def _channels_over_defaults(cls, channels: dict[str, str]) -> dict[str, str]:
+        return {**DEFAULT_CHANNEL_URLS, **{k.lower(): v for k, v in channels.items()}}
+
+    @model_validator(mode="after")
+    def _countdown_below_visibility(self) -> Settings:
+        if self.retry_countdown_max >= self.visibility_timeout:
+            raise ValueError(
+                f"retry_countdown_max: must be below NOTIFIER_VISIBILITY_TIMEOUT"
+                f" ({self.visibility_timeout}), got {self.retry_countdown_max}"
+            )
+        return self
+
+    @property
+    def state_redis_url(self) -> str:
+        if self.redis_url:
+            return self.redis_url
+        return self.broker_url if self.is_redis_broker else "redis://127.0.0.1:6379/0"
 
     @property
     def prefetch_multiplier(self) -> int:
@@ -98,13 +171,26 @@ def queue_name(priority: str) -> str:
     return f"notifier.{priority}"
 
 
+#: Query options whose values are secrets; ``mask_url`` hides them.
+SECRET_OPTIONS: frozenset[str] = frozenset(
+    {"password", "pass", "secret", "token", "key", "auth_token", "api_key", "apikey"}
+)
+
+
 def mask_url(url: str) -> str:
-    """The URL with its password replaced, the only form of a URL we ever print."""
+    """The URL with its password and secret options hidden, the only form we ever print."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    if parts.query:
+        pairs = [pair.partition("=") for pair in parts.query.split("&")]
+        query = "&".join(
+            f"{key}{eq}{'***' if key.lower() in SECRET_OPTIONS and value else value}"
+            for key, eq, value in pairs
+        )
+        parts = parts._replace(query=query)
+    return parts.geturl()
 
 
 def load_settings() -> Settings:
@@ -113,8 +199,11 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = str(error["loc"][0]) if error["loc"] else "?"
         message = error["msg"].removeprefix("Value error, ")
+        if error["loc"]:
+            field = str(error["loc"][0])
+        else:  # a check across fields names its field first: "field: problem"
+            field, _, message = message.partition(": ")
         raise ConfigError(f"NOTIFIER_{field.upper()}: {message}") from None
 
 

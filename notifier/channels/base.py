@@ -1,0 +1,158 @@
+"""The one interface every channel plugin implements.
+
+A channel is configured by one URL (Apprise-style: the scheme picks the plugin, the
+rest carries host, credentials and options), sends a list of messages over one
+connection, and says per message whether it was sent, may be retried, or failed for
+good. Everything else (claiming deliveries, the circuit breaker, rate limits, retries,
+dead letters) lives in ``notifier.delivery`` and is the same for every channel.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+from urllib.parse import parse_qs, urlsplit
+
+from notifier.settings import mask_url
+
+
+class DeliveryError(Exception):
+    """Why one message was not sent. The message is one line, safe to show and store."""
+
+    #: Counts towards the channel's circuit breaker (the provider, not the address, failed).
+    provider_failure: bool = True
+
+
+class RetryableError(DeliveryError):
+    """A failure that may pass on a later attempt: timeouts, connection errors, SMTP 4xx,
+    HTTP 5xx and 429."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        #: Seconds the provider asked us to wait (HTTP ``Retry-After``), if it said.
+        self.retry_after = retry_after
+
+
+class PermanentError(DeliveryError):
+    """A failure no retry can fix: a bad address, SMTP 5xx, HTTP 4xx, bad configuration."""
+
+    provider_failure = False
+
+
+class ConfigurationError(PermanentError):
+    """The channel's URL or a recipient's address for it is unusable."""
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One delivery's content, as the channel sends it.
+
+    ``delivery_id`` doubles as the idempotency key the channel passes on (webhook
+    ``Idempotency-Key``, e-mail ``Message-ID``) so a resent message can be recognised.
+    """
+
+    delivery_id: uuid.UUID
+    recipient_id: str
+    #: The recipient's address on this channel (e-mail, webhook URL, phone, ...).
+    address: str | None
+    type: str
+    priority: str
+    title: str
+    body: str
+    data: dict[str, Any] = field(default_factory=dict)
+    #: HTML body when the content has one (digests rendered from templates).
+    html: str | None = None
+    recipient_name: str | None = None
+    notification_id: uuid.UUID | None = None
+    digest_id: uuid.UUID | None = None
+
+    @property
+    def idempotency_key(self) -> str:
+        return str(self.delivery_id)
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The outcome of one message: ``error`` is None when it was sent."""
+
+    delivery_id: uuid.UUID
+    error: DeliveryError | None = None
+
+    @property
+    def sent(self) -> bool:
+        return self.error is None
+
+
+class Channel:
+    """Base class of the channel plugins; subclasses register themselves by ``name``.
+
+    One instance lives per worker process and channel and may keep a connection (an
+    SMTP session, an HTTP pool) open across batches; ``close`` releases it.
+    """
+
+    #: The channel's name in notifications and preferences ("email", "webhook", ...).
+    name: ClassVar[str]
+    #: URL schemes that configure this channel.
+    schemes: ClassVar[tuple[str, ...]]
+    #: The recipient column or ``addresses`` key that holds the address; None: none needed.
+    address_field: ClassVar[str | None] = None
+
+    registry: ClassVar[dict[str, type[Channel]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            Channel.registry[cls.name] = cls
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in self.schemes:
+            raise ConfigurationError(
+                f"{self.name}: expected a {' or '.join(s + '://' for s in self.schemes)}"
+                f" URL, got {mask_url(url)!r}"
+            )
+        self.url = url
+        self.parts = parts
+        self.options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+
+    def send_batch(self, messages: Sequence[OutgoingMessage]) -> Iterator[SendResult]:
+        """Send the messages over one connection, yielding each result as soon as it is
+        known, so the caller records a sent message before the next one leaves."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release any connection kept between batches."""
+
+    def option(self, key: str, default: str) -> str:
+        return self.options.get(key, default)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.options.get(key)
+        if value is None:
+            return default
+        if value.lower() in ("1", "yes", "true", "on"):
+            return True
+        if value.lower() in ("0", "no", "false", "off"):
+            return False
+        raise ConfigurationError(f"{self.name}: option {key}: expected yes or no, got {value!r}")
+
+    def number(self, key: str, default: float) -> float:
+        value = self.options.get(key)
+        if value is None:
+            return default
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigurationError(
+                f"{self.name}: option {key}: expected a number, got {value!r}"
+            ) from None
+
+    @property
+    def masked_url(self) -> str:
+        """The URL as it may be logged: no password, no secret options."""
+        return mask_url(self.url)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.masked_url}>"
