@@ -19,7 +19,8 @@ Why each choice (see the README's "Priorities and recovery"):
 
 from kombu import Exchange, Queue
 
-from notifier.settings import PRIORITIES, get_settings, queue_name
+from notifier.channels import CHANNEL_NAMES
+from notifier.settings import PRIORITIES, delivery_queue, get_settings, queue_name
 
 _settings = get_settings()
 
@@ -43,10 +44,18 @@ result_backend = None
 
 # Declared exactly as a plain Celery app declares ``queue="notifier.<priority>"`` (an
 # exchange and routing key of the queue's name), so foreign producers and we agree.
+# A worker without ``-Q`` consumes them in this order: critical ingest, critical
+# deliveries, then the bulk ingest queues, then each channel's delivery queue.
+def _queue(name: str) -> Queue:
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+_ingest_queues = [queue_name(priority) for priority in PRIORITIES]
+_delivery_queues = [delivery_queue(channel, "normal") for channel in sorted(CHANNEL_NAMES)]
 task_queues = [
-    Queue(queue_name(priority), Exchange(queue_name(priority), type="direct"),
-          routing_key=queue_name(priority))
-    for priority in PRIORITIES
+    _queue(name)
+    for name in [_ingest_queues[0], delivery_queue("", "critical"), *_ingest_queues[1:],
+                 *_delivery_queues]
 ]
 task_default_queue = queue_name("normal")
 task_default_priority = 0
@@ -60,6 +69,11 @@ task_send_sent_event = False
 worker_hijack_root_logger = False
 
 beat_schedule = {
+    "sweep-deliveries": {
+        "task": "notifier.sweep_deliveries",
+        "schedule": _settings.sweep_interval,
+        "options": {"queue": delivery_queue("", "critical"), "expires": _settings.sweep_interval},
+    },
     "purge-expired-idempotency-keys": {
         "task": "notifier.purge_expired_keys",
         "schedule": _settings.retention_interval,

@@ -70,6 +70,13 @@ class IngestResult:
     rejected: int = 0
     delivery_ids: list[uuid.UUID] = field(default_factory=list)
 
+    def add(self, other: IngestResult) -> None:
+        self.stored += other.stored
+        self.repeated_ids += other.repeated_ids
+        self.duplicates += other.duplicates
+        self.rejected += other.rejected
+        self.delivery_ids += other.delivery_ids
+
     def as_dict(self) -> dict[str, int]:
         return {
             "stored": len(self.stored), "repeated_ids": self.repeated_ids,

@@ -236,3 +236,29 @@ class IdempotencyKey(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     duplicates: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     created_at: Mapped[CreatedAt]
+
+
+class InboxMessage(Base):
+    """What the in-app channel delivered: a recipient's inbox, read and unread."""
+
+    __tablename__ = "inbox_messages"
+    __table_args__ = (
+        Index("ix_inbox_messages_recipient_id_created_at", "recipient_id", "created_at"),
+        Index(
+            "ix_inbox_messages_unread", "recipient_id", "created_at",
+            postgresql_where=text("read_at IS NULL"),
+        ),
+    )
+
+    #: The delivery's id: writing the same delivery twice is a no-op.
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    recipient_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    notification_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    digest_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    type: Mapped[str] = mapped_column(String(64), nullable=False)
+    priority: Mapped[str] = mapped_column(String(8), nullable=False)
+    title: Mapped[str] = mapped_column(Text, nullable=False)
+    body: Mapped[str] = mapped_column(Text, nullable=False)
+    data: Mapped[JsonObject]
+    read_at: Mapped[Timestamp | None]
+    created_at: Mapped[CreatedAt]

@@ -177,6 +177,12 @@ SECRET_OPTIONS: frozenset[str] = frozenset(
 )
 
 
+def delivery_queue(channel: str, priority: str) -> str:
+    """The queue of a delivery task: critical ones share a path no bulk traffic is on;
+    the rest have a queue per channel, so one slow provider holds up only its own."""
+    return "notifier.deliver.critical" if priority == "critical" else f"notifier.deliver.{channel}"
+
+
 def mask_url(url: str) -> str:
     """The URL with its password and secret options hidden, the only form we ever print."""
     parts = urlsplit(url)

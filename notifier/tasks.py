@@ -14,11 +14,18 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from notifier.batching import CommittedBatches
 from notifier.celery_app import app
 from notifier.db import describe_db_error, session_scope
-from notifier.ingest import IngestMessage, Rejection, ingest_batch, write_dead_letters
+from notifier.delivery import (
+    DeliveryTask,
+    deliver_batch,
+    queue_deliveries,
+    sweep_due_deliveries,
+)
+from notifier.ingest import IngestMessage, IngestResult, Rejection, ingest_batch, write_dead_letters
 from notifier.models import Stage
 from notifier.retention import purge_expired_idempotency_keys
 from notifier.schemas import ENQUEUED_AT_HEADER
 from notifier.settings import get_settings
+from notifier.state import state_redis
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +42,52 @@ _settings = get_settings()
 def ingest(requests: Sequence[Any]) -> dict[str, int]:
     """Store the notifications of many messages in one transaction."""
     messages = [_to_ingest_message(request) for request in requests]
-    return store_messages(messages)
+    result = store_messages(messages)
+    publish_new_deliveries(result.delivery_ids)
+    return result.as_dict()
+
+
+@app.task(name="notifier.deliver", acks_late=True)
+def deliver(channel: str, delivery_ids: list[str]) -> dict[str, int]:
+    """Send deliveries of one channel over one connection; publish the short retries."""
+    outcome = deliver_batch(channel, delivery_ids, _settings, state_redis())
+    publish(outcome.tasks)
+    return outcome.as_dict()
+
+
+@app.task(name="notifier.sweep_deliveries", acks_late=True)
+def sweep_deliveries() -> int:
+    """Beat's outbox sweep: publish deliveries that are due and not moving."""
+    with session_scope() as session:
+        tasks = sweep_due_deliveries(_raw_cursor(session), _settings)
+    publish(tasks)
+    return sum(len(task.delivery_ids) for task in tasks)
+
+
+def publish_new_deliveries(delivery_ids: Sequence[Any]) -> None:
+    """Queue the delivery rows an ingest batch committed (critical notifications).
+
+    If this process dies between the ingest commit and here, the rows stay ``pending``
+    and the sweeper publishes them.
+    """
+    if not delivery_ids:
+        return
+    with session_scope() as session:
+        tasks = queue_deliveries(_raw_cursor(session), delivery_ids, _settings)
+    publish(tasks)
+
+
+def publish(tasks: Sequence[DeliveryTask]) -> None:
+    for task in tasks:
+        deliver.apply_async(
+            (task.channel, task.delivery_ids), queue=task.queue,
+            countdown=task.countdown or None,
+            argsrepr=f"({task.channel!r}, <{len(task.delivery_ids)} deliveries>)",
+        )
+
+
+def _raw_cursor(session: Any) -> Any:
+    return session.connection().connection.driver_connection.cursor()
 
 
 @app.task(name="notifier.purge_expired_keys", acks_late=True)
@@ -56,7 +108,7 @@ CONTENT_ERRORS = (DataError, IntegrityError, psycopg.DataError, psycopg.Integrit
 DATABASE_ERRORS = (DBAPIError, psycopg.Error)
 
 
-def store_messages(messages: list[IngestMessage]) -> dict[str, int]:
+def store_messages(messages: list[IngestMessage]) -> IngestResult:
     """Commit the batch; isolate and dead-letter a message whose content Postgres refuses.
 
     Any other failure (Postgres away, a schema out of date) is retried with backoff and
@@ -67,24 +119,21 @@ def store_messages(messages: list[IngestMessage]) -> dict[str, int]:
     except CONTENT_ERRORS as exc:
         log.error("batch of %d messages refused (%s); storing them one by one",
                   len(messages), describe_db_error(exc))
-    totals: dict[str, int] = {}
+    total = IngestResult()
     for message in messages:
         try:
-            counts = _commit_with_retries([message])
+            total.add(_commit_with_retries([message]))
         except CONTENT_ERRORS as exc:
-            counts = _dead_letter_message(message, exc)
-        for key, value in counts.items():
-            totals[key] = totals.get(key, 0) + value
-    return totals
+            total.add(_dead_letter_message(message, exc))
+    return total
 
 
-def _commit_with_retries(messages: list[IngestMessage]) -> dict[str, int]:
+def _commit_with_retries(messages: list[IngestMessage]) -> IngestResult:
     attempts = _settings.ingest_commit_attempts
     for attempt in range(1, attempts + 1):
         try:
             with session_scope() as session:
-                result = ingest_batch(session, messages, _settings)
-            return result.as_dict()
+                return ingest_batch(session, messages, _settings)
         except CONTENT_ERRORS:
             raise
         except DATABASE_ERRORS as exc:
@@ -97,7 +146,7 @@ def _commit_with_retries(messages: list[IngestMessage]) -> dict[str, int]:
     raise AssertionError("unreachable")
 
 
-def _dead_letter_message(message: IngestMessage, exc: Exception) -> dict[str, int]:
+def _dead_letter_message(message: IngestMessage, exc: Exception) -> IngestResult:
     """Park a whole message Postgres refused, with the database's reason."""
     rejection = Rejection(
         dedup_key=f"ingest:{message.message_id}:message",
@@ -105,9 +154,8 @@ def _dead_letter_message(message: IngestMessage, exc: Exception) -> dict[str, in
         payload=message.payload, error_class=type(getattr(exc, "orig", None) or exc).__name__,
     )
     with session_scope() as session:
-        cursor = session.connection().connection.driver_connection.cursor()
-        write_dead_letters(cursor, Stage.INGEST, [rejection])
-    return {"rejected": 1}
+        write_dead_letters(_raw_cursor(session), Stage.INGEST, [rejection])
+    return IngestResult(rejected=1)
 
 
 def _to_ingest_message(request: Any) -> IngestMessage:

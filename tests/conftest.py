@@ -40,6 +40,11 @@ os.environ.update({
     "NOTIFIER_VISIBILITY_TIMEOUT": "4",
     "NOTIFIER_UNACKED_RESTORE_INTERVAL": "1",
     "NOTIFIER_INGEST_COMMIT_ATTEMPTS": "2",
+    # Retries and sweeps on a test's time scale: waits up to 2 s ride on countdowns
+    # (below the visibility timeout), the sweeper runs every second.
+    "NOTIFIER_RETRY_COUNTDOWN_MAX": "2",
+    "NOTIFIER_SWEEP_INTERVAL": "1",
+    "NOTIFIER_ALLOW_PRIVATE_TARGETS": "1",
 })
 
 
@@ -78,7 +83,7 @@ def clean_state(database: str, broker: redis.Redis) -> Iterator[None]:
     with session_scope() as session:
         session.connection().exec_driver_sql(
             "TRUNCATE notifications, deliveries, digests, dead_letters, idempotency_keys,"
-            " recipients CASCADE"
+            " recipients, inbox_messages CASCADE"
         )
     for key in broker.scan_iter("notifier.*"):
         broker.delete(key)

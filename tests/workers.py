@@ -89,3 +89,11 @@ def wait_for_rows(expected: int, timeout: float = 30) -> None:
         wait_for(lambda: count_rows() >= expected, timeout, f"{expected} notifications")
     except TimeoutError as exc:
         raise TimeoutError(f"{exc}; {count_rows()} stored") from None
+
+
+def wait_for_count(sql: str, expected: int, timeout: float = 30, **params: object) -> None:
+    """Until the query's count reaches ``expected`` (and say what it was if it never did)."""
+    try:
+        wait_for(lambda: count_rows(sql, **params) >= expected, timeout, f"{expected} from {sql}")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}; got {count_rows(sql, **params)}") from None

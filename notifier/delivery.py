@@ -1,0 +1,501 @@
+"""Delivery: claim due deliveries, send them per channel in one batch, record each outcome.
+
+The life of a delivery row (``deliveries.status``)::
+
+    pending ──queue──▶ queued ──claim──▶ sending ──▶ sent
+                         ▲                  ├──▶ retrying ──(countdown or sweep)──▶ queued
+           sweep: lost ──┘                  └──▶ dead (+ a dead_letters row)
+
+Postgres is the record: a task only carries ids. Claiming is one ``UPDATE … FOR UPDATE
+SKIP LOCKED`` that only takes rows that are due, so a task published twice (the sweeper
+republished it, Redis handed it to a second worker) sends nothing twice. Each result is
+written the moment the channel reports it, so a worker killed mid-batch leaves only the
+message it was sending in doubt, and the one in doubt is resent with the same
+idempotency key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from psycopg.types.json import Jsonb
+
+from notifier.breaker import CircuitBreaker
+from notifier.channels import channel_class, get_channel
+from notifier.channels.base import (
+    Channel,
+    DeliveryError,
+    OutgoingMessage,
+    PermanentError,
+    RetryableError,
+    SendResult,
+)
+from notifier.db import get_engine
+from notifier.ids import uuid7
+from notifier.models import Stage
+from notifier.ratelimit import RateLimiter, RateRequest
+from notifier.retry import RetryPolicy
+from notifier.settings import Settings, delivery_queue
+
+log = logging.getLogger(__name__)
+
+_UNSENT = ("pending", "queued", "retrying")
+
+
+@dataclass(frozen=True)
+class DeliveryTask:
+    """One ``notifier.deliver`` task to publish: deliveries of one channel and queue."""
+
+    channel: str
+    queue: str
+    delivery_ids: list[str]
+    countdown: float = 0.0
+
+
+@dataclass
+class ClaimedDelivery:
+    id: uuid.UUID
+    recipient_id: str
+    priority: str
+    attempts: int
+    message: OutgoingMessage | None
+    #: Why no message could be built (no address for this channel), if so.
+    problem: str | None = None
+
+    @property
+    def notification_id(self) -> uuid.UUID | None:
+        return self.message.notification_id if self.message else None
+
+
+@dataclass
+class BatchOutcome:
+    sent: int = 0
+    retrying: int = 0
+    dead: int = 0
+    #: Held back by the circuit breaker or a rate limit, no attempt counted.
+    rescheduled: int = 0
+    #: Deliveries whose retry is due soon enough to ride on a countdown: publish these.
+    tasks: list[DeliveryTask] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"sent": self.sent, "retrying": self.retrying, "dead": self.dead,
+                "rescheduled": self.rescheduled}
+
+
+# --- Publishing (the outbox) --------------------------------------------------------
+
+
+def queue_deliveries(
+    cursor: Any, delivery_ids: Sequence[uuid.UUID | str], settings: Settings,
+    *, from_status: str = "pending", due_at: datetime | None = None,
+) -> list[DeliveryTask]:
+    """Mark deliveries queued and group them into tasks; publish those after the commit.
+
+    Only rows still in ``from_status`` are taken, so a row another process already
+    queued, claimed or finished is left alone.
+    """
+    if not delivery_ids:
+        return []
+    cursor.execute(
+        """
+        UPDATE deliveries SET status = 'queued', queued_at = now(), updated_at = now(),
+            next_attempt_at = coalesce(%s, now())
+        WHERE id = ANY(%s::uuid[]) AND status = %s
+        RETURNING id, channel, priority
+        """,
+        (due_at, [str(i) for i in delivery_ids], from_status),
+    )
+    return group_into_tasks(cursor.fetchall(), settings, due_at)
+
+
+def group_into_tasks(
+    rows: Iterable[tuple[uuid.UUID, str, str]], settings: Settings,
+    due_at: datetime | None = None,
+) -> list[DeliveryTask]:
+    """Deliveries of one queue and channel, ``delivery_batch_size`` to a task."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for delivery_id, channel, priority in rows:
+        groups[(delivery_queue(channel, priority), channel)].append(str(delivery_id))
+    countdown = max(0.0, (due_at - datetime.now(UTC)).total_seconds()) if due_at else 0.0
+    size = settings.delivery_batch_size
+    return [
+        DeliveryTask(channel, queue, ids[start:start + size], countdown)
+        for (queue, channel), ids in groups.items()
+        for start in range(0, len(ids), size)
+    ]
+
+
+def sweep_due_deliveries(
+    cursor: Any, settings: Settings, limit: int = 10_000
+) -> list[DeliveryTask]:
+    """Queue again what should be moving and is not.
+
+    * ``pending`` a while: the task was never published (the process died after commit);
+    * ``retrying`` and due: a retry kept in Postgres because its wait was long;
+    * ``queued`` long past due: the broker lost the task (Redis keeps nothing on disk);
+    * ``sending`` long ago: the worker that claimed it died mid-batch.
+    """
+    cursor.execute(
+        """
+        UPDATE deliveries SET status = 'queued', queued_at = now(), updated_at = now(),
+            next_attempt_at = now()
+        WHERE id IN (
+            SELECT id FROM deliveries
+            WHERE (status = 'pending' AND next_attempt_at <= now() - %(grace)s)
+               OR (status = 'retrying' AND next_attempt_at <= now())
+               OR (status = 'queued' AND next_attempt_at <= now() - %(queued)s
+                   AND queued_at <= now() - %(queued)s)
+            UNION ALL
+            SELECT id FROM deliveries
+            WHERE status = 'sending' AND updated_at <= now() - %(sending)s
+            LIMIT %(limit)s
+        )
+        RETURNING id, channel, priority
+        """,
+        {
+            "grace": timedelta(seconds=2 * settings.sweep_interval),
+            "queued": timedelta(seconds=settings.queued_timeout),
+            "sending": timedelta(seconds=settings.sending_timeout),
+            "limit": limit,
+        },
+    )
+    return group_into_tasks(cursor.fetchall(), settings)
+
+
+# --- Sending ------------------------------------------------------------------------
+
+
+def deliver_batch(
+    channel_name: str, delivery_ids: Sequence[str], settings: Settings, state: redis.Redis
+) -> BatchOutcome:
+    """Send the due deliveries among ``delivery_ids`` over one connection of the channel."""
+    outcome = BatchOutcome()
+    with _Recorder(channel_name, settings, outcome) as recorder:
+        claimed = claim_deliveries(recorder.cursor, channel_name, delivery_ids, settings)
+        if not claimed:
+            return outcome
+        try:
+            channel = get_channel(channel_name, settings)
+            recorder.policy = RetryPolicy.for_channel(settings, channel.options)
+        except (PermanentError, ValueError) as exc:
+            error = exc if isinstance(exc, PermanentError) else PermanentError(str(exc))
+            for delivery in claimed:
+                recorder.dead(delivery, error)
+            return outcome
+        _send_claimed(channel, claimed, recorder, settings, state)
+    return outcome
+
+
+def _send_claimed(
+    channel: Channel, claimed: list[ClaimedDelivery], recorder: _Recorder,
+    settings: Settings, state: redis.Redis,
+) -> None:
+    breaker = circuit_breaker(state, channel.name, settings)
+    permit = breaker.acquire()
+    if not permit.allowed:
+        recorder.release(claimed, permit.retry_at, f"circuit open for {channel.name}")
+        return
+    ready = _within_rate_limits(claimed, recorder, settings, state)
+    for delivery in [d for d in ready if d.message is None]:
+        recorder.dead(delivery, PermanentError(delivery.problem or "no message"))
+    ready = [d for d in ready if d.message is not None]
+    if permit.probing and ready:
+        probe, ready = ready[:1], ready[1:]
+        failures, successes = _send(channel, probe, recorder)
+        state_after = breaker.record(failures=failures, successes=successes, probing=True)
+        if state_after != "closed":
+            retry_at = breaker.acquire().retry_at
+            recorder.release(ready, retry_at, f"circuit open for {channel.name}")
+            return
+    if ready:
+        failures, successes = _send(channel, ready, recorder)
+        breaker.record(failures=failures, successes=successes, probing=False)
+
+
+def _within_rate_limits(
+    claimed: list[ClaimedDelivery], recorder: _Recorder, settings: Settings,
+    state: redis.Redis,
+) -> list[ClaimedDelivery]:
+    """The deliveries that may go now; the others are released to their window's reset."""
+    limiter = RateLimiter(state, settings)
+    waits = limiter.take([
+        RateRequest(d.recipient_id, critical=d.priority == "critical") for d in claimed
+    ])
+    for delivery, until in zip(claimed, waits, strict=True):
+        if until:
+            recorder.release([delivery], until, f"rate limit of {delivery.recipient_id}")
+    return [d for d, until in zip(claimed, waits, strict=True) if not until]
+
+
+def _send(
+    channel: Channel, deliveries: list[ClaimedDelivery], recorder: _Recorder
+) -> tuple[int, int]:
+    """Send and record each result as it comes; returns (provider failures, successes)."""
+    by_id = {d.id: d for d in deliveries}
+    failures = successes = 0
+    try:
+        for result in channel.send_batch([d.message for d in deliveries if d.message]):
+            delivery = by_id.pop(result.delivery_id)
+            recorder.result(delivery, result)
+            if result.sent:
+                successes += 1
+            elif result.error is not None and result.error.provider_failure:
+                failures += 1
+    except Exception as exc:  # a channel bug must not strand the rest of the batch
+        log.exception("%s channel failed mid-batch", channel.name)
+        error = RetryableError(f"{channel.name} channel failed: {type(exc).__name__}: {exc}")
+        for delivery in by_id.values():
+            recorder.result(delivery, SendResult(delivery.id, error))
+        failures += len(by_id)
+    return failures, successes
+
+
+def circuit_breaker(state: redis.Redis, channel: str, settings: Settings) -> CircuitBreaker:
+    return CircuitBreaker(
+        state, channel, threshold=settings.breaker_failure_threshold,
+        window=settings.breaker_window, open_seconds=settings.breaker_open_seconds,
+        probe_timeout=settings.sending_timeout,
+    )
+
+
+# --- Claiming -----------------------------------------------------------------------
+
+
+def claim_deliveries(
+    cursor: Any, channel_name: str, delivery_ids: Sequence[str], settings: Settings
+) -> list[ClaimedDelivery]:
+    """Take the due, unsent deliveries among the ids, with what is needed to send them."""
+    cursor.execute(
+        """
+        WITH claimed AS (
+            UPDATE deliveries d SET status = 'sending', updated_at = now()
+            WHERE d.id IN (
+                SELECT id FROM deliveries
+                WHERE id = ANY(%(ids)s::uuid[]) AND channel = %(channel)s
+                  AND ((status = ANY(%(unsent)s) AND next_attempt_at <= now() + %(early)s)
+                       OR (status = 'sending' AND updated_at <= now() - %(lease)s))
+                ORDER BY id
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING d.id, d.notification_id, d.digest_id, d.recipient_id, d.priority,
+                      d.attempts
+        )
+        SELECT c.id, c.notification_id, c.digest_id, c.recipient_id, c.priority, c.attempts,
+               coalesce(n.type, g.type), coalesce(n.title, g.title), coalesce(n.body, g.body),
+               n.data, g.notification_ids, r.name, r.email, r.phone, r.addresses
+        FROM claimed c
+        LEFT JOIN notifications n ON n.id = c.notification_id
+        LEFT JOIN digests g ON g.id = c.digest_id
+        LEFT JOIN recipients r ON r.id = c.recipient_id
+        ORDER BY c.id
+        """,
+        {
+            "ids": list(delivery_ids), "channel": channel_name, "unsent": list(_UNSENT),
+            "early": timedelta(seconds=1),
+            "lease": timedelta(seconds=settings.sending_timeout),
+        },
+    )
+    address_field = channel_class(channel_name).address_field
+    return [_claimed(row, channel_name, address_field) for row in cursor.fetchall()]
+
+
+def _claimed(row: tuple[Any, ...], channel: str, address_field: str | None) -> ClaimedDelivery:
+    (delivery_id, notification_id, digest_id, recipient_id, priority, attempts, type_,
+     title, body, data, digest_items, name, email, phone, addresses) = row
+    address = address_of(address_field, channel, email, phone, addresses or {})
+    delivery = ClaimedDelivery(delivery_id, recipient_id, priority, attempts, message=None)
+    if address_field and not address:
+        delivery.problem = f"recipient {recipient_id!r} has no {address_field} address"
+        return delivery
+    if digest_id is not None:
+        data = {"digest": True, "item_count": len(digest_items or []),
+                "notification_ids": [str(i) for i in digest_items or []]}
+    delivery.message = OutgoingMessage(
+        delivery_id=delivery_id, recipient_id=recipient_id, address=address, type=type_,
+        priority=priority, title=title, body=body, data=data or {}, recipient_name=name,
+        notification_id=notification_id, digest_id=digest_id,
+    )
+    return delivery
+
+
+def address_of(
+    address_field: str | None, channel: str, email: str | None, phone: str | None,
+    addresses: dict[str, Any],
+) -> str | None:
+    """The recipient's address on a channel: its column (email, phone) or ``addresses``."""
+    if address_field is None:
+        return None
+    column = {"email": email, "phone": phone}.get(address_field)
+    value = column or addresses.get(address_field) or addresses.get(channel)
+    return str(value) if value else None
+
+
+# --- Recording ----------------------------------------------------------------------
+
+
+class _Recorder:
+    """Writes each outcome at once, on a connection of its own in autocommit mode.
+
+    ``synchronous_commit`` is off for these small writes: a commit then costs no disk
+    flush, and what it risks is only losing the last few outcomes if Postgres itself
+    crashes, which means a resend, never a loss. A killed worker loses nothing already
+    committed.
+    """
+
+    def __init__(self, channel: str, settings: Settings, outcome: BatchOutcome) -> None:
+        self.channel = channel
+        self.settings = settings
+        self.outcome = outcome
+        self.policy = RetryPolicy.for_channel(settings, {})
+        self._short_retries: dict[datetime, list[uuid.UUID]] = defaultdict(list)
+        self._sent_notifications: list[uuid.UUID] = []
+        self._failed_notifications: list[uuid.UUID] = []
+
+    def __enter__(self) -> _Recorder:
+        self.connection = get_engine().raw_connection()
+        self.driver = self.connection.driver_connection
+        self.driver.autocommit = True
+        self.cursor = self.driver.cursor()
+        self.cursor.execute("SET synchronous_commit = off")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if exc_info[0] is None:
+                self._finish()
+            self.cursor.execute("RESET synchronous_commit")
+        finally:
+            self.driver.autocommit = False
+            self.connection.close()
+
+    def result(self, delivery: ClaimedDelivery, result: SendResult) -> None:
+        if result.sent:
+            self.sent(delivery)
+        elif isinstance(result.error, RetryableError):
+            self.retry(delivery, result.error)
+        else:
+            self.dead(delivery, result.error or PermanentError("unknown failure"))
+
+    def sent(self, delivery: ClaimedDelivery) -> None:
+        self.cursor.execute(
+            "UPDATE deliveries SET status = 'sent', sent_at = now(), updated_at = now(),"
+            " attempts = attempts + 1, last_error = NULL WHERE id = %s AND status = 'sending'",
+            (delivery.id,),
+        )
+        self.outcome.sent += 1
+        if delivery.notification_id:
+            self._sent_notifications.append(delivery.notification_id)
+
+    def retry(self, delivery: ClaimedDelivery, error: RetryableError) -> None:
+        attempts = delivery.attempts + 1
+        if self.policy.exhausted(attempts):
+            self.dead(delivery, error, f"gave up after {attempts} attempts: {error}")
+            return
+        delay = max(self.policy.delay(attempts), error.retry_after or 0.0)
+        due = datetime.now(UTC) + timedelta(seconds=delay)
+        self._hold(delivery.id, due, str(error), counts_attempt=True)
+        self.outcome.retrying += 1
+        log.info("delivery %s (%s) failed, attempt %d, retrying in %.1fs: %s",
+                 delivery.id, self.channel, attempts, delay, error)
+
+    def release(self, deliveries: Iterable[ClaimedDelivery], until: float, why: str) -> None:
+        """Put deliveries back, untried, until ``until`` (epoch seconds)."""
+        due = datetime.fromtimestamp(max(until, 0), UTC)
+        for delivery in deliveries:
+            self._hold(delivery.id, due, why, counts_attempt=False)
+            self.outcome.rescheduled += 1
+
+    def _hold(
+        self, delivery_id: uuid.UUID, due: datetime, why: str, *, counts_attempt: bool
+    ) -> None:
+        self.cursor.execute(
+            "UPDATE deliveries SET status = 'retrying', next_attempt_at = %s, last_error = %s,"
+            " updated_at = now(), attempts = attempts + %s WHERE id = %s AND status = 'sending'",
+            (due, why, 1 if counts_attempt else 0, delivery_id),
+        )
+        wait = (due - datetime.now(UTC)).total_seconds()
+        if wait <= self.settings.retry_countdown_max:
+            # One task per second of due time carries every retry due in it.
+            bucket = datetime.fromtimestamp(math.ceil(due.timestamp()), UTC)
+            self._short_retries[bucket].append(delivery_id)
+
+    def dead(
+        self, delivery: ClaimedDelivery, error: DeliveryError, reason: str | None = None
+    ) -> None:
+        """Park the delivery in dead_letters with its content, in one transaction."""
+        attempts = delivery.attempts + (0 if delivery.message is None else 1)
+        with self.driver.transaction():
+            self.cursor.execute(
+                "UPDATE deliveries SET status = 'dead', attempts = %s, last_error = %s,"
+                " updated_at = now() WHERE id = %s AND status = 'sending'",
+                (attempts, str(error), delivery.id),
+            )
+            if self.cursor.rowcount:
+                self._write_dead_letter(delivery, error, reason or str(error), attempts)
+        self.outcome.dead += 1
+        if delivery.notification_id:
+            self._failed_notifications.append(delivery.notification_id)
+        log.warning("delivery %s (%s) is dead: %s", delivery.id, self.channel, reason or error)
+
+    def _write_dead_letter(
+        self, delivery: ClaimedDelivery, error: DeliveryError, reason: str, attempts: int
+    ) -> None:
+        message = delivery.message
+        self.cursor.execute(
+            """
+            INSERT INTO dead_letters (dedup_key, stage, reason, error_class, channel, type,
+                notification_id, delivery_id, attempts, payload)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            """,
+            (
+                f"deliver:{delivery.id}:{uuid7()}", Stage.DELIVER.value, reason,
+                type(error).__name__, self.channel, message.type if message else None,
+                delivery.notification_id, delivery.id, attempts,
+                Jsonb(dead_letter_payload(delivery)),
+            ),
+        )
+
+    def _finish(self) -> None:
+        """The notifications' own status, and the short retries to publish."""
+        if self._sent_notifications:
+            self.cursor.execute(
+                "UPDATE notifications SET status = 'delivered', updated_at = clock_timestamp()"
+                " WHERE id = ANY(%s) AND status IN ('dispatched', 'failed')",
+                (self._sent_notifications,),
+            )
+        if self._failed_notifications:
+            self.cursor.execute(
+                "UPDATE notifications SET status = 'failed', updated_at = clock_timestamp()"
+                " WHERE id = ANY(%s) AND status = 'dispatched'",
+                (self._failed_notifications,),
+            )
+        for due, ids in sorted(self._short_retries.items()):
+            self.outcome.tasks += queue_deliveries(
+                self.cursor, ids, self.settings, from_status="retrying", due_at=due
+            )
+
+
+def dead_letter_payload(delivery: ClaimedDelivery) -> dict[str, Any]:
+    """The delivery's content as an operator needs it to judge a replay."""
+    payload: dict[str, Any] = {
+        "delivery_id": str(delivery.id), "recipient": delivery.recipient_id,
+        "priority": delivery.priority,
+    }
+    message = delivery.message
+    if message is not None:
+        payload |= {
+            "type": message.type, "title": message.title, "body": message.body,
+            "data": json.loads(json.dumps(message.data, default=str)),
+            "notification_id": str(message.notification_id) if message.notification_id else None,
+            "digest_id": str(message.digest_id) if message.digest_id else None,
+        }
+    return payload

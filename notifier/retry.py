@@ -1,0 +1,58 @@
+"""When a failed delivery is tried again, and when it stops being tried.
+
+Exponential backoff spreads retries out so a provider that is struggling is not kept
+down by our retries; jitter keeps the retries of many deliveries that failed together
+from arriving together again. Each channel may override the policy in its URL
+(``smtp://host?retry_max_attempts=3``), because providers differ in how long they need.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from notifier.settings import Settings
+
+#: URL options a channel may use to override its retry policy.
+POLICY_OPTIONS = ("retry_base", "retry_factor", "retry_cap", "retry_max_attempts")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    base: float
+    factor: float
+    cap: float
+    max_attempts: int
+
+    @classmethod
+    def for_channel(cls, settings: Settings, options: dict[str, str]) -> RetryPolicy:
+        """The settings' policy with the channel URL's ``retry_*`` options over it."""
+        values: dict[str, float] = {}
+        for option in POLICY_OPTIONS:
+            raw = options.get(option)
+            if raw is None:
+                values[option] = getattr(settings, option)
+                continue
+            try:
+                values[option] = float(raw)
+            except ValueError:
+                raise ValueError(f"option {option}: expected a number, got {raw!r}") from None
+            if values[option] <= 0:
+                raise ValueError(f"option {option}: must be above 0, got {raw!r}")
+        return cls(
+            base=values["retry_base"], factor=max(1.0, values["retry_factor"]),
+            cap=values["retry_cap"], max_attempts=int(values["retry_max_attempts"]),
+        )
+
+    def ceiling(self, attempt: int) -> float:
+        """The longest wait after the ``attempt``-th failed attempt (1-based)."""
+        return min(self.cap, self.base * self.factor ** max(0, attempt - 1))
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after the ``attempt``-th failure: between half the ceiling and
+        the ceiling ("equal jitter"), so waits still grow while retries spread out."""
+        ceiling = self.ceiling(attempt)
+        return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+
+    def exhausted(self, attempts: int) -> bool:
+        return attempts >= self.max_attempts
