@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -166,12 +166,13 @@ def upgrade(revision: str) -> None:
 def status(as_json: bool) -> None:
     """Counts by status, queue depths and the oldest waiting notification."""
     from notifier.db import check_database, session_scope
-    from notifier.queries import pipeline_status, queue_depths
+    from notifier.queries import circuit_states, pipeline_status, queue_depths
 
     check_database()
     with session_scope() as session:
         report = pipeline_status(session)
     report["queues"] = queue_depths()
+    report["circuits"] = circuit_states()
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
@@ -187,6 +188,18 @@ def _print_status(report: dict[str, Any]) -> None:
     age = report["oldest_pending_age_seconds"]
     click.echo("oldest pending: " + ("none" if age is None else f"{age:.1f}s ago"))
     click.echo("queues:        " + _counts(report["queues"]))
+    click.echo("circuits:      " + ", ".join(
+        f"{name} {_circuit(circuit)}" for name, circuit in report["circuits"].items()
+    ))
+
+
+def _circuit(circuit: dict[str, Any]) -> str:
+    if circuit["state"] == "open" and circuit["open_until"]:
+        return f"OPEN (retry in {max(0.0, circuit['open_until'] - time.time()):.0f}s)"
+    if circuit["state"] == "half_open":
+        return "HALF-OPEN (probing)"
+    failures = circuit["recent_failures"]
+    return f"closed ({failures} recent failures)" if failures else "closed"
 
 
 def _counts(counts: dict[str, Any]) -> str:
@@ -201,32 +214,120 @@ def dead_letters() -> None:
     """Notifications and deliveries that failed for good."""
 
 
+def filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The filters shared by list, replay and purge."""
+    for option in reversed([
+        click.option("--stage", type=click.Choice(["ingest", "aggregate", "deliver"])),
+        click.option("--type", "type_", help="Notification type."),
+        click.option("--channel"),
+        click.option("--since", type=click.DateTime(), help="Created at or after (UTC)."),
+        click.option("--until", type=click.DateTime(), help="Created before (UTC)."),
+        click.option("--id", "ids", type=int, multiple=True, help="A dead letter id; repeat."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _filter(filters: dict[str, Any], replayed: bool | None = None) -> Any:
+    from notifier.queries import DeadLetterFilter
+
+    return DeadLetterFilter(
+        stage=filters["stage"], type=filters["type_"], channel=filters["channel"],
+        since=_utc(filters["since"]), until=_utc(filters["until"]), replayed=replayed,
+        ids=tuple(filters["ids"]),
+    )
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    return moment.replace(tzinfo=UTC) if moment and moment.tzinfo is None else moment
+
+
 @dead_letters.command("list")
-@click.option("--stage", type=click.Choice(["ingest", "aggregate", "deliver"]))
-@click.option("--type", "type_", help="Notification type.")
-@click.option("--channel")
-@click.option("--since", type=click.DateTime(), help="Only those created after this time.")
+@filter_options
 @click.option("--limit", default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def list_dead_letters(as_json: bool, limit: int, **filters: Any) -> None:
     """The newest dead letters, one line each."""
     from notifier.db import session_scope
-    from notifier.queries import DeadLetterFilter, find_dead_letters
+    from notifier.queries import find_dead_letters
 
     with session_scope() as session:
-        rows = find_dead_letters(session, DeadLetterFilter(
-            stage=filters["stage"], type=filters["type_"], channel=filters["channel"],
-            since=filters["since"],
-        ), limit)
+        rows = find_dead_letters(session, _filter(filters), limit)
     if as_json:
         click.echo(json.dumps([_dead_letter_dict(row) for row in rows], default=str, indent=2))
         return
     if not rows:
         click.echo("no dead letters")
     for row in rows:
+        replayed = " (replayed)" if row.replayed_at else ""
         click.echo(f"{row.id:>6}  {_when(row.created_at)}  {row.stage:<8} "
-                   f"{row.type or '-':<20} {row.reason}")
+                   f"{row.channel or '-':<8} {row.type or '-':<18} {row.reason}{replayed}")
+
+
+@dead_letters.command("replay")
+@filter_options
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@friendly_errors
+def replay_dead_letters(yes: bool, **filters: Any) -> None:
+    """Send matching dead letters again (attempts reset); each is replayed once."""
+    from notifier.db import session_scope
+    from notifier.queries import count_dead_letters
+
+    where = _filter(filters, replayed=False)
+    with session_scope() as session:
+        total = count_dead_letters(session, where)
+    if total == 0:
+        click.echo("no dead letters to replay")
+        return
+    if not yes:
+        click.confirm(f"replay {total} dead letters?", abort=True)
+    replayed, skipped = _replay_in_chunks(where, total)
+    click.echo(f"replayed {replayed} dead letters"
+               + (f"; {skipped} skipped (their delivery is no longer dead)" if skipped else ""))
+
+
+def _replay_in_chunks(where: Any, total: int) -> tuple[int, int]:
+    from notifier.db import session_scope
+    from notifier.dead_letters import replay_dead_letters, replayable_ids
+    from notifier.settings import get_settings
+    from notifier.tasks import publish, publish_ingest
+
+    replayed = skipped = 0
+    with session_scope() as session:
+        chunks = list(replayable_ids(session, where))
+    with click.progressbar(length=total, label="replaying", file=sys.stderr) as bar:
+        for ids in chunks:
+            with session_scope() as session:
+                replay = replay_dead_letters(session, ids, get_settings())
+            publish(replay.tasks)
+            publish_ingest(replay.ingest_payloads)
+            replayed, skipped = replayed + replay.replayed, skipped + replay.skipped
+            bar.update(len(ids))
+    return replayed, skipped
+
+
+@dead_letters.command("purge")
+@filter_options
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@friendly_errors
+def purge_dead_letters(yes: bool, **filters: Any) -> None:
+    """Delete matching dead letters for good (their deliveries stay recorded as dead)."""
+    from notifier.db import session_scope
+    from notifier.dead_letters import purge_dead_letters as purge
+    from notifier.queries import count_dead_letters
+
+    where = _filter(filters)
+    with session_scope() as session:
+        total = count_dead_letters(session, where)
+    if total == 0:
+        click.echo("no dead letters to purge")
+        return
+    if not yes:
+        click.confirm(f"delete {total} dead letters for good?", abort=True)
+    with session_scope() as session:
+        purged = purge(session, where)
+    click.echo(f"purged {purged} dead letters")
 
 
 @dead_letters.command("show")
@@ -256,3 +357,56 @@ def _dead_letter_dict(row: Any) -> dict[str, Any]:
 
 def _when(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+# --- inbox ------------------------------------------------------------------------------
+
+
+@main.group()
+def inbox() -> None:
+    """A recipient's in-app messages."""
+
+
+@inbox.command("list")
+@click.argument("recipient")
+@click.option("--all", "show_all", is_flag=True, help="Read messages too.")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def list_inbox(recipient: str, show_all: bool, limit: int, as_json: bool) -> None:
+    """The recipient's newest messages (unread only unless --all)."""
+    from notifier.client import inbox as read_inbox
+
+    messages = read_inbox(recipient, unread_only=not show_all, limit=limit)
+    if as_json:
+        click.echo(json.dumps(messages, default=str, indent=2))
+        return
+    if not messages:
+        click.echo("no messages" if show_all else "no unread messages")
+    for message in messages:
+        marker = " " if message["read_at"] else "*"
+        click.echo(f"{marker} {message['id']}  {_when(message['created_at'])}  "
+                   f"{message['type']:<18} {message['title']}")
+
+
+@inbox.command("read")
+@click.argument("recipient")
+@click.argument("message_ids", nargs=-1)
+@click.option("--all", "read_all", is_flag=True, help="Every unread message.")
+@friendly_errors
+def mark_inbox_read(recipient: str, message_ids: tuple[str, ...], read_all: bool) -> None:
+    """Mark messages read: the ids given, or every unread one with --all."""
+    import uuid
+
+    from notifier.client import mark_read
+
+    if not message_ids and not read_all:
+        _fail("give message ids, or --all to mark every unread message read", EXIT_USAGE)
+    for message_id in message_ids:
+        try:
+            uuid.UUID(message_id)
+        except ValueError:
+            _fail(f"message id: not a UUID (got {message_id!r})", EXIT_USAGE)
+    marked = mark_read(recipient, None if read_all else list(message_ids))
+    click.echo(f"marked {marked} messages read")
+

@@ -274,3 +274,29 @@ def lookup(idempotency_key: str) -> str | None:
             select(IdempotencyKey.notification_id).where(IdempotencyKey.key == idempotency_key)
         )
     return str(found) if found else None
+
+
+def inbox(recipient_id: str, *, unread_only: bool = True, limit: int = 50) -> list[dict[str, Any]]:
+    """The recipient's in-app messages, newest first (what an app shows in its bell menu)."""
+    from notifier.db import session_scope
+    from notifier.inbox import list_inbox
+
+    with session_scope() as session:
+        rows = list_inbox(session, recipient_id, unread_only=unread_only, limit=limit)
+        return [
+            {"id": str(row.id), "type": row.type, "priority": row.priority, "title": row.title,
+             "body": row.body, "data": row.data, "created_at": row.created_at,
+             "read_at": row.read_at,
+             "notification_id": str(row.notification_id) if row.notification_id else None,
+             "digest_id": str(row.digest_id) if row.digest_id else None}
+            for row in rows
+        ]
+
+
+def mark_read(recipient_id: str, message_ids: Iterable[str] | None = None) -> int:
+    """Mark the recipient's inbox messages read (all unread when no ids); returns how many."""
+    from notifier.db import session_scope
+    from notifier.inbox import mark_read as mark
+
+    with session_scope() as session:
+        return mark(session, recipient_id, None if message_ids is None else list(message_ids))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -246,6 +247,7 @@ def _send(
         for result in channel.send_batch([d.message for d in deliveries if d.message]):
             delivery = by_id.pop(result.delivery_id)
             recorder.result(delivery, result)
+            recorder.renew_lease(by_id)
             if result.sent:
                 successes += 1
             elif result.error is not None and result.error.provider_failure:
@@ -359,6 +361,7 @@ class _Recorder:
         self._short_retries: dict[datetime, list[uuid.UUID]] = defaultdict(list)
         self._sent_notifications: list[uuid.UUID] = []
         self._failed_notifications: list[uuid.UUID] = []
+        self._lease_renewed = time.monotonic()
 
     def __enter__(self) -> _Recorder:
         self.connection = get_engine().raw_connection()
@@ -376,6 +379,18 @@ class _Recorder:
         finally:
             self.driver.autocommit = False
             self.connection.close()
+
+    def renew_lease(self, remaining: dict[uuid.UUID, ClaimedDelivery]) -> None:
+        """Keep a long batch's unsent rows claimed, so the sweeper does not take them
+        for a dead worker's while this one is still working through them."""
+        now = time.monotonic()
+        if not remaining or now - self._lease_renewed < self.settings.sending_timeout / 3:
+            return
+        self.cursor.execute(
+            "UPDATE deliveries SET updated_at = now() WHERE id = ANY(%s) AND status = 'sending'",
+            (list(remaining),),
+        )
+        self._lease_renewed = now
 
     def result(self, delivery: ClaimedDelivery, result: SendResult) -> None:
         if result.sent:

@@ -10,7 +10,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from notifier.models import DeadLetter, Delivery, IdempotencyKey, Notification
-from notifier.settings import PRIORITIES, queue_name
 
 
 def notification_status(session: Session, notification_id: str) -> str | None:
@@ -40,15 +39,14 @@ def pipeline_status(session: Session) -> dict[str, Any]:
 
 
 def queue_depths() -> dict[str, int | None]:
-    """Messages waiting in each priority queue (None where the broker cannot tell)."""
+    """Messages waiting in each of our queues (None where the broker cannot tell)."""
     from notifier.celery_app import app
 
     depths: dict[str, int | None] = {}
     with app.connection_for_read() as connection:
         connection.ensure_connection(max_retries=1)
         channel = connection.default_channel
-        for priority in PRIORITIES:
-            name = queue_name(priority)
+        for name in [queue.name for queue in app.conf.task_queues]:
             if hasattr(channel, "_size"):  # kombu's virtual transports (Redis)
                 depths[name] = channel._size(name)
                 continue
@@ -66,18 +64,53 @@ class DeadLetterFilter:
     type: str | None = None
     channel: str | None = None
     since: datetime | None = None
+    until: datetime | None = None
+    #: None: all; False: only those never replayed; True: only replayed ones.
+    replayed: bool | None = None
+    ids: tuple[int, ...] = ()
+
+    def conditions(self) -> list[Any]:
+        """The WHERE clauses of this filter, shared by list, replay and purge."""
+        conditions: list[Any] = []
+        for column, value in (
+            (DeadLetter.stage, self.stage), (DeadLetter.type, self.type),
+            (DeadLetter.channel, self.channel),
+        ):
+            if value:
+                conditions.append(column == value)
+        if self.since:
+            conditions.append(DeadLetter.created_at >= self.since)
+        if self.until:
+            conditions.append(DeadLetter.created_at < self.until)
+        if self.replayed is not None:
+            column = DeadLetter.replayed_at
+            conditions.append(column.is_not(None) if self.replayed else column.is_(None))
+        if self.ids:
+            conditions.append(DeadLetter.id.in_(self.ids))
+        return conditions
 
 
 def find_dead_letters(
     session: Session, where: DeadLetterFilter, limit: int = 50
 ) -> list[DeadLetter]:
-    query = select(DeadLetter).order_by(DeadLetter.created_at.desc(), DeadLetter.id.desc())
-    if where.stage:
-        query = query.where(DeadLetter.stage == where.stage)
-    if where.type:
-        query = query.where(DeadLetter.type == where.type)
-    if where.channel:
-        query = query.where(DeadLetter.channel == where.channel)
-    if where.since:
-        query = query.where(DeadLetter.created_at >= where.since)
+    query = select(DeadLetter).where(*where.conditions())
+    query = query.order_by(DeadLetter.created_at.desc(), DeadLetter.id.desc())
     return list(session.scalars(query.limit(limit)))
+
+
+def count_dead_letters(session: Session, where: DeadLetterFilter) -> int:
+    return session.scalar(select(func.count()).select_from(DeadLetter).where(*where.conditions()))
+
+
+def circuit_states() -> dict[str, dict[str, Any]]:
+    """Each channel's circuit breaker as every worker sees it (state kept in Redis)."""
+    from notifier.channels import CHANNEL_NAMES
+    from notifier.delivery import circuit_breaker
+    from notifier.settings import get_settings
+    from notifier.state import state_redis
+
+    settings = get_settings()
+    return {
+        name: circuit_breaker(state_redis(), name, settings).describe()
+        for name in sorted(CHANNEL_NAMES)
+    }

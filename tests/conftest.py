@@ -44,6 +44,9 @@ os.environ.update({
     # (below the visibility timeout), the sweeper runs every second.
     "NOTIFIER_RETRY_COUNTDOWN_MAX": "2",
     "NOTIFIER_SWEEP_INTERVAL": "1",
+    "NOTIFIER_QUEUED_TIMEOUT": "3",
+    "NOTIFIER_SENDING_TIMEOUT": "6",
+    "NOTIFIER_BREAKER_OPEN_SECONDS": "2",
     "NOTIFIER_ALLOW_PRIVATE_TARGETS": "1",
 })
 
