@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Embedded servers chosen by `make run` (empty when the real ones answer).
 ENV    := if [ -f .notifier-data/env ]; then . ./.notifier-data/env; fi;
 
-.PHONY: help install run stop worker worker-critical beat flower migrate status test bench lint clean
+.PHONY: help install run stop worker worker-critical worker-deliver beat flower migrate status test bench lint clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -29,8 +29,13 @@ stop:  ## Stop what `make run` started
 worker: install  ## A worker on every queue, critical first (foreground)
 	$(ENV) $(BIN)/celery -A notifier worker -l info
 
-worker-critical: install  ## A worker for critical notifications only (foreground)
-	$(ENV) $(BIN)/celery -A notifier worker -l info -Q notifier.critical -n critical@%h
+worker-critical: install  ## A worker for critical notifications and their deliveries (foreground)
+	$(ENV) $(BIN)/celery -A notifier worker -l info -Q notifier.critical,notifier.deliver.critical -n critical@%h
+
+DELIVER_QUEUES := notifier.deliver.critical,notifier.deliver.apprise,notifier.deliver.console,notifier.deliver.email,notifier.deliver.inapp,notifier.deliver.slack,notifier.deliver.sms,notifier.deliver.webhook
+
+worker-deliver: install  ## A worker for deliveries only, one queue per channel (foreground)
+	$(ENV) $(BIN)/celery -A notifier worker -l info -Q $(DELIVER_QUEUES) -c 8 --prefetch-multiplier 1 -n deliver@%h
 
 beat: install  ## Celery beat (foreground)
 	$(ENV) $(BIN)/celery -A notifier beat -l info --schedule .run/celerybeat-schedule

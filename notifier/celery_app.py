@@ -43,3 +43,11 @@ def check_services_before_work(**_: Any) -> None:
         check_database()
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
+
+
+@signals.worker_process_shutdown.connect
+def close_channel_connections(**_: Any) -> None:
+    """Say goodbye to SMTP servers and HTTP pools instead of dropping the sockets."""
+    from notifier.channels import close_channels
+
+    close_channels()

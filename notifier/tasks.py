@@ -24,7 +24,7 @@ from notifier.ingest import IngestMessage, IngestResult, Rejection, ingest_batch
 from notifier.models import Stage
 from notifier.retention import purge_expired_idempotency_keys
 from notifier.schemas import ENQUEUED_AT_HEADER
-from notifier.settings import get_settings
+from notifier.settings import PRIORITIES, get_settings, queue_name
 from notifier.state import state_redis
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,14 @@ def publish(tasks: Sequence[DeliveryTask]) -> None:
             countdown=task.countdown or None,
             argsrepr=f"({task.channel!r}, <{len(task.delivery_ids)} deliveries>)",
         )
+
+
+def publish_ingest(payloads: Sequence[Any]) -> None:
+    """Hand replayed ingest payloads to ``notifier.ingest``, each on its priority's queue."""
+    for payload in payloads:
+        priority = payload.get("priority") if isinstance(payload, dict) else None
+        queue = queue_name(priority if priority in PRIORITIES else "normal")
+        ingest.apply_async((payload,), queue=queue, argsrepr="(<replayed dead letter>)")
 
 
 def _raw_cursor(session: Any) -> Any:

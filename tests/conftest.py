@@ -102,3 +102,12 @@ def worker() -> Iterator[object]:
     process = WorkerProcess.start()
     yield process
     process.stop()
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[object]:
+    """A real SMTP server (aiosmtpd) on 127.0.0.1, stopped after the test."""
+    from tests.smtp_server import SmtpServer
+
+    with SmtpServer() as server:
+        yield server

@@ -24,9 +24,10 @@ from notifier.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 EXPECTED_SERVICES = {
-    "postgres", "redis", "migrate", "worker-critical", "worker", "beat", "flower",
+    "postgres", "redis", "mailpit", "migrate", "worker-critical", "worker", "worker-deliver",
+    "beat", "flower",
 }
-INFRASTRUCTURE = {"postgres", "redis"}
+INFRASTRUCTURE = {"postgres", "redis", "mailpit"}
 CELERY_SUBCOMMANDS = {"worker", "beat", "flower"}
 #: Read by compose itself (interpolation), not by notifier: no Settings field.
 COMPOSE_ONLY_VARIABLES = {"NOTIFIER_FLOWER_BASIC_AUTH"}
@@ -71,7 +72,7 @@ def option_names(args: list[str]) -> list[str]:
 
 
 def test_expected_services_exist(services: dict[str, dict[str, Any]]) -> None:
-    """The file defines the databases, the migration job, both workers, beat and Flower."""
+    """The databases, a mail server, the migration job, three workers, beat and Flower."""
     assert set(services) == EXPECTED_SERVICES
 
 
@@ -123,7 +124,8 @@ def test_celery_subcommands_and_options_exist(
 def test_worker_queues_are_configured_queues(
     app_services: dict[str, dict[str, Any]],
 ) -> None:
-    """``-Q`` names only the app's queues; critical has a worker, the general one takes all."""
+    """``-Q`` names only the app's queues, each consumed somewhere, in the app's order;
+    critical ingest and delivery have a worker of their own."""
     import notifier
 
     configured = [queue.name for queue in notifier.app.conf.task_queues]
@@ -136,8 +138,13 @@ def test_worker_queues_are_configured_queues(
                       ",".join(configured))
         consumed[name] = queues.split(",")
         assert set(consumed[name]) <= set(configured), name
-    assert consumed["worker-critical"] == ["notifier.critical"]
-    assert consumed["worker"] == configured  # most urgent first
+    assert consumed["worker-critical"] == ["notifier.critical", "notifier.deliver.critical"]
+    assert consumed["worker"] == [q for q in configured if not q.startswith("notifier.deliver.")]
+    deliver = [q for q in configured if q.startswith("notifier.deliver.")]
+    assert consumed["worker-deliver"] == deliver
+    assert set().union(*consumed.values()) == set(configured)
+    for queues in consumed.values():  # most urgent first
+        assert queues == sorted(queues, key=configured.index)
 
 
 def test_migrate_runs_the_declared_console_script(
@@ -160,6 +167,9 @@ def test_migrate_runs_the_declared_console_script(
 def test_environment_names_real_settings(app_services: dict[str, dict[str, Any]]) -> None:
     """Every NOTIFIER_* variable set or interpolated is a Settings field (or compose's own)."""
     fields = {f"NOTIFIER_{name.upper()}" for name in Settings.model_fields}
+    from notifier.channels import CHANNEL_NAMES
+
+    fields |= {f"NOTIFIER_CHANNELS__{name.upper()}" for name in CHANNEL_NAMES}
     for name, spec in app_services.items():
         variables = set(environment(spec))
         assert {"NOTIFIER_DATABASE_URL", "NOTIFIER_BROKER_URL"} <= variables, name
@@ -193,9 +203,9 @@ def test_app_services_wait_for_healthy_dependencies(
         depends = spec["depends_on"]
         if name != "migrate":  # the migration needs Postgres only
             assert depends["redis"]["condition"] == "service_healthy", name
-        if name in {"migrate", "worker-critical", "worker", "beat"}:
+        if name in {"migrate", "worker-critical", "worker", "worker-deliver", "beat"}:
             assert depends["postgres"]["condition"] == "service_healthy", name
-        if name in {"worker-critical", "worker", "beat"}:
+        if name in {"worker-critical", "worker", "worker-deliver", "beat"}:
             assert depends["migrate"]["condition"] == "service_completed_successfully", name
 
 

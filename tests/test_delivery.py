@@ -289,10 +289,3 @@ def _dead_letters() -> list[dict[str, Any]]:
         ).all()
     return [row._asdict() for row in rows]
 
-
-@pytest.fixture
-def smtp_server():
-    from tests.smtp_server import SmtpServer
-
-    with SmtpServer() as server:
-        yield server

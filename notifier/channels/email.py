@@ -1,0 +1,361 @@
+"""The e-mail channel: SMTP through :mod:`smtplib`, one kept session per worker process.
+
+Configured by ``smtp://[user:password@]host[:port]?from=...&from_name=...&starttls=auto
+&timeout=10&verify=yes`` (``smtps://`` for TLS from the first byte). A batch goes over
+one SMTP session that stays open for the next batch, so a busy worker does not pay a
+TCP, TLS and AUTH handshake per message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import re
+import smtplib
+import ssl
+import time
+from collections.abc import Iterator, Sequence
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import formatdate, parseaddr
+from urllib.parse import unquote
+
+from notifier.channels.base import (
+    Channel,
+    ConfigurationError,
+    DeliveryError,
+    OutgoingMessage,
+    PermanentError,
+    RetryableError,
+    SendResult,
+)
+
+#: A kept session idle longer than this is checked with NOOP before it is trusted.
+IDLE_CHECK_SECONDS = 30.0
+#: Whitespace and control characters: in a header they could start a new header line.
+_UNSAFE_HEADER_CHARS = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+#: Characters that never belong in one bare address (a list, a header, a display name).
+_NOT_IN_ADDRESS = re.compile(r"[\s\x00-\x1f\x7f-\x9f,;<>()\"\\]")
+
+
+class _SessionLost(Exception):
+    """The SMTP session died under a message; a new session may still work."""
+
+    def __init__(self, error: RetryableError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _BatchFailed(Exception):
+    """No session can be had; ``error`` is the result of this and every later message."""
+
+    def __init__(self, error: DeliveryError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class EmailChannel(Channel):
+    """Sends each message as multipart/alternative (text and HTML) over SMTP."""
+
+    name = "email"
+    schemes = ("smtp", "smtps")
+    address_field = "email"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.implicit_tls = self.parts.scheme == "smtps"
+        self.host, self.port = self._address_of_server()
+        self.username = unquote(self.parts.username) if self.parts.username else None
+        self._password = unquote(self.parts.password) if self.parts.password else ""
+        self.sender = self._sender()
+        self.starttls = self._starttls_mode()
+        self.timeout = self.number("timeout", 10.0)
+        if self.timeout <= 0:
+            raise ConfigurationError(f"email: option timeout: must be above 0, got {self.timeout}")
+        self.verify = self.flag("verify", True)
+        self._smtp: smtplib.SMTP | None = None
+        self._last_used = 0.0
+
+    # --- configuration ----------------------------------------------------------------
+
+    def _address_of_server(self) -> tuple[str, int]:
+        try:
+            port = self.parts.port
+        except ValueError:
+            raise ConfigurationError(
+                f"email: option port: not a port number in {self.masked_url!r}"
+            ) from None
+        if not self.parts.hostname:
+            raise ConfigurationError(f"email: option host: missing in {self.masked_url!r}")
+        return self.parts.hostname, port or (465 if self.implicit_tls else 25)
+
+    def _sender(self) -> Address:
+        """The From address; checked now so a typo fails at start, not per message."""
+        sender = self.option("from", "")
+        if not sender:
+            raise ConfigurationError("email: option from: missing (the sender address)")
+        try:
+            return _address(sender, self.option("from_name", ""))
+        except ValueError:
+            raise ConfigurationError(
+                f"email: option from: not a single e-mail address: {sender!r}"
+            ) from None
+
+    def _starttls_mode(self) -> bool | None:
+        """True: required, False: never, None (``auto``): when the server offers it."""
+        value = self.option("starttls", "auto").lower()
+        if value == "auto":
+            return None
+        if value in ("1", "yes", "true", "on", "0", "no", "false", "off"):
+            return self.flag("starttls", False)
+        raise ConfigurationError(
+            f"email: option starttls: expected auto, yes or no, got {value!r}"
+        )
+
+    # --- sending ----------------------------------------------------------------------
+
+    def send_batch(self, messages: Sequence[OutgoingMessage]) -> Iterator[SendResult]:
+        """Send over one session; after the server is found unreachable the remaining
+        messages fail at once with the same error, so a dead server is not hammered."""
+        self._drop_if_stale()
+        failed: DeliveryError | None = None
+        may_reconnect = True
+        for message in messages:
+            if failed is not None:
+                yield SendResult(message.delivery_id, failed)
+                continue
+            try:
+                may_reconnect = self._send(message, may_reconnect)
+            except _BatchFailed as exc:
+                failed = exc.error
+                yield SendResult(message.delivery_id, failed)
+            except DeliveryError as exc:
+                yield SendResult(message.delivery_id, exc)
+            else:
+                yield SendResult(message.delivery_id)
+
+    def _send(self, message: OutgoingMessage, may_reconnect: bool) -> bool:
+        """Send one message, replacing a session that died under it once per batch
+        (servers close idle sessions). Returns whether a reconnect is still allowed."""
+        mail, recipient = self._compose(message)
+        try:
+            self._transmit(mail, recipient)
+            return may_reconnect
+        except _SessionLost as lost:
+            if not may_reconnect:
+                raise _BatchFailed(lost.error) from None
+        try:
+            self._transmit(mail, recipient)
+        except _SessionLost as lost:
+            raise _BatchFailed(lost.error) from None
+        return False
+
+    def _transmit(self, mail: EmailMessage, recipient: str) -> None:
+        smtp = self._session()
+        try:
+            smtp.send_message(mail, self.sender.addr_spec, [recipient])
+        except smtplib.SMTPRecipientsRefused as exc:
+            code, text = next(iter(exc.recipients.values()))
+            raise _response_error(code, text, "recipient refused") from None
+        except smtplib.SMTPResponseException as exc:  # sender refused, data refused, ...
+            raise _response_error(exc.smtp_code, exc.smtp_error) from None
+        except smtplib.SMTPNotSupportedError as exc:
+            raise PermanentError(f"email: {exc}") from None
+        except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            self._drop()
+            if _timed_out(exc):  # a slow server; a resend now would only wait again
+                raise _BatchFailed(self._unreachable(exc)) from None
+            raise _SessionLost(self._unreachable(exc)) from None
+        except OSError as exc:  # not answering, or worse
+            self._drop()
+            raise _BatchFailed(self._unreachable(exc)) from None
+        finally:
+            self._after_command()
+
+    def _after_command(self) -> None:
+        """Note the session's last use; forget it if smtplib closed it (after a 421)."""
+        if self._smtp is not None and self._smtp.sock is None:
+            self._smtp = None
+        self._last_used = time.monotonic()
+
+    # --- the session ------------------------------------------------------------------
+
+    def _session(self) -> smtplib.SMTP:
+        if self._smtp is None:
+            self._smtp = self._connect()
+        return self._smtp
+
+    def _connect(self) -> smtplib.SMTP:
+        """A new logged-in session; any failure here ends the batch (``_BatchFailed``)."""
+        try:
+            smtp = self._open()
+        except OSError as exc:
+            raise _BatchFailed(self._unreachable(exc)) from None
+        try:
+            self._secure_and_login(smtp)
+        except smtplib.SMTPAuthenticationError as exc:
+            _quietly_close(smtp)
+            raise _BatchFailed(self._login_refused(exc)) from None
+        except ConfigurationError as exc:
+            _quietly_close(smtp)
+            raise _BatchFailed(exc) from None
+        except OSError as exc:
+            _quietly_close(smtp)
+            raise _BatchFailed(self._unreachable(exc)) from None
+        return smtp
+
+    def _open(self) -> smtplib.SMTP:
+        if self.implicit_tls:
+            return smtplib.SMTP_SSL(
+                self.host, self.port, timeout=self.timeout, context=self._tls_context()
+            )
+        return smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+
+    def _secure_and_login(self, smtp: smtplib.SMTP) -> None:
+        smtp.ehlo_or_helo_if_needed()
+        if not self.implicit_tls and self.starttls is not False:
+            if smtp.has_extn("starttls"):
+                smtp.starttls(context=self._tls_context())
+                smtp.ehlo()
+            elif self.starttls:
+                raise ConfigurationError(
+                    f"email: {self.host}:{self.port} does not offer STARTTLS (starttls=yes)"
+                )
+        if self.username:
+            if not smtp.has_extn("auth"):
+                raise ConfigurationError(
+                    f"email: {self.host}:{self.port} offers no AUTH (without TLS, servers"
+                    " usually hide it; check starttls)"
+                )
+            smtp.login(self.username, self._password)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        if not self.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def _drop_if_stale(self) -> None:
+        """A session idle for a while may have been closed by the server: probe it."""
+        if self._smtp is None or time.monotonic() - self._last_used < IDLE_CHECK_SECONDS:
+            return
+        try:
+            code, _ = self._smtp.noop()
+        except OSError:
+            code = 0
+        if code != 250:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._smtp is not None:
+            _quietly_close(self._smtp)
+            self._smtp = None
+
+    def close(self) -> None:
+        """End the kept session politely (QUIT)."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        try:
+            smtp.quit()
+        except OSError:
+            _quietly_close(smtp)
+
+    # --- errors -----------------------------------------------------------------------
+
+    def _unreachable(self, exc: OSError) -> RetryableError:
+        reason = _one_line(str(exc)) or type(exc).__name__
+        if _timed_out(exc):
+            reason = f"timed out after {self.timeout:g}s"
+        return RetryableError(
+            self._scrub(f"email: SMTP server {self.host}:{self.port} unreachable: {reason}")
+        )
+
+    def _login_refused(self, exc: smtplib.SMTPAuthenticationError) -> ConfigurationError:
+        text = _decode(exc.smtp_error)
+        return ConfigurationError(
+            self._scrub(
+                f"email: the SMTP server refused the login of user {self.username!r} at"
+                f" {self.host}:{self.port} ({exc.smtp_code} {text})"
+            )
+        )
+
+    def _scrub(self, text: str) -> str:
+        """Errors quote server text; make sure the password never rides along."""
+        return text.replace(self._password, "***") if self._password else text
+
+    # --- composing --------------------------------------------------------------------
+
+    def _compose(self, message: OutgoingMessage) -> tuple[EmailMessage, str]:
+        """The MIME message and the bare recipient address (``PermanentError`` when the
+        address is unusable: the server is never asked about it)."""
+        if message.address is None:
+            raise PermanentError(
+                f"email: recipient {message.recipient_id!r} has no e-mail address"
+            )
+        try:
+            to = _address(message.address, message.recipient_name or "")
+        except ValueError:
+            raise PermanentError(f"email: bad address {message.address!r}") from None
+        mail = EmailMessage(policy=SMTP_POLICY)
+        mail["Subject"] = _header_text(message.title)
+        mail["From"] = self.sender
+        mail["To"] = to
+        mail["Date"] = formatdate(localtime=True)
+        # The delivery id is the idempotency key: a resend carries the same Message-ID.
+        mail["Message-ID"] = f"<{message.delivery_id}@notifier>"
+        mail["X-Notifier-Delivery-Id"] = str(message.delivery_id)
+        mail.set_content(message.body)
+        mail.add_alternative(message.html or _text_to_html(message.body), subtype="html")
+        return mail, to.addr_spec
+
+
+def _address(address: str, display_name: str) -> Address:
+    """One bare ``local@domain`` with a display name made safe; ValueError otherwise."""
+    if _NOT_IN_ADDRESS.search(address) or address.count("@") != 1:
+        raise ValueError(address)
+    if parseaddr(address) != ("", address):
+        raise ValueError(address)
+    local, _, domain = address.partition("@")
+    if not local or not domain or "." not in domain.strip("."):
+        raise ValueError(address)
+    # Address() parses the addr-spec itself and raises on leftovers or defects.
+    return Address(display_name=_header_text(display_name), addr_spec=address)
+
+
+def _header_text(text: str) -> str:
+    """Collapse line breaks and control characters so a value stays one header."""
+    return _UNSAFE_HEADER_CHARS.sub(" ", text).strip()
+
+
+def _text_to_html(text: str) -> str:
+    escaped = html.escape(text.replace("\r\n", "\n")).replace("\n", "<br>\n")
+    return f"<html><body><p>{escaped}</p></body></html>\n"
+
+
+def _response_error(code: int, text: bytes | str, what: str = "") -> DeliveryError:
+    """SMTP 4xx may pass later; 5xx will not."""
+    message = f"SMTP {code}: {_decode(text)}" + (f" ({what})" if what else "")
+    if 500 <= code < 600:
+        return PermanentError(message)
+    return RetryableError(message)
+
+
+def _decode(text: bytes | str) -> str:
+    return _one_line(text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
+
+
+def _one_line(text: str) -> str:
+    return _UNSAFE_HEADER_CHARS.sub(" ", text).strip()
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """smtplib reports a read timeout as SMTPServerDisconnected; the cause tells."""
+    return isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError)
+
+
+def _quietly_close(smtp: smtplib.SMTP) -> None:
+    with contextlib.suppress(OSError):
+        smtp.close()

@@ -1,0 +1,98 @@
+"""SMS through Twilio's Messages API.
+
+Channel URL: ``twilio://ACCOUNT_SID:AUTH_TOKEN@api.twilio.com?from=%2B15550001111``,
+options ``https=yes`` (``no`` for a local fake server in tests), ``timeout`` and
+``allow_private``. The target is the recipient's ``phone``, in E.164 form.
+
+Twilio's Messages API takes no idempotency key: when a request times out after Twilio
+accepted it, the retry sends the text a second time. That is the accepted price of
+at-least-once delivery for SMS.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import quote, unquote
+
+import httpx
+
+from notifier.channels.base import ConfigurationError, OutgoingMessage, PermanentError
+from notifier.channels.http import HttpChannel, raise_for_response
+
+#: Twilio's longest message body, in characters.
+MAX_BODY = 1600
+#: Twilio error codes that say the number itself is wrong (invalid, or not a mobile).
+INVALID_NUMBER_CODES = frozenset({21211, 21614})
+
+_E164 = re.compile(r"\+[1-9]\d{7,14}")
+#: Separators people write in phone numbers; dropped before the E.164 check.
+_SEPARATORS = re.compile(r"[\s().-]")
+
+
+class SmsChannel(HttpChannel):
+    """POST each message as a form to Twilio's ``Messages.json``."""
+
+    name = "sms"
+    schemes = ("twilio",)
+    address_field = "phone"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._sid = unquote(self.parts.username or "")
+        self._token = unquote(self.parts.password or "")
+        self._from = self.options.get("from", "")
+        if not (self._sid and self._token and self._from):
+            raise ConfigurationError(
+                f"sms: expected twilio://ACCOUNT_SID:AUTH_TOKEN@host?from=+1..., got"
+                f" {self.masked_url!r}"
+            )
+        scheme = "https" if self.flag("https", True) else "http"
+        host = self.parts.hostname or "api.twilio.com"
+        netloc = f"{host}:{self.parts.port}" if self.parts.port else host
+        self.api_url = (
+            f"{scheme}://{netloc}/2010-04-01/Accounts/{quote(self._sid, safe='')}/Messages.json"
+        )
+
+    def target(self, message: OutgoingMessage) -> str:
+        return self.api_url
+
+    def request(self, message: OutgoingMessage) -> dict[str, Any]:
+        form = {"To": e164(message.address), "From": self._from, "Body": sms_text(message)}
+        return {"data": form, "auth": (self._sid, self._token)}
+
+    def check_response(self, response: httpx.Response) -> None:
+        if response.is_success:
+            return
+        code, text = _twilio_error(response)
+        if code in INVALID_NUMBER_CODES:
+            raise PermanentError(f"Twilio error {code}: invalid or non-mobile 'To' number")
+        if response.status_code in (401, 403):
+            raise ConfigurationError(
+                f"sms: Twilio refused the credentials (HTTP {response.status_code})"
+            )
+        raise_for_response(response, detail=f"Twilio error {code}: {text}" if code else None)
+
+
+def e164(address: str | None) -> str:
+    """The phone number in E.164 (``+`` and 8 to 15 digits), separators removed."""
+    number = _SEPARATORS.sub("", address or "")
+    if not _E164.fullmatch(number):
+        raise PermanentError("sms: phone number is not in E.164 form (+ and 8 to 15 digits)")
+    return number
+
+
+def sms_text(message: OutgoingMessage) -> str:
+    """Title and body on separate lines, cut to Twilio's 1600 characters."""
+    text = "\n".join(part for part in (message.title, message.body) if part)
+    return text if len(text) <= MAX_BODY else text[: MAX_BODY - 1] + "…"
+
+
+def _twilio_error(response: httpx.Response) -> tuple[int | None, str]:
+    """Twilio's error code and message from a failed answer, (None, "") if not its shape."""
+    try:
+        payload = response.json()
+        code = int(payload["code"])
+    except (ValueError, KeyError, TypeError):
+        return None, ""
+    return code, " ".join(str(payload.get("message", "")).split())[:200]
