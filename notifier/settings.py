@@ -76,6 +76,14 @@ class Settings(BaseSettings):
     #: Logging level of the worker and the CLI.
     log_level: str = "INFO"
 
+    # --- Aggregation ----------------------------------------------------------------
+    #: A TOML file of aggregation rules per notification type, over the built-in ones.
+    rules_file: str | None = None
+    #: Seconds between beat's flushes of due aggregation windows.
+    flush_interval: float = Field(1.0, gt=0)
+    #: Windows flushed per transaction; a flush loops until none is due.
+    flush_batch_size: int = Field(500, ge=1)
+
     # --- Delivery -------------------------------------------------------------------
     #: Channel name -> the URL that configures it (``NOTIFIER_CHANNELS__EMAIL=smtp://...``).
     #: Entries given here replace the defaults one by one. Options in the query string

@@ -127,6 +127,21 @@ def test_only_the_failed_items_of_a_batch_are_retried(smtp_server):
     assert delivery_row(ids[1])["attempts"] == 2
 
 
+def test_a_server_that_answers_4xx_twice_then_accepts_gets_it_on_the_third_attempt(
+    smtp_server,
+):
+    [delivery_id] = make_deliveries(1)
+    smtp_server.fail_next(2, code=451, text="try again later")
+    settings = settings_for(smtp_server.url())
+    waiting = {"retrying", "queued"}  # a wait in Postgres, or a countdown task if short
+    for expected in (waiting, waiting, {"sent"}):
+        _make_due(delivery_id)
+        run([delivery_id], settings)
+        assert delivery_row(delivery_id)["status"] in expected
+    assert delivery_row(delivery_id)["attempts"] == 3
+    assert smtp_server.message_ids() == [delivery_id]
+
+
 def test_backoff_grows_exponentially_with_jitter_and_gives_up(smtp_server):
     [delivery_id] = make_deliveries(1)
     smtp_server.fail_always(code=451, text="greylisted")
