@@ -69,6 +69,11 @@ task_send_sent_event = False
 worker_hijack_root_logger = False
 
 beat_schedule = {
+    "flush-aggregation-windows": {
+        "task": "notifier.flush_windows",
+        "schedule": _settings.flush_interval,
+        "options": {"queue": delivery_queue("", "critical"), "expires": _settings.flush_interval},
+    },
     "sweep-deliveries": {
         "task": "notifier.sweep_deliveries",
         "schedule": _settings.sweep_interval,

@@ -36,11 +36,25 @@ app.config_from_object(_config)
 
 @signals.worker_init.connect
 def check_services_before_work(**_: Any) -> None:
-    """Refuse to start a worker that cannot reach Postgres, with one line saying why."""
+    """Refuse to start a worker that cannot reach Postgres or has a bad rules file, with
+    one line saying why."""
     from notifier.db import check_database
+    from notifier.rules import get_rules
 
     try:
+        get_rules()
         check_database()
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+
+
+@signals.beat_init.connect
+def check_rules_before_beat(**_: Any) -> None:
+    """Beat schedules the flush: a bad rules file stops it at start, not at the first tick."""
+    from notifier.rules import get_rules
+
+    try:
+        get_rules()
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
 

@@ -410,3 +410,271 @@ def mark_inbox_read(recipient: str, message_ids: tuple[str, ...], read_all: bool
     marked = mark_read(recipient, None if read_all else list(message_ids))
     click.echo(f"marked {marked} messages read")
 
+
+# --- recipients -------------------------------------------------------------------------
+
+
+@main.group()
+def recipients() -> None:
+    """Recipients' addresses and preferences: channels, opt-outs, quiet hours, digests."""
+
+
+#: The option of ``recipients set`` that sets each field, for error messages.
+_OPTION_OF_FIELD = {
+    "id": "RECIPIENT", "addresses": "--address", "opt_out": "--opt-out",
+    "digest_mode": "--digest",
+}
+
+
+def recipient_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input as one line naming the option ("--email: not a valid email address")."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from notifier.preferences import PreferencesError
+
+        try:
+            return command(*args, **kwargs)
+        except PreferencesError as exc:
+            _fail("; ".join(_as_option(problem) for problem in exc.problems), EXIT_USAGE)
+
+    return friendly_errors(wrapper)
+
+
+def _as_option(problem: str) -> str:
+    location, _, message = problem.partition(": ")
+    field = location.split(".")[0]
+    return f"{_OPTION_OF_FIELD.get(field, '--' + field.replace('_', '-'))}: {message}"
+
+
+def _bad(option: str, message: str) -> None:
+    _fail(f"{option}: {message}", EXIT_USAGE)
+
+
+@recipients.command("set")
+@click.argument("recipient")
+@click.option("--name", help="Display name ('' clears it).")
+@click.option("--email", help="E-mail address ('' clears it).")
+@click.option("--phone", help="Phone number for SMS ('' clears it).")
+@click.option("--timezone", help="IANA time zone, e.g. Europe/Berlin ('' for UTC).")
+@click.option("--address", "addresses", multiple=True, metavar="CHANNEL=ADDRESS",
+              help="Address on a channel (webhook URL, ...); CHANNEL= removes it. Repeat.")
+@click.option("--channels", metavar="A,B|default",
+              help="Channels used when a notification names none; 'default': settings'.")
+@click.option("--opt-out", "opt_outs", multiple=True, metavar="TYPE[:CHANNEL]",
+              help="Stop a notification type on a channel (no channel: all). Repeat.")
+@click.option("--opt-in", "opt_ins", multiple=True, metavar="TYPE[:CHANNEL]",
+              help="Undo an opt-out (applied after --opt-out). Repeat.")
+@click.option("--min-priority", metavar="PRIORITY|none",
+              help="Suppress notifications below it (critical ones never are).")
+@click.option("--quiet-hours", multiple=True, metavar="'DAYS HH:MM-HH:MM'",
+              help="e.g. 'mon-fri 22:00-07:00', 'sat,sun 00:00-24:00'; replaces the "
+                   "schedule. Repeat.")
+@click.option("--no-quiet-hours", is_flag=True, help="Remove every quiet span.")
+@click.option("--digest", metavar="immediate|hourly|daily|weekly")
+@click.option("--digest-time", metavar="HH:MM",
+              help="Local time of daily/weekly digests; hourly: the minute past each hour.")
+@click.option("--digest-day", metavar="DAY", help="Day of weekly digests (mon, ..., sun).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@recipient_errors
+def set_recipient(recipient: str, as_json: bool, **options: Any) -> None:
+    """Create or change a recipient; prints the result like `show`."""
+    from notifier.db import session_scope
+    from notifier.preferences import get_recipient_preferences, set_preferences
+
+    changes = _changes_from_options(options)
+    with session_scope() as session:
+        found = get_recipient_preferences(session, recipient.strip(), for_update=True)
+        if options["opt_outs"] or options["opt_ins"]:
+            changes["opt_out"] = _changed_opt_outs(
+                found[0].opt_out if found else {}, options["opt_outs"], options["opt_ins"]
+            )
+        set_preferences(session, recipient, changes)
+        prefs, fields = get_recipient_preferences(session, recipient.strip())
+    _print_recipient(prefs, fields, as_json)
+
+
+def _changes_from_options(options: dict[str, Any]) -> dict[str, Any]:
+    changes: dict[str, Any] = {
+        name: options[name] or None
+        for name in ("name", "email", "phone", "timezone") if options[name] is not None
+    }
+    if options["addresses"]:
+        changes["addresses"] = dict(_address(item) for item in options["addresses"])
+    if options["channels"] is not None:
+        changes["channels"] = _channels(options["channels"])
+    if options["min_priority"] is not None:
+        changes["min_priority"] = _min_priority(options["min_priority"])
+    if options["quiet_hours"] and options["no_quiet_hours"]:
+        _bad("--no-quiet-hours", "cannot be combined with --quiet-hours")
+    if options["quiet_hours"] or options["no_quiet_hours"]:
+        changes["quiet_hours"] = [_quiet_span(text) for text in options["quiet_hours"]]
+    for option, field in (("digest", "digest_mode"), ("digest_day", "digest_day")):
+        if options[option] is not None:
+            changes[field] = options[option].strip().lower()
+    if options["digest_time"] is not None:
+        text = options["digest_time"].strip()
+        changes["digest_time"] = text.zfill(5) if len(text) == 4 else text
+    return changes
+
+
+def _address(item: str) -> tuple[str, str | None]:
+    channel, equals, address = item.partition("=")
+    if not equals or not channel.strip():
+        _bad("--address", f"expected CHANNEL=ADDRESS, or CHANNEL= to remove one (got {item!r})")
+    return channel.strip(), address.strip() or None
+
+
+def _channels(text: str) -> list[str] | None:
+    if text.strip().lower() == "default":
+        return None
+    channels = [name.strip() for name in text.split(",") if name.strip()]
+    if not channels:
+        _bad("--channels", "name channels, e.g. email,inapp, or 'default'")
+    return channels
+
+
+def _min_priority(text: str) -> str | None:
+    from notifier.settings import PRIORITIES
+
+    value = text.strip().lower()
+    if value not in (*PRIORITIES, "none"):
+        _bad("--min-priority", f"must be one of {', '.join(PRIORITIES)}, none (got {text!r})")
+    return None if value == "none" else value
+
+
+def _quiet_span(text: str) -> dict[str, Any]:
+    from notifier.preferences import parse_quiet_hours
+
+    try:
+        return parse_quiet_hours(text).model_dump(mode="json")
+    except ValueError as exc:
+        _bad("--quiet-hours", str(exc))
+        raise
+
+
+def _changed_opt_outs(
+    current: dict[str, list[str]], opt_outs: tuple[str, ...], opt_ins: tuple[str, ...]
+) -> dict[str, list[str]]:
+    """The opt-outs after these changes; opting in to one channel of an "all channels"
+    opt-out leaves the other channels opted out."""
+    from notifier.channels import CHANNEL_NAMES
+
+    result = {type_: list(channels) for type_, channels in current.items()}
+    for item in opt_outs:
+        type_, channel = _type_and_channel(item, "--opt-out")
+        if channel == "*":
+            result[type_] = ["*"]
+        elif "*" not in result.get(type_, []):
+            result.setdefault(type_, []).append(channel)
+    for item in opt_ins:
+        type_, channel = _type_and_channel(item, "--opt-in")
+        channels = result.pop(type_, [])
+        if channel != "*":
+            every = sorted(CHANNEL_NAMES) if "*" in channels else channels
+            result[type_] = [name for name in every if name != channel]
+    return {type_: channels for type_, channels in result.items() if channels}
+
+
+def _type_and_channel(item: str, option: str) -> tuple[str, str]:
+    from notifier.channels import CHANNEL_NAMES
+    from notifier.schemas import _TYPE_PATTERN
+
+    type_, _, channel = (part.strip() for part in item.partition(":"))
+    if not _TYPE_PATTERN.match(type_):
+        _bad(option, f"expected TYPE or TYPE:CHANNEL with a notification type (got {item!r})")
+    if channel and channel != "*" and channel not in CHANNEL_NAMES:
+        _bad(option, f"unknown channel {channel!r}; known: {', '.join(sorted(CHANNEL_NAMES))}")
+    return type_, channel or "*"
+
+
+@recipients.command("show")
+@click.argument("recipient")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@recipient_errors
+def show_recipient(recipient: str, as_json: bool) -> None:
+    """A recipient's addresses and preferences, and whether it is quiet time for them."""
+    from notifier.db import session_scope
+    from notifier.preferences import get_recipient_preferences
+
+    with session_scope() as session:
+        found = get_recipient_preferences(session, recipient)
+    if found is None:
+        _fail(f"no recipient {recipient!r}; create one with"
+              f" `notifier recipients set {recipient} ...`", EXIT_USAGE)
+    _print_recipient(*found, as_json)
+
+
+def _print_recipient(prefs: Any, fields: dict[str, Any], as_json: bool) -> None:
+    from notifier.preferences import next_digest_at, quiet_until
+
+    now = datetime.now(UTC)
+    until = quiet_until(prefs, fields["timezone"], now)
+    next_digest = next_digest_at(prefs, fields["timezone"], now)
+    fields = {**fields, "addresses": {
+        channel: _masked(str(address)) for channel, address in fields["addresses"].items()
+    }}
+    if as_json:
+        report = {**fields, **prefs.model_dump(mode="json"),
+                  "quiet_until": until and until.isoformat(),
+                  "next_digest_at": next_digest and next_digest.isoformat()}
+        click.echo(json.dumps(report, indent=2))
+        return
+    for label, value in _summary(prefs, fields, next_digest):
+        click.echo(f"{label + ':':<15}{value}")
+    if until:
+        within_a_day = (until - now).total_seconds() < 86400  # "until 07:00" is clear then
+        click.echo(f"currently quiet until {_local(until, fields['timezone'], not within_a_day)}")
+
+
+def _summary(
+    prefs: Any, fields: dict[str, Any], next_digest: datetime | None
+) -> list[tuple[str, str]]:
+    from notifier.preferences import format_quiet_hours
+
+    default = ", ".join(get_settings().default_channels)
+    opt_outs = "; ".join(
+        f"{type_} on {'every channel' if channels == ['*'] else ', '.join(channels)}"
+        for type_, channels in prefs.opt_out.items()
+    )
+    lines = [
+        ("recipient", fields["id"] + (f" ({fields['name']})" if fields["name"] else "")),
+        ("time zone", fields["timezone"]),
+        ("email", fields["email"] or "-"),
+        ("phone", fields["phone"] or "-"),
+        ("addresses", ", ".join(f"{k} {v}" for k, v in sorted(fields["addresses"].items()))
+         or "-"),
+        ("channels", ", ".join(prefs.channels) if prefs.channels else f"default ({default})"),
+        ("opted out", opt_outs or "none"),
+        ("min priority", prefs.min_priority or "none (every priority)"),
+        ("quiet hours", "; ".join(map(format_quiet_hours, prefs.quiet_hours)) or "none"),
+        ("digest", _digest_text(prefs)),
+    ]
+    if next_digest:
+        lines.append(("next digest", _local(next_digest, fields["timezone"])))
+    return lines
+
+
+def _digest_text(prefs: Any) -> str:
+    at = prefs.digest_time.strftime("%H:%M")
+    return {
+        "immediate": "immediate (no digest)",
+        "hourly": f"hourly, at :{at[-2:]} past each hour",
+        "daily": f"daily at {at}",
+        "weekly": f"weekly on {prefs.digest_day} at {at}",
+    }[prefs.digest_mode]
+
+
+def _local(moment: datetime, timezone: str, with_date: bool = True) -> str:
+    """The moment on the recipient's clock: "Mon 2026-03-30 07:00 Europe/Berlin"."""
+    from zoneinfo import ZoneInfo
+
+    local = moment.astimezone(ZoneInfo(timezone))
+    return f"{local:%a %Y-%m-%d %H:%M} {timezone}" if with_date else f"{local:%H:%M} {timezone}"
+
+
+def _masked(address: str) -> str:
+    """Addresses that are URLs (webhook, Slack, Apprise) may carry secrets: hide them."""
+    from notifier.channels.http import mask_target
+
+    return mask_target(address) if "://" in address else address

@@ -300,3 +300,35 @@ def mark_read(recipient_id: str, message_ids: Iterable[str] | None = None) -> in
 
     with session_scope() as session:
         return mark(session, recipient_id, None if message_ids is None else list(message_ids))
+
+
+def set_preferences(recipient_id: str, **changes: Any) -> dict[str, Any]:
+    """Change a recipient's fields and preferences (creating the recipient if missing).
+
+    Takes the fields :func:`get_preferences` returns: ``name``, ``email``, ``phone``,
+    ``timezone``, ``addresses`` (merged per channel; None removes one) and the
+    preferences (``channels``, ``opt_out``, ``min_priority``, ``quiet_hours``,
+    ``digest_mode``, ``digest_time``, ``digest_day``; None restores the default).
+    Raises NotificationError naming each bad field; returns what is now stored.
+    """
+    from notifier.db import session_scope
+    from notifier.preferences import get_recipient_preferences
+    from notifier.preferences import set_preferences as store
+
+    with session_scope() as session:
+        store(session, recipient_id, changes)
+        prefs, recipient = get_recipient_preferences(session, recipient_id.strip())
+    return {**recipient, **prefs.model_dump(mode="json")}
+
+
+def get_preferences(recipient_id: str) -> dict[str, Any] | None:
+    """The recipient's fields and preferences (defaults filled in), or None if unknown."""
+    from notifier.db import session_scope
+    from notifier.preferences import get_recipient_preferences
+
+    with session_scope() as session:
+        found = get_recipient_preferences(session, recipient_id)
+    if found is None:
+        return None
+    prefs, recipient = found
+    return {**recipient, **prefs.model_dump(mode="json")}

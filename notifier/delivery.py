@@ -49,7 +49,7 @@ from notifier.settings import Settings, delivery_queue
 
 log = logging.getLogger(__name__)
 
-_UNSENT = ("pending", "queued", "retrying")
+_UNSENT = ("pending", "queued", "retrying", "scheduled")
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,7 @@ def sweep_due_deliveries(
 
     * ``pending`` a while: the task was never published (the process died after commit);
     * ``retrying`` and due: a retry kept in Postgres because its wait was long;
+    * ``scheduled`` and due: held for quiet hours or the notification's ``send_at``;
     * ``queued`` long past due: the broker lost the task (Redis keeps nothing on disk);
     * ``sending`` long ago: the worker that claimed it died mid-batch.
     """
@@ -152,7 +153,7 @@ def sweep_due_deliveries(
         WHERE id IN (
             SELECT id FROM deliveries
             WHERE (status = 'pending' AND next_attempt_at <= now() - %(grace)s)
-               OR (status = 'retrying' AND next_attempt_at <= now())
+               OR (status IN ('retrying', 'scheduled') AND next_attempt_at <= now())
                OR (status = 'queued' AND next_attempt_at <= now() - %(queued)s
                    AND queued_at <= now() - %(queued)s)
             UNION ALL

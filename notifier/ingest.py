@@ -18,8 +18,9 @@ from typing import Any
 from psycopg.types.json import Jsonb
 from sqlalchemy.orm import Session
 
-from notifier.ids import uuid7
-from notifier.models import DeliveryStatus, NotificationStatus, Stage
+from notifier.aggregation import Routed, dispatch_now, route_notifications
+from notifier.models import NotificationStatus, Stage
+from notifier.rules import Rules, get_rules
 from notifier.schemas import NotificationError, NotificationIn, parse_notification
 from notifier.settings import Settings, get_settings
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 _NOTIFICATION_COLUMNS = (
     "id", "recipient_id", "type", "priority", "channels", "title", "body", "data",
-    "idempotency_key", "send_at", "status", "enqueued_at",
+    "idempotency_key", "send_at", "status", "enqueued_at", "status_reason", "window_id",
 )
 
 
@@ -68,6 +69,7 @@ class IngestResult:
     repeated_ids: int = 0
     duplicates: int = 0
     rejected: int = 0
+    suppressed: int = 0
     delivery_ids: list[uuid.UUID] = field(default_factory=list)
 
     def add(self, other: IngestResult) -> None:
@@ -75,12 +77,14 @@ class IngestResult:
         self.repeated_ids += other.repeated_ids
         self.duplicates += other.duplicates
         self.rejected += other.rejected
+        self.suppressed += other.suppressed
         self.delivery_ids += other.delivery_ids
 
     def as_dict(self) -> dict[str, int]:
         return {
             "stored": len(self.stored), "repeated_ids": self.repeated_ids,
             "duplicates": self.duplicates, "rejected": self.rejected,
+            "suppressed": self.suppressed,
             "deliveries": len(self.delivery_ids),
         }
 
@@ -128,10 +132,15 @@ def _type_of(raw: Any) -> str | None:
 
 
 def ingest_batch(
-    session: Session, messages: Sequence[IngestMessage], settings: Settings | None = None
+    session: Session, messages: Sequence[IngestMessage], settings: Settings | None = None,
+    *, rules: Rules | None = None, now: datetime | None = None,
 ) -> IngestResult:
-    """Write a batch of messages: validated rows in bulk, bad items as dead letters."""
+    """Write a batch of messages: validated rows in bulk, bad items as dead letters.
+
+    ``now`` is the clock that opens and extends aggregation windows (tests set it).
+    """
     settings = settings or get_settings()
+    now = now or datetime.now(UTC)
     candidates, rejections = split_messages(messages)
     cursor = session.connection().connection.driver_connection.cursor()
     result = IngestResult(rejected=len(rejections))
@@ -141,10 +150,17 @@ def ingest_batch(
     candidates, result.duplicates = claim_idempotency_keys(
         cursor, candidates, timedelta(seconds=settings.dedup_window)
     )
-    result.stored = copy_notifications(cursor, candidates)
+    routed = route_notifications(cursor, candidates, rules or get_rules(), settings, now)
+    result.stored = copy_notifications(cursor, candidates, routed)
     stored = set(result.stored)
-    critical = [c for c in candidates if c.id in stored and c.notification.priority == "critical"]
-    result.delivery_ids = create_deliveries(cursor, critical, settings)
+    dispatched = [
+        (c, routed[c.id]) for c in candidates
+        if c.id in stored and routed[c.id].status == NotificationStatus.DISPATCHED
+    ]
+    result.delivery_ids = dispatch_now(cursor, dispatched, now)
+    result.suppressed = sum(
+        1 for c in candidates if c.id in stored and routed[c.id].status == "suppressed"
+    )
     write_dead_letters(cursor, Stage.INGEST, rejections)
     return result
 
@@ -262,7 +278,9 @@ def claim_idempotency_keys(
     return kept, dropped
 
 
-def copy_notifications(cursor: Any, candidates: Sequence[Candidate]) -> list[uuid.UUID]:
+def copy_notifications(
+    cursor: Any, candidates: Sequence[Candidate], routed: dict[uuid.UUID, Routed]
+) -> list[uuid.UUID]:
     """COPY the candidates in and return the ids that were not stored before.
 
     COPY lands in a temporary table of the connection, emptied at every commit; one
@@ -278,7 +296,7 @@ def copy_notifications(cursor: Any, candidates: Sequence[Candidate]) -> list[uui
     columns = ", ".join(_NOTIFICATION_COLUMNS)
     with cursor.copy(f"COPY ingest_staging ({columns}) FROM STDIN") as copy:
         for candidate in candidates:
-            copy.write_row(_notification_row(candidate))
+            copy.write_row(_notification_row(candidate, routed[candidate.id]))
     cursor.execute(
         f"INSERT INTO notifications ({columns}) SELECT {columns} FROM ingest_staging"
         " ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id"
@@ -286,57 +304,13 @@ def copy_notifications(cursor: Any, candidates: Sequence[Candidate]) -> list[uui
     return [row[0] for row in cursor.fetchall()]
 
 
-def _notification_row(candidate: Candidate) -> tuple[Any, ...]:
+def _notification_row(candidate: Candidate, routed: Routed) -> tuple[Any, ...]:
     n = candidate.notification
-    status = (
-        NotificationStatus.DISPATCHED if n.priority == "critical" else NotificationStatus.PENDING
-    )
     return (
         candidate.id, n.recipient_id, n.type, n.priority, n.channels, n.title, n.body,
-        n.data_json, n.idempotency_key, n.send_at, status.value, candidate.enqueued_at,
+        n.data_json, n.idempotency_key, n.send_at, routed.status, candidate.enqueued_at,
+        routed.reason, routed.window_id,
     )
-
-
-def create_deliveries(
-    cursor: Any, candidates: Sequence[Candidate], settings: Settings
-) -> list[uuid.UUID]:
-    """Delivery rows for notifications that skip aggregation (critical ones).
-
-    The rows are an outbox: the delivery tasks that send them are published after the
-    commit, and a sweeper republishes any whose publication was lost.
-    """
-    if not candidates:
-        return []
-    preferred = _preferred_channels(cursor, {c.notification.recipient_id for c in candidates})
-    rows = [
-        (uuid7(), c.id, c.notification.recipient_id, channel, c.notification.priority)
-        for c in candidates
-        for channel in (
-            c.notification.channels
-            or preferred.get(c.notification.recipient_id)
-            or settings.default_channels
-        )
-    ]
-    cursor.execute(
-        """
-        INSERT INTO deliveries (id, notification_id, recipient_id, channel, priority, status)
-        SELECT d.*, %s FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::text[])
-            AS d
-        ON CONFLICT DO NOTHING
-        RETURNING id
-        """,
-        (DeliveryStatus.PENDING.value, *map(list, zip(*rows, strict=True))),
-    )
-    return [row[0] for row in cursor.fetchall()]
-
-
-def _preferred_channels(cursor: Any, recipient_ids: set[str]) -> dict[str, list[str]]:
-    cursor.execute(
-        "SELECT id, preferences -> 'channels' FROM recipients WHERE id = ANY(%s)"
-        " AND jsonb_typeof(preferences -> 'channels') = 'array'",
-        (list(recipient_ids),),
-    )
-    return {recipient_id: channels for recipient_id, channels in cursor.fetchall() if channels}
 
 
 def write_dead_letters(cursor: Any, stage: Stage, rejections: Sequence[Rejection]) -> None:

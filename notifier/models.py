@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from sqlalchemy import (
     ARRAY,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -51,7 +52,9 @@ class DeliveryStatus(enum.StrEnum):
     SENDING = "sending"
     SENT = "sent"
     RETRYING = "retrying"
+    SCHEDULED = "scheduled"  # held until quiet hours end or the notification's send_at
     DEAD = "dead"  # parked in dead_letters
+    CANCELLED = "cancelled"
 
 
 class Stage(enum.StrEnum):
@@ -105,6 +108,8 @@ class Notification(Base):
         ),
         Index("ix_notifications_recipient_id_created_at", "recipient_id", "created_at"),
         Index("ix_notifications_status", "status"),
+        Index("ix_notifications_window_id", "window_id",
+              postgresql_where=text("status = 'pending'")),
         Index(
             "ix_notifications_idempotency_key", "idempotency_key",
             postgresql_where=text("idempotency_key IS NOT NULL"),
@@ -128,6 +133,8 @@ class Notification(Base):
     digest_id: Mapped[uuid.UUID | None] = mapped_column(
         UUID(as_uuid=True), ForeignKey("digests.id")
     )
+    #: The aggregation window it waits in (status pending).
+    window_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     #: When the producer handed it over, if the producer said (latency figures).
     enqueued_at: Mapped[Timestamp | None]
     #: When the ingest transaction wrote it (clock time, not transaction start).
@@ -152,6 +159,9 @@ class Digest(Base):
     digest_key: Mapped[str | None] = mapped_column(String(255))
     title: Mapped[str] = mapped_column(Text, nullable=False)
     body: Mapped[str] = mapped_column(Text, nullable=False)
+    html: Mapped[str | None] = mapped_column(Text)
+    #: Every member's id, title, body and data: a digest holds all of them, no cap.
+    items: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=text("'[]'"))
     item_count: Mapped[int] = mapped_column(Integer, nullable=False)
     notification_ids: Mapped[list[uuid.UUID]] = mapped_column(
         ARRAY(UUID(as_uuid=True)), nullable=False
@@ -159,6 +169,35 @@ class Digest(Base):
     window_start: Mapped[Timestamp]
     window_end: Mapped[Timestamp]
     created_at: Mapped[CreatedAt]
+
+
+class AggregationWindow(Base):
+    """An open group of notifications waiting to become one digest.
+
+    Groups are (recipient, type, digest key); the digest key comes from a data field the
+    type's rule names ("" when none). A window is ``closed`` once it holds its rule's
+    maximum count: it is then due at once and new items open the next window.
+    """
+
+    __tablename__ = "aggregation_windows"
+    __table_args__ = (
+        Index("ix_aggregation_windows_due_at", "due_at"),
+        Index("ix_aggregation_windows_open", "recipient_id", "type", "digest_key",
+              postgresql_where=text("NOT closed")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    recipient_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    type: Mapped[str] = mapped_column(String(64), nullable=False)
+    digest_key: Mapped[str] = mapped_column(String(255), nullable=False, server_default="")
+    mode: Mapped[str] = mapped_column(String(16), nullable=False)
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    #: A sliding window never extends past this.
+    latest_due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    item_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    max_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    closed: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
 
 
 class Delivery(Base):
@@ -175,7 +214,7 @@ class Delivery(Base):
               unique=True, postgresql_where=text("digest_id IS NOT NULL")),
         # The sweeper looks for work that is due: unsent rows by next attempt.
         Index("ix_deliveries_due", "next_attempt_at",
-              postgresql_where=text("status IN ('pending', 'queued', 'retrying')")),
+              postgresql_where=text("status IN ('pending', 'queued', 'retrying', 'scheduled')")),
         Index("ix_deliveries_status", "status"),
     )
 

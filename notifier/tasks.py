@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
+from notifier.aggregation import flush_due_windows
 from notifier.batching import CommittedBatches
 from notifier.celery_app import app
 from notifier.db import describe_db_error, session_scope
@@ -23,6 +24,7 @@ from notifier.delivery import (
 from notifier.ingest import IngestMessage, IngestResult, Rejection, ingest_batch, write_dead_letters
 from notifier.models import Stage
 from notifier.retention import purge_expired_idempotency_keys
+from notifier.rules import get_rules
 from notifier.schemas import ENQUEUED_AT_HEADER
 from notifier.settings import PRIORITIES, get_settings, queue_name
 from notifier.state import state_redis
@@ -62,6 +64,27 @@ def sweep_deliveries() -> int:
         tasks = sweep_due_deliveries(_raw_cursor(session), _settings)
     publish(tasks)
     return sum(len(task.delivery_ids) for task in tasks)
+
+
+@app.task(name="notifier.flush_windows", acks_late=True)
+def flush_windows() -> dict[str, int]:
+    """Beat's flush: due aggregation windows become digests, a transaction per chunk.
+
+    Loops while chunks come back full, so a burst of due windows is cleared in one tick;
+    a second tick running at the same time takes other windows (SKIP LOCKED).
+    """
+    totals = {"windows": 0, "digests": 0, "notifications": 0}
+    while True:
+        with session_scope() as session:
+            result = flush_due_windows(
+                _raw_cursor(session), get_rules(), _settings, datetime.now(UTC)
+            )
+        publish(result.tasks)
+        totals["windows"] += result.windows
+        totals["digests"] += result.digests
+        totals["notifications"] += result.notifications
+        if result.windows < _settings.flush_batch_size:
+            return totals
 
 
 def publish_new_deliveries(delivery_ids: Sequence[Any]) -> None:

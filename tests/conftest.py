@@ -86,7 +86,7 @@ def clean_state(database: str, broker: redis.Redis) -> Iterator[None]:
     with session_scope() as session:
         session.connection().exec_driver_sql(
             "TRUNCATE notifications, deliveries, digests, dead_letters, idempotency_keys,"
-            " recipients, inbox_messages CASCADE"
+            " recipients, inbox_messages, aggregation_windows CASCADE"
         )
     for key in broker.scan_iter("notifier.*"):
         broker.delete(key)

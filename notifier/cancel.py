@@ -1,0 +1,82 @@
+"""Cancelling a notification that has not gone out yet.
+
+A notification waiting in an aggregation window is taken out of it (it never appears in
+a digest); one dispatched but held (quiet hours, ``send_at``) or not yet sent has its
+unsent deliveries cancelled. Once anything of it was sent, or once it was folded into a
+digest, it is too late, and the answer says so.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+_UNSENT_DELIVERIES = ("pending", "scheduled", "retrying", "queued")
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    notification_id: str | None
+    cancelled: bool
+    #: The status it has now, or why nothing was found.
+    status: str
+
+
+def find_by_idempotency_key(session: Session, key: str) -> str | None:
+    found = session.execute(
+        text("SELECT notification_id FROM idempotency_keys WHERE key = :key"), {"key": key}
+    ).scalar()
+    if found is None:
+        found = session.execute(
+            text("SELECT id FROM notifications WHERE idempotency_key = :key"
+                 " ORDER BY created_at LIMIT 1"),
+            {"key": key},
+        ).scalar()
+    return str(found) if found else None
+
+
+def cancel_notification(session: Session, notification_id: str) -> CancelOutcome:
+    """Cancel it if nothing of it has left; the row lock makes a racing flush wait."""
+    try:
+        uuid.UUID(notification_id)
+    except ValueError:
+        return CancelOutcome(None, False, f"not a notification id: {notification_id!r}")
+    status = session.execute(
+        text("SELECT status FROM notifications WHERE id = :id FOR UPDATE"),
+        {"id": notification_id},
+    ).scalar()
+    if status is None:
+        return CancelOutcome(notification_id, False, "not found")
+    if status == "pending":
+        return _cancel(session, notification_id)
+    if status == "dispatched" and not _any_delivery_left(session, notification_id):
+        return _cancel(session, notification_id)
+    return CancelOutcome(notification_id, False, status)
+
+
+def _any_delivery_left(session: Session, notification_id: str) -> bool:
+    """Whether a delivery of it is sending or sent (then cancelling is too late)."""
+    return bool(session.execute(
+        text("SELECT 1 FROM deliveries WHERE notification_id = :id"
+             " AND status NOT IN ('pending', 'scheduled', 'retrying', 'queued', 'cancelled')"
+             " LIMIT 1"),
+        {"id": notification_id},
+    ).scalar())
+
+
+def _cancel(session: Session, notification_id: str) -> CancelOutcome:
+    session.execute(
+        text("UPDATE deliveries SET status = 'cancelled', updated_at = now()"
+             " WHERE notification_id = :id AND status = ANY(:unsent)"),
+        {"id": notification_id, "unsent": list(_UNSENT_DELIVERIES)},
+    )
+    session.execute(
+        text("UPDATE notifications SET status = 'cancelled', window_id = NULL,"
+             " status_reason = 'cancelled on request', updated_at = clock_timestamp()"
+             " WHERE id = :id"),
+        {"id": notification_id},
+    )
+    return CancelOutcome(notification_id, True, "cancelled")
