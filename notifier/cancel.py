@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from notifier.schemas import NotificationError
+
 _UNSENT_DELIVERIES = ("pending", "scheduled", "retrying", "queued")
 
 
@@ -23,6 +25,21 @@ class CancelOutcome:
     cancelled: bool
     #: The status it has now, or why nothing was found.
     status: str
+
+
+def cancel_by(notification_id: str | None, idempotency_key: str | None) -> CancelOutcome:
+    """Cancel by id or by idempotency key (exactly one), in a transaction of its own."""
+    from notifier.db import session_scope
+
+    if (notification_id is None) == (idempotency_key is None):
+        raise NotificationError(["cancel: give a notification id or an idempotency key"])
+    with session_scope() as session:
+        if idempotency_key is not None:
+            notification_id = find_by_idempotency_key(session, idempotency_key)
+            if notification_id is None:
+                return CancelOutcome(None, False, f"no notification with idempotency key"
+                                                  f" {idempotency_key!r}")
+        return cancel_notification(session, str(notification_id))
 
 
 def find_by_idempotency_key(session: Session, key: str) -> str | None:
@@ -52,19 +69,25 @@ def cancel_notification(session: Session, notification_id: str) -> CancelOutcome
         return CancelOutcome(notification_id, False, "not found")
     if status == "pending":
         return _cancel(session, notification_id)
-    if status == "dispatched" and not _any_delivery_left(session, notification_id):
-        return _cancel(session, notification_id)
+    if status == "dispatched":
+        gone = _delivery_gone(session, notification_id)
+        if gone is None:
+            return _cancel(session, notification_id)
+        return CancelOutcome(notification_id, False, gone)
     return CancelOutcome(notification_id, False, status)
 
 
-def _any_delivery_left(session: Session, notification_id: str) -> bool:
-    """Whether a delivery of it is sending or sent (then cancelling is too late)."""
-    return bool(session.execute(
-        text("SELECT 1 FROM deliveries WHERE notification_id = :id"
-             " AND status NOT IN ('pending', 'scheduled', 'retrying', 'queued', 'cancelled')"
-             " LIMIT 1"),
+def _delivery_gone(session: Session, notification_id: str) -> str | None:
+    """The status of a delivery of it that is sending, sent or dead (then cancelling is
+    too late), or None. The rows are locked first: a delivery worker claims with SKIP
+    LOCKED, so none can start sending between this check and the cancel."""
+    statuses = set(session.execute(
+        text("SELECT status FROM deliveries WHERE notification_id = :id ORDER BY id"
+             " FOR UPDATE"),
         {"id": notification_id},
-    ).scalar())
+    ).scalars())
+    gone = statuses - {*_UNSENT_DELIVERIES, "cancelled"}
+    return next((s for s in ("sent", "sending", "dead") if s in gone), None)
 
 
 def _cancel(session: Session, notification_id: str) -> CancelOutcome:

@@ -135,6 +135,51 @@ def _wait_until_stored(notification_id: str, timeout: float) -> None:
     _fail(f"not stored after {timeout:g}s: is a worker running? (notifier status)", EXIT_CONFIG)
 
 
+@main.command()
+@click.argument("notification_id", required=False)
+@click.option("--idempotency-key", help="Name it by the key it was sent with instead.")
+@friendly_errors
+def cancel(notification_id: str | None, idempotency_key: str | None) -> None:
+    """Cancel a notification still waiting (in a digest window or held by quiet hours).
+
+    Exits 1 when it is too late (sent, or already in a digest) or not found.
+    """
+    from notifier.cancel import cancel_by
+
+    if (notification_id is None) == (idempotency_key is None):
+        _fail("give a NOTIFICATION_ID or --idempotency-key (one of them)", EXIT_USAGE)
+    outcome = cancel_by(notification_id, idempotency_key)
+    if outcome.cancelled:
+        click.echo(f"cancelled {outcome.notification_id}")
+        return
+    if outcome.notification_id is None or outcome.status == "not found":
+        _fail(outcome.status if outcome.notification_id is None
+              else f"no notification {outcome.notification_id}", EXIT_CONFIG)
+    _fail(f"cannot cancel {outcome.notification_id}: it is {outcome.status} already",
+          EXIT_CONFIG)
+
+
+@main.command()
+@click.option("--file", "path", type=click.Path(dir_okay=False),
+              help="A rules file to check instead of NOTIFIER_RULES_FILE.")
+@friendly_errors
+def rules(path: str | None) -> None:
+    """The aggregation rule of every configured type (and check a rules file)."""
+    from notifier.rules import format_duration, load_rules
+
+    chosen = path or get_settings().rules_file
+    loaded = load_rules(chosen)
+    click.echo(f"rules from {chosen or 'built-in defaults'}")
+    click.echo(f"{'type':<20} {'window':>8} {'max':>5}  {'mode':<8} {'max wait':>8}  digest key")
+    for type_, rule in loaded.items():
+        if not rule.aggregate:
+            click.echo(f"{type_:<20} {'-':>8} {'-':>5}  not aggregated: delivered at once")
+            continue
+        wait = format_duration(rule.longest_wait) if rule.mode == "sliding" else "-"
+        click.echo(f"{type_:<20} {format_duration(rule.window):>8} {rule.max_count:>5}  "
+                   f"{rule.mode:<8} {wait:>8}  {rule.digest_key or '-'}")
+
+
 # --- db ---------------------------------------------------------------------------------
 
 

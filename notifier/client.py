@@ -332,3 +332,16 @@ def get_preferences(recipient_id: str) -> dict[str, Any] | None:
         return None
     prefs, recipient = found
     return {**recipient, **prefs.model_dump(mode="json")}
+
+
+def cancel(notification_id: str | None = None, *, idempotency_key: str | None = None) -> bool:
+    """Cancel a notification that has not gone out yet; True if it was cancelled.
+
+    Works while it waits in an aggregation window (it never joins a digest) or while its
+    deliveries are held (quiet hours, ``send_at``). Once something of it was sent, or it
+    was folded into a digest, it returns False: there is nothing left to take back.
+    Raises NotificationError if neither or both ways of naming it are given.
+    """
+    from notifier.cancel import cancel_by
+
+    return cancel_by(notification_id, idempotency_key).cancelled

@@ -170,7 +170,8 @@ class Demo:
 
 
 def send_demo() -> Demo:
-    """Send one critical and one normal notification, a batch of 20, and a bad message.
+    """Send one critical and one normal notification, a batch of 20, three alerts that
+    become one digest, and a bad message.
 
     The bad one goes around the client (which would refuse it) as a foreign producer
     would send it, to show that ingest parks it as a dead letter instead of failing.
@@ -184,6 +185,9 @@ def send_demo() -> Demo:
         notify("bob", "comment.reply", "Carol replied to your comment", "Looks good!"),
     ]
     ids += notify_many(_batch(20))
+    # Three alerts reach the rule's maximum (3): beat flushes them as one digest at once.
+    ids += [notify("carol", "alert", f"Build {build} failed", f"Pipeline {build} is red.")
+            for build in (101, 102, 103)]
     bad = {"recipient": "alice", "type": "Password Reset!", "title": "", "priority": "urgent"}
     result = app.send_task(INGEST_TASK, args=[bad], queue="notifier.low")
     print(f"Sent {len(ids)} notifications and 1 invalid message.")
@@ -250,7 +254,26 @@ def report(demo: Demo, reason: str) -> None:
     for status in statuses:
         print(f"  {status:<12}" + "".join(f"{counts.get((status, p), 0):>10}" for p in PRIORITIES))
     print(f"\nThe invalid message became a dead letter (stage ingest): {reason}")
+    show_digest(demo)
     print_next_steps()
+
+
+def show_digest(demo: Demo, timeout: float = COMMIT_TIMEOUT) -> None:
+    """Wait for carol's three alerts to come out as one digest in her in-app inbox."""
+    from notifier.client import inbox
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        digests = [m for m in inbox("carol", limit=10) if m["digest_id"]]
+        if digests:
+            latest = digests[0]
+            print(f"\ncarol's three alerts arrived as one digest in her inbox:"
+                  f" \"{latest['title']}\"")
+            for line in latest["body"].splitlines()[:5]:
+                print(f"    {line}")
+            return
+        time.sleep(0.25)
+    print("\ncarol's alert digest has not arrived yet: is beat running? (.run/beat.log)")
 
 
 def print_next_steps() -> None:
