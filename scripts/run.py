@@ -242,34 +242,38 @@ def report(demo: Demo, reason: str) -> None:
     from notifier.db import get_engine
     from notifier.settings import PRIORITIES
 
+    show_digest(demo)
     with get_engine().connect() as connection:
         rows = connection.execute(text(
             "SELECT status, priority, count(*) FROM notifications GROUP BY 1, 2"
         )).all()
     counts = {(status, priority): count for status, priority, count in rows}
     statuses = sorted({status for status, _ in counts})
-    print(f"\nAll {len(demo.ids)} demo notifications are in Postgres. The notifications"
-          " table (every run so far), by status and priority:")
+    print(f"\nAll {len(demo.ids)} demo notifications are in Postgres. The notifications table"
+          " (every run so far)\nby status and priority; pending ones wait in a digest window:")
     print(f"  {'':<12}" + "".join(f"{p:>10}" for p in PRIORITIES))
     for status in statuses:
         print(f"  {status:<12}" + "".join(f"{counts.get((status, p), 0):>10}" for p in PRIORITIES))
     print(f"\nThe invalid message became a dead letter (stage ingest): {reason}")
-    show_digest(demo)
     print_next_steps()
 
 
 def show_digest(demo: Demo, timeout: float = COMMIT_TIMEOUT) -> None:
-    """Wait for carol's three alerts to come out as one digest in her in-app inbox."""
-    from notifier.client import inbox
+    """Wait for this run's three alerts to come out as one digest in carol's inbox."""
+    from sqlalchemy import text
 
+    from notifier.db import get_engine
+
+    alerts = [uuid.UUID(value) for value in demo.ids[-3:]]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        digests = [m for m in inbox("carol", limit=10) if m["digest_id"]]
-        if digests:
-            latest = digests[0]
-            print(f"\ncarol's three alerts arrived as one digest in her inbox:"
-                  f" \"{latest['title']}\"")
-            for line in latest["body"].splitlines()[:5]:
+        with get_engine().connect() as connection:
+            found = connection.execute(text(
+                "SELECT m.title, m.body FROM inbox_messages m JOIN digests d ON d.id = m.digest_id"
+                " WHERE d.notification_ids && CAST(:ids AS uuid[])"), {"ids": alerts}).first()
+        if found:
+            print(f"\ncarol's three alerts arrived as one digest in her inbox: \"{found.title}\"")
+            for line in found.body.splitlines()[:6]:
                 print(f"    {line}")
             return
         time.sleep(0.25)
