@@ -138,9 +138,15 @@ def route_notifications(
 ) -> dict[uuid.UUID, Routed]:
     """Decide, for each candidate (``.id``, ``.notification``), what happens to it."""
     states = load_recipient_states(cursor, (c.notification.recipient_id for c in candidates))
+    stored = already_stored(cursor, [c.id for c in candidates])
     routed: dict[uuid.UUID, Routed] = {}
     waiting: list[tuple[Any, Rule, GroupKey, RecipientState]] = []
     for candidate in candidates:
+        if candidate.id in stored:
+            # A redelivered message: the insert skips it, and it must not be counted in
+            # a window (or open one) a second time.
+            routed[candidate.id] = Routed("pending")
+            continue
         n = candidate.notification
         state = states.get(n.recipient_id, _NO_PREFERENCES)
         rule = rules.for_type(n.type)
@@ -154,6 +160,13 @@ def route_notifications(
             waiting.append((candidate, rule, group_key(n, rule), state))
     routed.update(assign_windows(cursor, waiting, settings, now))
     return routed
+
+
+def already_stored(cursor: Any, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    if not ids:
+        return set()
+    cursor.execute("SELECT id FROM notifications WHERE id = ANY(%s)", (list(ids),))
+    return {row[0] for row in cursor.fetchall()}
 
 
 def group_key(notification: Any, rule: Rule) -> GroupKey:
@@ -172,7 +185,7 @@ def assign_windows(
         return {}
     keys = sorted({key for _, _, key, _ in waiting})
     lock_groups(cursor, keys)
-    open_windows = load_open_windows(cursor, keys)
+    open_windows = load_open_windows(cursor, keys, now)
     touched: dict[uuid.UUID, Window] = {}
     routed: dict[uuid.UUID, Routed] = {}
     for candidate, rule, key, state in waiting:
@@ -203,7 +216,11 @@ def lock_groups(cursor: Any, keys: Sequence[GroupKey]) -> None:
     )
 
 
-def load_open_windows(cursor: Any, keys: Sequence[GroupKey]) -> dict[GroupKey, Window]:
+def load_open_windows(
+    cursor: Any, keys: Sequence[GroupKey], now: datetime
+) -> dict[GroupKey, Window]:
+    """The groups' windows still open at ``now``, locked. A window whose due time has
+    passed is over even if no flush has taken it yet: a later item opens the next one."""
     cursor.execute(
         """
         SELECT w.id, w.recipient_id, w.type, w.digest_key, w.mode, w.opened_at, w.due_at,
@@ -211,11 +228,11 @@ def load_open_windows(cursor: Any, keys: Sequence[GroupKey]) -> dict[GroupKey, W
         FROM aggregation_windows w
         JOIN unnest(%s::text[], %s::text[], %s::text[]) AS g(r, t, k)
           ON w.recipient_id = g.r AND w.type = g.t AND w.digest_key = g.k
-        WHERE NOT w.closed
+        WHERE NOT w.closed AND w.due_at > %s
         ORDER BY w.id
         FOR UPDATE OF w
         """,
-        [list(column) for column in zip(*keys, strict=True)],
+        [*(list(column) for column in zip(*keys, strict=True)), now],
     )
     return {
         (row[1], row[2], row[3]): Window(row[0], (row[1], row[2], row[3]), row[4], row[5],

@@ -108,7 +108,7 @@ def queue_deliveries(
         return []
     cursor.execute(
         """
-        UPDATE deliveries SET status = 'queued', queued_at = now(), updated_at = now(),
+        UPDATE deliveries SET status = 'queued', queued_at = clock_timestamp(), updated_at = now(),
             next_attempt_at = coalesce(%s, now())
         WHERE id = ANY(%s::uuid[]) AND status = %s
         RETURNING id, channel, priority
@@ -148,7 +148,7 @@ def sweep_due_deliveries(
     """
     cursor.execute(
         """
-        UPDATE deliveries SET status = 'queued', queued_at = now(), updated_at = now(),
+        UPDATE deliveries SET status = 'queued', queued_at = clock_timestamp(), updated_at = now(),
             next_attempt_at = now()
         WHERE id IN (
             SELECT id FROM deliveries

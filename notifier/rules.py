@@ -154,11 +154,17 @@ class Rules:
     def __init__(self, rules: Iterable[Rule], default: Rule):
         self._rules: Mapping[str, Rule] = MappingProxyType({rule.type: rule for rule in rules})
         self.default = default
+        #: Default rules made for other types (ingest asks once per notification).
+        self._defaults: dict[str, Rule] = {}
 
     def for_type(self, type: str) -> Rule:
         """The type's own rule, else the default rule carrying the asked ``type``."""
-        rule = self._rules.get(type)
-        return rule if rule is not None else replace(self.default, type=type)
+        rule = self._rules.get(type) or self._defaults.get(type)
+        if rule is None:
+            rule = replace(self.default, type=type)
+            if len(self._defaults) < 10_000:  # types come from callers: keep it bounded
+                self._defaults[type] = rule
+        return rule
 
     def items(self) -> list[tuple[str, Rule]]:
         """``(type, rule)`` pairs by type, the default rule (``"*"``) last."""

@@ -81,8 +81,10 @@ class Settings(BaseSettings):
     rules_file: str | None = None
     #: Seconds between beat's flushes of due aggregation windows.
     flush_interval: float = Field(1.0, gt=0)
-    #: Windows flushed per transaction; a flush loops until none is due.
-    flush_batch_size: int = Field(500, ge=1)
+    #: Windows flushed per transaction; a flush loops until none is due. Small chunks
+    #: commit (and publish) the first windows of a burst sooner: at 100,000 waiting,
+    #: p99 close-to-queued was 0.9 s with 100 and 1.3 s with 500 (``make bench``).
+    flush_batch_size: int = Field(100, ge=1)
 
     # --- Delivery -------------------------------------------------------------------
     #: Channel name -> the URL that configures it (``NOTIFIER_CHANNELS__EMAIL=smtp://...``).

@@ -1,0 +1,267 @@
+"""Aggregation figures: how many messages digests save, and how fast beat flushes them.
+
+* ``aggregation_efficiency`` replays a realistic day part (several hours of mixed types,
+  bursts and a few critical ones, for a few hundred recipients) through the real
+  ingest and flush functions on a simulated clock, and counts notifications in against
+  messages out (delivery rows). The naive baseline sends one message per notification.
+* ``flush_latency`` leaves 100,000 notifications waiting in windows that close over
+  about half a minute, then runs a real worker and a real beat (the default flush
+  interval: every second) and
+  measures, per digest, the time from its window's close to its delivery being queued.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bench.config import RESULTS_DIR, BenchConfig
+from bench.scenarios import Bench, Outcome
+from bench.workers import WorkerSpec, running_worker
+from notifier.aggregation import flush_due_windows
+from notifier.db import session_scope
+from notifier.ingest import IngestMessage, ingest_batch
+from notifier.rules import BUILTIN_RULES
+from notifier.settings import get_settings
+
+#: Tables the aggregation scenarios empty first.
+TABLES = ("notifications, deliveries, digests, aggregation_windows, idempotency_keys,"
+          " dead_letters, recipients, inbox_messages")
+SEED = 20261123
+
+
+@dataclass(frozen=True)
+class TypeLoad:
+    """How often one type reaches a recipient: bursts per hour and items per burst."""
+
+    type: str
+    bursts_per_hour: float
+    burst_sizes: tuple[int, ...]
+    critical_share: float = 0.0
+
+
+#: The mix of the product brief's types (and one type without a rule of its own):
+#: alerts and system updates come in bursts (a failing deploy, a release), approvals and
+#: reminders mostly one at a time, announcements rarely.
+MIX = (
+    TypeLoad("system_update", 0.6, (1, 2, 3, 5)),
+    TypeLoad("approval_request", 1.5, (1, 1, 2)),
+    TypeLoad("alert", 0.5, (1, 2, 4, 6), critical_share=0.1),
+    TypeLoad("reminder", 1.0, (1, 1, 1, 2)),
+    TypeLoad("announcement", 0.05, (1,)),
+    TypeLoad("task_deadline", 0.5, (1, 2, 3)),
+    TypeLoad("comment.reply", 1.0, (1, 1, 2, 3)),
+)
+
+
+def reset(bench: Bench) -> None:
+    bench.conn.execute(f"TRUNCATE {TABLES} CASCADE")
+
+
+def simulated_arrivals(
+    recipients: int, hours: float, start: datetime, rng: random.Random
+) -> list[tuple[datetime, dict[str, Any]]]:
+    """(arrival time, notification) for every burst of every type of every recipient."""
+    arrivals = []
+    span = hours * 3600
+    for r in range(recipients):
+        for load in MIX:
+            bursts = _poisson(rng, load.bursts_per_hour * hours)
+            for _ in range(bursts):
+                at = start + timedelta(seconds=rng.uniform(0, span))
+                for k in range(rng.choice(load.burst_sizes)):
+                    critical = rng.random() < load.critical_share
+                    arrivals.append((at + timedelta(seconds=k * rng.uniform(1, 20)), {
+                        "id": str(uuid.uuid4()), "recipient": f"person-{r}",
+                        "type": load.type, "priority": "critical" if critical else "normal",
+                        "title": f"{load.type} #{len(arrivals)}", "data": {"k": k},
+                    }))
+    arrivals.sort(key=lambda pair: pair[0])
+    return arrivals
+
+
+def _poisson(rng: random.Random, mean: float) -> int:
+    count, total = 0, rng.expovariate(1.0)
+    while total < mean:
+        count += 1
+        total += rng.expovariate(1.0)
+    return count
+
+
+def aggregation_efficiency(bench: Bench, recipients: int = 300, hours: float = 6.0) -> Outcome:
+    """Notifications in against messages out, on a simulated clock (10 s ticks)."""
+    reset(bench)
+    rng = random.Random(SEED)
+    start = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
+    arrivals = simulated_arrivals(recipients, hours, start, rng)
+    settings = get_settings()
+    tick = timedelta(seconds=10)
+    began = time.perf_counter()
+    index, now = 0, start
+    end = start + timedelta(hours=hours)
+    while index < len(arrivals) or now <= end:
+        now += tick
+        batch = []
+        while index < len(arrivals) and arrivals[index][0] <= now:
+            batch.append(arrivals[index][1])
+            index += 1
+        with session_scope() as session:
+            if batch:
+                ingest_batch(session, [IngestMessage(str(uuid.uuid4()), batch)], settings,
+                             rules=BUILTIN_RULES, now=now)
+            _flush_all(session, settings, now)
+    with session_scope() as session:  # what still waits goes out when its window closes
+        _flush_all(session, settings, end + timedelta(days=2))
+    seconds = time.perf_counter() - began
+    messages = _scalar(bench, "SELECT count(*) FROM deliveries")
+    digests = _scalar(bench, "SELECT count(*) FROM deliveries WHERE digest_id IS NOT NULL")
+    per_type = {
+        row[0]: {"in": row[1], "out": row[2]}
+        for row in bench.conn.execute(
+            """
+            SELECT n.type, count(*),
+                   count(DISTINCT coalesce(n.digest_id::text, n.id::text))
+            FROM notifications n GROUP BY n.type ORDER BY n.type
+            """
+        ).fetchall()
+    }
+    statuses = Counter(dict(bench.conn.execute(
+        "SELECT status, count(*) FROM notifications GROUP BY status").fetchall()))
+    count = len(arrivals)
+    return Outcome(
+        "aggregation_efficiency",
+        f"{count:,} notifications, {recipients} recipients, {hours:g} h simulated",
+        count, seconds, seconds, count,
+        extra={"messages_out": messages, "digest_messages": digests,
+               "naive_messages_out": count,
+               "messages_saved": round(1 - messages / count, 3) if count else 0.0,
+               "notifications_per_message": round(count / messages, 2) if messages else 0.0,
+               "per_type": per_type, "statuses": dict(statuses)},
+    )
+
+
+def _flush_all(session: Any, settings: Any, now: datetime) -> None:
+    cursor = session.connection().connection.driver_connection.cursor()
+    while flush_due_windows(cursor, BUILTIN_RULES, settings, now).windows:
+        pass
+
+
+def _scalar(bench: Bench, sql: str) -> int:
+    row = bench.conn.execute(sql).fetchone()
+    return int(row[0]) if row else 0
+
+
+# --- flush latency -------------------------------------------------------------------
+
+#: The flush task runs on the critical delivery queue (see celeryconfig's beat schedule).
+FLUSH_WORKER = WorkerSpec("bench-flush", "notifier", ("notifier.deliver.critical",))
+
+
+def fill_windows(waiting: int, per_window: int, spread: float) -> datetime:
+    """``waiting`` notifications in windows of ``per_window`` items (below the rule's
+    maximum, so only time closes them), opened ``spread`` seconds apart in all; returns
+    the clock of the first window's close."""
+    rule = BUILTIN_RULES.for_type("reminder")
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    settings = get_settings()
+    windows = waiting // per_window
+    chunk = max(1, 500 // per_window)  # recipients per ingest transaction
+    for first in range(0, windows, chunk):
+        batch = [
+            {"recipient": f"waiting-{r}", "type": "reminder", "title": f"Item {k} of {r}",
+             "data": {"k": k}}
+            for r in range(first, min(windows, first + chunk)) for k in range(per_window)
+        ]
+        opened = base + timedelta(seconds=spread * first / windows)
+        with session_scope() as session:
+            ingest_batch(session, [IngestMessage(str(uuid.uuid4()), batch)], settings,
+                         rules=BUILTIN_RULES, now=opened)
+    return base + rule.window
+
+
+def shift_windows(bench: Bench, first_close: datetime, lead: float) -> None:
+    """Move every window by the same amount so the first closes ``lead`` seconds from
+    now: the windows keep their spacing, only the clock they were filled on changes."""
+    bench.conn.execute(
+        """
+        UPDATE aggregation_windows SET opened_at = opened_at + d, due_at = due_at + d,
+            latest_due_at = latest_due_at + d
+        FROM (SELECT (clock_timestamp() + make_interval(secs => %s)) - %s AS d) AS shift
+        """,
+        (lead, first_close),
+    )
+
+
+class Beat:
+    """A real ``celery beat`` (flushing every ``NOTIFIER_FLUSH_INTERVAL``), for the block."""
+
+    def __init__(self, config: BenchConfig):
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        self.log = (RESULTS_DIR / "bench-beat.log").open("w")
+        env = config.worker_environment()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "notifier", "beat", "-l", "info",
+             "-s", str(RESULTS_DIR / "bench-beat-schedule")],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def __enter__(self) -> Beat:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def flush_latency(bench: Bench, waiting: int = 100_000, per_window: int = 5,
+                  spread: float = 30.0) -> Outcome:
+    """Window close → delivery queued, per digest, with ``waiting`` notifications waiting."""
+    reset(bench)
+    first_close = fill_windows(waiting, per_window, spread)
+    windows = _scalar(bench, "SELECT count(*) FROM aggregation_windows")
+    bench.conn.execute("VACUUM ANALYZE aggregation_windows, notifications")
+    timeout = spread + 120
+    with running_worker(FLUSH_WORKER, bench.config):
+        shift_windows(bench, first_close, lead=3.0)
+        began = time.perf_counter()
+        with Beat(bench.config):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                left = _scalar(bench, "SELECT count(*) FROM aggregation_windows")
+                if left == 0:
+                    break
+                time.sleep(0.2)
+        seconds = time.perf_counter() - began
+    row = bench.conn.execute(
+        """
+        SELECT count(*),
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY lag),
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY lag), max(lag)
+        FROM (SELECT extract(epoch FROM d.queued_at - g.window_end) * 1000 AS lag
+              FROM deliveries d JOIN digests g ON g.id = d.digest_id
+              WHERE d.queued_at IS NOT NULL) AS lags
+        """
+    ).fetchone()
+    queued, p50, p99, worst = row if row else (0, None, None, None)
+    digested = _scalar(bench, "SELECT count(*) FROM notifications WHERE status = 'digested'")
+    return Outcome(
+        "flush_latency", f"{waiting:,} waiting in {windows:,} windows closing over {spread:g} s",
+        waiting, seconds, seconds, digested,
+        extra={"windows": windows, "digests_queued": queued,
+               "flush_latency_ms": {"p50": _ms(p50), "p99": _ms(p99), "max": _ms(worst)}},
+    )
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 1)
