@@ -98,13 +98,17 @@ def load_recipient_states(cursor: Any, recipient_ids: Iterable[str]) -> dict[str
 def _preferences(raw: dict[str, Any] | None) -> Preferences:
     """Stored preferences; ones that no longer validate (an old version's) are ignored
     rather than stopping every notification of the recipient."""
+    if not raw:  # most recipients: skip validating the defaults once per notification
+        return _DEFAULT_PREFERENCES
     try:
         return parse_preferences(raw)
     except ValueError:
         return Preferences()
 
 
-_NO_PREFERENCES = RecipientState(Preferences(), "UTC")
+#: Shared by every recipient without preferences of their own; never mutated.
+_DEFAULT_PREFERENCES = Preferences()
+_NO_PREFERENCES = RecipientState(_DEFAULT_PREFERENCES, "UTC")
 
 
 def channels_for(
@@ -187,12 +191,14 @@ def assign_windows(
     lock_groups(cursor, keys)
     open_windows = load_open_windows(cursor, keys, now)
     touched: dict[uuid.UUID, Window] = {}
+    opened: set[uuid.UUID] = set()
     routed: dict[uuid.UUID, Routed] = {}
     for candidate, rule, key, state in waiting:
         window = open_windows.get(key)
         if window is None:
             window = open_window(key, rule, state, now)
             open_windows[key] = touched[window.id] = window
+            opened.add(window.id)
             if window.mode == "leading":  # the first goes at once, the rest wait
                 channels, _ = channels_for(candidate.notification.channels, state, key[1], settings)
                 routed[candidate.id] = Routed("dispatched", channels=tuple(channels))
@@ -202,17 +208,17 @@ def assign_windows(
         if window.closed:
             del open_windows[key]
         routed[candidate.id] = Routed("pending", window_id=window.id)
-    write_windows(cursor, touched.values())
+    insert_windows(cursor, [w for w in touched.values() if w.id in opened])
+    update_windows(cursor, [w for w in touched.values() if w.id not in opened])
     return routed
 
 
 def lock_groups(cursor: Any, keys: Sequence[GroupKey]) -> None:
     """Serialise batches that touch the same groups (in one global order: no deadlock)."""
     cursor.execute(
-        "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended("
-        "r || chr(31) || t || chr(31) || k, 0) AS h FROM unnest(%s::text[], %s::text[],"
-        " %s::text[]) AS g(r, t, k) ORDER BY h) AS locks",
-        [list(column) for column in zip(*keys, strict=True)],
+        "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(g, 0) AS h"
+        " FROM unnest(%s::text[]) AS g ORDER BY h) AS locks",
+        (["\x1f".join(key) for key in keys],),
     )
 
 
@@ -260,14 +266,14 @@ def add_to_window(window: Window, rule: Rule, now: datetime) -> None:
         window.due_at = min(window.due_at, now)
 
 
-def write_windows(cursor: Any, windows: Iterable[Window]) -> None:
+def insert_windows(cursor: Any, windows: Sequence[Window]) -> None:
+    if not windows:
+        return
     rows = [
         (w.id, w.key[0], w.key[1], w.key[2], w.mode, w.opened_at, w.due_at, w.latest_due_at,
          w.item_count, w.max_count, w.closed)
         for w in windows
     ]
-    if not rows:
-        return
     cursor.execute(
         """
         INSERT INTO aggregation_windows (id, recipient_id, type, digest_key, mode, opened_at,
@@ -275,10 +281,25 @@ def write_windows(cursor: Any, windows: Iterable[Window]) -> None:
         SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[],
             %s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::int[], %s::int[],
             %s::bool[])
-        ON CONFLICT (id) DO UPDATE SET due_at = EXCLUDED.due_at,
-            item_count = EXCLUDED.item_count, closed = EXCLUDED.closed
         """,
         [list(column) for column in zip(*rows, strict=True)],
+    )
+
+
+def update_windows(cursor: Any, windows: Sequence[Window]) -> None:
+    """New counts and due times of windows that took items (locked by load_open_windows)."""
+    if not windows:
+        return
+    cursor.execute(
+        """
+        UPDATE aggregation_windows w SET due_at = u.due_at, item_count = u.item_count,
+            closed = u.closed
+        FROM unnest(%s::uuid[], %s::timestamptz[], %s::int[], %s::bool[])
+            AS u(id, due_at, item_count, closed)
+        WHERE w.id = u.id
+        """,
+        ([w.id for w in windows], [w.due_at for w in windows],
+         [w.item_count for w in windows], [w.closed for w in windows]),
     )
 
 
