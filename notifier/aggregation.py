@@ -205,9 +205,13 @@ def assign_windows(
                 continue
         add_to_window(window, rule, now)
         touched[window.id] = window
+        routed[candidate.id] = Routed("pending", window_id=window.id)
         if window.closed:
             del open_windows[key]
-        routed[candidate.id] = Routed("pending", window_id=window.id)
+            follower = continuation(window, now)
+            if follower:
+                open_windows[key] = touched[follower.id] = follower
+                opened.add(follower.id)
     insert_windows(cursor, [w for w in touched.values() if w.id in opened])
     update_windows(cursor, [w for w in touched.values() if w.id not in opened])
     return routed
@@ -255,6 +259,16 @@ def open_window(key: GroupKey, rule: Rule, state: RecipientState, now: datetime)
     due = now + rule.window
     latest = now + rule.longest_wait if rule.mode == "sliding" else due
     return Window(uuid7(), key, rule.mode, now, due, latest, rule.max_count)
+
+
+def continuation(closed: Window, now: datetime) -> Window | None:
+    """The rest of a leading window's period after a burst filled it early: an empty
+    window to its original end, so the next item waits instead of leading again (a long
+    burst becomes the lead item and full digests, not every sixth item on its own)."""
+    if closed.mode != "leading" or closed.latest_due_at <= now:
+        return None
+    return Window(uuid7(), closed.key, closed.mode, now, closed.latest_due_at,
+                  closed.latest_due_at, closed.max_count)
 
 
 def add_to_window(window: Window, rule: Rule, now: datetime) -> None:

@@ -256,6 +256,25 @@ def test_leading_burst_is_flushed_at_max_count():
     assert {status(n) for n in burst[1:]} == {"digested"}
 
 
+def test_leading_long_burst_leads_once_per_period():
+    """A burst longer than max_count: one lead item, then full digests; what follows in
+    the same period waits for its end instead of leading again."""
+    rules = with_rules(LEADING)
+    burst = [note("build") for _ in range(12)]
+    assert len(ingest(burst, now=T0, rules=rules).delivery_ids) == 1
+    flushed = flush(T0, rules)
+    assert (flushed.windows, flushed.digests, flushed.notifications) == (2, 2, 10)
+    assert [d.notification_ids for d in digests()] == [ids(burst[1:6]), ids(burst[6:11])]
+    later = note("build")
+    assert ingest([later], now=T0 + MINUTE, rules=rules).delivery_ids == []
+    assert flush(T0 + 10 * MINUTE - timedelta(seconds=1), rules).windows == 0
+    end = flush(T0 + 10 * MINUTE, rules)
+    assert (end.windows, end.digests, end.notifications) == (1, 1, 2)
+    assert digests()[-1].notification_ids == ids([burst[11], later])
+    quiet_again = note("build")
+    assert len(ingest([quiet_again], now=T0 + 11 * MINUTE, rules=rules).delivery_ids) == 1
+
+
 def test_sliding_window_extends_with_each_item_up_to_max_wait():
     rules = with_rules(SLIDING)
     notes = [note("chat") for _ in range(4)]
