@@ -374,6 +374,8 @@ class FlushResult:
     windows: int = 0
     digests: int = 0
     notifications: int = 0
+    #: Of those, folded into a digest (the rest went alone, or were suppressed).
+    digested: int = 0
     #: Windows whose members were all cancelled (or sent by another way): dropped.
     empty: int = 0
     tasks: list[DeliveryTask] = field(default_factory=list)
@@ -425,6 +427,7 @@ def flush_due_windows(
     cursor.execute("DELETE FROM aggregation_windows WHERE id = ANY(%s)", (list(windows),))
     result.digests = len(digests)
     result.notifications = len(statuses)
+    result.digested = sum(1 for status, _, _ in statuses.values() if status == "digested")
     result.tasks = queue_deliveries(cursor, due_now, settings)
     return result
 

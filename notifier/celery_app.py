@@ -59,9 +59,25 @@ def check_rules_before_beat(**_: Any) -> None:
         sys.exit(f"error: {exc}")
 
 
+@signals.worker_init.connect
+def start_metrics_endpoint(**_: Any) -> None:
+    """Tidy the metrics directory of dead processes' files and, if asked, serve /metrics
+    from the worker's main process (the pool's children write to the same directory)."""
+    from notifier import metrics
+    from notifier.settings import get_settings
+
+    metrics.remove_files_of_dead_processes()
+    settings = get_settings()
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_address, settings.metrics_port, settings)
+
+
 @signals.worker_process_shutdown.connect
 def close_channel_connections(**_: Any) -> None:
-    """Say goodbye to SMTP servers and HTTP pools instead of dropping the sockets."""
+    """Say goodbye to SMTP servers and HTTP pools instead of dropping the sockets, and
+    drop the process's live gauges."""
+    from notifier import metrics
     from notifier.channels import close_channels
 
     close_channels()
+    metrics.process_exited(os.getpid())

@@ -86,6 +86,8 @@ class BatchOutcome:
     rescheduled: int = 0
     #: Deliveries whose retry is due soon enough to ride on a countdown: publish these.
     tasks: list[DeliveryTask] = field(default_factory=list)
+    #: Seconds from each sent delivery's row commit to the channel accepting it.
+    latencies: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, int]:
         return {"sent": self.sent, "retrying": self.retrying, "dead": self.dead,
@@ -404,9 +406,13 @@ class _Recorder:
     def sent(self, delivery: ClaimedDelivery) -> None:
         self.cursor.execute(
             "UPDATE deliveries SET status = 'sent', sent_at = now(), updated_at = now(),"
-            " attempts = attempts + 1, last_error = NULL WHERE id = %s AND status = 'sending'",
+            " attempts = attempts + 1, last_error = NULL WHERE id = %s AND status = 'sending'"
+            " RETURNING extract(epoch FROM clock_timestamp() - created_at)",
             (delivery.id,),
         )
+        row = self.cursor.fetchone()
+        if row:
+            self.outcome.latencies.append(max(float(row[0]), 0.0))
         self.outcome.sent += 1
         if delivery.notification_id:
             self._sent_notifications.append(delivery.notification_id)

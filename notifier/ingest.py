@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -71,6 +72,9 @@ class IngestResult:
     rejected: int = 0
     suppressed: int = 0
     delivery_ids: list[uuid.UUID] = field(default_factory=list)
+    #: Stored notifications per (priority, type), and per routing status: for metrics.
+    kinds: Counter[tuple[str, str]] = field(default_factory=Counter)
+    routed: Counter[str] = field(default_factory=Counter)
 
     def add(self, other: IngestResult) -> None:
         self.stored += other.stored
@@ -79,6 +83,8 @@ class IngestResult:
         self.rejected += other.rejected
         self.suppressed += other.suppressed
         self.delivery_ids += other.delivery_ids
+        self.kinds.update(other.kinds)
+        self.routed.update(other.routed)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -158,9 +164,11 @@ def ingest_batch(
         if c.id in stored and routed[c.id].status == NotificationStatus.DISPATCHED
     ]
     result.delivery_ids = dispatch_now(cursor, dispatched, now)
-    result.suppressed = sum(
-        1 for c in candidates if c.id in stored and routed[c.id].status == "suppressed"
-    )
+    for c in candidates:
+        if c.id in stored:
+            result.kinds[(c.notification.priority, c.notification.type)] += 1
+            result.routed[routed[c.id].status] += 1
+    result.suppressed = result.routed["suppressed"]
     write_dead_letters(cursor, Stage.INGEST, rejections)
     return result
 

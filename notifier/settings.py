@@ -86,6 +86,15 @@ class Settings(BaseSettings):
     #: p99 close-to-queued was 0.9 s with 100 and 1.3 s with 500 (``make bench``).
     flush_batch_size: int = Field(100, ge=1)
 
+    # --- Metrics --------------------------------------------------------------------
+    #: Where worker processes keep their Prometheus values (multiprocess mode); one per
+    #: host is fine, several workers may share it. Default: a directory in /tmp.
+    metrics_dir: str | None = None
+    #: A worker serves /metrics on this port (0: it does not; `notifier metrics` can).
+    metrics_port: int = Field(0, ge=0, le=65535)
+    #: The address /metrics binds to: loopback, unless a scraper elsewhere needs it.
+    metrics_address: str = "127.0.0.1"
+
     # --- Delivery -------------------------------------------------------------------
     #: Channel name -> the URL that configures it (``NOTIFIER_CHANNELS__EMAIL=smtp://...``).
     #: Entries given here replace the defaults one by one. Options in the query string
@@ -126,6 +135,36 @@ class Settings(BaseSettings):
     #: A delivery claimed this long ago and still not recorded belonged to a worker that
     #: died; it is sent again. Must exceed the longest batch.
     sending_timeout: float = Field(300.0, gt=0)
+
+    # --- Health (``notifier health``) ------------------------------------------------
+    #: Seconds between beat's heartbeats (``notifier.heartbeat``, on the critical
+    #: delivery queue): the time beat sent the last one and the time a worker ran it are
+    #: kept in Redis for the beat check.
+    heartbeat_interval: float = Field(5.0, gt=0)
+    #: The beat check fails when beat's last tick, or the last run of its heartbeat by a
+    #: worker, is older than this (seconds). A heartbeat that waited longer expires.
+    health_beat_max_age: float = Field(30.0, gt=0)
+    #: The queues check fails when any one queue holds more messages than this.
+    health_max_queue_depth: int = Field(10_000, ge=0)
+    #: The pending check fails when work that should be moving has waited longer than
+    #: this (seconds): a delivery due and not sent, an aggregation window past its due
+    #: time, a pending notification in no window. Notifications waiting in their window
+    #: and deliveries held for quiet hours or a retry's backoff do not count. Keep it
+    #: below ``queued_timeout``: republishing a lost task restarts its delivery's clock.
+    health_max_pending_age: float = Field(120.0, gt=0)
+    #: The workers check fails when fewer workers than this answer its ping.
+    health_min_workers: int = Field(1, ge=0)
+    #: Seconds each check may wait: to connect, for a query, for the workers' pings.
+    health_timeout: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _beat_max_age_above_heartbeat_interval(self) -> Settings:
+        if self.health_beat_max_age <= self.heartbeat_interval:
+            raise ValueError(
+                f"health_beat_max_age: must be above NOTIFIER_HEARTBEAT_INTERVAL"
+                f" ({self.heartbeat_interval:g}), got {self.health_beat_max_age:g}"
+            )
+        return self
 
     @field_validator("database_url")
     @classmethod

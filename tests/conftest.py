@@ -8,6 +8,7 @@ Celery configuration made from them) are read once per process. Workers are real
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 
@@ -48,6 +49,8 @@ os.environ.update({
     "NOTIFIER_SENDING_TIMEOUT": "6",
     "NOTIFIER_BREAKER_OPEN_SECONDS": "2",
     "NOTIFIER_ALLOW_PRIVATE_TARGETS": "1",
+    # Prometheus values of this run's processes only (workers and the test process).
+    "NOTIFIER_METRICS_DIR": tempfile.mkdtemp(prefix=f"notifier-test-metrics-{_RUN_ID}-"),
 })
 
 
