@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from notifier import shutdown
 from notifier.settings import ConfigError
 
 
@@ -70,6 +71,22 @@ def start_metrics_endpoint(**_: Any) -> None:
     settings = get_settings()
     if settings.metrics_port:
         metrics.serve(settings.metrics_address, settings.metrics_port, settings)
+
+
+@signals.task_prerun.connect
+def mark_busy(**_: Any) -> None:
+    shutdown.task_started()
+
+
+@signals.task_postrun.connect
+def mark_idle(**_: Any) -> None:
+    shutdown.task_finished()
+
+
+@signals.worker_shutting_down.connect
+def tell_batches_to_return(**_: Any) -> None:
+    """Warm shutdown: delivery batches in progress hand back what they have not sent."""
+    shutdown.begin()
 
 
 @signals.worker_process_shutdown.connect

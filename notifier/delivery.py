@@ -30,6 +30,7 @@ from typing import Any
 import redis
 from psycopg.types.json import Jsonb
 
+from notifier import shutdown
 from notifier.breaker import CircuitBreaker
 from notifier.channels import channel_class, get_channel
 from notifier.channels.base import (
@@ -246,8 +247,9 @@ def _send(
     """Send and record each result as it comes; returns (provider failures, successes)."""
     by_id = {d.id: d for d in deliveries}
     failures = successes = 0
+    results = channel.send_batch([d.message for d in deliveries if d.message])
     try:
-        for result in channel.send_batch([d.message for d in deliveries if d.message]):
+        for result in results:
             delivery = by_id.pop(result.delivery_id)
             recorder.result(delivery, result)
             recorder.renew_lease(by_id)
@@ -255,12 +257,20 @@ def _send(
                 successes += 1
             elif result.error is not None and result.error.provider_failure:
                 failures += 1
+            if by_id and recorder.should_stop():
+                recorder.release(by_id.values(), time.time(), recorder.stop_reason())
+                by_id.clear()
+                break
     except Exception as exc:  # a channel bug must not strand the rest of the batch
         log.exception("%s channel failed mid-batch", channel.name)
         error = RetryableError(f"{channel.name} channel failed: {type(exc).__name__}: {exc}")
         for delivery in by_id.values():
             recorder.result(delivery, SendResult(delivery.id, error))
         failures += len(by_id)
+    finally:
+        close = getattr(results, "close", None)
+        if close:  # a generator stopped early: let the channel tidy up its session
+            close()
     return failures, successes
 
 
@@ -364,7 +374,20 @@ class _Recorder:
         self._short_retries: dict[datetime, list[uuid.UUID]] = defaultdict(list)
         self._sent_notifications: list[uuid.UUID] = []
         self._failed_notifications: list[uuid.UUID] = []
-        self._lease_renewed = time.monotonic()
+        self._lease_renewed = self._started = time.monotonic()
+
+    def should_stop(self) -> bool:
+        """Return the rest of the batch: the worker is stopping, or the batch has run
+        past its time budget (a slow provider must not hold a worker's shutdown)."""
+        return shutdown.requested() or (
+            time.monotonic() - self._started > self.settings.delivery_batch_max_seconds
+        )
+
+    def stop_reason(self) -> str:
+        if shutdown.requested():
+            return "returned unsent: the worker is shutting down"
+        budget = self.settings.delivery_batch_max_seconds
+        return f"returned unsent: the batch ran past {budget:g}s"
 
     def __enter__(self) -> _Recorder:
         self.connection = get_engine().raw_connection()

@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     #: Deliveries of one channel carried by one delivery task (one connection).
     delivery_batch_size: int = Field(100, ge=1)
+    #: A delivery task sending longer than this returns its unsent deliveries to the
+    #: queue (as it does when its worker shuts down), so a slow provider cannot hold a
+    #: worker's warm shutdown past an orchestrator's grace period.
+    delivery_batch_max_seconds: float = Field(20.0, gt=0)
     #: Let webhook, Slack and SMS targets resolve to private or loopback addresses.
     allow_private_targets: bool = False
     #: Retries: the n-th attempt waits about ``base * factor**(n-1)`` seconds (with
@@ -154,7 +158,9 @@ class Settings(BaseSettings):
     health_max_pending_age: float = Field(120.0, gt=0)
     #: The workers check fails when fewer workers than this answer its ping.
     health_min_workers: int = Field(1, ge=0)
-    #: Seconds each check may wait: to connect, for a query, for the workers' pings.
+    #: Seconds the workers check collects answers to its ping (it always waits this long).
+    health_ping_timeout: float = Field(1.0, gt=0)
+    #: Seconds each check may wait to connect and for a query.
     health_timeout: float = Field(2.0, gt=0)
 
     @model_validator(mode="after")
