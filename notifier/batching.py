@@ -33,7 +33,7 @@ from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 from kombu.message import Message
 
-from notifier.settings import PRIORITIES, queue_name
+from notifier.settings import PRIORITIES, get_settings, queue_name
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class CommittedBatches(Batches):
         self._paused_queues: list[str] = []
         self._flushing = False
         self._flush_again = False
+        self._sizer: Any = None
 
     # --- receiving ----------------------------------------------------------------------
 
@@ -145,10 +146,24 @@ class CommittedBatches(Batches):
     def _next_batch(self) -> list[Any]:
         if self._urgent.held:
             return self._urgent.take(self.flush_items)
-        full = self._bulk.items >= self.flush_items
+        size = self._bulk_batch_size()
+        full = self._bulk.items >= size
         if full or self._bulk.oldest_age(time.monotonic()) >= self.flush_interval:
-            return self._bulk.take(self.flush_items)
+            return self._bulk.take(size)
         return []
+
+    def _bulk_batch_size(self) -> int:
+        """Bulk batches follow the backlog (``flush_items`` is the most); critical ones
+        are written as they come."""
+        if self._sizer is None:
+            from notifier.batch_sizing import ingest_sizer
+
+            self._sizer = ingest_sizer(get_settings(), self._items_per_message)
+        return self._sizer.current(extra_waiting=self._bulk.items)
+
+    def _items_per_message(self) -> float:
+        held = len(self._bulk.held)
+        return self._bulk.items / held if held else 1.0
 
     def flush(self, requests: Collection[Any]) -> Any:
         requests = list(requests)

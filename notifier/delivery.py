@@ -31,6 +31,7 @@ import redis
 from psycopg.types.json import Jsonb
 
 from notifier import shutdown
+from notifier.batch_sizing import delivery_batch_size
 from notifier.breaker import CircuitBreaker
 from notifier.channels import channel_class, get_channel
 from notifier.channels.base import (
@@ -125,17 +126,18 @@ def group_into_tasks(
     rows: Iterable[tuple[uuid.UUID, str, str]], settings: Settings,
     due_at: datetime | None = None,
 ) -> list[DeliveryTask]:
-    """Deliveries of one queue and channel, ``delivery_batch_size`` to a task."""
+    """Deliveries of one queue and channel to a task, as many as the backlog warrants
+    (see ``notifier.batch_sizing``)."""
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for delivery_id, channel, priority in rows:
         groups[(delivery_queue(channel, priority), channel)].append(str(delivery_id))
     countdown = max(0.0, (due_at - datetime.now(UTC)).total_seconds()) if due_at else 0.0
-    size = settings.delivery_batch_size
-    return [
-        DeliveryTask(channel, queue, ids[start:start + size], countdown)
-        for (queue, channel), ids in groups.items()
-        for start in range(0, len(ids), size)
-    ]
+    tasks = []
+    for (queue, channel), ids in groups.items():
+        size = delivery_batch_size(queue, settings, len(ids))
+        tasks += [DeliveryTask(channel, queue, ids[start:start + size], countdown)
+                  for start in range(0, len(ids), size)]
+    return tasks
 
 
 def sweep_due_deliveries(

@@ -38,15 +38,16 @@ def pipeline_status(session: Session) -> dict[str, Any]:
     }
 
 
-def queue_depths() -> dict[str, int | None]:
-    """Messages waiting in each of our queues (None where the broker cannot tell)."""
+def queue_depths(names: list[str] | None = None) -> dict[str, int | None]:
+    """Messages waiting in each of our queues, or in ``names`` (None where the broker
+    cannot tell)."""
     from notifier.celery_app import app
 
     depths: dict[str, int | None] = {}
     with app.connection_for_read() as connection:
         connection.ensure_connection(max_retries=1)
         channel = connection.default_channel
-        for name in [queue.name for queue in app.conf.task_queues]:
+        for name in names or [queue.name for queue in app.conf.task_queues]:
             if hasattr(channel, "_size"):  # kombu's virtual transports (Redis)
                 depths[name] = channel._size(name)
                 continue

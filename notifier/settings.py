@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     dedup_window: int = Field(86400, ge=0)
     #: Most notifications written to Postgres in one ingest transaction.
     ingest_batch_size: int = Field(500, ge=1)
+    #: The smallest ingest batch: used at an empty queue (see ``adaptive_high_water``).
+    ingest_batch_min: int = Field(50, ge=1)
     #: Seconds a partial ingest batch waits for more messages before it is written.
     ingest_flush_interval: float = Field(0.05, gt=0)
     #: Messages a worker process may hold unacknowledged; ingest batches form from them.
@@ -104,6 +106,14 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     #: Deliveries of one channel carried by one delivery task (one connection).
     delivery_batch_size: int = Field(100, ge=1)
+    #: The fewest deliveries per task: used when the channel's queue is empty, so a
+    #: trickle spreads over the worker processes instead of queuing behind one.
+    delivery_batch_min: int = Field(10, ge=1)
+    #: Batch sizes grow with the backlog from their minimum (empty queue) to their
+    #: maximum (``*_batch_size``), reached when this many maximum batches are waiting.
+    adaptive_high_water: float = Field(10.0, gt=0)
+    #: Seconds between two reads of a queue's depth for choosing batch sizes.
+    adaptive_refresh: float = Field(1.0, gt=0)
     #: A delivery task sending longer than this returns its unsent deliveries to the
     #: queue (as it does when its worker shuts down), so a slow provider cannot hold a
     #: worker's warm shutdown past an orchestrator's grace period.

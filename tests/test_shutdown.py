@@ -48,6 +48,10 @@ def _sigterm_mid_delivery(smtp_server, whole_group: bool) -> None:
     successor = WorkerProcess.start(env=env)
     try:
         wait_for_count(SENT, 40, timeout=60)
+    except TimeoutError:
+        statuses = count_rows("SELECT string_agg(status || ':' || coalesce(last_error, ''), ', ')"
+                              " FROM deliveries WHERE status <> 'sent'")
+        raise AssertionError(f"{statuses}\n{worker.log()[-3000:]}\n{successor.log()[-3000:]}")
     finally:
         successor.stop()
     assert_each_sent_once(smtp_server, 40)
