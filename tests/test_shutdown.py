@@ -51,7 +51,8 @@ def _sigterm_mid_delivery(smtp_server, whole_group: bool) -> None:
     except TimeoutError:
         statuses = count_rows("SELECT string_agg(status || ':' || coalesce(last_error, ''), ', ')"
                               " FROM deliveries WHERE status <> 'sent'")
-        raise AssertionError(f"{statuses}\n{worker.log()[-3000:]}\n{successor.log()[-3000:]}") from None
+        logs = f"{worker.log()[-3000:]}\n{successor.log()[-3000:]}"
+        raise AssertionError(f"{statuses}\n{logs}") from None
     finally:
         successor.stop()
     assert_each_sent_once(smtp_server, 40)
