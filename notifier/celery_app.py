@@ -35,6 +35,17 @@ app = Celery("notifier", include=["notifier.tasks"])
 app.config_from_object(_config)
 
 
+@signals.setup_logging.connect
+def configure_logging(loglevel: Any = None, logfile: str | None = None, **_: Any) -> None:
+    """Our log lines for workers and beat (task ids, item ids, masked URLs, JSON if
+    asked); connecting this signal keeps Celery from setting up its own."""
+    from notifier.logs import configure
+    from notifier.settings import get_settings
+
+    settings = get_settings()
+    configure(loglevel or settings.log_level, logfile, settings.log_format == "json")
+
+
 @signals.worker_init.connect
 def check_services_before_work(**_: Any) -> None:
     """Refuse to start a worker that cannot reach Postgres or has a bad rules file, with

@@ -264,7 +264,8 @@ def _send(
                 by_id.clear()
                 break
     except Exception as exc:  # a channel bug must not strand the rest of the batch
-        log.exception("%s channel failed mid-batch", channel.name)
+        log.exception("%s channel failed mid-batch", channel.name, extra={
+            "channel": channel.name, "delivery_ids": [str(i) for i in by_id]})
         error = RetryableError(f"{channel.name} channel failed: {type(exc).__name__}: {exc}")
         for delivery in by_id.values():
             recorder.result(delivery, SendResult(delivery.id, error))
@@ -452,14 +453,20 @@ class _Recorder:
         self._hold(delivery.id, due, str(error), counts_attempt=True)
         self.outcome.retrying += 1
         log.info("delivery %s (%s) failed, attempt %d, retrying in %.1fs: %s",
-                 delivery.id, self.channel, attempts, delay, error)
+                 delivery.id, self.channel, attempts, delay, error, extra=self._about(delivery))
 
     def release(self, deliveries: Iterable[ClaimedDelivery], until: float, why: str) -> None:
         """Put deliveries back, untried, until ``until`` (epoch seconds)."""
         due = datetime.fromtimestamp(max(until, 0), UTC)
+        held = []
         for delivery in deliveries:
             self._hold(delivery.id, due, why, counts_attempt=False)
             self.outcome.rescheduled += 1
+            held.append(str(delivery.id))
+        if held:
+            log.info("%d deliveries (%s) put back until %s: %s", len(held), self.channel,
+                     due.isoformat(timespec="seconds"), why,
+                     extra={"channel": self.channel, "delivery_ids": held})
 
     def _hold(
         self, delivery_id: uuid.UUID, due: datetime, why: str, *, counts_attempt: bool
@@ -491,7 +498,17 @@ class _Recorder:
         self.outcome.dead += 1
         if delivery.notification_id:
             self._failed_notifications.append(delivery.notification_id)
-        log.warning("delivery %s (%s) is dead: %s", delivery.id, self.channel, reason or error)
+        log.warning("delivery %s (%s) is dead: %s", delivery.id, self.channel, reason or error,
+                    extra=self._about(delivery))
+
+    def _about(self, delivery: ClaimedDelivery) -> dict[str, Any]:
+        """What a log line about one delivery names (see ``notifier.logs``)."""
+        about: dict[str, Any] = {"delivery_id": str(delivery.id), "channel": self.channel}
+        if delivery.notification_id:
+            about["notification_id"] = str(delivery.notification_id)
+        elif delivery.message and delivery.message.digest_id:
+            about["digest_id"] = str(delivery.message.digest_id)
+        return about
 
     def _write_dead_letter(
         self, delivery: ClaimedDelivery, error: DeliveryError, reason: str, attempts: int

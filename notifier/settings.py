@@ -7,6 +7,7 @@ operators find them in one place and modules never grow constants of their own.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -77,6 +78,8 @@ class Settings(BaseSettings):
     retention_interval: float = Field(3600, gt=0)
     #: Logging level of the worker and the CLI.
     log_level: str = "INFO"
+    #: ``text`` (one readable line) or ``json`` (one object per line, for a log store).
+    log_format: Literal["text", "json"] = "text"
 
     # --- Aggregation ----------------------------------------------------------------
     #: A TOML file of aggregation rules per notification type, over the built-in ones.

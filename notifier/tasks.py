@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
+from notifier import metrics
 from notifier.aggregation import flush_due_windows
 from notifier.batching import CommittedBatches
 from notifier.celery_app import app
@@ -46,6 +47,13 @@ def ingest(requests: Sequence[Any]) -> dict[str, int]:
     messages = [_to_ingest_message(request) for request in requests]
     result = store_messages(messages)
     publish_new_deliveries(result.delivery_ids)
+    metrics.record_ingest(result.kinds, result.routed, result.rejected,
+                          (m.enqueued_at for m in messages), sum(result.kinds.values()))
+    if result.stored:
+        log.info("stored %d notifications from %d messages: %s", len(result.stored),
+                 len(messages), dict(result.routed),
+                 extra={"notification_ids": [str(i) for i in result.stored],
+                        "task_ids": [m.message_id for m in messages]})
     return result.as_dict()
 
 
@@ -54,6 +62,7 @@ def deliver(channel: str, delivery_ids: list[str]) -> dict[str, int]:
     """Send deliveries of one channel over one connection; publish the short retries."""
     outcome = deliver_batch(channel, delivery_ids, _settings, state_redis())
     publish(outcome.tasks)
+    metrics.record_delivery(channel, outcome.as_dict(), outcome.latencies, len(delivery_ids))
     return outcome.as_dict()
 
 
@@ -80,6 +89,10 @@ def flush_windows() -> dict[str, int]:
                 _raw_cursor(session), get_rules(), _settings, datetime.now(UTC)
             )
         publish(result.tasks)
+        metrics.record_flush(result.windows, result.digests, result.digested)
+        if result.windows:
+            log.info("flushed %d windows: %d digests of %d notifications", result.windows,
+                     result.digests, result.digested)
         totals["windows"] += result.windows
         totals["digests"] += result.digests
         totals["notifications"] += result.notifications
@@ -204,3 +217,4 @@ def _to_ingest_message(request: Any) -> IngestMessage:
         error="message: notifier.ingest takes one argument, a notification or a list of"
         f" them (got {len(args)} arguments and {len(kwargs)} keyword arguments)",
     )
+
