@@ -64,8 +64,13 @@ task_create_missing_queues = True
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = _settings.prefetch_multiplier
+# Task events, for Flower's dashboard and /metrics (by task name). Workers send received,
+# started, succeeded, failed (as `celery worker -E` would). Producers using this app (our
+# client, workers publishing deliveries, beat) send task-sent: the one event that
+# names notifier.ingest, whose batches (celery-batches) send no worker events, so Flower
+# shows ingest messages as PENDING. The price is one more broker publish per message.
 worker_send_task_events = True
-task_send_sent_event = False
+task_send_sent_event = True
 worker_hijack_root_logger = False
 
 beat_schedule = {
@@ -83,6 +88,13 @@ beat_schedule = {
         "task": "notifier.purge_expired_keys",
         "schedule": _settings.retention_interval,
         "options": {"queue": queue_name("low")},
+    },
+    # Beat's heartbeat for `notifier health`; it expires once too late to tell anything.
+    "heartbeat": {
+        "task": "notifier.heartbeat",
+        "schedule": _settings.heartbeat_interval,
+        "options": {"queue": delivery_queue("", "critical"),
+                    "expires": _settings.health_beat_max_age},
     },
 }
 

@@ -753,3 +753,132 @@ def _masked(address: str) -> str:
     from notifier.channels.http import mask_target
 
     return mask_target(address) if "://" in address else address
+
+
+# --- health and stats -------------------------------------------------------------------
+
+EXIT_UNHEALTHY = 1
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--check", "checks", multiple=True,
+              type=click.Choice(["broker", "database", "workers", "beat", "queues", "pending"]),
+              help="Run only this check; repeat for more (default: all).")
+@click.option("--max-queue-depth", type=click.IntRange(min=0),
+              help="Most messages one queue may hold [NOTIFIER_HEALTH_MAX_QUEUE_DEPTH].")
+@click.option("--max-pending-age", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds overdue work may wait [NOTIFIER_HEALTH_MAX_PENDING_AGE].")
+@click.option("--beat-max-age", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds since beat's last heartbeat [NOTIFIER_HEALTH_BEAT_MAX_AGE].")
+@click.option("--min-workers", type=click.IntRange(min=0),
+              help="Workers that must answer the ping [NOTIFIER_HEALTH_MIN_WORKERS].")
+@click.option("--ping-timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to collect ping answers [NOTIFIER_HEALTH_PING_TIMEOUT].")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to connect and query [NOTIFIER_HEALTH_TIMEOUT].")
+@friendly_errors
+def health(as_json: bool, checks: tuple[str, ...], **overrides: Any) -> None:
+    """Check broker, database, workers, beat, queue depths and overdue work, for probes.
+
+    One line per check; exits 0 when every check passes and 1 otherwise.
+    """
+    from notifier.health import CHECK_NAMES, Thresholds, run_checks
+
+    settings = get_settings()
+    report = run_checks(settings, Thresholds.from_settings(settings, **overrides),
+                        checks or CHECK_NAMES)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        width = max(len(check.name) for check in report.checks)
+        for check in report.checks:
+            click.echo(f"{'ok' if check.ok else 'FAIL':<4} {check.name:<{width}}  {check.summary}")
+    if not report.ok:
+        sys.exit(EXIT_UNHEALTHY)
+
+
+@main.command()
+@click.option("--since", default="1h", show_default=True,
+              help="The window, back from now: 15m, 2h, 1d, 1h30m, 90s.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@friendly_errors
+def stats(since: str, as_json: bool) -> None:
+    """Throughput, outcomes, latency percentiles and batching over a window (Postgres)."""
+    from notifier.db import session_scope
+    from notifier.rules import parse_duration
+    from notifier.stats import collect_stats
+
+    try:
+        window = parse_duration(since)
+    except ValueError as exc:
+        _fail(f"--since: {exc}", EXIT_USAGE)
+    with session_scope() as session:
+        figures = collect_stats(session, window)
+    if as_json:
+        click.echo(json.dumps(figures.as_dict(), indent=2, default=str))
+        return
+    _print_stats(figures, since)
+
+
+def _print_stats(figures: Any, since: str) -> None:
+    ingest, until = figures.ingest, figures.until
+    span = f"{_when(figures.since)} → {until:%H:%M:%S}" if figures.since.date() == until.date() \
+        else f"{_when(figures.since)} → {_when(until)}"
+    click.echo(f"last {since}: {span} UTC\n")
+    priorities = ", ".join(f"{name} {count:,}" for name, count in ingest.by_priority.items())
+    click.echo(f"{'ingested':<15}{ingest.total:,} ({_rate(ingest.per_second)})"
+               + (f"   {priorities}" if priorities else ""))
+    click.echo(f"{'':<15}suppressed {ingest.suppressed:,}, rejected at ingest {ingest.rejected:,}")
+    click.echo(f"{'ingest latency':<15}{_percentiles(ingest.latency)}"
+               f"   (enqueued → stored, {ingest.latency.count:,} stamped)\n")
+    for title, rows in (("deliveries", figures.by_channel), ("by priority", figures.by_priority)):
+        _delivery_table(title, {**rows, "all": figures.deliveries} if rows else {})
+    batching = figures.batching
+    if batching.messages:
+        plural = "s" if batching.digests != 1 else ""
+        digests = (f"; {batching.digests:,} digest{plural} of {batching.digest_size:.1f}"
+                   " on average" if batching.digests else "; no digests")
+        click.echo(f"{'batching':<15}{batching.notifications:,} notifications in"
+                   f" {batching.messages:,} messages: {batching.per_message:.2f} per message"
+                   f"{digests}")
+    else:
+        click.echo(f"{'batching':<15}no messages sent")
+
+
+_DELIVERY_COLUMNS = ("sent", "retried", "retrying", "dead", "sent/s", "delivered", "errors",
+                     "p50", "p95", "p99")
+
+
+def _delivery_table(title: str, rows: dict[str, Any]) -> None:
+    click.echo(f"{title:<13}" + "".join(f"{name:>10}" for name in _DELIVERY_COLUMNS))
+    if not rows:
+        click.echo(f"{'none':<13}\n")
+        return
+    for name, f in rows.items():
+        cells = (f"{f.sent:,}", f"{f.sent_after_retry:,}", f"{f.retrying:,}", f"{f.dead:,}",
+                 f"{f.per_second:.2f}", _percent(f.delivered_rate), _percent(f.error_rate),
+                 _latency(f.latency.p50), _latency(f.latency.p95), _latency(f.latency.p99))
+        click.echo(f"{name:<13}" + "".join(f"{cell:>10}" for cell in cells))
+    click.echo("")
+
+
+def _percentiles(latency: Any) -> str:
+    return (f"p50 {_latency(latency.p50)}, p95 {_latency(latency.p95)},"
+            f" p99 {_latency(latency.p99)}")
+
+
+def _latency(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if abs(seconds) < 1:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.2f} s" if abs(seconds) < 100 else f"{seconds:,.0f} s"
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share * 100:.1f} %"
+
+
+def _rate(per_second: float) -> str:
+    return f"{per_second:,.2f}/s"

@@ -107,6 +107,7 @@ class Notification(Base):
             postgresql_where=text("status = 'pending'"),
         ),
         Index("ix_notifications_recipient_id_created_at", "recipient_id", "created_at"),
+        Index("ix_notifications_created_at", "created_at"),  # `notifier stats`
         Index("ix_notifications_status", "status"),
         Index("ix_notifications_window_id", "window_id",
               postgresql_where=text("status = 'pending'")),
@@ -215,7 +216,8 @@ class Delivery(Base):
         # The sweeper looks for work that is due: unsent rows by next attempt.
         Index("ix_deliveries_due", "next_attempt_at",
               postgresql_where=text("status IN ('pending', 'queued', 'retrying', 'scheduled')")),
-        Index("ix_deliveries_status", "status"),
+        # `notifier stats`: what changed in a window, by status.
+        Index("ix_deliveries_status_updated_at", "status", "updated_at"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)

@@ -218,3 +218,45 @@ def _to_ingest_message(request: Any) -> IngestMessage:
         f" them (got {len(args)} arguments and {len(kwargs)} keyword arguments)",
     )
 
+
+# --- health: beat's heartbeat -------------------------------------------------------
+
+
+@app.task(name="notifier.heartbeat", bind=True)
+def heartbeat(self: Any) -> None:
+    """Beat's heartbeat: record when beat sent it and when a worker ran it (``notifier
+    health`` tells a stopped beat from beat ticking with nobody consuming its queue)."""
+    from notifier.health import SENT_AT_HEADER, record_heartbeat_run
+
+    record_heartbeat_run(state_redis(), self.request.get(SENT_AT_HEADER), self.request.hostname)
+
+
+def _stamp_heartbeat(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """In the publishing process (beat): the sending time goes into the message."""
+    from notifier.health import stamp_heartbeat
+
+    stamp_heartbeat(headers)
+
+
+def _heartbeat_published(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """In the publishing process (beat): record the tick, even if no worker runs it."""
+    import redis
+
+    from notifier.health import record_heartbeat_published
+
+    try:
+        record_heartbeat_published(state_redis(), headers)
+    except redis.RedisError as exc:  # never let bookkeeping stop beat
+        log.warning("could not record beat's heartbeat: %s", exc)
+
+
+def _connect_heartbeat_signals() -> None:
+    from celery import signals
+
+    signals.before_task_publish.connect(_stamp_heartbeat, sender="notifier.heartbeat",
+                                        weak=False)
+    signals.after_task_publish.connect(_heartbeat_published, sender="notifier.heartbeat",
+                                       weak=False)
+
+
+_connect_heartbeat_signals()
