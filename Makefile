@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Embedded servers chosen by `make run` (empty when the real ones answer).
 ENV    := if [ -f .notifier-data/env ]; then . ./.notifier-data/env; fi;
 
-.PHONY: help install run stop worker worker-critical worker-deliver beat flower migrate status test bench lint clean
+.PHONY: help install run stop worker worker-critical worker-deliver beat flower migrate status test bench chaos lint clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -40,9 +40,12 @@ worker-deliver: install  ## A worker for deliveries only, one queue per channel 
 beat: install  ## Celery beat (foreground)
 	$(ENV) $(BIN)/celery -A notifier beat -l info --schedule .run/celerybeat-schedule
 
+# The login goes to Flower in its environment (FLOWER_BASIC_AUTH), never on a command line
+# that `ps` shows. /metrics and /healthcheck answer without it: keep the default address.
 flower: install  ## Flower on 127.0.0.1:5555; login from NOTIFIER_FLOWER_BASIC_AUTH=user:password
 	$(ENV) FLOWER_BASIC_AUTH="$${NOTIFIER_FLOWER_BASIC_AUTH:?set NOTIFIER_FLOWER_BASIC_AUTH=user:password}" \
-		$(BIN)/celery -A notifier flower --address=127.0.0.1 --port=5555
+		exec $(BIN)/celery -A notifier flower \
+		--address="$${NOTIFIER_FLOWER_ADDRESS:-127.0.0.1}" --port="$${NOTIFIER_FLOWER_PORT:-5555}"
 
 migrate: install  ## Create the database if missing and migrate it to head
 	$(ENV) $(BIN)/notifier db upgrade
@@ -55,6 +58,9 @@ test: install  ## The test suite (needs Postgres and Redis; see README)
 
 bench: install  ## Throughput and latency against a naive baseline (prints figures)
 	$(BIN)/python -m bench
+
+chaos: install  ## Kill workers, restart Redis and Postgres, stop SMTP, fuzz; account for it all
+	$(BIN)/python -m chaos
 
 lint: install  ## ruff
 	$(BIN)/ruff check .

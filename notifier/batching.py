@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -169,23 +170,46 @@ class CommittedBatches(Batches):
         requests = list(requests)
         batch = ([SimpleRequest.from_request(request) for request in requests],)
         self._in_flight += 1
+        event = self._batch_events(requests)
 
         def on_return(result: Any) -> None:
             if result is None:  # run() raised: nothing was committed
                 self._requeue(requests, "the batch did not commit")
+                event("task-failed", exception="the batch did not commit")
             else:
                 for request in requests:
                     request.acknowledge()
+                event("task-succeeded", result=repr(result))
             self._batch_done()
 
         def on_error(exc_info: Any) -> None:
             self._requeue(requests, f"the worker process failed ({exc_info!r})")
+            event("task-failed", exception=repr(exc_info))
             self._batch_done()
 
         return self._pool.apply_async(
             apply_batches_task, (self, batch, 0, None),
             callback=on_return, error_callback=on_error,
         )
+
+    def _batch_events(self, requests: list[Any]) -> Callable[..., None]:
+        """Task events for the batch as one task (celery-batches sends none), so Flower
+        and its /metrics show ``notifier.ingest`` with a runtime: three events per batch,
+        where events per message would cost the consumer three publishes each."""
+        dispatcher = getattr(self._consumer, "event_dispatcher", None)
+        if dispatcher is None or not dispatcher.enabled:
+            return lambda *args, **kwargs: None
+        batch_id, started = str(uuid.uuid4()), time.monotonic()
+        items = sum(self.items_in(request) for request in requests)
+        dispatcher.send("task-received", uuid=batch_id, name=self.name, retries=0,
+                        args=f"[<{len(requests)} messages, {items} notifications>]",
+                        kwargs="{}", root_id=batch_id, parent_id=None)
+        dispatcher.send("task-started", uuid=batch_id)
+
+        def send(kind: str, **fields: Any) -> None:
+            dispatcher.send(kind, uuid=batch_id, runtime=time.monotonic() - started, **fields)
+
+        return send
 
     def _batch_done(self) -> None:
         self._in_flight -= 1

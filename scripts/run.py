@@ -12,6 +12,7 @@ happened. Running it again reuses what already runs.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ import local_services  # a sibling script, not a package
 
 REPO = local_services.REPO
 RUN_DIR = REPO / ".run"
-FLOWER_PORT = 5555
+FLOWER_USER = "notifier"  # of the login made for Flower when none is given
 WORKER_NAME = "run"
 WORKER_TIMEOUT = 60.0  # a cold worker on a small machine takes a few seconds
 COMMIT_TIMEOUT = 20.0
@@ -38,12 +39,29 @@ STOP_TIMEOUT = 30.0  # a warm shutdown lets the worker finish its batch
 def celery_commands() -> dict[str, list[str]]:
     """The background processes, run with this interpreter so the venv is used."""
     celery = [sys.executable, "-m", "celery", "-A", "notifier"]
+    address, port = flower_address()
     return {
         "worker": [*celery, "worker", "-l", "info", "-n", f"{WORKER_NAME}@%h"],
         "beat": [*celery, "beat", "-l", "info",
                  "--schedule", str(RUN_DIR / "celerybeat-schedule")],
-        "flower": [*celery, "flower", "--address=127.0.0.1", f"--port={FLOWER_PORT}"],
+        "flower": [*celery, "flower", f"--address={address}", f"--port={port}"],
     }
+
+
+def flower_address() -> tuple[str, int]:
+    """Where Flower listens: NOTIFIER_FLOWER_ADDRESS (default 127.0.0.1, because its
+    /metrics and /healthcheck answer without a login) and NOTIFIER_FLOWER_PORT (5555)."""
+    address = os.environ.get("NOTIFIER_FLOWER_ADDRESS") or "127.0.0.1"
+    port = os.environ.get("NOTIFIER_FLOWER_PORT") or "5555"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        _fail(f"NOTIFIER_FLOWER_PORT: not a port number: {port!r}")
+    return address, int(port)
+
+
+def flower_endpoint() -> tuple[str, int]:
+    """Where this machine reaches Flower (on loopback if it listens on every address)."""
+    address, port = flower_address()
+    return ("127.0.0.1" if address in ("0.0.0.0", "::") else address), port
 
 
 def _marker(name: str) -> str:
@@ -102,11 +120,9 @@ def running_pid(name: str) -> int | None:
 def start_process(name: str, command: list[str]) -> int:
     """Start ``command`` detached (own session: Ctrl-C on make does not reach it)."""
     env = dict(os.environ)
-    auth = os.environ.get("NOTIFIER_FLOWER_BASIC_AUTH")
-    if name == "flower" and auth:
-        # Flower reads --basic-auth from FLOWER_BASIC_AUTH too; the environment keeps
-        # the password out of `ps` output, where a command-line flag would show it.
-        env["FLOWER_BASIC_AUTH"] = auth
+    env.pop("NOTIFIER_FLOWER_BASIC_AUTH", None)  # Flower's login is for Flower only
+    if name == "flower":
+        env["FLOWER_BASIC_AUTH"] = flower_login()
     with open(RUN_DIR / f"{name}.log", "wb") as log:
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
@@ -126,9 +142,27 @@ def start_background() -> None:
             continue
         pid = start_process(name, command)
         print(f"{name:<6} started (pid {pid}), log .run/{name}.log")
-    if not os.environ.get("NOTIFIER_FLOWER_BASIC_AUTH"):
-        print("Flower has no login: set NOTIFIER_FLOWER_BASIC_AUTH=user:password to require"
-              " one (it listens on 127.0.0.1 only).")
+
+
+#: How the Flower this run started logs in (stays None when Flower already ran).
+_flower_login_note: str | None = None
+
+
+def flower_login() -> str:
+    """Flower's ``user:password``: NOTIFIER_FLOWER_BASIC_AUTH, or one made for this run.
+
+    It reaches Flower as FLOWER_BASIC_AUTH in its environment, which `ps` does not show
+    (a --basic-auth flag it would). A made one is printed once and stored nowhere.
+    """
+    global _flower_login_note
+    login = os.environ.get("NOTIFIER_FLOWER_BASIC_AUTH")
+    if login:
+        _flower_login_note = "login from NOTIFIER_FLOWER_BASIC_AUTH"
+        return login
+    password = secrets.token_urlsafe(12)  # no ':' or ',' (Flower splits logins at ',')
+    _flower_login_note = (f"login {FLOWER_USER} / {password}, made for this run"
+                          " (choose one: NOTIFIER_FLOWER_BASIC_AUTH=user:password)")
+    return f"{FLOWER_USER}:{password}"
 
 
 def wait_for_worker(timeout: float = WORKER_TIMEOUT) -> None:
@@ -150,7 +184,7 @@ def flower_listens(timeout: float = 10.0) -> bool:
     """Whether Flower's port accepts connections (it takes a moment to open it)."""
     def accepts() -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", FLOWER_PORT), timeout=0.5):
+            with socket.create_connection(flower_endpoint(), timeout=0.5):
                 return True
         except OSError:
             return False
@@ -287,7 +321,10 @@ def print_next_steps() -> None:
     if env_file.is_file() and env_file.read_text().strip():
         print("  . .notifier-data/env      (in a new shell first: use the embedded servers)")
     print("  .venv/bin/notifier status  counts, queue depths, dead letters")
-    print(f"  http://127.0.0.1:{FLOWER_PORT}      Flower: workers, tasks, queues")
+    host, port = flower_endpoint()
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    print(f"  {url:<26} Flower: workers, tasks, queues, with a login;")
+    print(f"  {'':<26} {_flower_login_note or 'the login it was started with'}")
     print("  .run/worker.log, .run/beat.log, .run/flower.log")
     print("  make stop                  stops worker, beat, Flower and embedded servers")
 

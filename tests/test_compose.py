@@ -31,6 +31,8 @@ INFRASTRUCTURE = {"postgres", "redis", "mailpit"}
 CELERY_SUBCOMMANDS = {"worker", "beat", "flower"}
 #: Read by compose itself (interpolation), not by notifier: no Settings field.
 COMPOSE_ONLY_VARIABLES = {"NOTIFIER_FLOWER_BASIC_AUTH"}
+#: Variables for a program other than notifier, per service.
+FOREIGN_VARIABLES = {"flower": {"FLOWER_BASIC_AUTH"}}
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)([^}]*)\}")
 
 
@@ -171,7 +173,7 @@ def test_environment_names_real_settings(app_services: dict[str, dict[str, Any]]
 
     fields |= {f"NOTIFIER_CHANNELS__{name.upper()}" for name in CHANNEL_NAMES}
     for name, spec in app_services.items():
-        variables = set(environment(spec))
+        variables = set(environment(spec)) - FOREIGN_VARIABLES.get(name, set())
         assert {"NOTIFIER_DATABASE_URL", "NOTIFIER_BROKER_URL"} <= variables, name
         assert variables <= fields, f"{name}: {variables - fields}"
     interpolated = {match[0] for match in _INTERPOLATION.findall(COMPOSE.read_text())}
@@ -212,14 +214,52 @@ def test_app_services_wait_for_healthy_dependencies(
 def test_flower_requires_a_login_without_a_default_password(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    """Flower gets --basic-auth from a required variable, never a password in the file."""
-    args = argv(services["flower"])
-    auth = [arg.split("=", 1)[1] for arg in args if arg.startswith("--basic-auth=")]
-    assert len(auth) == 1
-    match = _INTERPOLATION.fullmatch(auth[0])
-    assert match, f"--basic-auth must come from a variable, got {auth[0]!r}"
+    """Flower's login comes from a required variable (no default, so never a password in
+    the file), in its environment: a --basic-auth flag would show in `ps` on the host."""
+    flower = services["flower"]
+    assert not any("auth" in arg for arg in argv(flower))
+    match = _INTERPOLATION.fullmatch(environment(flower)["FLOWER_BASIC_AUTH"])
+    assert match, "FLOWER_BASIC_AUTH must be ${NOTIFIER_FLOWER_BASIC_AUTH:?...}"
     variable, modifier = match.groups()
     assert variable == "NOTIFIER_FLOWER_BASIC_AUTH"
     assert modifier.startswith(":?"), "the variable must be required (${VAR:?message})"
+    for found, used in _INTERPOLATION.findall(COMPOSE.read_text()):  # nowhere a default
+        if found == "NOTIFIER_FLOWER_BASIC_AUTH":
+            assert used.startswith(":?"), used
+    for name, spec in services.items():  # only Flower gets a login
+        if name != "flower":
+            assert not any("FLOWER" in key for key in environment(spec)), name
+
+
+def _published(port: str | int | dict[str, Any]) -> tuple[str, str, str]:
+    """(host address, host port, container port) of a ``ports`` entry."""
+    if isinstance(port, dict):  # the long syntax
+        return (str(port.get("host_ip", "")), str(port.get("published", "")),
+                str(port["target"]))
+    parts = str(port).split("/")[0].split(":")  # [[address:]host port:]container port
+    host = parts[0] if len(parts) == 3 else ""
+    return host, parts[-2] if len(parts) > 1 else "", parts[-1]
+
+
+def test_ports_are_published_on_loopback_only(services: dict[str, dict[str, Any]]) -> None:
+    """No service is reachable from other machines: Postgres trusts every connection, and
+    Flower's /metrics and /healthcheck answer without its login."""
     for name, spec in services.items():
-        assert not any(key.startswith("FLOWER_") for key in environment(spec)), name
+        for port in spec.get("ports", []):
+            host, published, _ = _published(port)
+            assert host == "127.0.0.1" and published, f"{name}: {port!r}"
+
+
+def test_flower_listens_on_its_published_port(services: dict[str, dict[str, Any]]) -> None:
+    """Inside its container Flower must listen on every address (the published port
+    arrives there, not on the container's loopback), on the port that is published and
+    health-checked."""
+    flower = services["flower"]
+    _, sub, args = celery_parts(argv(flower))
+    options = dict(arg.lstrip("-").split("=", 1) for arg in args if "=" in arg)
+    assert sub == "flower"
+    assert options["address"] == "0.0.0.0"
+    [(_, _, target)] = [_published(port) for port in flower["ports"]]
+    assert options["port"] == target
+    check = " ".join(flower["healthcheck"]["test"])
+    assert f"127.0.0.1:{target}/healthcheck" in check
