@@ -27,11 +27,13 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def test_worker_serves_counts_summed_over_its_pool_processes():
+def test_worker_serves_counts_summed_over_its_pool_processes(tmp_path):
     """Two pool processes ingest and deliver; one scrape adds up both, with the
     pipeline's gauges (queue depth, circuit state) read at scrape time."""
     port = _free_port()
-    worker = WorkerProcess.start(env={"NOTIFIER_METRICS_PORT": str(port)}, concurrency=2)
+    # Its own directory: counters of the run's earlier workers stay in the shared one.
+    env = {"NOTIFIER_METRICS_PORT": str(port), "NOTIFIER_METRICS_DIR": str(tmp_path)}
+    worker = WorkerProcess.start(env=env, concurrency=2)
     try:
         for i in range(30):  # one message each: batches land on both pool processes
             client.notify(f"m-{i % 3}", "deploy.failed", f"Deploy {i} failed",
@@ -62,6 +64,6 @@ def test_worker_serves_counts_summed_over_its_pool_processes():
     assert value("notifier_oldest_waiting_notification_seconds") >= 0
     # Multiprocess mode: the pool's children wrote the counters into the shared directory.
     writers = {name.rpartition("_")[2].removesuffix(".db")
-               for name in os.listdir(os.environ["NOTIFIER_METRICS_DIR"])
+               for name in os.listdir(tmp_path)
                if name.startswith("counter_")}
     assert writers - {str(worker.process.pid), str(os.getpid())}
