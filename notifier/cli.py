@@ -653,10 +653,10 @@ def _changed_opt_outs(
 
 def _type_and_channel(item: str, option: str) -> tuple[str, str]:
     from notifier.channels import CHANNEL_NAMES
-    from notifier.schemas import _TYPE_PATTERN
+    from notifier.schemas import TYPE_PATTERN
 
     type_, _, channel = (part.strip() for part in item.partition(":"))
-    if not _TYPE_PATTERN.match(type_):
+    if not TYPE_PATTERN.match(type_):
         _bad(option, f"expected TYPE or TYPE:CHANNEL with a notification type (got {item!r})")
     if channel and channel != "*" and channel not in CHANNEL_NAMES:
         _bad(option, f"unknown channel {channel!r}; known: {', '.join(sorted(CHANNEL_NAMES))}")

@@ -33,10 +33,11 @@ from sqlalchemy.orm import Session
 
 from notifier.models import Recipient
 from notifier.schemas import (
-    _TYPE_PATTERN,
+    TYPE_PATTERN,
     NotificationError,
     RecipientIn,
-    _check_channel_names,
+    check_channel_names,
+    known_channel_list,
 )
 from notifier.settings import PRIORITIES
 
@@ -118,21 +119,16 @@ class Preferences(BaseModel):
     @field_validator("channels")
     @classmethod
     def _channels_known(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None:
-            if not value:
-                raise ValueError("must name at least one channel, or be left out")
-            _check_channel_names(value)
-            value = list(dict.fromkeys(value))
-        return value
+        return known_channel_list(value)
 
     @field_validator("opt_out")
     @classmethod
     def _opt_outs_known(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
         cleaned = {}
         for type_, channels in value.items():
-            if not _TYPE_PATTERN.match(type_):
+            if not TYPE_PATTERN.match(type_):
                 raise ValueError(f"{type_!r} is not a notification type")
-            _check_channel_names([name for name in channels if name != "*"])
+            check_channel_names([name for name in channels if name != "*"])
             if channels:  # an empty list opts out of nothing: not worth storing
                 cleaned[type_] = ["*"] if "*" in channels else sorted(set(channels))
         return cleaned

@@ -51,7 +51,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, get_args
 
-from notifier.schemas import _TYPE_PATTERN
+from notifier.schemas import TYPE_PATTERN
 from notifier.settings import ConfigError, get_settings
 
 Mode = Literal["fixed", "leading", "sliding"]
@@ -319,7 +319,7 @@ def _rules_from_document(document: dict[str, Any]) -> Rules:
     rules = {rule.type: rule for rule in _BUILTINS}
     for name, table in _table(document.get("types", {}), "types").items():
         where = f"types.{_key(name)}"
-        if not _TYPE_PATTERN.match(name):
+        if not TYPE_PATTERN.match(name):
             raise _Problem(where, _BAD_TYPE_NAME)
         rules[name] = _rule_from_table(rules.get(name, default), name, table, where)
     return Rules(rules.values(), default)

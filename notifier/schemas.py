@@ -33,7 +33,7 @@ ENQUEUED_AT_HEADER = "notifier_enqueued_at"
 
 Priority = Literal["critical", "high", "normal", "low"]
 
-_TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}$")
+TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}$")
 _EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -98,7 +98,7 @@ class RecipientIn(BaseModel):
     @field_validator("addresses")
     @classmethod
     def _known_channels(cls, value: dict[str, str]) -> dict[str, str]:
-        _check_channel_names(list(value))
+        check_channel_names(list(value))
         return value
 
 
@@ -124,7 +124,7 @@ class NotificationIn(BaseModel):
     @field_validator("type")
     @classmethod
     def _type_is_a_slug(cls, value: str) -> str:
-        if not _TYPE_PATTERN.match(value):
+        if not TYPE_PATTERN.match(value):
             raise ValueError(
                 "must start with a lowercase letter and hold only lowercase letters, digits,"
                 f" '_', '.' or '-', at most 64 characters (got {value!r})"
@@ -134,12 +134,7 @@ class NotificationIn(BaseModel):
     @field_validator("channels")
     @classmethod
     def _channels_known(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None:
-            if not value:
-                raise ValueError("must name at least one channel, or be left out")
-            _check_channel_names(value)
-            value = list(dict.fromkeys(value))
-        return value
+        return known_channel_list(value)
 
     #: ``data`` as JSON text, encoded once: checked here and written as is by ingest.
     _data_json: str = PrivateAttr(default="{}")
@@ -172,7 +167,17 @@ class NotificationIn(BaseModel):
         return self.recipient if isinstance(self.recipient, str) else self.recipient.id
 
 
-def _check_channel_names(names: list[str]) -> None:
+def known_channel_list(value: list[str] | None) -> list[str] | None:
+    """A list of channels (None: left out) without repeats; refuses empty and unknown."""
+    if value is None:
+        return None
+    if not value:
+        raise ValueError("must name at least one channel, or be left out")
+    check_channel_names(value)
+    return list(dict.fromkeys(value))
+
+
+def check_channel_names(names: list[str]) -> None:
     unknown = [name for name in names if name not in CHANNEL_NAMES]
     if unknown:
         raise ValueError(
