@@ -40,6 +40,29 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--criticals", type=int, default=defaults.criticals)
     parser.add_argument("--critical-spacing-ms", type=float,
                         default=defaults.critical_spacing * 1000)
+    parser.add_argument("--emails", type=int, default=defaults.emails,
+                        help="e-mails per delivery scenario")
+    parser.add_argument("--webhooks", type=int, default=defaults.webhooks,
+                        help="webhook requests of the pooled delivery scenario")
+    parser.add_argument("--naive-webhooks", type=int, default=defaults.naive_webhooks,
+                        help="webhook requests of the naive baseline")
+    parser.add_argument("--delivery-concurrency", type=int,
+                        default=defaults.delivery_concurrency,
+                        help="pool processes of the delivery worker")
+    parser.add_argument("--delivery-batch-size", type=int,
+                        default=defaults.delivery_batch_size,
+                        help="deliveries per deliver task (0: NOTIFIER_DELIVERY_BATCH_SIZE)")
+    parser.add_argument("--smtp-server", choices=("fast", "aiosmtpd"),
+                        default=defaults.smtp_server,
+                        help="the local SMTP server: a minimal asyncio one, or aiosmtpd")
+    parser.add_argument("--smtp-reply-delay-ms", type=float,
+                        default=defaults.smtp_reply_delay_ms,
+                        help="hold each reply of the minimal SMTP server back this long,"
+                             " standing for a network round trip")
+    parser.add_argument("--server-processes", type=int, default=defaults.server_processes,
+                        help="processes of each local delivery server (one shared port)")
+    parser.add_argument("--delivery-runs", type=int, default=defaults.delivery_runs,
+                        help="timed runs of each delivery scenario; the fastest counts")
     parser.add_argument("--poll-interval-ms", type=float,
                         default=defaults.poll_interval * 1000)
     parser.add_argument("--database-url", default=defaults.database_url)
@@ -47,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--only", nargs="+", metavar="SCENARIO", default=[],
                         help=f"run only these: {', '.join(STEP_NAMES)}")
     args = parser.parse_args(argv)
+    if args.smtp_reply_delay_ms and args.smtp_server != "fast":
+        parser.error("--smtp-reply-delay-ms needs --smtp-server fast")
     unknown = set(args.only) - set(STEP_NAMES)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
@@ -54,7 +79,12 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         database_url=args.database_url, broker_url=args.broker_url, count=args.count,
         naive_count=args.naive_count, empty_count=args.empty_count,
         notify_threads=args.notify_threads, criticals=args.criticals,
-        critical_spacing=args.critical_spacing_ms / 1000,
+        critical_spacing=args.critical_spacing_ms / 1000, emails=args.emails,
+        webhooks=args.webhooks, naive_webhooks=args.naive_webhooks,
+        delivery_concurrency=args.delivery_concurrency,
+        delivery_batch_size=args.delivery_batch_size, smtp_server=args.smtp_server,
+        server_processes=args.server_processes, delivery_runs=args.delivery_runs,
+        smtp_reply_delay_ms=args.smtp_reply_delay_ms,
         poll_interval=args.poll_interval_ms / 1000, only=tuple(args.only),
     )
 
@@ -62,11 +92,13 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 STEP_NAMES = (
     "raw_copy", "in_process_ingest", "empty_task", "naive", "notify", "notify_threads",
     "buffered", "notify_many", "critical_under_backlog",
+    "email_naive", "email_reused", "email_pooled", "webhook_naive", "webhook_pooled",
 )
 
 
 def plan(config: BenchConfig) -> dict[str, Step]:
     """The scenarios in the order they run (cheapest and worker-less first)."""
+    from bench import delivery as d
     from bench import scenarios as s
 
     def with_worker(spec: WorkerSpec, body: Callable[..., Outcome]) -> Step:
@@ -96,6 +128,12 @@ def plan(config: BenchConfig) -> dict[str, Step]:
         "notify_many": pipeline("notify_many", "notify_many(), 500 per message",
                                 s.send_many, config.count),
         "critical_under_backlog": with_worker(OURS, s.critical_under_backlog),
+        # Delivery: each starts its own server process and, if pooled, its own worker.
+        "email_naive": lambda b: d.email_naive(b, config.emails),
+        "email_reused": lambda b: d.email_reused(b, config.emails),
+        "email_pooled": lambda b: d.email_pooled(b, config.emails),
+        "webhook_naive": lambda b: d.webhook_naive(b, config.naive_webhooks),
+        "webhook_pooled": lambda b: d.webhook_pooled(b, config.webhooks),
     }
     if threads < 2:
         del steps["notify_threads"]
@@ -144,7 +182,8 @@ def run(config: BenchConfig) -> int:
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report.print_report(outcomes, machine, config, clock_offset, notifier_settings)
     path = report.write_json(outcomes, machine, config, clock_offset, notifier_settings)
-    print(f"\nresults: {path}")
+    markdown = report.write_markdown(outcomes, machine)
+    print(f"\nresults: {path}, {markdown}")
     return 1 if failed else 0
 
 

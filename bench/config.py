@@ -37,6 +37,27 @@ class BenchConfig:
     criticals: int = 200
     #: Seconds between two critical notifications.
     critical_spacing: float = 0.005
+    #: E-mails per delivery scenario (naive, reused session, pooled worker).
+    emails: int = 2000
+    #: Webhook requests of the pooled delivery scenario.
+    webhooks: int = 2000
+    #: Requests of the naive webhook baseline (a new client each: slow, so fewer).
+    naive_webhooks: int = 300
+    #: Pool processes of the delivery worker (each keeps one SMTP session, one HTTP pool).
+    delivery_concurrency: int = 4
+    #: Deliveries per ``notifier.deliver`` task; 0: the notifier's setting
+    #: (``NOTIFIER_DELIVERY_BATCH_SIZE``, default 100).
+    delivery_batch_size: int = 0
+    #: The SMTP server the e-mail scenarios send to: ``fast`` (a minimal asyncio server)
+    #: or ``aiosmtpd``.
+    smtp_server: str = "fast"
+    #: Milliseconds the minimal SMTP server holds back each reply, as a distant server's
+    #: round trip would (0: loopback as it is).
+    smtp_reply_delay_ms: float = 0.0
+    #: Processes of each delivery server, sharing one port (SO_REUSEPORT).
+    server_processes: int = 1
+    #: Timed runs of each delivery scenario; the fastest counts (see bench.delivery).
+    delivery_runs: int = 3
     #: Seconds between two ``SELECT count(*)`` polls while waiting for rows.
     poll_interval: float = 0.05
     #: Scenarios to run (names from ``bench.scenarios.SCENARIOS``); empty means all.

@@ -24,9 +24,18 @@ from bench.scenarios import Outcome
 AIM_BULK_VS_NAIVE = 50.0
 AIM_NOTIFY_VS_EMPTY = 0.80
 AIM_CRITICAL_P99_MS = 50.0
+AIM_POOLED_EMAIL_VS_NAIVE = 3.0
 
 BULK = ("buffered", "notify_many")
 UNBUFFERED = ("notify", "notify_threads")
+DELIVERY = ("email_naive", "email_reused", "email_pooled", "webhook_naive", "webhook_pooled")
+#: Delivery ratios reported: (name, numerator, denominator).
+DELIVERY_RATIOS = (
+    ("email_reused / email_naive", "email_reused", "email_naive"),
+    ("email_pooled / email_naive", "email_pooled", "email_naive"),
+    ("email_pooled / email_reused", "email_pooled", "email_reused"),
+    ("webhook_pooled / webhook_naive", "webhook_pooled", "webhook_naive"),
+)
 
 
 def machine_info(postgres_version: str, redis_version: str) -> dict[str, Any]:
@@ -84,6 +93,13 @@ def aims(outcomes: dict[str, Outcome]) -> dict[str, dict[str, Any]]:
             share = outcomes[name].rate / empty.rate
             results[name] = {"aim": f">= {AIM_NOTIFY_VS_EMPTY:.0%} of empty task",
                              "value": round(share, 3), "met": share >= AIM_NOTIFY_VS_EMPTY}
+    ratios = delivery_ratios(outcomes)
+    pooled = ratios.get("email_pooled / email_naive")
+    if pooled is not None:
+        results["email_pooled"] = {
+            "aim": f">= {AIM_POOLED_EMAIL_VS_NAIVE:g}x naive e-mail", "value": pooled,
+            "met": pooled >= AIM_POOLED_EMAIL_VS_NAIVE,
+        }
     critical = outcomes.get("critical_under_backlog")
     if critical:
         p99 = critical.extra["critical_latency_ms"]["p99"]
@@ -92,6 +108,31 @@ def aims(outcomes: dict[str, Outcome]) -> dict[str, dict[str, Any]]:
             "met": p99 <= AIM_CRITICAL_P99_MS,
         }
     return results
+
+
+def delivery_ratios(outcomes: dict[str, Outcome]) -> dict[str, float]:
+    """Rate ratios of the delivery scenarios, where both sides ran."""
+    ratios = {}
+    for name, top, bottom in DELIVERY_RATIOS:
+        if top in outcomes and bottom in outcomes and outcomes[bottom].rate:
+            ratios[name] = round(outcomes[top].rate / outcomes[bottom].rate, 2)
+    in_process = _in_process_rate(outcomes)
+    if in_process and "email_pooled" in outcomes:
+        ratios["email_pooled / deliver_batch in 1 process"] = round(
+            outcomes["email_pooled"].rate / in_process, 2)
+    naive = outcomes.get("webhook_naive")
+    pooled = outcomes.get("webhook_pooled")
+    connection_only = naive.extra.get("new_connection_one_client_rate") if naive else None
+    if pooled and connection_only:
+        ratios["webhook_pooled / webhook new connection, one client"] = round(
+            pooled.rate / connection_only, 2)
+    return ratios
+
+
+def _in_process_rate(outcomes: dict[str, Outcome]) -> float | None:
+    reused = outcomes.get("email_reused")
+    extra = reused.extra.get("in_process_pipeline") if reused else None
+    return extra["rate_per_s"] if extra else None
 
 
 def print_report(
@@ -103,6 +144,7 @@ def print_report(
     _print_throughput(outcomes, reached)
     _print_ceilings(outcomes, reached)
     _print_latency(outcomes, reached)
+    _print_delivery(outcomes, reached)
     _print_cpu(outcomes)
 
 
@@ -117,7 +159,9 @@ def _header(
         f" at end, Python {machine['python']}, PostgreSQL "
         f"{machine['postgres']}, Redis {machine['redis']}, Celery {machine['celery']}",
         f"workers: prefork, concurrency {CONCURRENCY} for every worker (notifier, naive and"
-        " empty task alike), one fresh worker per scenario; producer: this process",
+        " empty task alike; the delivery worker: -c "
+        f"{config.delivery_concurrency}), one fresh worker per scenario; producer: this"
+        " process",
         f"notifier settings: {', '.join(f'{k}={v}' for k, v in settings.items())}",
         f"clock: Postgres - producer = {clock_offset_ms:+.2f} ms (same host, same clock);"
         f" poll every {config.poll_interval * 1000:.0f} ms",
@@ -195,6 +239,56 @@ def _print_latency(outcomes: dict[str, Outcome], reached: dict[str, dict[str, An
           f"{extra['criticals_committed_after_backlog']} of {critical['count']}")
 
 
+def _print_delivery(outcomes: dict[str, Outcome], reached: dict[str, dict[str, Any]]) -> None:
+    rows = [outcomes[name] for name in DELIVERY if name in outcomes]
+    if not rows:
+        return
+    servers = sorted({o.extra["server"] for o in rows if "server" in o.extra})
+    print("\nDelivery (clock: first send -> last e-mail or request received, or for the"
+          " worker,\nlast row 'sent'; servers: " + "; ".join(servers) + ")")
+    print(f"{'scenario':<56}{'items':>7}{'seconds':>9}{'rate/s':>9}{'conns':>7}"
+          f"{'server':>8}{'pg':>6}{'other':>7}{'cpu ms':>8}{'bytes':>7}  runs (rate/s)")
+    for outcome in rows:
+        extra = outcome.extra
+        print(f"{_label(outcome):<56}{outcome.notifications:>7,}{outcome.seconds:>9.2f}"
+              f"{outcome.rate:>9,.0f}{extra.get('server_connections', 0):>7,}"
+              f"{outcome.cores.get('server', 0):>8.2f}{extra.get('postgres_ours_cores', 0):>6.2f}"
+              f"{extra.get('other_cores', 0):>7.2f}"
+              f"{extra.get('cpu_ms_per_item', 0):>8.2f}{extra.get('bytes_per_item', 0):>7,}"
+              f"  {_runs(extra.get('rates_per_run'))}")
+        in_process = extra.get("in_process_pipeline")
+        if in_process:
+            print(f"  {in_process['label']:<54}{in_process['sent']:>7,}"
+                  f"{in_process['seconds']:>9.2f}{in_process['rate_per_s']:>9,.0f}"
+                  f"{in_process['server_connections']:>7,}"
+                  f"{in_process['cores'].get('server', 0):>8.2f}{'':>13}"
+                  f"{in_process['cpu_ms_per_item']:>8.2f}{'':>7}"
+                  f"  {_runs(in_process.get('rates_per_run'))}")
+        if "warm_up_connections" in extra:
+            print(f"  ({extra['tasks']} tasks; the pool's {extra['concurrency']} processes"
+                  f" opened {extra['warm_up_connections']} connections while warming up)")
+    naive = outcomes.get("webhook_naive")
+    if naive and naive.extra.get("new_connection_one_client_rate"):
+        print(f"  webhook, new connection each but one httpx client (no new SSL context):"
+              f" {naive.extra['new_connection_one_client_rate']:,.0f}/s  runs "
+              f"{_runs(naive.extra.get('new_connection_one_client_rates_per_run'))}")
+    ratios = delivery_ratios(outcomes)
+    if ratios:
+        print("  ratios: " + ", ".join(f"{name} {value:g}x" for name, value in ratios.items()))
+    for name, aim in reached.items():
+        if name in DELIVERY:
+            print(f"  aim: {name} {_aim_text(aim, 'x')}")
+    print("  (rate: the fastest of the runs; conns: connections the server accepted while"
+          " timed;\n   server: cores its processes used; pg: cores of the Postgres backends"
+          " of the bench's database;\n   other: cores the rest of the machine used meanwhile"
+          " (other people's work); cpu ms: CPU of\n   every party (server and pg included)"
+          " per item; bytes: content received per item)")
+
+
+def _runs(rates: list[float] | None) -> str:
+    return " / ".join(f"{rate:,.0f}" for rate in rates or [])
+
+
 def _print_cpu(outcomes: dict[str, Outcome]) -> None:
     rows = [o for o in outcomes.values() if o.cores]
     if not rows:
@@ -223,7 +317,72 @@ def write_json(
                    "complete": outcome.complete}
             for name, outcome in outcomes.items()
         },
+        "delivery_ratios": delivery_ratios(outcomes),
         "aims": aims(outcomes),
     }
     path.write_text(json.dumps(document, indent=2, default=str) + "\n")
     return path
+
+
+def write_markdown(
+    outcomes: dict[str, Outcome], machine: dict[str, Any], path: Path | None = None,
+) -> Path:
+    """The figures as Markdown tables (``bench/results/latest.md``), ready for the README."""
+    path = path or RESULTS_DIR / "latest.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"Figures of {machine['date']} (git {machine['git_commit']}): {machine['cpu_count']}"
+        f" CPUs ({machine['cpu_model']}), Python {machine['python']}, PostgreSQL"
+        f" {machine['postgres']}, Redis {machine['redis']}, Celery {machine['celery']};"
+        f" load average {machine['load_average_at_start'][0]:g} at start,"
+        f" {(machine.get('load_average_at_end') or ['?'])[0]} at end.",
+    ]
+    others = [o for name, o in outcomes.items() if name not in DELIVERY]
+    if others:
+        lines += ["", "| scenario | items | seconds | rate / s |", "|---|---:|---:|---:|"]
+        lines += [f"| {_label(o)} | {o.notifications:,} | {o.seconds:.2f} | {o.rate:,.0f} |"
+                  for o in others]
+    lines += _markdown_delivery(outcomes)
+    reached = aims(outcomes)
+    if reached:
+        lines += ["", "Aims: " + "; ".join(
+            f"{name} {aim['aim']}: {aim['value']:g} ({'met' if aim['met'] else 'not met'})"
+            for name, aim in reached.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _markdown_delivery(outcomes: dict[str, Outcome]) -> list[str]:
+    rows = [outcomes[name] for name in DELIVERY if name in outcomes]
+    if not rows:
+        return []
+    lines = ["", "| delivery scenario | items | rate / s | x naive | CPU ms / item |"
+                 " connections opened | runs (rate / s) |", "|---|---:|---:|---:|---:|---:|---|"]
+    for outcome in rows:
+        naive = outcomes.get(outcome.name.split("_")[0] + "_naive")
+        ratio = f"{outcome.rate / naive.rate:.2f}" if naive and naive.rate else ""
+        extra = outcome.extra
+        lines.append(f"| {_label(outcome)} | {outcome.notifications:,} | {outcome.rate:,.0f} |"
+                     f" {ratio} | {extra.get('cpu_ms_per_item', 0):.2f} |"
+                     f" {extra.get('server_connections', 0):,} |"
+                     f" {_runs(extra.get('rates_per_run'))} |")
+        in_process = extra.get("in_process_pipeline")
+        if in_process:
+            naive_rate = naive.rate if naive and naive.rate else 0
+            ratio = f"{in_process['rate_per_s'] / naive_rate:.2f}" if naive_rate else ""
+            lines.append(f"| {in_process['label']} | {in_process['sent']:,} |"
+                         f" {in_process['rate_per_s']:,.0f} | {ratio} |"
+                         f" {in_process['cpu_ms_per_item']:.2f} |"
+                         f" {in_process['server_connections']:,} |"
+                         f" {_runs(in_process.get('rates_per_run'))} |")
+    naive = outcomes.get("webhook_naive")
+    if naive and naive.rate and naive.extra.get("new_connection_one_client_rate"):
+        rate = naive.extra["new_connection_one_client_rate"]
+        lines.append(f"| webhook: new connection each, one httpx client, 1 process |"
+                     f" {naive.notifications:,} | {rate:,.0f} | {rate / naive.rate:.2f} | |"
+                     f" {naive.notifications:,} |"
+                     f" {_runs(naive.extra.get('new_connection_one_client_rates_per_run'))} |")
+    servers = sorted({o.extra["server"] for o in rows if "server" in o.extra})
+    lines += ["", "Rate: the fastest of the runs. Servers: " + "; ".join(servers)
+              + ", each in processes of their own."]
+    return lines
