@@ -45,6 +45,7 @@ import psutil
 from bench import cpu, database
 from bench.config import BenchConfig
 from bench.scenarios import RECIPIENTS, Bench, Outcome
+from bench.series import Sampler, Samples, relative
 from bench.workers import Worker, WorkerSpec, running_worker
 from notifier.channels import close_channels
 from notifier.channels.base import OutgoingMessage
@@ -478,6 +479,18 @@ def delivery_statuses(bench: Bench) -> dict[str, int]:
     return {str(status): int(n) for status, n in rows}
 
 
+def sent_latencies_ms(bench: Bench, published: float) -> list[float]:
+    """Per delivery sent, ms from the publish of its task (``published``, this
+    process's ``time.time()``; Postgres runs on the same host and clock) to ``sent_at``:
+    every task is published at once, so this is mostly the wait in the queue."""
+    rows = bench.conn.execute(
+        "SELECT extract(epoch FROM sent_at) * 1000 - %s FROM deliveries"
+        " WHERE status = 'sent' AND sent_at IS NOT NULL ORDER BY 1",
+        (published * 1000,),
+    ).fetchall()
+    return [round(float(row[0]), 3) for row in rows]
+
+
 def wait_sent(bench: Bench, expected: int) -> tuple[float, int]:
     """Poll until ``expected`` deliveries are sent (perf_counter time, rows sent); stop
     early if any failed, so a broken setup does not wait out the timeout."""
@@ -516,6 +529,9 @@ class _Clock:
     items: int = 0
     connections: int = 0
     bytes: int = 0
+    #: Items the server received over time: (seconds since the start, items).
+    series: list[tuple[float, int]] = field(default_factory=list)
+    sample_interval: float = 0.1
 
     @contextmanager
     def timing(self) -> Iterator[_Clock]:
@@ -523,9 +539,14 @@ class _Clock:
         before, server_before = cpu.snapshot(self.worker_pid), server.cpu_seconds()
         counts_before = server.items, server.connections, server.bytes
         machine_before = _machine_busy()
+        samples: Samples = []
         self.start = time.perf_counter()
-        yield self
+        samples.append((self.start, 0))
+        with Sampler(lambda: server.items - counts_before[0], self.sample_interval, samples):
+            yield self
         self.seconds = time.perf_counter() - self.start
+        samples.append((self.start + self.seconds, server.items - counts_before[0]))
+        self.series = relative(samples, self.start)
         self.items, self.connections, self.bytes = (
             after - prior for after, prior in
             zip((server.items, server.connections, server.bytes), counts_before, strict=True)
@@ -596,7 +617,7 @@ def _outcome(
              "cpu_ms_per_item": clock.cpu_ms_per_item, **extra}
     return Outcome(name, label, count, clock.seconds,
                    clock.seconds if send_seconds is None else send_seconds, done,
-                   clock.cores, extra)
+                   clock.cores, extra, series=clock.series)
 
 
 def best_of(runs: int, once: Callable[[], Outcome]) -> Outcome:
@@ -682,16 +703,20 @@ def _pooled(
         def once() -> Outcome:
             database.reset(bench.conn, RECIPIENTS)
             tasks = queue(make_deliveries(count, channel, target), size)
-            clock = _Clock(server, _database(bench), worker.pid)
+            clock = _Clock(server, _database(bench), worker.pid,
+                           sample_interval=bench.config.sample_interval)
             with clock.timing():
+                published = time.time()
                 publish(tasks)
                 send_seconds = time.perf_counter() - clock.start
                 _, sent = wait_sent(bench, count)
-            return _outcome(name, label, count, clock, sent, send_seconds,
-                            tasks=len(tasks), batch_size=size,
-                            concurrency=bench.config.delivery_concurrency,
-                            warm_up_connections=warm_connections,
-                            statuses=delivery_statuses(bench))
+            outcome = _outcome(name, label, count, clock, sent, send_seconds,
+                               tasks=len(tasks), batch_size=size,
+                               concurrency=bench.config.delivery_concurrency,
+                               warm_up_connections=warm_connections,
+                               statuses=delivery_statuses(bench))
+            outcome.samples["publish_to_sent"] = sent_latencies_ms(bench, published)
+            return outcome
 
         return best_of(bench.config.delivery_runs, once)
 
@@ -724,7 +749,7 @@ def _send_new_connection_each(server: ServerProcess, composer: EmailChannel,
         mail, recipient = composer._compose(message)
         smtp = smtplib.SMTP("127.0.0.1", server.port, timeout=10)
         smtp.ehlo()
-        smtp.send_message(mail, SENDER, [recipient])
+        smtp.sendmail(SENDER, [recipient], mail)
         smtp.quit()
 
 
@@ -736,7 +761,8 @@ def email_naive(bench: Bench, count: int) -> Outcome:
 
         def once() -> Outcome:
             messages = outgoing("email", count)
-            clock = _Clock(server, _database(bench))
+            clock = _Clock(server, _database(bench),
+                           sample_interval=bench.config.sample_interval)
             with clock.timing():
                 _send_new_connection_each(server, composer, messages)
             return _outcome("email_naive", "e-mail: new SMTP connection each, 1 process",
@@ -759,7 +785,8 @@ def email_reused(bench: Bench, count: int) -> Outcome:
 
         def once() -> Outcome:
             messages = outgoing("email", count)
-            clock = _Clock(server, _database(bench))
+            clock = _Clock(server, _database(bench),
+                           sample_interval=bench.config.sample_interval)
             with clock.timing():
                 for start in range(0, count, size):
                     for result in channel.send_batch(messages[start:start + size]):
@@ -789,7 +816,8 @@ def _deliver_batch_in_process(
     def once() -> Outcome:
         database.reset(bench.conn, RECIPIENTS)
         ids = make_deliveries(count, "email")
-        clock = _Clock(server, _database(bench))
+        clock = _Clock(server, _database(bench),
+                       sample_interval=bench.config.sample_interval)
         with clock.timing():
             for start in range(0, count, size):
                 deliver_batch("email", ids[start:start + size], settings, state)
@@ -840,7 +868,8 @@ def webhook_naive(bench: Bench, count: int) -> Outcome:
 
         def once() -> Outcome:
             messages = outgoing("webhook", count, url)
-            clock = _Clock(server, _database(bench))
+            clock = _Clock(server, _database(bench),
+                           sample_interval=bench.config.sample_interval)
             with clock.timing():
                 send(messages, httpx.post)
             return _outcome("webhook_naive",
