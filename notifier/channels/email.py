@@ -20,6 +20,7 @@ from email.header import Header
 from email.headerregistry import Address
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
+from email.policy import compat32
 from email.utils import formataddr, formatdate, parseaddr
 from urllib.parse import unquote
 
@@ -33,6 +34,9 @@ from notifier.channels.base import (
     SendResult,
 )
 
+#: On the wire every line ends in CRLF: ``sendmail`` sends bytes as they are, and a
+#: server takes bare LF text as one overlong line ("500 Line too long").
+_WIRE = compat32.clone(linesep="\r\n")
 #: Bodies as UTF-8 in quoted-printable: readable where ASCII, never an overlong line.
 _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP
@@ -323,7 +327,7 @@ class EmailChannel(Channel):
         html_body = message.html or _text_to_html(message.body)
         mail.attach(MIMEText(_ending_in_newline(message.body), "plain", _UTF8_QP))
         mail.attach(MIMEText(_ending_in_newline(html_body), "html", _UTF8_QP))
-        return mail.as_bytes(), to.addr_spec
+        return mail.as_bytes(policy=_WIRE), to.addr_spec
 
 
 def _address(address: str, display_name: str) -> Address:

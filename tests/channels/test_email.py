@@ -86,6 +86,21 @@ def test_batch_arrives_over_one_connection_as_text_and_html(
         assert f"Body {sent.recipient_id[-1]}<br>" in html.get_content()
 
 
+def test_a_long_digest_arrives_whole(smtp_server: SmtpServer, channel: EmailChannel) -> None:
+    """Many lines, one far longer than SMTP's 1,000 bytes, and non-ASCII: every line goes
+    out CRLF-terminated and short (quoted-printable), and comes back as it was sent."""
+    body = "\n".join(f"- item {i}: Überweisung fällig, ünïcödé" for i in range(200))
+    body += "\n" + "x" * 5000
+    title = "200 Überweisungen " + "y" * 300
+    [result] = send(channel, [message(body=body, title=title, recipient_name="Zoë Ärger")])
+    assert result.sent, result.error
+    [mail] = smtp_server.messages
+    text, _ = mail.iter_parts()
+    assert text.get_content() == body + "\n"
+    assert mail["Subject"] == title
+    assert mail["To"] == "Zoë Ärger <user0@example.com>"
+
+
 def test_given_html_is_used_as_the_html_part(
     smtp_server: SmtpServer, channel: EmailChannel
 ) -> None:
