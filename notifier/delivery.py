@@ -161,10 +161,11 @@ def sweep_due_deliveries(
                OR (status IN ('retrying', 'scheduled') AND next_attempt_at <= now())
                OR (status = 'queued' AND next_attempt_at <= now() - %(queued)s
                    AND queued_at <= now() - %(queued)s)
-            UNION ALL
-            SELECT id FROM deliveries
-            WHERE status = 'sending' AND updated_at <= now() - %(sending)s
+               OR (status = 'sending' AND updated_at <= now() - %(sending)s)
             LIMIT %(limit)s
+            -- A row a worker is claiming is skipped; one it claimed (or sent) since this
+            -- statement began is checked again on its new version and left alone.
+            FOR UPDATE SKIP LOCKED
         )
         RETURNING id, channel, priority
         """,

@@ -9,6 +9,7 @@ NOTHING``, idempotency keys remember the first id, dead letters carry a dedup ke
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,7 @@ from notifier.schemas import NotificationError, NotificationIn, parse_notificati
 from notifier.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 _NOTIFICATION_COLUMNS = (
     "id", "recipient_id", "type", "priority", "channels", "title", "body", "data",
@@ -321,6 +323,25 @@ def _notification_row(candidate: Candidate, routed: Routed) -> tuple[Any, ...]:
     )
 
 
+def jsonb_safe(value: Any, depth: int = 0) -> Any:
+    """The payload as jsonb can hold it: NUL and lone surrogates replaced (U+FFFD), NaN
+    and Infinity as strings, anything past 100 levels as its text. A dead letter must
+    always be writable, or its whole batch would return to the queue forever."""
+    if isinstance(value, str):
+        if "\x00" in value or _SURROGATES.search(value):
+            return _SURROGATES.sub("\ufffd", value.replace("\x00", "\ufffd"))
+        return value
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return repr(value)
+    if depth > 100 and isinstance(value, dict | list | tuple):
+        return repr(value)[:10_000]
+    if isinstance(value, dict):
+        return {jsonb_safe(str(k), depth + 1): jsonb_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonb_safe(item, depth + 1) for item in value]
+    return value
+
+
 def write_dead_letters(cursor: Any, stage: Stage, rejections: Sequence[Rejection]) -> None:
     """Park rejected items with their reason; a redelivered message adds no second row."""
     if not rejections:
@@ -338,7 +359,7 @@ def write_dead_letters(cursor: Any, stage: Stage, rejections: Sequence[Rejection
             [r.reason for r in rejections],
             [r.error_class for r in rejections],
             [r.type for r in rejections],
-            [Jsonb(r.payload) for r in rejections],
+            [Jsonb(jsonb_safe(r.payload)) for r in rejections],
         ),
     )
     for rejection in rejections:

@@ -35,21 +35,27 @@ Priority = Literal["critical", "high", "normal", "low"]
 
 TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}$")
 _EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_encode_json = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False
+).encode
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def _single_line(value: str) -> str:
     # Ids and addresses end up in headers and log lines: no line breaks there.
     if _CONTROL_CHARS.search(value):
         raise ValueError("must not contain control characters or line breaks")
-    return value
+    return _storable(value)
 
 
-def _no_nul(value: str) -> str:
-    # Postgres text cannot hold NUL; refuse it here with the field's name.
+def _storable(value: str) -> str:
+    # Postgres text holds neither NUL nor half a UTF-16 pair; refuse them here, with the
+    # field's name, instead of failing the whole batch's COPY.
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
+    if _SURROGATES.search(value):
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)")
     return value
 
 
@@ -74,13 +80,17 @@ class RecipientIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: Identifier
-    name: Annotated[str, StringConstraints(max_length=255)] | None = None
+    name: Annotated[
+        str, StringConstraints(max_length=255), AfterValidator(_storable)
+    ] | None = None
     email: Email | None = None
     phone: Annotated[
         str, StringConstraints(max_length=32, pattern=r"^\+?[0-9 ()\-]{4,31}$")
     ] | None = None
     timezone: Annotated[str, StringConstraints(max_length=64)] | None = None
-    locale: Annotated[str, StringConstraints(max_length=16)] | None = None
+    locale: Annotated[
+        str, StringConstraints(max_length=16), AfterValidator(_single_line)
+    ] | None = None
     addresses: dict[str, Annotated[str, AfterValidator(_single_line)]] = {}
 
     @field_validator("timezone")
@@ -114,9 +124,9 @@ class NotificationIn(BaseModel):
     channels: list[str] | None = None
     title: Annotated[
         str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255),
-        AfterValidator(_no_nul),
+        AfterValidator(_storable),
     ]
-    body: Annotated[str, StringConstraints(max_length=65536), AfterValidator(_no_nul)] = ""
+    body: Annotated[str, StringConstraints(max_length=65536), AfterValidator(_storable)] = ""
     data: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: Identifier | None = None
     send_at: datetime | None = None
@@ -141,11 +151,21 @@ class NotificationIn(BaseModel):
 
     @model_validator(mode="after")
     def _data_small_enough(self) -> NotificationIn:
-        encoded = _encode_json(self.data)
+        try:
+            encoded = _encode_json(self.data)
+        except ValueError:
+            raise ValueError("data: NaN and Infinity are not JSON numbers") from None
+        except RecursionError:
+            raise ValueError("data: nested too deeply") from None
         if "\\u0000" in encoded:
             raise ValueError("data: must not contain NUL characters (Postgres cannot hold them)")
         limit = get_settings().max_data_bytes
-        size = len(encoded) if encoded.isascii() else len(encoded.encode())
+        try:
+            size = len(encoded) if encoded.isascii() else len(encoded.encode())
+        except UnicodeEncodeError:
+            raise ValueError(
+                "data: must be valid Unicode text (it holds a lone surrogate)"
+            ) from None
         if size > limit:
             raise ValueError(f"data: is {size} bytes of JSON, more than the limit of {limit}")
         self._data_json = encoded
