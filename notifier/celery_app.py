@@ -24,6 +24,11 @@ def _running_celery_command() -> bool:
     return os.path.basename(sys.argv[0]) in {"celery", "__main__.py"}
 
 
+# Messages nesting a few hundred levels deep (bad input) must reach validation, which
+# refuses them with a reason: Python's default limit of 1000 frames stops kombu's JSON
+# decoding or the pickling for the pool before that, losing the message or the batch.
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 4000))
+
 try:
     _config = _load_celeryconfig()
 except ConfigError as exc:

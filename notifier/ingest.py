@@ -324,7 +324,7 @@ def _notification_row(candidate: Candidate, routed: Routed) -> tuple[Any, ...]:
 
 
 def jsonb_safe(value: Any, depth: int = 0) -> Any:
-    """The payload as jsonb can hold it: NUL and lone surrogates replaced (U+FFFD), NaN
+    """The value as Postgres can hold it: NUL and lone surrogates replaced (U+FFFD), NaN
     and Infinity as strings, anything past 100 levels as its text. A dead letter must
     always be writable, or its whole batch would return to the queue forever."""
     if isinstance(value, str):
@@ -355,10 +355,10 @@ def write_dead_letters(cursor: Any, stage: Stage, rejections: Sequence[Rejection
         """,
         (
             stage.value,
-            [r.dedup_key for r in rejections],
-            [r.reason for r in rejections],
-            [r.error_class for r in rejections],
-            [r.type for r in rejections],
+            [jsonb_safe(r.dedup_key) for r in rejections],
+            [jsonb_safe(r.reason) for r in rejections],
+            [jsonb_safe(r.error_class) for r in rejections],
+            [jsonb_safe(r.type) for r in rejections],
             [Jsonb(jsonb_safe(r.payload)) for r in rejections],
         ),
     )

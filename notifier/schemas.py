@@ -151,12 +151,12 @@ class NotificationIn(BaseModel):
 
     @model_validator(mode="after")
     def _data_small_enough(self) -> NotificationIn:
+        if _nesting(self.data) > MAX_DATA_DEPTH:
+            raise ValueError(f"data: nested deeper than {MAX_DATA_DEPTH} levels")
         try:
             encoded = _encode_json(self.data)
         except ValueError:
             raise ValueError("data: NaN and Infinity are not JSON numbers") from None
-        except RecursionError:
-            raise ValueError("data: nested too deeply") from None
         if "\\u0000" in encoded:
             raise ValueError("data: must not contain NUL characters (Postgres cannot hold them)")
         limit = get_settings().max_data_bytes
@@ -185,6 +185,29 @@ class NotificationIn(BaseModel):
     @property
     def recipient_id(self) -> str:
         return self.recipient if isinstance(self.recipient, str) else self.recipient.id
+
+
+#: Deeper data is refused: nothing real nests this far, and a few hundred levels break
+#: pickling for the worker pool and Postgres' jsonb.
+MAX_DATA_DEPTH = 64
+
+
+def _nesting(value: Any) -> int:
+    """How deep containers nest in ``value`` (iterative: any depth is safe to measure)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_DATA_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def known_channel_list(value: list[str] | None) -> list[str] | None:

@@ -67,12 +67,23 @@ def test_a_delivery_worker_killed_mid_send_loses_and_doubles_nothing(tmp_path):
 BASE = {"recipient": "user-1", "type": "alert", "title": "t"}
 
 
+def _nested(levels: int) -> dict[str, object]:
+    top: dict[str, object] = {}
+    inner = top
+    for _ in range(levels):
+        inner["k"] = inner = {}
+    return top
+
+
 @pytest.mark.parametrize("payload", [
     {**BASE, "title": "a\x00b"},
     {**BASE, "body": "a\ud800b"},
     {**BASE, "data": {"k": float("nan")}},
     {**BASE, "recipient": {"id": "user-2", "name": "a\x00b"}},
-], ids=["NUL in title", "lone surrogate in body", "NaN in data", "NUL in recipient name"])
+    {**BASE, "type": "a\udfffb"},
+    {**BASE, "data": _nested(950)},
+], ids=["NUL in title", "lone surrogate in body", "NaN in data", "NUL in recipient name",
+        "lone surrogate in type", "data 950 levels deep"])
 def test_a_payload_jsonb_cannot_hold_is_dead_lettered(payload):
     from notifier.tasks import store_messages
 
