@@ -345,3 +345,101 @@ def cancel(notification_id: str | None = None, *, idempotency_key: str | None = 
     from notifier.cancel import cancel_by
 
     return cancel_by(notification_id, idempotency_key).cancelled
+
+
+class ConfirmingProducer:
+    """Keeps each notification it sent until Postgres holds it, and sends again (same
+    id, so it is stored once) what the broker lost.
+
+    Redis keeps nothing on disk: a notification still queued when Redis restarts is
+    gone, although :func:`notify` returned its id. Services that must not lose one call
+    :meth:`confirm` now and then (or :meth:`wait` before exiting). A notification not
+    stored ``resend_after`` seconds after it was sent is published again, at most
+    ``max_sends`` times in all; one Postgres never takes (refused as a duplicate
+    idempotency key, or dead-lettered) is given up after that and logged.
+    """
+
+    def __init__(self, resend_after: float = 30.0, max_sends: int = 5) -> None:
+        self.resend_after = resend_after
+        self.max_sends = max_sends
+        self.resent = 0
+        self.given_up: list[str] = []
+        self._waiting: dict[uuid.UUID, _Unconfirmed] = {}
+        self._lock = threading.Lock()
+
+    def notify(
+        self, recipient: str | Mapping[str, Any], type: str, title: str, body: str = "",
+        **fields: Any,
+    ) -> str:
+        notification = build(recipient, type, title, body, **fields)
+        message = to_message(notification)
+        with self._lock:
+            self._waiting[notification.id] = _Unconfirmed(  # type: ignore[index]
+                message, notification.priority, time.monotonic()
+            )
+        _publish(message, notification.priority)
+        return str(notification.id)
+
+    @property
+    def unconfirmed(self) -> int:
+        return len(self._waiting)
+
+    def confirm(self) -> int:
+        """Forget what is stored, send again what is overdue; returns how many wait."""
+        with self._lock:
+            ids = list(self._waiting)
+        if not ids:
+            return 0
+        stored = _stored_ids(ids)
+        now = time.monotonic()
+        again: list[_Unconfirmed] = []
+        with self._lock:
+            for note_id in stored:
+                self._waiting.pop(note_id, None)
+            for note_id, item in list(self._waiting.items()):
+                if now - item.sent_at < self.resend_after:
+                    continue
+                if item.sends >= self.max_sends:
+                    del self._waiting[note_id]
+                    self.given_up.append(str(note_id))
+                    continue
+                item.sends += 1
+                item.sent_at = now
+                again.append(item)
+            waiting = len(self._waiting)
+        for item in again:
+            _publish(item.message, item.priority)
+        self.resent += len(again)
+        return waiting
+
+    def wait(self, timeout: float, interval: float = 1.0) -> bool:
+        """Confirm until everything is stored (True) or ``timeout`` passes (False)."""
+        deadline = time.monotonic() + timeout
+        while self.confirm():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(interval)
+        return True
+
+
+class _Unconfirmed:
+    __slots__ = ("message", "priority", "sends", "sent_at")
+
+    def __init__(self, message: dict[str, Any], priority: str, sent_at: float) -> None:
+        self.message, self.priority, self.sent_at, self.sends = message, priority, sent_at, 1
+
+
+def _stored_ids(ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    from sqlalchemy import text
+
+    from notifier.db import session_scope
+
+    found: set[uuid.UUID] = set()
+    with session_scope() as session:
+        for start in range(0, len(ids), 10_000):
+            rows = session.execute(
+                text("SELECT id FROM notifications WHERE id = ANY(:ids)"),
+                {"ids": ids[start:start + 10_000]},
+            )
+            found.update(row[0] for row in rows)
+    return found
