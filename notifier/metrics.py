@@ -25,13 +25,16 @@ from notifier.settings import Settings, get_settings
 
 
 def multiprocess_dir(settings: Settings | None = None) -> str:
+    """``NOTIFIER_METRICS_DIR``, else prometheus-client's own variable, else /tmp's."""
     settings = settings or get_settings()
-    return settings.metrics_dir or os.path.join(
+    return settings.metrics_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.path.join(
         tempfile.gettempdir(), f"notifier-metrics-{os.getuid()}"
     )
 
 
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", multiprocess_dir())
+# Set, not defaulted: a worker started by a process that had a directory of its own
+# (inherited in its environment) must use the one its settings name.
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir()
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 from prometheus_client import (  # noqa: E402  (after the directory is chosen)
