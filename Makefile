@@ -56,7 +56,9 @@ status: install  ## Counts by status, queue depths, oldest pending
 test: install  ## The test suite (needs Postgres and Redis; see README)
 	$(BIN)/pytest
 
-bench: install  ## Throughput and latency against a naive baseline (prints figures)
+# matplotlib (the `bench` extra) draws the report's PNG plots; installed on first use.
+bench: install  ## Benchmark against a naive baseline: bench/results/report.md + PNG plots
+	@$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench
 
 chaos: install  ## Kill workers, restart Redis and Postgres, stop SMTP, fuzz; account for it all

@@ -1,7 +1,13 @@
 """``python -m bench``: parse the options, run the scenarios in turn, report.
 
 Each scenario that needs a worker gets a fresh one (see bench.workers). A scenario that
-fails is reported and the others still run; the exit status is then 1.
+fails is reported and the others still run; the exit status is then 1. One that failed
+because Postgres or Redis restarted meanwhile runs once more.
+
+The figures are printed and written to ``bench/results/``: ``latest.json`` (everything,
+with the time series and latency quantiles), ``report.md`` (the one report of the run)
+and its PNG plots (``bench.plots``: throughput over time, latency distribution,
+aggregation).
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bench.config import BenchConfig
 from bench.workers import NAIVE, OURS, WorkerSpec, running_worker
@@ -63,8 +70,25 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                         help="processes of each local delivery server (one shared port)")
     parser.add_argument("--delivery-runs", type=int, default=defaults.delivery_runs,
                         help="timed runs of each delivery scenario; the fastest counts")
+    parser.add_argument("--aggregation-recipients", type=int,
+                        default=defaults.aggregation_recipients,
+                        help="recipients of the simulated day part of aggregation_efficiency")
+    parser.add_argument("--aggregation-hours", type=float, default=defaults.aggregation_hours,
+                        help="hours aggregation_efficiency simulates (simulated clock)")
+    parser.add_argument("--flush-waiting", type=int, default=defaults.flush_waiting,
+                        help="notifications waiting in windows when flush_latency starts")
+    parser.add_argument("--flush-spread", type=float, default=defaults.flush_spread,
+                        help="seconds over which flush_latency's windows close")
+    parser.add_argument("--flush-interval", type=float, default=defaults.flush_interval,
+                        help="seconds between beat's flushes (0: NOTIFIER_FLUSH_INTERVAL,"
+                             " 1 s by default)")
     parser.add_argument("--poll-interval-ms", type=float,
                         default=defaults.poll_interval * 1000)
+    parser.add_argument("--sample-interval-ms", type=float,
+                        default=defaults.sample_interval * 1000,
+                        help="how often items done are sampled for the throughput plots")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="write no PNG (the report then links none)")
     parser.add_argument("--database-url", default=defaults.database_url)
     parser.add_argument("--broker-url", default=defaults.broker_url)
     parser.add_argument("--only", nargs="+", metavar="SCENARIO", default=[],
@@ -85,19 +109,26 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         delivery_batch_size=args.delivery_batch_size, smtp_server=args.smtp_server,
         server_processes=args.server_processes, delivery_runs=args.delivery_runs,
         smtp_reply_delay_ms=args.smtp_reply_delay_ms,
-        poll_interval=args.poll_interval_ms / 1000, only=tuple(args.only),
+        aggregation_recipients=args.aggregation_recipients,
+        aggregation_hours=args.aggregation_hours, flush_waiting=args.flush_waiting,
+        flush_spread=args.flush_spread, flush_interval=args.flush_interval,
+        poll_interval=args.poll_interval_ms / 1000,
+        sample_interval=args.sample_interval_ms / 1000, plots=not args.no_plots,
+        only=tuple(args.only),
     )
 
 
 STEP_NAMES = (
     "raw_copy", "in_process_ingest", "empty_task", "naive", "notify", "notify_threads",
     "buffered", "notify_many", "critical_under_backlog",
+    "aggregation_efficiency", "flush_latency",
     "email_naive", "email_reused", "email_pooled", "webhook_naive", "webhook_pooled",
 )
 
 
 def plan(config: BenchConfig) -> dict[str, Step]:
     """The scenarios in the order they run (cheapest and worker-less first)."""
+    from bench import aggregation as a
     from bench import delivery as d
     from bench import scenarios as s
 
@@ -128,6 +159,11 @@ def plan(config: BenchConfig) -> dict[str, Step]:
         "notify_many": pipeline("notify_many", "notify_many(), 500 per message",
                                 s.send_many, config.count),
         "critical_under_backlog": with_worker(OURS, s.critical_under_backlog),
+        # Aggregation: a simulated clock first (no worker), then a real worker and beat.
+        "aggregation_efficiency": lambda b: a.aggregation_efficiency(
+            b, config.aggregation_recipients, config.aggregation_hours),
+        "flush_latency": lambda b: a.flush_latency(
+            b, config.flush_waiting, spread=config.flush_spread),
         # Delivery: each starts its own server process and, if pooled, its own worker.
         "email_naive": lambda b: d.email_naive(b, config.emails),
         "email_reused": lambda b: d.email_reused(b, config.emails),
@@ -158,6 +194,8 @@ def run(config: BenchConfig) -> int:
         "prefetch_multiplier": settings.prefetch_multiplier,
         "client_chunk_size": settings.client_chunk_size,
         "buffer_max_delay": settings.buffer_max_delay,
+        "flush_interval": settings.flush_interval,
+        "flush_batch_size": settings.flush_batch_size,
     }
     outcomes: dict[str, Outcome] = {}
     failed = False
@@ -167,24 +205,107 @@ def run(config: BenchConfig) -> int:
         clock_offset = database.clock_offset_ms(conn)
         bench = scenarios.Bench(config, conn)
         for name, step in plan(config).items():
-            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-            started = time.perf_counter()
-            try:
-                outcome = step(bench)
-            except Exception:
-                traceback.print_exc()
+            outcome = run_step(name, step, bench)
+            if outcome is None:
                 failed = True
-                continue
-            outcomes[name] = outcome
-            print(f"[bench] {name}: {outcome.committed:,} in {outcome.seconds:.2f} s = "
-                  f"{outcome.rate:,.0f}/s (step {time.perf_counter() - started:.0f} s)",
-                  file=sys.stderr, flush=True)
+            else:
+                outcomes[name] = outcome
+    bench.conn.close()
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report.print_report(outcomes, machine, config, clock_offset, notifier_settings)
-    path = report.write_json(outcomes, machine, config, clock_offset, notifier_settings)
-    markdown = report.write_markdown(outcomes, machine)
-    print(f"\nresults: {path}, {markdown}")
+    document = report.document(outcomes, machine, config, clock_offset, notifier_settings)
+    path = report.write_json(document)
+    plots, note = draw_plots(document, config)
+    markdown = report.write_markdown(outcomes, document, plots, note)
+    print(f"\nreport: {markdown}\nresults: {path}"
+          + "".join(f"\nplot: {png}" for png in plots.values()) + (f"\n{note}" if note else ""))
     return 1 if failed else 0
+
+
+def run_step(name: str, step: Step, bench: Bench) -> Outcome | None:
+    """Run one scenario; if it failed because Postgres or Redis restarted meanwhile (on
+    a shared machine), wait for them and run it once more, from scratch."""
+    from bench import database
+
+    for attempt in (1, 2):
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        before = server_lives(bench)
+        try:
+            outcome = step(bench)
+        except Exception:
+            traceback.print_exc()
+            wait_for_servers(bench.config)
+            if not bench.conn.closed:
+                bench.conn.close()
+            bench.conn = database.connect(bench.config.libpq_url)
+            restarted = [server for server, life in server_lives(bench).items()
+                         if life != before.get(server)]
+            if attempt == 1 and restarted:
+                print(f"[bench] {name}: {' and '.join(restarted)} restarted during the"
+                      " scenario; running it again", file=sys.stderr, flush=True)
+                continue
+            return None
+        if attempt > 1:
+            outcome.extra["attempts"] = attempt
+        print(f"[bench] {name}: {outcome.committed:,} in {outcome.seconds:.2f} s = "
+              f"{outcome.rate:,.0f}/s (step {time.perf_counter() - started:.0f} s)",
+              file=sys.stderr, flush=True)
+        return outcome
+    return None
+
+
+def server_lives(bench: Bench) -> dict[str, str | None]:
+    """What changes when a server restarts: Postgres's start time, Redis's run id."""
+    import redis
+
+    lives: dict[str, str | None] = {"Postgres": None, "Redis": None}
+    try:
+        row = bench.conn.execute("SELECT pg_postmaster_start_time()::text").fetchone()
+        lives["Postgres"] = row[0] if row else None
+    except Exception:
+        pass
+    try:
+        client = redis.Redis.from_url(bench.config.broker_url, socket_timeout=5)
+        lives["Redis"] = str(client.info("server")["run_id"])
+        client.close()
+    except Exception:
+        pass
+    return lives
+
+
+def wait_for_servers(config: BenchConfig, timeout: float = 180.0) -> None:
+    """Until Postgres and Redis both answer (or the timeout passes)."""
+    import psycopg
+    import redis
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with psycopg.connect(config.libpq_url, connect_timeout=5) as conn:
+                conn.execute("SELECT 1")
+            client = redis.Redis.from_url(config.broker_url, socket_timeout=5)
+            client.ping()
+            client.close()
+            return
+        except Exception:
+            time.sleep(1)
+
+
+def draw_plots(document: dict[str, Any], config: BenchConfig) -> tuple[dict[str, Path], str]:
+    """The PNGs, or why there are none (the figures stand without them)."""
+    if not config.plots:
+        return {}, ""
+    try:
+        from bench.plots import write_plots
+
+        return write_plots(document), ""
+    except ImportError:
+        return {}, ("No plots: matplotlib is missing (`pip install -e \".[bench]\"`, which"
+                    " `make bench` does).")
+    except Exception as error:  # a plot must not cost the run its report
+        traceback.print_exc()
+        return {}, f"No plots: drawing them failed ({error!r})."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bench import cpu
 from bench.config import RESULTS_DIR, BenchConfig
 from bench.scenarios import Bench, Outcome
+from bench.series import summary
 from bench.workers import WorkerSpec, running_worker
 from notifier.aggregation import flush_due_windows
 from notifier.db import session_scope
@@ -186,25 +188,32 @@ def fill_windows(waiting: int, per_window: int, spread: float) -> datetime:
     return base + rule.window
 
 
-def shift_windows(bench: Bench, first_close: datetime, lead: float) -> None:
+def shift_windows(bench: Bench, lead: float) -> datetime:
     """Move every window by the same amount so the first closes ``lead`` seconds from
-    now: the windows keep their spacing, only the clock they were filled on changes."""
+    now: the windows keep their spacing, only the clock they were filled on changes.
+    Returns the new close of the first window (Postgres's clock)."""
     bench.conn.execute(
         """
         UPDATE aggregation_windows SET opened_at = opened_at + d, due_at = due_at + d,
             latest_due_at = latest_due_at + d
-        FROM (SELECT (clock_timestamp() + make_interval(secs => %s)) - %s AS d) AS shift
+        FROM (SELECT (clock_timestamp() + make_interval(secs => %s))
+                     - (SELECT min(due_at) FROM aggregation_windows) AS d) AS shift
         """,
-        (lead, first_close),
+        (lead,),
     )
+    row = bench.conn.execute("SELECT min(due_at) FROM aggregation_windows").fetchone()
+    assert row is not None
+    return row[0]
 
 
 class Beat:
     """A real ``celery beat`` (flushing every ``NOTIFIER_FLUSH_INTERVAL``), for the block."""
 
+    LOG = RESULTS_DIR / "bench-beat.log"
+
     def __init__(self, config: BenchConfig):
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        self.log = (RESULTS_DIR / "bench-beat.log").open("w")
+        self.log = self.LOG.open("w")
         env = config.worker_environment()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "notifier", "beat", "-l", "info",
@@ -215,6 +224,17 @@ class Beat:
     def __enter__(self) -> Beat:
         return self
 
+    def wait_ticking(self, timeout: float = 60.0) -> None:
+        """Block until beat has sent its first flush: it is up and on its schedule."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"celery beat exited; see {self.LOG}")
+            if "flush-aggregation-windows" in self.LOG.read_text(errors="replace"):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"celery beat sent no flush in {timeout:g} s; see {self.LOG}")
+
     def __exit__(self, *exc_info: object) -> None:
         self.process.terminate()
         try:
@@ -224,44 +244,60 @@ class Beat:
         self.log.close()
 
 
+#: Seconds from the move of the windows to the close of the first one.
+LEAD = 2.0
+
+
 def flush_latency(bench: Bench, waiting: int = 100_000, per_window: int = 5,
                   spread: float = 30.0) -> Outcome:
-    """Window close → delivery queued, per digest, with ``waiting`` notifications waiting."""
+    """Window close → delivery queued, per digest, with ``waiting`` notifications waiting.
+
+    The windows are parked an hour ahead while the worker and beat start; once beat has
+    sent its first flush they are moved so that the first closes ``LEAD`` seconds later,
+    and the clock starts at that close. ``series``: windows flushed over time.
+    """
     reset(bench)
-    first_close = fill_windows(waiting, per_window, spread)
+    fill_started = time.perf_counter()
+    fill_windows(waiting, per_window, spread)
+    fill_seconds = time.perf_counter() - fill_started
     windows = _scalar(bench, "SELECT count(*) FROM aggregation_windows")
     bench.conn.execute("VACUUM ANALYZE aggregation_windows, notifications")
     timeout = spread + 120
-    with running_worker(FLUSH_WORKER, bench.config):
-        shift_windows(bench, first_close, lead=3.0)
-        began = time.perf_counter()
-        with Beat(bench.config):
-            deadline = time.monotonic() + timeout
+    samples: list[tuple[float, int]] = []
+    with running_worker(FLUSH_WORKER, bench.config) as worker:
+        shift_windows(bench, lead=3600.0)
+        with Beat(bench.config) as beat:
+            beat.wait_ticking()
+            before = cpu.snapshot(worker.pid)
+            shift_windows(bench, lead=LEAD)
+            began = time.perf_counter() + LEAD  # the first window's close
+            deadline = time.monotonic() + LEAD + timeout
             while time.monotonic() < deadline:
                 left = _scalar(bench, "SELECT count(*) FROM aggregation_windows")
+                samples.append((time.perf_counter(), windows - left))
                 if left == 0:
                     break
-                time.sleep(0.2)
-        seconds = time.perf_counter() - began
-    row = bench.conn.execute(
+                time.sleep(bench.config.sample_interval)
+            seconds = time.perf_counter() - began
+            cores = cpu.cores_used(before, cpu.snapshot(worker.pid), seconds + LEAD)
+    lags = [round(float(row[0]), 3) for row in bench.conn.execute(
         """
-        SELECT count(*),
-               percentile_cont(0.5) WITHIN GROUP (ORDER BY lag),
-               percentile_cont(0.99) WITHIN GROUP (ORDER BY lag), max(lag)
-        FROM (SELECT extract(epoch FROM d.queued_at - g.window_end) * 1000 AS lag
-              FROM deliveries d JOIN digests g ON g.id = d.digest_id
-              WHERE d.queued_at IS NOT NULL) AS lags
+        SELECT extract(epoch FROM d.queued_at - g.window_end) * 1000 AS lag
+        FROM deliveries d JOIN digests g ON g.id = d.digest_id
+        WHERE d.queued_at IS NOT NULL ORDER BY 1
         """
-    ).fetchone()
-    queued, p50, p99, worst = row if row else (0, None, None, None)
+    ).fetchall()]
     digested = _scalar(bench, "SELECT count(*) FROM notifications WHERE status = 'digested'")
+    settings = get_settings()
     return Outcome(
         "flush_latency", f"{waiting:,} waiting in {windows:,} windows closing over {spread:g} s",
-        waiting, seconds, seconds, digested,
-        extra={"windows": windows, "digests_queued": queued,
-               "flush_latency_ms": {"p50": _ms(p50), "p99": _ms(p99), "max": _ms(worst)}},
+        waiting, seconds, seconds, digested, cores,
+        extra={"windows": windows, "digests_queued": len(lags), "per_window": per_window,
+               "spread_seconds": spread, "fill_seconds": round(fill_seconds, 2),
+               "windows_left": windows - (samples[-1][1] if samples else 0),
+               "flush_interval_s": settings.flush_interval,
+               "flush_batch_size": settings.flush_batch_size,
+               "flush_latency_ms": summary(lags)},
+        series=[(round(t - began, 3), n) for t, n in samples],
+        samples={"flush": lags},
     )
-
-
-def _ms(value: float | None) -> float | None:
-    return None if value is None else round(float(value), 1)

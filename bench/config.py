@@ -58,9 +58,24 @@ class BenchConfig:
     server_processes: int = 1
     #: Timed runs of each delivery scenario; the fastest counts (see bench.delivery).
     delivery_runs: int = 3
+    #: Recipients of the simulated aggregation day part (``aggregation_efficiency``).
+    aggregation_recipients: int = 300
+    #: Hours the aggregation scenario simulates (on a simulated clock, not waited for).
+    aggregation_hours: float = 6.0
+    #: Notifications waiting in aggregation windows when beat starts (``flush_latency``).
+    flush_waiting: int = 100_000
+    #: Seconds over which those windows close, one after another.
+    flush_spread: float = 30.0
+    #: Seconds between beat's flushes (``NOTIFIER_FLUSH_INTERVAL``); 0: the notifier's
+    #: setting (1 s by default).
+    flush_interval: float = 0.0
     #: Seconds between two ``SELECT count(*)`` polls while waiting for rows.
     poll_interval: float = 0.05
-    #: Scenarios to run (names from ``bench.scenarios.SCENARIOS``); empty means all.
+    #: Seconds between two samples of the items done, for the throughput-over-time plot.
+    sample_interval: float = 0.1
+    #: Draw the PNG plots (needs matplotlib: ``pip install -e ".[bench]"``).
+    plots: bool = True
+    #: Scenarios to run (names from ``bench.__main__.STEP_NAMES``); empty means all.
     only: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -77,6 +92,8 @@ class BenchConfig:
         """Point this process (and the workers it starts) at the benchmark's servers."""
         os.environ["NOTIFIER_DATABASE_URL"] = self.database_url
         os.environ["NOTIFIER_BROKER_URL"] = self.broker_url
+        if self.flush_interval > 0:
+            os.environ["NOTIFIER_FLUSH_INTERVAL"] = str(self.flush_interval)
 
     def worker_environment(self) -> dict[str, str]:
         """The environment of a worker subprocess: ours, plus the repository on the path."""

@@ -44,16 +44,19 @@ def count_rows(conn: psycopg.Connection[Any], priority: str | None = None) -> in
 
 def wait_for_rows(
     conn: psycopg.Connection[Any], expected: int, timeout: float, interval: float,
-    priority: str | None = None,
+    priority: str | None = None, samples: list[tuple[float, int]] | None = None,
 ) -> tuple[float, int]:
     """Poll until ``expected`` rows are committed; returns (perf_counter time, rows seen).
 
     On timeout the rows seen so far are returned, and the caller reports a shortfall.
+    Each reading is appended to ``samples`` (perf_counter time, rows), if given.
     """
     deadline = time.perf_counter() + timeout
     while True:
         seen = count_rows(conn, priority)
         now = time.perf_counter()
+        if samples is not None:
+            samples.append((now, seen))
         if seen >= expected or now > deadline:
             return now, seen
         time.sleep(interval)
@@ -80,6 +83,17 @@ def latency_ms(conn: psycopg.Connection[Any], priority: str) -> dict[str, float]
     count, p50, p99, worst = row
     return {"count": int(count), "p50": float(p50 or 0), "p99": float(p99 or 0),
             "max": float(worst or 0)}
+
+
+def latencies_ms(conn: psycopg.Connection[Any], priority: str) -> list[float]:
+    """Every enqueue-to-commit latency of one priority, in ms, smallest first (for the
+    latency distribution plot; ``latency_ms`` gives the percentiles)."""
+    rows = conn.execute(
+        "SELECT extract(epoch FROM created_at - enqueued_at) * 1000 FROM notifications"
+        " WHERE priority = %s AND enqueued_at IS NOT NULL ORDER BY 1",
+        (priority,),
+    ).fetchall()
+    return [round(float(row[0]), 3) for row in rows]
 
 
 def committed_after(conn: psycopg.Connection[Any], priority: str, other: str) -> int:

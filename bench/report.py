@@ -11,6 +11,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,12 +20,16 @@ from typing import Any
 from bench.config import CONCURRENCY, RESULTS_DIR, BenchConfig
 from bench.cpu import PARTIES
 from bench.scenarios import Outcome
+from bench.series import quantiles, summary
 
 #: Aims the figures are read against (printed, not asserted).
 AIM_BULK_VS_NAIVE = 50.0
 AIM_NOTIFY_VS_EMPTY = 0.80
 AIM_CRITICAL_P99_MS = 50.0
 AIM_POOLED_EMAIL_VS_NAIVE = 3.0
+#: The product's promise: "up to 60 % fewer messages" than one per notification.
+AIM_MESSAGES_SAVED = 0.60
+AIM_FLUSH_P99_MS = 1000.0
 
 BULK = ("buffered", "notify_many")
 UNBUFFERED = ("notify", "notify_threads")
@@ -107,7 +112,48 @@ def aims(outcomes: dict[str, Outcome]) -> dict[str, dict[str, Any]]:
             "aim": f"critical p99 <= {AIM_CRITICAL_P99_MS:.0f} ms", "value": round(p99, 1),
             "met": p99 <= AIM_CRITICAL_P99_MS,
         }
+    efficiency = outcomes.get("aggregation_efficiency")
+    if efficiency:
+        saved = efficiency.extra["messages_saved"]
+        results["aggregation_efficiency"] = {
+            "aim": f">= {AIM_MESSAGES_SAVED:.0%} fewer messages than naive",
+            "value": saved, "met": saved >= AIM_MESSAGES_SAVED,
+        }
+    flush = outcomes.get("flush_latency")
+    if flush:
+        p99 = flush.extra["flush_latency_ms"]["p99"]
+        results["flush_latency"] = {
+            "aim": f"flush p99 <= {AIM_FLUSH_P99_MS:.0f} ms at {flush.notifications:,}"
+                   " waiting",
+            "value": p99, "met": p99 is not None and p99 <= AIM_FLUSH_P99_MS
+                                 and flush.extra.get("windows_left", 0) == 0,
+        }
     return results
+
+
+def _promise_text(outcome: Outcome) -> str:
+    """The product's promise read against the mix and against each type."""
+    rows = sorted(per_type_efficiency(outcome), key=lambda row: row["saved"])
+    saved = outcome.extra["messages_saved"]
+    text = (f"The promise, \"up to {AIM_MESSAGES_SAVED:.0%} fewer messages\": over the whole"
+            f" mix {saved:.1%} ({'met' if saved >= AIM_MESSAGES_SAVED else 'not met'})")
+    if rows:
+        reach = [row["type"] for row in rows if row["saved"] >= AIM_MESSAGES_SAVED]
+        text += (f"; per type from {rows[0]['saved']:.1%} ({rows[0]['type']}) to"
+                 f" {rows[-1]['saved']:.1%} ({rows[-1]['type']}), "
+                 + (f"{', '.join(reach)} reaching it" if reach else "none reaching it"))
+    return text + "."
+
+
+def per_type_efficiency(outcome: Outcome) -> list[dict[str, Any]]:
+    """Per type: notifications in, messages out, share saved, notifications per message."""
+    rows = []
+    for name, counts in outcome.extra["per_type"].items():
+        sent, received = counts["out"], counts["in"]
+        rows.append({"type": name, "in": received, "out": sent,
+                     "saved": round(1 - sent / received, 3) if received else 0.0,
+                     "per_message": round(received / sent, 2) if sent else 0.0})
+    return rows
 
 
 def delivery_ratios(outcomes: dict[str, Outcome]) -> dict[str, float]:
@@ -144,6 +190,7 @@ def print_report(
     _print_throughput(outcomes, reached)
     _print_ceilings(outcomes, reached)
     _print_latency(outcomes, reached)
+    _print_aggregation(outcomes, reached)
     _print_delivery(outcomes, reached)
     _print_cpu(outcomes)
 
@@ -239,6 +286,39 @@ def _print_latency(outcomes: dict[str, Outcome], reached: dict[str, dict[str, An
           f"{extra['criticals_committed_after_backlog']} of {critical['count']}")
 
 
+def _print_aggregation(outcomes: dict[str, Outcome], reached: dict[str, dict[str, Any]]) -> None:
+    efficiency, flush = outcomes.get("aggregation_efficiency"), outcomes.get("flush_latency")
+    if efficiency:
+        extra = efficiency.extra
+        print("\nAggregation efficiency (simulated clock; naive: one message per notification)")
+        print(f"  {efficiency.label}: {extra['messages_out']:,} messages out"
+              f" ({extra['digest_messages']:,} digests) instead of"
+              f" {extra['naive_messages_out']:,}: {extra['messages_saved']:.1%} fewer,"
+              f" {extra['notifications_per_message']:g} notifications per message"
+              f" (replayed in {efficiency.seconds:.1f} s)   aim"
+              f" {_aim_text(reached.get('aggregation_efficiency'), '%')}")
+        print(f"  {'type':<20}{'in':>8}{'out':>8}{'saved':>8}{'per msg':>9}")
+        for row in per_type_efficiency(efficiency):
+            print(f"  {row['type']:<20}{row['in']:>8,}{row['out']:>8,}{row['saved']:>8.1%}"
+                  f"{row['per_message']:>9.2f}")
+        print(f"  {_promise_text(efficiency)}")
+    if flush:
+        extra, lag = flush.extra, flush.extra["flush_latency_ms"]
+        print("\nFlush latency (window close -> digest delivery queued; real worker + beat,"
+              f" flush every {extra['flush_interval_s']:g} s)")
+        print(f"  {flush.label}: {extra['digests_queued']:,} digests queued,"
+              f" {flush.committed:,} notifications digested, last window flushed"
+              f" {flush.seconds:.1f} s after the first closed"
+              + (f" [{extra['windows_left']:,} windows LEFT]" if extra["windows_left"] else ""))
+        print(f"  flush latency ms: p50 {_num(lag['p50'])}  p99 {_num(lag['p99'])}  max"
+              f" {_num(lag['max'])}  (n={lag['count']})   aim"
+              f" {_aim_text(reached.get('flush_latency'), ' ms')}")
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
 def _print_delivery(outcomes: dict[str, Outcome], reached: dict[str, dict[str, Any]]) -> None:
     rows = [outcomes[name] for name in DELIVERY if name in outcomes]
     if not rows:
@@ -301,62 +381,214 @@ def _print_cpu(outcomes: dict[str, Outcome]) -> None:
               + "".join(f"{outcome.cores.get(party, 0):>10.2f}" for party in PARTIES))
 
 
-def write_json(
+def scenario_document(outcome: Outcome) -> dict[str, Any]:
+    """One scenario as JSON: its figures, its series, its latencies summarised (count,
+    p50, p99, max) and as 201 quantiles (enough to redraw their distribution)."""
+    fields = asdict(outcome)
+    samples = fields.pop("samples")
+    fields["series"] = [list(point) for point in outcome.series]
+    fields["latency_ms"] = {
+        kind: {**summary(values), "quantiles": quantiles(values)}
+        for kind, values in samples.items()
+    }
+    return {**fields, "rate_per_s": round(outcome.rate, 1), "complete": outcome.complete}
+
+
+def document(
     outcomes: dict[str, Outcome], machine: dict[str, Any], config: BenchConfig,
-    clock_offset_ms: float, notifier_settings: dict[str, Any], path: Path | None = None,
-) -> Path:
-    path = path or RESULTS_DIR / "latest.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    document = {
+    clock_offset_ms: float, notifier_settings: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything one run measured, as ``latest.json`` holds it and the plots read it."""
+    return {
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "machine": machine,
         "config": {**asdict(config), "concurrency": CONCURRENCY},
         "notifier_settings": notifier_settings,
         "clock_offset_ms": round(clock_offset_ms, 3),
-        "scenarios": {
-            name: {**asdict(outcome), "rate_per_s": round(outcome.rate, 1),
-                   "complete": outcome.complete}
-            for name, outcome in outcomes.items()
-        },
+        "scenarios": {name: scenario_document(outcome) for name, outcome in outcomes.items()},
         "delivery_ratios": delivery_ratios(outcomes),
         "aims": aims(outcomes),
     }
-    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+
+
+def write_json(document: dict[str, Any], path: Path | None = None) -> Path:
+    path = path or RESULTS_DIR / "latest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1, default=str) + "\n")
     return path
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """The machine and software a run came from, in one sentence."""
+    end = machine.get("load_average_at_end") or ["?"]
+    return (f"{machine['date']} (git {machine['git_commit']}), host {machine['host']}:"
+            f" {machine['cpu_count']} CPUs ({machine['cpu_model']}), Python"
+            f" {machine['python']}, PostgreSQL {machine['postgres']}, Redis"
+            f" {machine['redis']}, Celery {machine['celery']}, kombu {machine['kombu']},"
+            f" psycopg {machine['psycopg']}; load average (1 min) "
+            f"{machine['load_average_at_start'][0]:g} at start, {end[0]:g} at end")
 
 
 def write_markdown(
-    outcomes: dict[str, Outcome], machine: dict[str, Any], path: Path | None = None,
+    outcomes: dict[str, Outcome], doc: dict[str, Any], plots: dict[str, Path] | None = None,
+    plot_note: str = "", path: Path | None = None,
 ) -> Path:
-    """The figures as Markdown tables (``bench/results/latest.md``), ready for the README."""
-    path = path or RESULTS_DIR / "latest.md"
+    """The one report of a run (``bench/results/report.md``): machine, settings, aims,
+    every table, and the plots beside it."""
+    path = path or RESULTS_DIR / "report.md"
     path.parent.mkdir(parents=True, exist_ok=True)
+    machine, config = doc["machine"], doc["config"]
+    reached = doc["aims"]
     lines = [
-        f"Figures of {machine['date']} (git {machine['git_commit']}): {machine['cpu_count']}"
-        f" CPUs ({machine['cpu_model']}), Python {machine['python']}, PostgreSQL"
-        f" {machine['postgres']}, Redis {machine['redis']}, Celery {machine['celery']};"
-        f" load average {machine['load_average_at_start'][0]:g} at start,"
-        f" {(machine.get('load_average_at_end') or ['?'])[0]} at end.",
+        "# notifier benchmark report", "",
+        f"Run: `{doc['command']}`, {machine_line(machine)}.", "",
+        "Settings: every worker prefork with concurrency"
+        f" {config['concurrency']} (the delivery worker {config['delivery_concurrency']}),"
+        " a fresh one per scenario; the producer is the benchmark process on the same"
+        f" machine; {config['count']:,} notifications per pipeline scenario, naive"
+        f" baseline {config['naive_count']:,}, empty task {config['empty_count']:,},"
+        f" {config['criticals']} critical, {config['emails']:,} e-mails,"
+        f" {config['webhooks']:,} webhooks (naive {config['naive_webhooks']:,}), delivery"
+        f" runs {config['delivery_runs']} (fastest counts), aggregation"
+        f" {config['aggregation_recipients']:,} recipients x"
+        f" {config['aggregation_hours']:g} h simulated, flush latency"
+        f" {config['flush_waiting']:,} waiting over {config['flush_spread']:g} s. Notifier:"
+        f" {', '.join(f'{k}={v}' for k, v in doc['notifier_settings'].items())}.",
     ]
-    others = [o for name, o in outcomes.items() if name not in DELIVERY]
-    if others:
-        lines += ["", "| scenario | items | seconds | rate / s |", "|---|---:|---:|---:|"]
-        lines += [f"| {_label(o)} | {o.notifications:,} | {o.seconds:.2f} | {o.rate:,.0f} |"
-                  for o in others]
-    lines += _markdown_delivery(outcomes)
-    reached = aims(outcomes)
+    again = [name for name, o in outcomes.items() if o.extra.get("attempts", 1) > 1]
+    if again:
+        lines += ["", f"Run a second time, from scratch, because Postgres or Redis restarted"
+                  f" during the first (another session's chaos test): {', '.join(again)}."]
     if reached:
-        lines += ["", "Aims: " + "; ".join(
-            f"{name} {aim['aim']}: {aim['value']:g} ({'met' if aim['met'] else 'not met'})"
-            for name, aim in reached.items())]
+        lines += ["", "## Aims", "", "| scenario | aim | figure | met |", "|---|---|---:|---|"]
+        lines += [f"| {name} | {aim['aim']} | {_aim_value(name, aim)} |"
+                  f" {'yes' if aim['met'] else '**no**'} |" for name, aim in reached.items()]
+    lines += _markdown_ingest(outcomes, reached)
+    lines += _markdown_latency(outcomes)
+    lines += _markdown_aggregation(outcomes)
+    lines += _markdown_delivery(outcomes)
+    lines += _markdown_cpu(outcomes)
+    if plots or plot_note:
+        lines += ["", "## Plots", ""]
+        for name, plot in (plots or {}).items():
+            lines += [f"![{name}]({plot.name})", ""]
+        if plot_note:
+            lines.append(plot_note)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _aim_value(name: str, aim: dict[str, Any]) -> str:
+    value = aim["value"]
+    if value is None:
+        return "-"
+    if name in UNBUFFERED or name == "aggregation_efficiency":
+        return f"{value:.1%}"
+    if "ms" in aim["aim"]:
+        return f"{value:,.1f} ms"
+    return f"{value:g}x"
+
+
+def _markdown_ingest(outcomes: dict[str, Outcome], reached: dict[str, Any]) -> list[str]:
+    rows = [name for name in ("naive", *UNBUFFERED, *BULK) if name in outcomes]
+    ceilings = [n for n in ("empty_task", "raw_copy", "in_process_ingest") if n in outcomes]
+    if not rows and not ceilings:
+        return []
+    naive = outcomes.get("naive")
+    lines = ["", "## Ingest throughput (first send -> last row committed)", "",
+             "| scenario | notifications | seconds | send s | rate / s | x naive | aim |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for name in rows + ceilings:
+        o = outcomes[name]
+        ratio = f"{o.rate / naive.rate:.1f}" if naive and naive.rate and name in rows else ""
+        aim = reached.get(name)
+        aim_text = (f"{aim['aim']}: {_aim_value(name, aim)}"
+                    f" ({'met' if aim['met'] else 'not met'})") if aim else ""
+        prefix = "ceiling: " if name in ceilings else ""
+        lines.append(f"| {prefix}{_label(o)} | {o.notifications:,} | {o.seconds:.2f} |"
+                     f" {o.send_seconds:.2f} | {o.rate:,.0f} | {ratio} | {aim_text} |")
+    return lines
+
+
+def _markdown_latency(outcomes: dict[str, Outcome]) -> list[str]:
+    outcome = outcomes.get("critical_under_backlog")
+    if outcome is None:
+        return []
+    extra = outcome.extra
+    critical, backlog = extra["critical_latency_ms"], extra["backlog_latency_ms"]
+    first = extra["at_first_critical"]
+    return [
+        "", "## Critical latency under backlog (enqueue -> committed)", "",
+        f"{outcome.notifications:,} normal notifications sent with notify_many, drained in"
+        f" {outcome.seconds:.2f} s ({outcome.rate:,.0f}/s); then {extra['criticals']}"
+        f" critical ones one by one, {extra['critical_spacing_ms']:g} ms apart. At the"
+        f" first critical, {first['rows_pending']:,} backlog rows were still to commit.",
+        "", "| | n | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|---:|",
+        f"| critical | {critical['count']} | {critical['p50']:.1f} | {critical['p99']:.1f} |"
+        f" {critical['max']:.1f} |",
+        f"| backlog (normal) | {backlog['count']:,} | {backlog['p50']:.1f} |"
+        f" {backlog['p99']:.1f} | {backlog['max']:.1f} |",
+        "", f"Critical rows committed after the last backlog row:"
+        f" {extra['criticals_committed_after_backlog']} of {critical['count']}.",
+    ]
+
+
+def _markdown_aggregation(outcomes: dict[str, Outcome]) -> list[str]:
+    efficiency, flush = outcomes.get("aggregation_efficiency"), outcomes.get("flush_latency")
+    lines: list[str] = []
+    if efficiency:
+        extra = efficiency.extra
+        lines += [
+            "", "## Aggregation efficiency (simulated clock)", "",
+            f"{efficiency.label} (mixed types in bursts, 10 s ticks, the real ingest and"
+            f" flush code): {extra['messages_out']:,} messages instead of"
+            f" {extra['naive_messages_out']:,} (naive: one per notification), of which"
+            f" {extra['digest_messages']:,} digests: **{extra['messages_saved']:.1%} fewer"
+            f" messages**, {extra['notifications_per_message']:g} notifications per message.",
+            "", "| type | notifications | messages | saved | notifications / message |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [f"| {r['type']} | {r['in']:,} | {r['out']:,} | {r['saved']:.1%} |"
+                  f" {r['per_message']:.2f} |" for r in per_type_efficiency(efficiency)]
+        lines.append(f"| all | {efficiency.notifications:,} | {extra['messages_out']:,} |"
+                     f" {extra['messages_saved']:.1%} | {extra['notifications_per_message']:.2f} |")
+        lines += ["", _promise_text(efficiency)]
+    if flush:
+        extra, lag = flush.extra, flush.extra["flush_latency_ms"]
+        left = extra["windows_left"]
+        lines += [
+            "", "## Flush latency (window close -> digest delivery queued)", "",
+            f"{flush.label}; a real worker and a real beat (flush every"
+            f" {extra['flush_interval_s']:g} s, {extra['flush_batch_size']} windows per"
+            f" transaction). {extra['digests_queued']:,} digests queued; the last window"
+            f" was flushed {flush.seconds:.1f} s after the first closed"
+            + (f"; **{left:,} windows were left at the timeout**" if left else "") + ".",
+            "", "| n | p50 ms | p99 ms | max ms |", "|---:|---:|---:|---:|",
+            f"| {lag['count']:,} | {_num(lag['p50'])} | {_num(lag['p99'])} |"
+            f" {_num(lag['max'])} |",
+        ]
+    return lines
+
+
+def _markdown_cpu(outcomes: dict[str, Outcome]) -> list[str]:
+    rows = [o for o in outcomes.values() if o.cores]
+    if not rows:
+        return []
+    lines = ["", "## CPU (cores kept busy, averaged over each scenario; 2 in all)", "",
+             "| scenario | " + " | ".join(PARTIES) + " |",
+             "|---|" + "---:|" * len(PARTIES)]
+    lines += [f"| {o.label} | " + " | ".join(f"{o.cores.get(p, 0):.2f}" for p in PARTIES)
+              + " |" for o in rows]
+    return lines
 
 
 def _markdown_delivery(outcomes: dict[str, Outcome]) -> list[str]:
     rows = [outcomes[name] for name in DELIVERY if name in outcomes]
     if not rows:
         return []
-    lines = ["", "| delivery scenario | items | rate / s | x naive | CPU ms / item |"
+    lines = ["", "## Delivery (first send -> last e-mail or request received, or for the"
+             " worker, last row sent)",
+             "", "| delivery scenario | items | rate / s | x naive | CPU ms / item |"
                  " connections opened | runs (rate / s) |", "|---|---:|---:|---:|---:|---:|---|"]
     for outcome in rows:
         naive = outcomes.get(outcome.name.split("_")[0] + "_naive")
@@ -385,4 +617,16 @@ def _markdown_delivery(outcomes: dict[str, Outcome]) -> list[str]:
     servers = sorted({o.extra["server"] for o in rows if "server" in o.extra})
     lines += ["", "Rate: the fastest of the runs. Servers: " + "; ".join(servers)
               + ", each in processes of their own."]
+    ratios = delivery_ratios(outcomes)
+    if ratios:
+        lines += ["", "Ratios: " + ", ".join(f"{name} {value:g}x"
+                                             for name, value in ratios.items()) + "."]
+    for outcome in rows:
+        lag = outcome.samples.get("publish_to_sent")
+        if lag:
+            figures = summary(lag)
+            lines += ["", f"{_label(outcome)}, publish -> sent per delivery (every task"
+                      f" published at once, so mostly the wait in the queue): p50"
+                      f" {_num(figures['p50'])} ms, p99 {_num(figures['p99'])} ms, max"
+                      f" {_num(figures['max'])} ms (n={figures['count']:,})."]
     return lines

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +23,7 @@ from psycopg.types.json import Jsonb
 
 from bench import cpu, database, naive
 from bench.config import BenchConfig
+from bench.series import Sampler, Samples, relative, row_counter
 from bench.workers import Worker
 from notifier.client import BufferedProducer, build, notify, notify_many
 from notifier.ids import uuid7
@@ -49,6 +51,10 @@ class Outcome:
     committed: int
     cores: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Items done over time: (seconds since the clock started, items), for the plots.
+    series: list[tuple[float, int]] = field(default_factory=list)
+    #: Latency samples in ms, by what they measure (e.g. ``critical``), for the plots.
+    samples: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -66,11 +72,21 @@ class Bench:
     config: BenchConfig
     conn: psycopg.Connection[Any]
 
-    def wait_rows(self, expected: int, priority: str | None = None) -> tuple[float, int]:
+    def wait_rows(
+        self, expected: int, priority: str | None = None, samples: Samples | None = None,
+    ) -> tuple[float, int]:
         return database.wait_for_rows(
             self.conn, expected, self.config.timeout_for(expected),
-            self.config.poll_interval, priority,
+            self.config.poll_interval, priority, samples,
         )
+
+    def sampling(self, read: Any, samples: Samples) -> Sampler:
+        """A thread reading ``read()`` every ``sample_interval`` into ``samples``."""
+        return Sampler(read, self.config.sample_interval, samples)
+
+    def counting_rows(self, priority: str | None = None) -> AbstractContextManager[Any]:
+        """A row counter on a connection of its own (opened before the clock starts)."""
+        return row_counter(self.config.libpq_url, priority)
 
 
 def make_notifications(count: int, priority: str = "normal", first: int = 0) -> list[Payload]:
@@ -126,19 +142,37 @@ def send_naive(payloads: list[Payload]) -> None:
 
 # -- scenarios ------------------------------------------------------------------------------
 
+@dataclass
+class Timed:
+    """What one send-then-wait run measured."""
+
+    seconds: float
+    send_seconds: float
+    done: int
+    cores: dict[str, float]
+    series: list[tuple[float, int]]
+
+
 def _timed(
     bench: Bench, worker: Worker | None, send: Callable[[], None],
-    wait: Callable[[], tuple[float, int]],
-) -> tuple[float, float, int, dict[str, float]]:
-    """(seconds, send seconds, items done, cores used) of one send-then-wait run."""
+    wait: Callable[[Samples], tuple[float, int]],
+    counter: AbstractContextManager[Callable[[], int]] | None = None,
+) -> Timed:
+    """Time one send-then-wait run; items done over time are sampled by a thread reading
+    ``counter`` while this one sends, then by ``wait``'s own polls."""
     pid = worker.pid if worker else None
-    before = cpu.snapshot(pid)
-    start = time.perf_counter()
-    send()
-    sent = time.perf_counter()
-    done_at, done = wait()
+    samples: Samples = []
+    with counter or nullcontext() as read:
+        before = cpu.snapshot(pid)
+        start = time.perf_counter()
+        samples.append((start, 0))
+        with bench.sampling(read, samples):
+            send()
+        sent = time.perf_counter()
+    done_at, done = wait(samples)
     seconds = done_at - start
-    return seconds, sent - start, done, cpu.cores_used(before, cpu.snapshot(pid), seconds)
+    return Timed(seconds, sent - start, done, cpu.cores_used(before, cpu.snapshot(pid), seconds),
+                 relative(samples, start))
 
 
 def warm_up(bench: Bench, sender: Sender) -> None:
@@ -155,10 +189,10 @@ def pipeline(
     warm_up(bench, sender)
     payloads = make_notifications(count)
     database.reset(bench.conn, RECIPIENTS)
-    seconds, send_seconds, committed, cores = _timed(
-        bench, worker, lambda: sender(payloads), lambda: bench.wait_rows(count)
-    )
-    return Outcome(name, label, count, seconds, send_seconds, committed, cores)
+    run = _timed(bench, worker, lambda: sender(payloads),
+                 lambda samples: bench.wait_rows(count, samples=samples), bench.counting_rows())
+    return Outcome(name, label, count, run.seconds, run.send_seconds, run.done, run.cores,
+                   series=run.series)
 
 
 def empty_tasks(bench: Bench, worker: Worker, count: int) -> Outcome:
@@ -169,11 +203,13 @@ def empty_tasks(bench: Bench, worker: Worker, count: int) -> Outcome:
         for _ in range(n):
             naive.app.send_task(naive.EMPTY_TASK, queue=naive.QUEUE)
 
-    def wait(expected: int) -> tuple[float, int]:
+    def wait(expected: int, samples: Samples | None = None) -> tuple[float, int]:
         deadline = time.perf_counter() + bench.config.timeout_for(expected)
         while True:
             done = int(client.get(naive.EMPTY_COUNTER) or 0)
             now = time.perf_counter()
+            if samples is not None:
+                samples.append((now, done))
             if done >= expected or now > deadline:
                 return now, done
             time.sleep(bench.config.poll_interval)
@@ -181,12 +217,13 @@ def empty_tasks(bench: Bench, worker: Worker, count: int) -> Outcome:
     send(WARM_UP)
     wait(WARM_UP)
     client.delete(naive.EMPTY_COUNTER)
-    seconds, send_seconds, done, cores = _timed(
-        bench, worker, lambda: send(count), lambda: wait(count)
-    )
+    sampler_client = redis.Redis.from_url(bench.config.broker_url)
+    run = _timed(bench, worker, lambda: send(count), lambda samples: wait(count, samples),
+                 nullcontext(lambda: int(sampler_client.get(naive.EMPTY_COUNTER) or 0)))
     client.close()
-    return Outcome("empty_task", "empty Celery task (1 message each)", count, seconds,
-                   send_seconds, done, cores)
+    sampler_client.close()
+    return Outcome("empty_task", "empty Celery task (1 message each)", count, run.seconds,
+                   run.send_seconds, run.done, run.cores, series=run.series)
 
 
 def raw_copy(bench: Bench, count: int) -> Outcome:
@@ -244,17 +281,21 @@ def critical_under_backlog(bench: Bench, worker: Worker) -> Outcome:
     criticals = make_notifications(config.criticals, "critical", first=config.count)
     database.reset(bench.conn, RECIPIENTS)
     broker = redis.Redis.from_url(config.broker_url)
-    before = cpu.snapshot(worker.pid)
-    start = time.perf_counter()
-    send_many(backlog)
-    backlog_sent = time.perf_counter()
-    at_first = backlog_state(bench, broker)
-    for payload in criticals:
-        notify(**payload)
-        time.sleep(config.critical_spacing)
-    criticals_sent = time.perf_counter()
-    at_last = backlog_state(bench, broker)
-    drained_at, drained = bench.wait_rows(config.count, "normal")
+    samples: Samples = []
+    with bench.counting_rows("normal") as read:
+        before = cpu.snapshot(worker.pid)
+        start = time.perf_counter()
+        samples.append((start, 0))
+        with bench.sampling(read, samples):
+            send_many(backlog)
+            backlog_sent = time.perf_counter()
+            at_first = backlog_state(bench, broker)
+            for payload in criticals:
+                notify(**payload)
+                time.sleep(config.critical_spacing)
+            criticals_sent = time.perf_counter()
+            at_last = backlog_state(bench, broker)
+    drained_at, drained = bench.wait_rows(config.count, "normal", samples)
     _, critical_rows = bench.wait_rows(config.criticals, "critical")
     seconds = drained_at - start
     cores = cpu.cores_used(before, cpu.snapshot(worker.pid), seconds)
@@ -273,6 +314,9 @@ def critical_under_backlog(bench: Bench, worker: Worker) -> Outcome:
             "at_last_critical": at_last,
             "criticals_send_seconds": round(criticals_sent - backlog_sent, 3),
         },
+        series=relative(samples, start),
+        samples={"critical": database.latencies_ms(bench.conn, "critical"),
+                 "backlog": database.latencies_ms(bench.conn, "normal")},
     )
 
 
