@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -50,47 +49,29 @@ _LOG_COUNTERS = {
 }
 
 
-class BeatProcess:
-    """``celery -A notifier beat`` in its own process group, started like the tests'
-    workers are (``tests/workers.py``): a log file, ready when it says so."""
+@dataclass
+class BeatProcess(WorkerProcess):
+    """``celery -A notifier beat`` in its own process group, started, watched and
+    stopped as the tests' workers are (``tests/workers.py``)."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    schedule: str = ""
+
+    @classmethod
+    def start(cls, env: dict[str, str]) -> BeatProcess:  # type: ignore[override]
         log_fd, log_name = tempfile.mkstemp(prefix="beat-", suffix=".log")
-        self.log_path = Path(log_name)
-        self.schedule = tempfile.mktemp(prefix="chaos-beat-schedule-")
-        self.process = subprocess.Popen(
-            [CELERY, "-A", "notifier", "beat", "-l", "info", "--schedule", self.schedule],
+        schedule = tempfile.mktemp(prefix="chaos-beat-schedule-")
+        process = subprocess.Popen(
+            [CELERY, "-A", "notifier", "beat", "-l", "info", "--schedule", schedule],
             cwd=ROOT, stdout=log_fd, stderr=subprocess.STDOUT,
             env={**os.environ, **env}, start_new_session=True,
         )
         os.close(log_fd)
-
-    @classmethod
-    def start(cls, env: dict[str, str]) -> BeatProcess:
-        beat = cls(env)
-        deadline = time.monotonic() + 30
-        while "beat: Starting" not in beat.log():
-            if beat.process.poll() is not None:
-                raise RuntimeError(f"beat exited ({beat.process.returncode}):\n{beat.log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"beat never started:\n{beat.log()}")
-            time.sleep(0.05)
+        beat = cls(process, Path(log_name), schedule)
+        beat.wait_for_log("beat: Starting", timeout=30)
         return beat
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        super().stop()
         for suffix in ("", ".db", ".dat", ".dir", ".bak"):
             Path(self.schedule + suffix).unlink(missing_ok=True)
 

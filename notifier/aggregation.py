@@ -33,7 +33,7 @@ from notifier.delivery import DeliveryTask, queue_deliveries
 from notifier.ids import uuid7
 from notifier.preferences import Preferences, next_digest_at, parse_preferences, quiet_until
 from notifier.rules import Rule, Rules
-from notifier.settings import Settings
+from notifier.settings import PRIORITIES, Settings
 from notifier.templates import DigestItem, render_digest
 
 GroupKey = tuple[str, str, str]  # recipient, type, digest key
@@ -511,11 +511,8 @@ def _plan_window(
     return plan
 
 
-_PRIORITY_ORDER = ("critical", "high", "normal", "low")
-
-
 def _highest_priority(members: Sequence[_Member]) -> str:
-    return min((m.priority for m in members), key=_PRIORITY_ORDER.index)
+    return min((m.priority for m in members), key=PRIORITIES.index)
 
 
 def _digest_row(

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from notifier.delivery import UNSENT
 from notifier.schemas import NotificationError
-
-_UNSENT_DELIVERIES = ("pending", "scheduled", "retrying", "queued")
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ def _delivery_gone(session: Session, notification_id: str) -> str | None:
              " FOR UPDATE"),
         {"id": notification_id},
     ).scalars())
-    gone = statuses - {*_UNSENT_DELIVERIES, "cancelled"}
+    gone = statuses - {*UNSENT, "cancelled"}
     return next((s for s in ("sent", "sending", "dead") if s in gone), None)
 
 
@@ -94,7 +93,7 @@ def _cancel(session: Session, notification_id: str) -> CancelOutcome:
     session.execute(
         text("UPDATE deliveries SET status = 'cancelled', updated_at = now()"
              " WHERE notification_id = :id AND status = ANY(:unsent)"),
-        {"id": notification_id, "unsent": list(_UNSENT_DELIVERIES)},
+        {"id": notification_id, "unsent": list(UNSENT)},
     )
     session.execute(
         text("UPDATE notifications SET status = 'cancelled', window_id = NULL,"

@@ -51,7 +51,8 @@ from notifier.settings import Settings, delivery_queue
 
 log = logging.getLogger(__name__)
 
-_UNSENT = ("pending", "queued", "retrying", "scheduled")
+#: Delivery statuses that have not gone out yet (a claim takes them; cancel may too).
+UNSENT = ("pending", "queued", "retrying", "scheduled")
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,7 @@ def claim_deliveries(
         ORDER BY c.id
         """,
         {
-            "ids": list(delivery_ids), "channel": channel_name, "unsent": list(_UNSENT),
+            "ids": list(delivery_ids), "channel": channel_name, "unsent": list(UNSENT),
             "early": timedelta(seconds=1),
             "lease": timedelta(seconds=settings.sending_timeout),
         },

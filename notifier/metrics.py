@@ -165,18 +165,19 @@ def process_exited(pid: int) -> None:
 
 
 def remove_files_of_dead_processes(path: str | None = None) -> int:
-    """At worker start: files of processes that no longer exist (a previous run)."""
+    """At worker start: drop the live gauges of processes that no longer exist (a
+    previous run); their counters stay counted. Returns how many processes that was."""
     path = path or os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    removed = 0
+    pids = set()
     for name in os.listdir(path):
         stem, _, suffix = name.rpartition("_")
         pid = suffix.removesuffix(".db")
-        if not stem or not pid.isdigit() or _alive(int(pid)):
-            continue
-        multiprocess.mark_process_dead(int(pid), path)
-        if name.startswith("gauge_") or not os.path.exists(os.path.join(path, name)):
-            removed += 1
-    return removed
+        if stem and pid.isdigit():
+            pids.add(int(pid))
+    dead = [pid for pid in pids if not _alive(pid)]
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, path)
+    return len(dead)
 
 
 def _alive(pid: int) -> bool:
