@@ -48,7 +48,8 @@ def configure_logging(loglevel: Any = None, logfile: str | None = None, **_: Any
     from notifier.settings import get_settings
 
     settings = get_settings()
-    configure(loglevel or settings.log_level, logfile, settings.log_format == "json")
+    configure(loglevel or settings.log_level, logfile, settings.log_format == "json",
+              settings.log_max_line_bytes)
 
 
 @signals.worker_init.connect

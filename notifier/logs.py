@@ -3,106 +3,226 @@ concern on every line, JSON if asked (``NOTIFIER_LOG_FORMAT=json``), never a sec
 
 Workers and beat configure logging here (Celery's ``setup_logging`` signal), so every
 line, Celery's own included, goes through the same filter: it adds the running task's
-id and name, and masks passwords and secret options in any URL a message or traceback
-carries. Code that knows which items a line is about passes them as ``extra``
-(``notification_id(s)``, ``delivery_id(s)``, ``channel``; a batch of ingest messages
-names their ``task_ids``, as celery-batches runs it outside any one task).
+id and name, and hides every secret a message or traceback carries
+(``notifier.masking``). No log call ever raises, whatever its arguments, and every line
+is cut to ``NOTIFIER_LOG_MAX_LINE_BYTES``. Code that knows which items a line is about
+passes them as ``extra`` (``notification_id(s)``, ``delivery_id(s)``, ``channel``; a
+batch of ingest messages names their ``task_ids``, as celery-batches runs it outside any
+one task).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from notifier.settings import mask_url
+from notifier.masking import mask_secrets
 
 #: Fields a log call may pass in ``extra`` that name what the line is about.
 ITEM_FIELDS = ("notification_id", "notification_ids", "delivery_id", "delivery_ids",
                "digest_id", "channel", "recipient_id", "task_ids")
-_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
-#: How many ids of a list a text line shows (JSON lines carry them all).
+#: How many ids of a list a text line shows (JSON lines carry them all, if they fit).
 TEXT_IDS_SHOWN = 5
+#: Longest line when no setting says otherwise (``NOTIFIER_LOG_MAX_LINE_BYTES``).
+DEFAULT_MAX_LINE_BYTES = 8192
+#: Text longer than this is cut (at a word boundary) before it is masked: masking a
+#: 10 MB value costs time, and a secret cut in half can no longer be recognised, so
+#: the cut drops the partial word at its end.
+MASK_INPUT_LIMIT = 256 * 1024
 
 
 def mask_urls(text: str) -> str:
-    """Every URL in ``text`` with its password and secret options hidden."""
-    return _URL.sub(lambda match: mask_url(match.group(0)), text)
+    """``text`` with every secret hidden (``notifier.masking.mask_secrets``)."""
+    return mask_secrets(text)
+
+
+def masked(text: object, limit: int = MASK_INPUT_LIMIT) -> str:
+    """Any value as masked text of a bounded length; never raises."""
+    return mask_secrets(_cut_at_word(_safe_str(text), limit))
+
+
+def cut_line(text: str, max_bytes: int) -> str:
+    """``text`` cut to ``max_bytes`` of UTF-8, saying how much was cut; a lone surrogate
+    (which no log file can encode) is written as its escape."""
+    raw = text.encode("utf-8", "backslashreplace")
+    if len(raw) <= max_bytes:
+        return raw.decode("utf-8")
+    marker = f" [cut: {len(raw):,} bytes]"
+    keep = max(0, max_bytes - len(marker))
+    return raw[:keep].decode("utf-8", "ignore") + marker
 
 
 class TaskContext(logging.Filter):
-    """Adds the running Celery task to each record and masks URLs in the message."""
+    """Adds the running Celery task to each record and masks secrets in the message.
+
+    Never raises, whatever the record holds (arguments that do not match the format, a
+    message whose ``str`` fails, megabytes of text): a log call must never abort the
+    work it reports on.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from celery._state import get_current_task
+        record.task_id = record.task_name = None
+        try:
+            from celery._state import get_current_task
 
-        task = get_current_task()
-        request = getattr(task, "request", None)
-        record.task_id = getattr(request, "id", None) if task else None
-        record.task_name = getattr(task, "name", None) if task else None
-        record.msg = mask_urls(record.getMessage())
+            task = get_current_task()
+            request = getattr(task, "request", None)
+            record.task_id = getattr(request, "id", None) if task else None
+            record.task_name = getattr(task, "name", None) if task else None
+        except Exception:  # the line is worth more than its task id
+            pass
+        record.msg = masked(_message(record))
         record.args = ()
         return True
 
 
 class TextFormatter(logging.Formatter):
-    """``[time: LEVEL/process] task[id]: message key=value …``."""
+    """``[time: LEVEL/process] task[id]: message key=value …``, at most ``max_bytes``."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         super().__init__("[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
+        self.max_bytes = max_bytes
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        head, _, rest = line.partition("] ")
-        task = getattr(record, "task_name", None)
-        if task and getattr(record, "task_id", None) and record.task_id not in rest:
-            rest = f"{task}[{record.task_id}]: {rest}"
-        items = " ".join(
-            f"{key}={_short(getattr(record, key))}" for key in ITEM_FIELDS if hasattr(record, key)
-        )
-        return mask_urls(f"{head}] {rest}" + (f" ({items})" if items else ""))
+        try:
+            line = super().format(record)
+            head, _, rest = line.partition("] ")
+            task = getattr(record, "task_name", None)
+            if task and getattr(record, "task_id", None) and str(record.task_id) not in rest:
+                rest = f"{task}[{record.task_id}]: {rest}"
+            items = " ".join(f"{key}={_short(getattr(record, key))}"
+                             for key in ITEM_FIELDS if hasattr(record, key))
+            line = masked(f"{head}] {rest}" + (f" ({items})" if items else ""))
+        except Exception as exc:
+            line = _unformattable(record, exc)
+        return cut_line(line, self.max_bytes)
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line."""
+    """One JSON object per line, at most ``max_bytes``: long strings and lists are cut
+    (a list keeps its first items and ``<field>_count`` says how many there were)."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        super().__init__()
+        self.max_bytes = max_bytes
 
     def format(self, record: logging.LogRecord) -> str:
+        try:
+            entry = self._entry(record)
+        except Exception as exc:
+            entry = {"level": "ERROR", "message": _unformattable(record, exc)}
+        return _bounded_json(entry, self.max_bytes)
+
+    def _entry(self, record: logging.LogRecord) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "process": record.processName,
-            "message": record.getMessage(),
+            "message": masked(_message(record)),
         }
         if getattr(record, "task_id", None):
-            entry["task_id"] = record.task_id
-            entry["task"] = record.task_name
+            entry["task_id"] = masked(record.task_id)
+            entry["task"] = masked(record.task_name)
         for key in ITEM_FIELDS:
             if hasattr(record, key):
-                entry[key] = getattr(record, key)
+                entry[key] = _json_value(getattr(record, key))
         if record.exc_info:
-            entry["exception"] = mask_urls(self.formatException(record.exc_info))
-        return json.dumps(entry, default=str)
+            entry["exception"] = masked(self.formatException(record.exc_info))
+        return entry
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The record's message, or, if it cannot be formatted, its parts as they are."""
+    try:
+        return record.getMessage()
+    except Exception as exc:
+        return (f"{_safe_str(record.msg)} [log arguments did not format:"
+                f" {type(exc).__name__}: {_safe_str(record.args)}]")
+
+
+def _unformattable(record: logging.LogRecord, exc: Exception) -> str:
+    level = getattr(record, "levelname", "?")
+    return masked(f"[{level}] could not format a log line ({type(exc).__name__}):"
+                  f" {_safe_str(getattr(record, 'msg', ''))}", 4096)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, list | tuple | set | frozenset):
+        return [masked(item, 1024) for item in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return masked(value, 4096)
+
+
+def _bounded_json(entry: dict[str, Any], max_bytes: int) -> str:
+    """The entry as one JSON line of at most ``max_bytes``: long strings, then long
+    lists, are cut until it fits (JSON escapes make a string's size hard to foresee)."""
+    try:
+        line = json.dumps(entry, default=_safe_str)
+        share = max_bytes // 2
+        while len(line) > max_bytes and share >= 16:
+            entry = _shrunk(entry, share)
+            line = json.dumps(entry, default=_safe_str)
+            share //= 2
+    except Exception:
+        line = ""
+    if not line or len(line) > max_bytes:
+        line = json.dumps({"level": entry.get("level"), "message": "[log line too long]"})
+    return line
+
+
+def _shrunk(entry: dict[str, Any], share: int) -> dict[str, Any]:
+    shrunk: dict[str, Any] = {}
+    for key, value in entry.items():
+        if isinstance(value, str) and len(value) > share:
+            value = cut_line(value, share)
+        elif isinstance(value, list) and len(json.dumps(value, default=_safe_str)) > share:
+            shrunk[f"{key}_count"] = entry.get(f"{key}_count", len(value))
+            value = value[: max(1, len(value) // 4)]
+        shrunk.setdefault(key, value)
+    return shrunk
 
 
 def _short(value: Any) -> str:
     if isinstance(value, list | tuple | set):
-        items = [str(v) for v in value]
+        items = [_safe_str(v) for v in value]
         more = f",+{len(items) - TEXT_IDS_SHOWN}" if len(items) > TEXT_IDS_SHOWN else ""
         return ",".join(items[:TEXT_IDS_SHOWN]) + more
-    return str(value)
+    return _safe_str(value)
 
 
-def configure(level: str | int, logfile: str | None = None, json_lines: bool = False) -> None:
+def _cut_at_word(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    space = max(head.rfind(" "), head.rfind("\n"), head.rfind("\t"))
+    head = head[: space + 1] if space >= 0 else ""
+    return f"{head}[cut: {len(text) - len(head):,} more characters]"
+
+
+def _safe_str(value: object) -> str:
+    try:
+        return value if isinstance(value, str) else str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+
+
+def configure(
+    level: str | int, logfile: str | None = None, json_lines: bool = False,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> None:
     """Route every logger through one handler with our filter and formatter."""
     handler: logging.Handler = (
         logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
     )
     handler.addFilter(TaskContext())
-    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    handler.setFormatter(
+        JsonFormatter(max_line_bytes) if json_lines else TextFormatter(max_line_bytes)
+    )
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

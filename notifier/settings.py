@@ -13,6 +13,9 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from notifier.masking import SECRET_OPTIONS as SECRET_OPTIONS
+from notifier.masking import mask_secrets
+
 PRIORITIES: tuple[str, ...] = ("critical", "high", "normal", "low")
 """Priorities from most to least urgent; each has its own queue ``notifier.<priority>``."""
 
@@ -176,6 +179,14 @@ class Settings(BaseSettings):
     #: Seconds each check may wait to connect and for a query.
     health_timeout: float = Field(2.0, gt=0)
 
+    # --- Secrets --------------------------------------------------------------------
+    #: Longest log line in bytes (text or JSON, tracebacks included); longer lines are
+    #: cut and say so. Secrets are hidden before the cut (``notifier.masking``).
+    log_max_line_bytes: int = Field(8192, ge=512)
+    #: Seconds `notifier webhooks secret rotate` keeps signing with the previous secret
+    #: too (``--overlap`` overrides it), so a receiver can switch without losing messages.
+    webhook_secret_overlap: float = Field(86400.0, ge=0)
+
     @model_validator(mode="after")
     def _beat_max_age_above_heartbeat_interval(self) -> Settings:
         if self.health_beat_max_age <= self.heartbeat_interval:
@@ -239,32 +250,14 @@ def queue_name(priority: str) -> str:
     return f"notifier.{priority}"
 
 
-#: Query options whose values are secrets; ``mask_url`` hides them.
-SECRET_OPTIONS: frozenset[str] = frozenset(
-    {"password", "pass", "secret", "token", "key", "auth_token", "api_key", "apikey"}
-)
-
-
 def delivery_queue(channel: str, priority: str) -> str:
     """The queue of a delivery task: critical ones share a path no bulk traffic is on;
     the rest have a queue per channel, so one slow provider holds up only its own."""
     return "notifier.deliver.critical" if priority == "critical" else f"notifier.deliver.{channel}"
 
 
-def mask_url(url: str) -> str:
-    """The URL with its password and secret options hidden, the only form we ever print."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        parts = parts._replace(netloc=netloc)
-    if parts.query:
-        pairs = [pair.partition("=") for pair in parts.query.split("&")]
-        query = "&".join(
-            f"{key}{eq}{'***' if key.lower() in SECRET_OPTIONS and value else value}"
-            for key, eq, value in pairs
-        )
-        parts = parts._replace(query=query)
-    return parts.geturl()
+#: The one masking function (``notifier.masking``), under the name URL printers import.
+mask_url = mask_secrets
 
 
 def load_settings() -> Settings:

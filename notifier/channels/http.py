@@ -155,24 +155,9 @@ def non_public_kind(address: IPAddress) -> str | None:
 
 
 def mask_target(url: str) -> str:
-    """The target as it may be logged or stored in an error.
-
-    ``mask_url`` (password, secret options) plus secret-looking path segments: when the
-    path has three or more segments the last one is hidden (Slack's
-    ``/services/T000/B000/XXXX``), and so is any segment or query value of
-    ``SECRET_LOOKING_LENGTH`` characters or more. The fragment is dropped.
-    """
-    parts = urlsplit(mask_url(url))
-    segments = parts.path.split("/")
-    named = [i for i, segment in enumerate(segments) if segment]
-    for i in named:
-        if len(segments[i]) >= SECRET_LOOKING_LENGTH or (len(named) >= 3 and i == named[-1]):
-            segments[i] = "***"
-    query = "&".join(
-        f"{key}{eq}{'***' if len(value) >= SECRET_LOOKING_LENGTH else value}"
-        for key, eq, value in (pair.partition("=") for pair in parts.query.split("&") if pair)
-    )
-    return parts._replace(path="/".join(segments), query=query, fragment="").geturl()
+    """The target as it may be logged or stored in an error: ``masking.mask_secrets`` (password,
+    secret options, tokens in the path such as Slack's ``/services/T000/B000/XXXX``)."""
+    return mask_url(url)  # mask_url is notifier.masking.mask_secrets
 
 
 # --- Outcomes -------------------------------------------------------------------------
