@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from notifier.masking import mask_secrets
 from notifier.schemas import NotificationError
 from notifier.settings import ConfigError, get_settings, mask_url
 
@@ -337,7 +338,8 @@ def list_dead_letters(as_json: bool, limit: int, **filters: Any) -> None:
     for row in rows:
         replayed = " (replayed)" if row.replayed_at else ""
         click.echo(f"{row.id:>6}  {_when(row.created_at)}  {row.stage:<8} "
-                   f"{row.channel or '-':<8} {row.type or '-':<18} {row.reason}{replayed}")
+                   f"{row.channel or '-':<8} {mask_secrets(row.type or '-'):<18} "
+                   f"{mask_secrets(row.reason)}{replayed}")
 
 
 @dead_letters.command("replay")
@@ -421,12 +423,18 @@ def show_dead_letter(dead_letter_id: int) -> None:
 
 
 def _dead_letter_dict(row: Any) -> dict[str, Any]:
+    """A dead letter as `list --json` and `show` print it: its payload (a producer's
+    message, with recipients' addresses) and reason with every secret hidden, addresses
+    shown as `recipients show` shows them."""
+    from notifier.masking import mask_structure
+
     return {
-        "id": row.id, "stage": row.stage, "reason": row.reason,
-        "error_class": row.error_class, "type": row.type, "channel": row.channel,
-        "notification_id": row.notification_id, "delivery_id": row.delivery_id,
-        "attempts": row.attempts, "created_at": row.created_at,
-        "replayed_at": row.replayed_at, "payload": row.payload,
+        "id": row.id, "stage": row.stage, "reason": mask_secrets(row.reason),
+        "error_class": row.error_class, "type": row.type and mask_secrets(row.type),
+        "channel": row.channel, "notification_id": row.notification_id,
+        "delivery_id": row.delivery_id, "attempts": row.attempts,
+        "created_at": row.created_at, "replayed_at": row.replayed_at,
+        "payload": mask_structure(row.payload),
     }
 
 
@@ -749,10 +757,97 @@ def _local(moment: datetime, timezone: str, with_date: bool = True) -> str:
 
 
 def _masked(address: str) -> str:
-    """Addresses that are URLs (webhook, Slack, Apprise) may carry secrets: hide them."""
-    from notifier.channels.http import mask_target
+    """Addresses that are URLs (webhook, Slack, Apprise) may carry secrets: hide them,
+    as dead letters do (``notifier.masking.mask_address``)."""
+    from notifier.masking import mask_address
 
-    return mask_target(address) if "://" in address else address
+    return mask_address(address)
+
+
+# --- webhooks ---------------------------------------------------------------------------
+
+
+@main.group()
+def webhooks() -> None:
+    """Webhook receivers' signing secrets."""
+
+
+@webhooks.group("secret")
+def webhook_secret() -> None:
+    """A receiver's own signing secret (each recipient with a webhook has one)."""
+
+
+@webhook_secret.command("show")
+@click.argument("recipient")
+@click.option("--json", "as_json", is_flag=True, help="Also when it was made and rotated.")
+@friendly_errors
+def show_webhook_secret(recipient: str, as_json: bool) -> None:
+    """Print RECIPIENT's signing secret (made now if it has none yet).
+
+    Give it to the receiver: it verifies each request's X-Notifier-Signature with it.
+    The only command that prints a secret.
+    """
+    from notifier.db import session_scope
+    from notifier.webhook_secrets import secret_info
+
+    with session_scope() as session:
+        info = secret_info(session, recipient)
+    if info is None:
+        _no_recipient(recipient)
+        return
+    if not as_json:
+        click.echo(info.secret)
+        return
+    click.echo(json.dumps({
+        "recipient": info.recipient_id, "secret": info.secret,
+        "created_at": info.created_at, "rotated_at": info.rotated_at,
+        "previous_valid_until": info.previous_valid_until,
+    }, default=str, indent=2))
+
+
+@webhook_secret.command("rotate")
+@click.argument("recipient")
+@click.option("--overlap", help="How long the previous secret keeps signing too, beside the"
+              " new one: 24h, 90m, 0 for not at all [NOTIFIER_WEBHOOK_SECRET_OVERLAP].")
+@friendly_errors
+def rotate_webhook_secret(recipient: str, overlap: str | None) -> None:
+    """Give RECIPIENT a new signing secret.
+
+    During the overlap every request carries two signatures, by the new secret and by
+    the previous one, so the receiver can switch to the new one without losing
+    messages. Print the new one with `notifier webhooks secret show RECIPIENT`.
+    """
+    from datetime import timedelta
+
+    from notifier.db import session_scope
+    from notifier.rules import parse_duration
+    from notifier.webhook_secrets import rotate_secret
+
+    if overlap is None:
+        span = timedelta(seconds=get_settings().webhook_secret_overlap)
+    elif overlap.strip() in ("0", "0s"):
+        span = timedelta(0)
+    else:
+        try:
+            span = parse_duration(overlap.strip())
+        except ValueError as exc:
+            _fail(f"--overlap: {exc}", EXIT_USAGE)
+            return
+    with session_scope() as session:
+        info = rotate_secret(session, recipient, span)
+    if info is None:
+        _no_recipient(recipient)
+        return
+    until = (f"the previous one also signs until"
+             f" {_when(info.previous_valid_until.astimezone(UTC))} UTC"
+             if info.previous_valid_until else "the previous one no longer signs")
+    click.echo(f"rotated the webhook secret of {recipient}: {until};"
+               f" print the new one with `notifier webhooks secret show {recipient}`")
+
+
+def _no_recipient(recipient: str) -> None:
+    _fail(f"no recipient {recipient!r}; create one with"
+          f" `notifier recipients set {recipient} --address webhook=URL`", EXIT_USAGE)
 
 
 # --- health and stats -------------------------------------------------------------------

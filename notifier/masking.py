@@ -152,13 +152,13 @@ def mask_structure(value: Any, depth: int = 0) -> Any:
     if depth > 64:
         return MASK
     if isinstance(value, dict):
-        return {
-            mask_secrets(key): (
-                MASK if is_secret_name(key) and item not in (None, "")
-                else mask_structure(item, depth + 1)
-            )
-            for key, item in value.items()
-        }
+        masked = {}
+        for key, item in value.items():
+            shown = mask_secrets(key)
+            secret = is_secret_name(key) or is_secret_name(shown)
+            hide = secret and item is not None and item != ""
+            masked[shown] = MASK if hide else mask_structure(item, depth + 1)
+        return masked
     if isinstance(value, list | tuple):
         return [mask_structure(item, depth + 1) for item in value]
     if isinstance(value, str):

@@ -303,3 +303,22 @@ class InboxMessage(Base):
     data: Mapped[JsonObject]
     read_at: Mapped[Timestamp | None]
     created_at: Mapped[CreatedAt]
+
+
+class WebhookSecret(Base):
+    """A webhook receiver's own signing secret (``notifier.webhook_secrets``).
+
+    ``previous_secret`` still signs requests, beside ``secret``, until
+    ``previous_valid_until``: the overlap in which the receiver switches.
+    """
+
+    __tablename__ = "webhook_secrets"
+
+    recipient_id: Mapped[str] = mapped_column(
+        String(255), ForeignKey("recipients.id", ondelete="CASCADE"), primary_key=True
+    )
+    secret: Mapped[str] = mapped_column(Text, nullable=False)
+    previous_secret: Mapped[str | None] = mapped_column(Text)
+    previous_valid_until: Mapped[Timestamp | None]
+    created_at: Mapped[CreatedAt]
+    rotated_at: Mapped[Timestamp | None]
