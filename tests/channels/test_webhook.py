@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from notifier.channels.base import (
     ConfigurationError,
@@ -29,10 +31,35 @@ from notifier.channels.http import (
     parse_retry_after,
 )
 from notifier.channels.webhook import WebhookChannel, sign, verify_signature
+from notifier.db import session_scope
 from notifier.settings import get_settings
-from tests.http_server import HttpServer, http_server_fixture  # noqa: F401
+from tests.http_server import HttpServer, Request, http_server_fixture  # noqa: F401
+from tests.test_cli import run
 
 SECRET = "s3cr3t-hmac-key"
+
+
+@pytest.fixture(autouse=True)
+def recipients() -> None:
+    """The receivers: a secret is made only for a recipient that exists."""
+    with session_scope() as session:
+        session.connection().exec_driver_sql(
+            "INSERT INTO recipients (id) VALUES ('user-1'), ('user-2')"
+        )
+
+
+def shown_secret(recipient: str) -> str:
+    """The secret as `notifier webhooks secret show` prints it."""
+    result = run("webhooks", "secret", "show", recipient)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def verifies(secret: str | list[str], request: Request) -> bool:
+    return verify_signature(
+        secret, request.headers["X-Notifier-Timestamp"], request.headers["Idempotency-Key"],
+        request.body, request.headers["X-Notifier-Signature"],
+    )
 
 
 def message(address: str | None, **overrides: Any) -> OutgoingMessage:
@@ -91,7 +118,7 @@ def test_posts_the_message_as_json(http_server: HttpServer) -> None:
     assert abs(sent_at.timestamp() - before) < 5
 
 
-def test_headers_carry_idempotency_key_and_timestamp(http_server: HttpServer) -> None:
+def test_headers_carry_idempotency_key_timestamp_and_signature(http_server: HttpServer) -> None:
     sent = message(http_server.url())
 
     send(channel(), sent)
@@ -99,31 +126,181 @@ def test_headers_carry_idempotency_key_and_timestamp(http_server: HttpServer) ->
     [request] = http_server.wait_for(1)
     assert request.headers["Idempotency-Key"] == str(sent.delivery_id)
     assert abs(int(request.headers["X-Notifier-Timestamp"]) - time.time()) < 5
-    assert request.headers["X-Notifier-Signature"] is None  # no secret, no signature
+    [signature] = request.headers["X-Notifier-Signature"].split(",")  # signed by default
+    assert signature.startswith("v1=") and len(signature) == 3 + 64
 
 
-def test_signature_verifies_with_the_secret_only(http_server: HttpServer) -> None:
-    send(channel(f"secret={SECRET}&allow_private=yes"), message(http_server.url()))
+def test_receiver_verifies_with_the_secret_the_command_shows(http_server: HttpServer) -> None:
+    """The default `webhook://` signs with the receiver's own secret, made on first use;
+    `notifier webhooks secret show` prints that secret and it verifies the request."""
+    send(channel(), message(http_server.url()))
 
     [request] = http_server.wait_for(1)
-    timestamp = request.headers["X-Notifier-Timestamp"]
+    secret = shown_secret("user-1")
+    assert secret.startswith("whsec_") and len(secret) > 40
+    assert verifies(secret, request)
+    timestamp, key = request.headers["X-Notifier-Timestamp"], request.headers["Idempotency-Key"]
     header = request.headers["X-Notifier-Signature"]
-    assert header.startswith("sha256=")
-    assert verify_signature(SECRET, timestamp, request.body, header)
-    assert not verify_signature("wrong-secret", timestamp, request.body, header)
-    assert not verify_signature(SECRET, timestamp, request.body + b" ", header)
-    assert not verify_signature(SECRET, int(timestamp) + 1, request.body, header)
+    assert not verify_signature("wrong-secret", timestamp, key, request.body, header)
+    assert not verify_signature(secret, timestamp, key, request.body + b" ", header)
+    assert not verify_signature(secret, int(timestamp) + 1, key, request.body, header)
+    assert not verify_signature(secret, timestamp, str(uuid.uuid4()), request.body, header)
+
+
+def test_secret_shown_first_is_the_one_used_later(http_server: HttpServer) -> None:
+    """A receiver can be given its secret before the first message is sent."""
+    secret = shown_secret("user-2")
+
+    send(channel(), message(http_server.url(), recipient_id="user-2"))
+
+    [request] = http_server.wait_for(1)
+    assert verifies(secret, request)
+    assert shown_secret("user-2") == secret
+
+
+def test_receivers_have_different_secrets(http_server: HttpServer) -> None:
+    """One receiver's secret does not verify requests meant for another: a receiver
+    cannot forge requests to the others."""
+    send(channel(), message(http_server.url("/one"), recipient_id="user-1"),
+         message(http_server.url("/two"), recipient_id="user-2"))
+
+    one, two = sorted(http_server.wait_for(2), key=lambda r: r.path)
+    first, second = shown_secret("user-1"), shown_secret("user-2")
+    assert first != second
+    assert verifies(first, one) and verifies(second, two)
+    assert not verifies(first, two) and not verifies(second, one)
+
+
+def test_rotation_signs_with_both_secrets_during_the_overlap(http_server: HttpServer) -> None:
+    send(channel(), message(http_server.url()))
+    old = shown_secret("user-1")
+    rotated = run("webhooks", "secret", "rotate", "user-1", "--overlap", "24h")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "the previous one also signs until" in rotated.stdout
+    assert old not in rotated.stdout
+    new = shown_secret("user-1")
+    assert new != old
+
+    send(channel(), message(http_server.url()))
+    during = http_server.wait_for(2)[1]
+    assert len(during.headers["X-Notifier-Signature"].split(",")) == 2
+    assert verifies(old, during) and verifies(new, during)
+
+    with session_scope() as session:  # the overlap ends (as 24 hours passing would)
+        session.connection().exec_driver_sql(
+            "UPDATE webhook_secrets SET previous_valid_until = now() - interval '1 second'"
+        )
+    send(channel(), message(http_server.url()))
+    after = http_server.wait_for(3)[2]
+    assert len(after.headers["X-Notifier-Signature"].split(",")) == 1
+    assert verifies(new, after) and not verifies(old, after)
+
+
+def test_rotation_without_overlap_stops_the_old_secret_at_once(http_server: HttpServer) -> None:
+    old = shown_secret("user-1")
+    rotated = run("webhooks", "secret", "rotate", "user-1", "--overlap", "0")
+    assert "the previous one no longer signs" in rotated.stdout
+
+    send(channel(), message(http_server.url()))
+
+    [request] = http_server.wait_for(1)
+    assert verifies(shown_secret("user-1"), request) and not verifies(old, request)
+
+
+def test_secret_commands_refuse_unknown_recipients_and_bad_overlaps() -> None:
+    for args in (("show", "nobody"), ("rotate", "nobody")):
+        result = run("webhooks", "secret", *args)
+        assert result.returncode == 2
+        assert result.stderr.startswith("error: no recipient 'nobody'")
+    bad = run("webhooks", "secret", "rotate", "user-1", "--overlap", "soon")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --overlap: ")
+    with session_scope() as session:
+        made = session.connection().exec_driver_sql("SELECT count(*) FROM webhook_secrets")
+        assert made.scalar() == 0
+
+
+def test_message_for_a_recipient_that_no_longer_exists_fails_alone(
+    http_server: HttpServer,
+) -> None:
+    gone, kept = message(http_server.url(), recipient_id="gone"), message(http_server.url())
+
+    results = send(channel(), gone, kept)
+
+    assert isinstance(results[0].error, PermanentError)
+    assert "no signing secret" in str(results[0].error)
+    assert results[1].sent and len(http_server.wait_for(1)) == 1
 
 
 def test_verify_signature_refuses_stale_timestamps() -> None:
-    body = b'{"id":"x"}'
-    header = sign(SECRET, 1_000_000, body)
+    body, key = b'{"id":"x"}', str(uuid.uuid4())
+    header = sign(SECRET, 1_000_000, key, body)
 
-    assert verify_signature(SECRET, 1_000_000, body, header, now=1_000_299)
-    assert not verify_signature(SECRET, 1_000_000, body, header, now=1_000_301)
-    assert verify_signature(SECRET, 1_000_000, body, header, tolerance=None)
-    assert not verify_signature(SECRET, "soon", body, header)
-    assert not verify_signature(SECRET, 1_000_000, body, None, tolerance=None)
+    assert verify_signature(SECRET, 1_000_000, key, body, header, now=1_000_299)
+    assert not verify_signature(SECRET, 1_000_000, key, body, header, now=1_000_301)
+    assert verify_signature(SECRET, 1_000_000, key, body, header, tolerance=None)
+    assert verify_signature(SECRET, "1000000", key, body, header, tolerance=None)
+    assert not verify_signature(SECRET, "soon", key, body, header)
+    assert not verify_signature(SECRET, 1_000_000, key, body, None, tolerance=None)
+
+
+def test_verify_signature_accepts_any_of_several_signatures_and_secrets() -> None:
+    body, key = b"{}", "k-1"
+    both = f"{sign('new', 7, key, body)},{sign('old', 7, key, body)}"
+
+    assert verify_signature("old", 7, key, body, both, tolerance=None)
+    assert verify_signature("new", 7, key, body, both, tolerance=None)
+    assert verify_signature(["other", "old"], 7, key, body, both, tolerance=None)
+    assert not verify_signature("other", 7, key, body, both, tolerance=None)
+    assert not verify_signature("new", 7, key, body, "sha256=" + both[3:], tolerance=None)
+
+
+def test_verify_signature_answers_false_on_malformed_input() -> None:
+    body, key = b"{}", "k-1"
+    good = sign(SECRET, 7, key, body)
+    for args in [
+        (SECRET, 7, key, body, "v1=é" + good[4:]),  # non-ASCII header
+        (SECRET, 7, key, body, good.encode() + b"\xff"),
+        (SECRET, 7, key, body, ""),
+        (SECRET, 7, key, body, "v1=" + "0" * 100_000),
+        (SECRET, 7, key, body, ["v1=x"]),
+        (SECRET, -7, key, body, good),
+        (SECRET, True, key, body, good),
+        (SECRET, "7.0", key, body, good),
+        (SECRET, "\u0667", key, body, good),  # a digit, but not an ASCII one
+        (SECRET, 10**400, key, body, good),
+        (SECRET, 7, "k.1", body, good),
+        (SECRET, 7, None, body, good),
+        (SECRET, 7, key, None, good),
+        (SECRET, 7, key, 42, good),
+        ("", 7, key, body, good),
+        (None, 7, key, body, good),
+        ([], 7, key, body, good),
+    ]:
+        assert verify_signature(*args, tolerance=None) is False, args
+    assert verify_signature(SECRET, 7, key, body, good, now=float("nan")) is False
+    assert verify_signature(SECRET, 7, key, body, good, tolerance=float("inf"), now=8) is False
+    assert verify_signature(SECRET, 7, key, "\ud800", good, tolerance=None) is False
+
+
+ANYTHING = (st.none() | st.booleans() | st.integers() | st.floats() | st.text() | st.binary()
+            | st.lists(st.text(max_size=5), max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(ANYTHING, ANYTHING, ANYTHING, ANYTHING, ANYTHING, ANYTHING, ANYTHING)
+def test_verify_signature_is_total(secret, timestamp, key, body, header, tolerance, now) -> None:
+    assert verify_signature(secret, timestamp, key, body, header, tolerance, now) in (True, False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1), st.integers(0, 2**40), st.from_regex(r"\A[A-Za-z0-9-]{1,40}\Z"),
+       st.binary(), st.text())
+def test_only_the_signature_verifies(secret, timestamp, key, body, forged) -> None:
+    header = sign(secret, timestamp, key, body)
+    assert verify_signature(secret, timestamp, key, body, header, tolerance=None)
+    assert verify_signature(secret, str(timestamp), key, body, f"v1=0,{header}", tolerance=None)
+    if forged != header:
+        assert not verify_signature(secret, timestamp, key, body, forged, tolerance=None)
 
 
 def test_batch_reuses_one_pooled_connection(http_server: HttpServer) -> None:
@@ -371,8 +548,8 @@ def test_check_target_allows_public_literals() -> None:
 # --- Secrets --------------------------------------------------------------------------
 
 
-def test_secret_never_shown(http_server: HttpServer) -> None:
-    webhook = channel(f"secret={SECRET}&allow_private=yes")
+def test_tokens_in_the_target_never_shown(http_server: HttpServer) -> None:
+    webhook = channel()
     http_server.respond(404)
     http_server.respond(500)
     target = http_server.url("/services/T000/B000/PATHSECRETXYZ")
@@ -380,8 +557,17 @@ def test_secret_never_shown(http_server: HttpServer) -> None:
     results = send(webhook, message(target), message(target))
 
     shown = [repr(webhook), webhook.masked_url, *(str(r.error) for r in results)]
-    assert all(SECRET not in text and "PATHSECRETXYZ" not in text for text in shown)
+    assert all("PATHSECRETXYZ" not in text for text in shown)
     assert str(results[0].error).endswith("/services/T000/B000/***")
+
+
+def test_the_shared_secret_option_is_refused() -> None:
+    """One secret for every receiver let any receiver forge requests to the others."""
+    for url in (f"webhook://?secret={SECRET}", "webhook://?timeout=5&SECRET=", "webhook://?secret"):
+        with pytest.raises(ConfigurationError) as refused:
+            WebhookChannel(url)
+        assert str(refused.value).startswith("webhook: option secret: no longer used:")
+        assert SECRET not in str(refused.value)
 
 
 def test_mask_target() -> None:
