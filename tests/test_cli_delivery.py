@@ -72,3 +72,34 @@ def test_sending_the_same_inbox_delivery_twice_keeps_one_message():
     for _ in range(2):
         list(InAppChannel("inapp://").send_batch([message]))
     assert [m["title"] for m in inbox("user-1")] == ["Once"]
+
+
+def test_dead_letters_print_addresses_as_recipients_show_does():
+    """`dead-letters list|show` print a rejected message's recipient addresses masked
+    exactly as `recipients show` prints the same addresses, and reasons masked too."""
+    token, password = "T0kenInThePathAbcdef123", "it's@secret"
+    addresses = {"webhook": f"https://hooks.example.com/services/T000/B000/{token}",
+                 "apprise": f"mailto://ops:{password}@mail.example.com"}
+    payload = {"recipient": {"id": "dl-1", "email": "dl-1@example.com", "addresses": addresses},
+               "type": "alert", "title": "t", "data": {"api_key": "k-123"}}
+    with session_scope() as session:
+        session.connection().exec_driver_sql(
+            "INSERT INTO dead_letters (dedup_key, stage, reason, type, payload)"
+            " VALUES ('k', 'ingest', %s, 'alert', %s)",
+            (f"cannot reach {addresses['apprise']}", json.dumps(payload)),
+        )
+    assert run("recipients", "set", "dl-1", "--email", "dl-1@example.com",
+               *(f"--address={c}={a}" for c, a in addresses.items())).returncode == 0
+    [row] = json.loads(run("dead-letters", "list", "--json").stdout)
+    shown = json.loads(run("dead-letters", "show", str(row["id"])).stdout)
+    recipient = json.loads(run("recipients", "show", "dl-1", "--json").stdout)
+    listing = run("dead-letters", "list").stdout
+    for output in (json.dumps(row), json.dumps(shown), json.dumps(recipient), listing):
+        assert token not in output and password not in output and "k-123" not in output
+    assert shown == row
+    assert shown["payload"]["recipient"]["addresses"] == recipient["addresses"] == {
+        "webhook": "https://hooks.example.com/services/T000/B000/***",
+        "apprise": "mailto://ops:***@mail.example.com"}
+    assert shown["payload"]["recipient"]["email"] == recipient["email"] == "dl-1@example.com"
+    assert shown["reason"] == "cannot reach mailto://ops:***@mail.example.com"
+    assert shown["payload"]["data"] == {"api_key": "***"}
