@@ -53,7 +53,8 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
+    # Masked: a driver's or broker's message may repeat a URL with its password.
+    click.echo(f"error: {mask_secrets(message)}", err=True)
     sys.exit(code)
 
 

@@ -19,7 +19,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from notifier.masking import mask_secrets
+from notifier.masking import MAX_USERINFO, mask_secrets
 
 #: Fields a log call may pass in ``extra`` that name what the line is about.
 ITEM_FIELDS = ("notification_id", "notification_ids", "delivery_id", "delivery_ids",
@@ -28,10 +28,11 @@ ITEM_FIELDS = ("notification_id", "notification_ids", "delivery_id", "delivery_i
 TEXT_IDS_SHOWN = 5
 #: Longest line when no setting says otherwise (``NOTIFIER_LOG_MAX_LINE_BYTES``).
 DEFAULT_MAX_LINE_BYTES = 8192
-#: Text longer than this is cut (at a word boundary) before it is masked: masking a
-#: 10 MB value costs time, and a secret cut in half can no longer be recognised, so
-#: the cut drops the partial word at its end.
-MASK_INPUT_LIMIT = 256 * 1024
+#: Text is cut (at a word boundary) to the line's limit plus this margin before it is
+#: masked: masking megabytes costs time, and whatever lies past the limit is cut anyway.
+#: The margin covers the furthest masking looks ahead (a password's closing ``@``, a
+#: quoted value), so what stays on the line is masked exactly as if nothing were cut.
+MASK_MARGIN = 2 * MAX_USERINFO
 
 
 def mask_urls(text: str) -> str:
@@ -39,8 +40,8 @@ def mask_urls(text: str) -> str:
     return mask_secrets(text)
 
 
-def masked(text: object, limit: int = MASK_INPUT_LIMIT) -> str:
-    """Any value as masked text of a bounded length; never raises."""
+def masked(text: object, limit: int = DEFAULT_MAX_LINE_BYTES + MASK_MARGIN) -> str:
+    """Any value as masked text of at most about ``limit`` characters; never raises."""
     return mask_secrets(_cut_at_word(_safe_str(text), limit))
 
 
@@ -63,6 +64,10 @@ class TaskContext(logging.Filter):
     work it reports on.
     """
 
+    def __init__(self, max_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        super().__init__()
+        self.max_bytes = max_bytes
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.task_id = record.task_name = None
         try:
@@ -74,7 +79,7 @@ class TaskContext(logging.Filter):
             record.task_name = getattr(task, "name", None) if task else None
         except Exception:  # the line is worth more than its task id
             pass
-        record.msg = masked(_message(record))
+        record.msg = masked(_message(record), self.max_bytes + MASK_MARGIN)
         record.args = ()
         return True
 
@@ -95,7 +100,8 @@ class TextFormatter(logging.Formatter):
                 rest = f"{task}[{record.task_id}]: {rest}"
             items = " ".join(f"{key}={_short(getattr(record, key))}"
                              for key in ITEM_FIELDS if hasattr(record, key))
-            line = masked(f"{head}] {rest}" + (f" ({items})" if items else ""))
+            line = masked(f"{head}] {rest}" + (f" ({items})" if items else ""),
+                          self.max_bytes + MASK_MARGIN)
         except Exception as exc:
             line = _unformattable(record, exc)
         return cut_line(line, self.max_bytes)
@@ -122,7 +128,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "process": record.processName,
-            "message": masked(_message(record)),
+            "message": masked(_message(record), self.max_bytes + MASK_MARGIN),
         }
         if getattr(record, "task_id", None):
             entry["task_id"] = masked(record.task_id)
@@ -131,7 +137,8 @@ class JsonFormatter(logging.Formatter):
             if hasattr(record, key):
                 entry[key] = _json_value(getattr(record, key))
         if record.exc_info:
-            entry["exception"] = masked(self.formatException(record.exc_info))
+            entry["exception"] = masked(self.formatException(record.exc_info),
+                                        self.max_bytes + MASK_MARGIN)
         return entry
 
 
@@ -219,7 +226,7 @@ def configure(
     handler: logging.Handler = (
         logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
     )
-    handler.addFilter(TaskContext())
+    handler.addFilter(TaskContext(max_line_bytes))
     handler.setFormatter(
         JsonFormatter(max_line_bytes) if json_lines else TextFormatter(max_line_bytes)
     )
