@@ -594,3 +594,17 @@ def test_body_is_compact_sorted_json(http_server: HttpServer) -> None:
     assert request.body == json.dumps(
         request.json, separators=(",", ":"), sort_keys=True, ensure_ascii=False
     ).encode()
+
+
+def test_a_worker_signs_with_the_receivers_own_secret(http_server: HttpServer, worker) -> None:
+    """End to end: a notification through a real worker reaches the receiver signed,
+    and the receiver verifies it with the secret `notifier webhooks secret show` prints."""
+    from notifier.client import notify
+
+    notify(recipient={"id": "hooked", "addresses": {"webhook": http_server.url("/in")}},
+           type="alert", title="Disk full", priority="critical", channels=["webhook"])
+
+    [request] = http_server.wait_for(1, timeout=30)
+    assert request.json["recipient"] == "hooked"
+    assert verifies(shown_secret("hooked"), request)
+    assert not verifies(shown_secret("user-1"), request)
