@@ -6,11 +6,17 @@ opens: deliveries of that channel are rescheduled (not failed, no attempt counte
 ``open_seconds`` pass. Then one worker at a time sends a probe; its success closes the
 circuit, its failure opens it again. Every transition is one Lua script, so two workers
 can never both believe they hold the probe.
+
+``EndpointBreakers`` applies the same transitions to the endpoints recipients control
+(webhook and Slack hosts), so that one recipient's dead server backs off on its own
+schedule without holding the channel for everybody else.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,44 +24,82 @@ import redis
 
 State = Literal["closed", "open", "half_open"]
 
-_ACQUIRE = """
-local key, now, probe_ms = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
-local state = redis.call('HGET', key, 'state') or 'closed'
-if state == 'closed' then return {'closed', '0'} end
-local open_until = tonumber(redis.call('HGET', key, 'open_until') or '0')
-if state == 'open' and now < open_until then return {'open', tostring(open_until)} end
-if redis.call('SET', key .. '.probe', '1', 'NX', 'PX', probe_ms) then
-  redis.call('HSET', key, 'state', 'half_open')
-  return {'probe', '0'}
+#: The transitions, as Lua functions of one circuit's key. ``ttl_ms`` above 0 makes the
+#: circuit's keys expire (endpoint circuits: one per recipient host, so Redis must not
+#: keep them forever); a channel's circuit keeps its hash (0).
+_FUNCTIONS = """
+local function acquire(key, now, probe_ms, ttl_ms)
+  local state = redis.call('HGET', key, 'state') or 'closed'
+  if state == 'closed' then return {'closed', '0'} end
+  local open_until = tonumber(redis.call('HGET', key, 'open_until') or '0')
+  if state == 'open' and now < open_until then return {'open', tostring(open_until)} end
+  if redis.call('SET', key .. '.probe', '1', 'NX', 'PX', probe_ms) then
+    redis.call('HSET', key, 'state', 'half_open')
+    if ttl_ms > 0 then redis.call('PEXPIRE', key, ttl_ms) end
+    return {'probe', '0'}
+  end
+  return {'open', tostring(now + 1)}
 end
-return {'open', tostring(now + 1)}
+
+local function record(key, now, failures, successes, threshold, window_ms, open_s, probing,
+                      ttl_ms)
+  local state = redis.call('HGET', key, 'state') or 'closed'
+  local function open()
+    redis.call('HSET', key, 'state', 'open', 'open_until', tostring(now + open_s),
+               'opened_at', tostring(now))
+    redis.call('HINCRBY', key, 'times_opened', 1)
+    redis.call('DEL', key .. '.failures', key .. '.probe')
+    if ttl_ms > 0 then redis.call('PEXPIRE', key, ttl_ms) end
+    return 'open'
+  end
+  if probing then
+    if failures > 0 then return open() end
+    redis.call('HSET', key, 'state', 'closed')
+    redis.call('DEL', key .. '.failures', key .. '.probe')
+    if ttl_ms > 0 then redis.call('PEXPIRE', key, ttl_ms) end
+    return 'closed'
+  end
+  if failures > 0 and state == 'closed' then
+    local count = redis.call('INCRBY', key .. '.failures', failures)
+    if count == failures then redis.call('PEXPIRE', key .. '.failures', window_ms) end
+    if count >= threshold then return open() end
+  end
+  return state
+end
 """
 
-_RECORD = """
-local key, now = KEYS[1], tonumber(ARGV[1])
-local failures, successes = tonumber(ARGV[2]), tonumber(ARGV[3])
-local threshold, window_ms, open_s = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local probing = ARGV[7] == '1'
-local state = redis.call('HGET', key, 'state') or 'closed'
-local function open()
-  redis.call('HSET', key, 'state', 'open', 'open_until', tostring(now + open_s),
-             'opened_at', tostring(now))
-  redis.call('HINCRBY', key, 'times_opened', 1)
-  redis.call('DEL', key .. '.failures', key .. '.probe')
-  return 'open'
+_ACQUIRE = _FUNCTIONS + """
+return acquire(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), 0)
+"""
+
+_RECORD = _FUNCTIONS + """
+return record(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
+              tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1', 0)
+"""
+
+#: Every circuit in KEYS at once: a flat list of decision, retry_at per key.
+_ACQUIRE_MANY = _FUNCTIONS + """
+local now, probe_ms, ttl_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+for _, key in ipairs(KEYS) do
+  local permit = acquire(key, now, probe_ms, ttl_ms)
+  out[#out + 1] = permit[1]
+  out[#out + 1] = permit[2]
 end
-if probing then
-  if failures > 0 then return open() end
-  redis.call('HSET', key, 'state', 'closed')
-  redis.call('DEL', key .. '.failures', key .. '.probe')
-  return 'closed'
+return out
+"""
+
+#: ARGV: now, threshold, window_ms, open_s, ttl_ms, then failures, successes, probing
+#: (1 or 0) for each key in KEYS.
+_RECORD_MANY = _FUNCTIONS + """
+local now, threshold = tonumber(ARGV[1]), tonumber(ARGV[2])
+local window_ms, open_s, ttl_ms = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+for i, key in ipairs(KEYS) do
+  local at = 6 + (i - 1) * 3
+  record(key, now, tonumber(ARGV[at]), tonumber(ARGV[at + 1]), threshold, window_ms, open_s,
+         ARGV[at + 2] == '1', ttl_ms)
 end
-if failures > 0 and state == 'closed' then
-  local count = redis.call('INCRBY', key .. '.failures', failures)
-  if count == failures then redis.call('PEXPIRE', key .. '.failures', window_ms) end
-  if count >= threshold then return open() end
-end
-return state
+return #KEYS
 """
 
 
@@ -124,6 +168,75 @@ class CircuitBreaker:
 
     def reset(self) -> None:
         self.client.delete(self.key, f"{self.key}.failures", f"{self.key}.probe")
+
+
+@dataclass
+class EndpointTally:
+    """What one batch saw of one endpoint."""
+
+    failures: int = 0
+    successes: int = 0
+    probing: bool = False
+
+
+class EndpointBreakers:
+    """Circuits of the recipient-controlled endpoints of one channel (a webhook host, a
+    Slack host), keyed by ``scheme://host:port``: the same transitions as a channel's
+    circuit, for every endpoint of a batch in one script call, with keys that expire.
+
+    An endpoint's failures never touch the channel's circuit, and its open circuit holds
+    only the deliveries bound for it.
+    """
+
+    def __init__(
+        self, client: redis.Redis, channel: str, *, threshold: int, window: float,
+        open_seconds: float, probe_timeout: float,
+    ) -> None:
+        self.client = client
+        self.channel = channel
+        self.threshold = threshold
+        self.window = window
+        self.open_seconds = open_seconds
+        self.probe_timeout = probe_timeout
+        #: An idle circuit is forgotten after this long (closed is the default state).
+        self.ttl_ms = int((window + open_seconds + probe_timeout) * 1000)
+        self._acquire = client.register_script(_ACQUIRE_MANY)
+        self._record = client.register_script(_RECORD_MANY)
+
+    def key(self, endpoint: str) -> str:
+        """A bounded key whatever the host's length: a digest of the endpoint."""
+        digest = hashlib.sha256(endpoint.encode("utf-8", "replace")).hexdigest()[:32]
+        return f"notifier.endpoint.{self.channel}.{digest}"
+
+    def acquire(self, endpoints: Sequence[str], now: float | None = None) -> list[Permit]:
+        """A permit per endpoint, in order."""
+        if not endpoints:
+            return []
+        flat = self._acquire(
+            keys=[self.key(e) for e in endpoints],
+            args=[now or time.time(), int(self.probe_timeout * 1000), self.ttl_ms],
+        )
+        return [
+            Permit(_text(flat[i]), float(flat[i + 1]))  # type: ignore[arg-type]
+            for i in range(0, len(flat), 2)
+        ]
+
+    def record(self, tallies: dict[str, EndpointTally], now: float | None = None) -> None:
+        """Count a batch's outcomes per endpoint; one call, and none when there is
+        nothing a circuit would change on (no failure, no probe)."""
+        changing = {e: t for e, t in tallies.items() if t.failures or t.probing}
+        if not changing:
+            return
+        args: list[object] = [now or time.time(), self.threshold, int(self.window * 1000),
+                              self.open_seconds, self.ttl_ms]
+        for tally in changing.values():
+            args += [tally.failures, tally.successes, "1" if tally.probing else "0"]
+        self._record(keys=[self.key(e) for e in changing], args=args)
+
+    def states(self, endpoints: Sequence[str]) -> list[State]:
+        """Each endpoint's state (closed when its circuit was never opened or expired)."""
+        values = [self.client.hget(self.key(e), "state") for e in endpoints]
+        return [_text(v) if v else "closed" for v in values]  # type: ignore[misc]
 
 
 def _text(value: bytes | str) -> str:

@@ -78,6 +78,20 @@ def check_rules_before_beat(**_: Any) -> None:
 
 
 @signals.worker_init.connect
+@signals.beat_init.connect
+def check_channel_urls_at_start(**_: Any) -> None:
+    """A bad channel URL stops the worker or beat with one line naming the variable,
+    instead of a worker that starts happily and holds every delivery of the channel."""
+    from notifier.channels import check_channel_urls
+    from notifier.settings import get_settings
+
+    try:
+        check_channel_urls(get_settings())
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+
+
+@signals.worker_init.connect
 def start_metrics_endpoint(**_: Any) -> None:
     """Tidy the metrics directory of dead processes' files and, if asked, serve /metrics
     from the worker's main process (the pool's children write to the same directory)."""

@@ -62,8 +62,10 @@ def _fail(message: str, code: int) -> None:
 @click.version_option(package_name="notifier")
 def main() -> None:
     """Operate the notifier pipeline (configuration: NOTIFIER_* environment variables)."""
+    from notifier.channels import check_channel_urls
+
     try:
-        get_settings()
+        check_channel_urls(get_settings())
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
 

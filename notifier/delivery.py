@@ -12,6 +12,13 @@ republished it, Redis handed it to a second worker) sends nothing twice. Each re
 written the moment the channel reports it, so a worker killed mid-batch leaves only the
 message it was sending in doubt, and the one in doubt is resent with the same
 idempotency key.
+
+Whose problem a failure is decides what it costs (see ``channels.base.DeliveryError``):
+a recipient's unusable address or failing endpoint costs that delivery alone, and an
+endpoint the recipient controls backs off on a circuit of its own; a provider's failure
+counts towards the channel's circuit; our own configuration holds deliveries without
+counting attempts and never dead-letters them. A channel that raises, whatever the
+exception, costs the one message it was sending.
 """
 
 from __future__ import annotations
@@ -32,10 +39,11 @@ from psycopg.types.json import Jsonb
 
 from notifier import shutdown
 from notifier.batch_sizing import delivery_batch_size
-from notifier.breaker import CircuitBreaker
-from notifier.channels import channel_class, get_channel
+from notifier.breaker import CircuitBreaker, EndpointBreakers, EndpointTally
+from notifier.channels import channel_class, get_channel, variable
 from notifier.channels.base import (
     Channel,
+    ConfigurationError,
     DeliveryError,
     OutgoingMessage,
     PermanentError,
@@ -53,6 +61,12 @@ log = logging.getLogger(__name__)
 
 #: Delivery statuses that have not gone out yet (a claim takes them; cancel may too).
 UNSENT = ("pending", "queued", "retrying", "scheduled")
+#: A channel that raised on this many messages in a row with nothing answered between
+#: is not sent the rest of the batch: they go back to the queue untried (no attempt
+#: counted), so a channel that raises on everything (reconnecting each time) cannot
+#: spin through a whole batch. Well above the handful of malformed addresses a batch
+#: may hold next to each other.
+MAX_RAISES_IN_A_ROW = 10
 
 
 @dataclass(frozen=True)
@@ -195,13 +209,27 @@ def deliver_batch(
         try:
             channel = get_channel(channel_name, settings)
             recorder.policy = RetryPolicy.for_channel(settings, channel.options)
-        except (PermanentError, ValueError) as exc:
-            error = exc if isinstance(exc, PermanentError) else PermanentError(str(exc))
-            for delivery in claimed:
-                recorder.dead(delivery, error)
+        except Exception as exc:  # any class: our configuration, never the deliveries'
+            _hold_unconfigured(channel_name, claimed, exc, recorder, settings, state)
             return outcome
         _send_claimed(channel, claimed, recorder, settings, state)
     return outcome
+
+
+def _hold_unconfigured(
+    channel_name: str, claimed: list[ClaimedDelivery], exc: Exception, recorder: _Recorder,
+    settings: Settings, state: redis.Redis,
+) -> None:
+    """The channel cannot be built (not configured, a bad URL that got past the start-up
+    check): hold its deliveries and count towards its circuit, so that a fixed
+    configuration sends them and a broken one costs one probe per open period."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    if not reason.startswith(variable(channel_name)):
+        reason = f"{variable(channel_name)}: {reason.removeprefix(f'{channel_name}: ')}"
+    breaker = circuit_breaker(state, channel_name, settings)
+    breaker.record(failures=len(claimed), successes=0, probing=False)
+    for delivery in claimed:
+        recorder.hold_for_configuration(delivery, ConfigurationError(reason))
 
 
 def _send_claimed(
@@ -217,17 +245,25 @@ def _send_claimed(
     for delivery in [d for d in ready if d.message is None]:
         recorder.dead(delivery, PermanentError(delivery.problem or "no message"))
     ready = [d for d in ready if d.message is not None]
-    if permit.probing and ready:
-        probe, ready = ready[:1], ready[1:]
-        failures, successes = _send(channel, probe, recorder)
-        state_after = breaker.record(failures=failures, successes=successes, probing=True)
-        if state_after != "closed":
-            retry_at = breaker.acquire().retry_at
-            recorder.release(ready, retry_at, f"circuit open for {channel.name}")
-            return
-    if ready:
-        failures, successes = _send(channel, ready, recorder)
-        breaker.record(failures=failures, successes=successes, probing=False)
+    endpoints = _Endpoints.open(channel, ready, settings, state)
+    if endpoints is not None:
+        ready = endpoints.admit(ready, recorder)
+    try:
+        if permit.probing and ready:
+            probe, ready = ready[:1], ready[1:]
+            tally = _send(channel, probe, recorder, endpoints)
+            state_after = breaker.record(failures=tally.failures, successes=tally.successes,
+                                         probing=True)
+            if state_after != "closed":
+                retry_at = breaker.acquire().retry_at
+                recorder.release(ready, retry_at, f"circuit open for {channel.name}")
+                return
+        if ready:
+            tally = _send(channel, ready, recorder, endpoints)
+            breaker.record(failures=tally.failures, successes=tally.successes, probing=False)
+    finally:
+        if endpoints is not None:
+            endpoints.record()
 
 
 def _within_rate_limits(
@@ -245,38 +281,215 @@ def _within_rate_limits(
     return [d for d, until in zip(claimed, waits, strict=True) if not until]
 
 
-def _send(
-    channel: Channel, deliveries: list[ClaimedDelivery], recorder: _Recorder
-) -> tuple[int, int]:
-    """Send and record each result as it comes; returns (provider failures, successes)."""
-    by_id = {d.id: d for d in deliveries}
-    failures = successes = 0
-    results = channel.send_batch([d.message for d in deliveries if d.message])
+class _Endpoints:
+    """The batch's view of the circuits of recipient-controlled endpoints: which
+    deliveries go where, which may go now, and what each endpoint did.
+
+    Exists only for channels whose targets are recipients' own endpoints; costs two
+    script calls per batch (read every circuit, record the outcomes), none per message.
+    """
+
+    def __init__(self, breakers: EndpointBreakers, of: dict[uuid.UUID, str]) -> None:
+        self.breakers = breakers
+        #: Delivery id -> its endpoint (deliveries without one are not here).
+        self.of = of
+        self.tallies: dict[str, EndpointTally] = {}
+
+    @classmethod
+    def open(
+        cls, channel: Channel, ready: list[ClaimedDelivery], settings: Settings,
+        state: redis.Redis,
+    ) -> _Endpoints | None:
+        if channel.target_is_provider or not ready:
+            return None
+        of = {}
+        for delivery in ready:
+            endpoint = _endpoint(channel, delivery)
+            if endpoint is not None:
+                of[delivery.id] = endpoint
+        if not of:
+            return None
+        return cls(endpoint_breakers(state, channel.name, settings), of)
+
+    def admit(self, ready: list[ClaimedDelivery], recorder: _Recorder) -> list[ClaimedDelivery]:
+        """The deliveries whose endpoint may be tried now; the others are put back
+        until their endpoint's circuit half-opens (no attempt counted). A half-open
+        endpoint gets one delivery, its probe."""
+        endpoints = sorted(set(self.of.values()))
+        permits = dict(zip(endpoints, self.breakers.acquire(endpoints), strict=True))
+        admitted, probed = [], set()
+        for delivery in ready:
+            endpoint = self.of.get(delivery.id)
+            permit = permits.get(endpoint) if endpoint else None
+            if permit is None or permit.decision == "closed":
+                admitted.append(delivery)
+            elif permit.probing and endpoint not in probed:
+                probed.add(endpoint)
+                self.tallies[endpoint] = EndpointTally(probing=True)
+                admitted.append(delivery)
+            else:
+                until = permit.retry_at if not permit.probing else time.time() + 1
+                recorder.release([delivery], until, f"circuit open for endpoint {endpoint}")
+        return admitted
+
+    def count(self, delivery: ClaimedDelivery, result: SendResult) -> None:
+        """An endpoint fails by answering with an error that may pass later (5xx, 429,
+        a timeout); a refusal (4xx) is an answer and says nothing about its health."""
+        endpoint = self.of.get(delivery.id)
+        if endpoint is None:
+            return
+        tally = self.tallies.setdefault(endpoint, EndpointTally())
+        if result.sent:
+            tally.successes += 1
+        elif isinstance(result.error, RetryableError):
+            tally.failures += 1
+
+    def record(self) -> None:
+        self.breakers.record(self.tallies)
+
+
+def _endpoint(channel: Channel, delivery: ClaimedDelivery) -> str | None:
+    """The delivery's endpoint; None if the channel cannot say (it then fails alone)."""
     try:
-        for result in results:
-            delivery = by_id.pop(result.delivery_id)
-            recorder.result(delivery, result)
-            recorder.renew_lease(by_id)
-            if result.sent:
-                successes += 1
-            elif result.error is not None and result.error.provider_failure:
-                failures += 1
-            if by_id and recorder.should_stop():
-                recorder.release(by_id.values(), time.time(), recorder.stop_reason())
-                by_id.clear()
+        return channel.endpoint(delivery.message) if delivery.message else None
+    except Exception:  # a hostile address must not stop the batch here either
+        log.warning("%s channel could not name the endpoint of delivery %s", channel.name,
+                    delivery.id, exc_info=True)
+        return None
+
+
+@dataclass
+class _Tally:
+    #: Results that count towards the channel's circuit (the provider failed).
+    failures: int = 0
+    successes: int = 0
+
+
+def _send(
+    channel: Channel, deliveries: list[ClaimedDelivery], recorder: _Recorder,
+    endpoints: _Endpoints | None = None,
+) -> _Tally:
+    """Send and record each result as it comes; returns what counts for the circuit.
+
+    When the channel raises, the message it was sending (the first not yet answered:
+    channels answer in order) fails alone, retryable and not counted against the
+    channel; the channel is closed (a session may be mid-command) and the rest go out
+    through a new ``send_batch`` call.
+    """
+    tally = _Tally()
+    waiting = {d.id: d for d in deliveries}
+    raised_in_a_row = 0
+    while waiting:
+        answered, exc = _send_round(channel, waiting, recorder, tally, endpoints)
+        if exc is None:
+            break
+        raised_in_a_row = 1 if answered else raised_in_a_row + 1
+        _blame_first_waiting(channel, waiting, exc, recorder)
+        if waiting and recorder.should_stop():
+            recorder.release(waiting.values(), time.time(), recorder.stop_reason())
+            waiting.clear()
+        elif waiting and raised_in_a_row >= MAX_RAISES_IN_A_ROW:
+            recorder.release(
+                waiting.values(), time.time() + 1,
+                f"returned unsent: the {channel.name} channel raised on {raised_in_a_row}"
+                " messages in a row",
+            )
+            waiting.clear()
+    for delivery in waiting.values():  # the channel answered fewer than it was given
+        error = RetryableError(f"{channel.name} channel gave no result for this message")
+        error.provider_failure = False
+        recorder.result(delivery, SendResult(delivery.id, error))
+    return tally
+
+
+def _send_round(
+    channel: Channel, waiting: dict[uuid.UUID, ClaimedDelivery], recorder: _Recorder,
+    tally: _Tally, endpoints: _Endpoints | None,
+) -> tuple[int, Exception | None]:
+    """One ``send_batch`` call over the waiting deliveries, each result recorded as it
+    comes (and taken out of ``waiting``). Returns how many were answered and what the
+    channel raised, if it did; only the channel's own code is guarded here, so a failure
+    to record is not mistaken for the channel's."""
+    answered = 0
+    try:
+        results = iter(channel.send_batch([d.message for d in waiting.values() if d.message]))
+    except Exception as exc:
+        return answered, exc
+    try:
+        while waiting:
+            try:
+                result = next(results)
+            except StopIteration:
                 break
-    except Exception as exc:  # a channel bug must not strand the rest of the batch
-        log.exception("%s channel failed mid-batch", channel.name, extra={
-            "channel": channel.name, "delivery_ids": [str(i) for i in by_id]})
-        error = RetryableError(f"{channel.name} channel failed: {type(exc).__name__}: {exc}")
-        for delivery in by_id.values():
-            recorder.result(delivery, SendResult(delivery.id, error))
-        failures += len(by_id)
+            except Exception as exc:
+                return answered, exc
+            delivery = waiting.pop(result.delivery_id, None)
+            if delivery is None:
+                log.warning("%s channel answered for a delivery it was not given: %s",
+                            channel.name, result.delivery_id)
+                continue
+            answered += 1
+            recorder.result(delivery, result)
+            _count(tally, result)
+            if endpoints is not None:
+                endpoints.count(delivery, result)
+            recorder.renew_lease(waiting)
+            if waiting and recorder.should_stop():
+                recorder.release(waiting.values(), time.time(), recorder.stop_reason())
+                waiting.clear()
     finally:
-        close = getattr(results, "close", None)
-        if close:  # a generator stopped early: let the channel tidy up its session
-            close()
-    return failures, successes
+        _close_quietly(results)
+    return answered, None
+
+
+def _count(tally: _Tally, result: SendResult) -> None:
+    if result.sent:
+        tally.successes += 1
+    elif result.error is not None and result.error.provider_failure:
+        tally.failures += 1
+
+
+def _blame_first_waiting(
+    channel: Channel, waiting: dict[uuid.UUID, ClaimedDelivery], exc: Exception,
+    recorder: _Recorder,
+) -> None:
+    """Fail the message the channel was sending when it raised, and reset the channel."""
+    if not waiting:
+        log.error("%s channel raised after its last result", channel.name, exc_info=exc)
+    else:
+        culprit = waiting.pop(next(iter(waiting)))
+        reason = " ".join(str(exc).split())[:200]
+        error = RetryableError(
+            f"{channel.name} channel raised {type(exc).__name__} on this message: {reason}"
+        )
+        error.provider_failure = False
+        log.error("%s channel raised on delivery %s; the rest of the batch goes on",
+                  channel.name, culprit.id, exc_info=exc, extra=recorder.about(culprit))
+        recorder.result(culprit, SendResult(culprit.id, error))
+    try:
+        channel.close()
+    except Exception:
+        log.warning("%s channel failed to close after raising", channel.name, exc_info=True)
+
+
+def _close_quietly(results: object) -> None:
+    """Close a generator stopped early, so the channel tidies up its session."""
+    close = getattr(results, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception:
+        log.warning("a channel's batch failed to close", exc_info=True)
+
+
+def endpoint_breakers(state: redis.Redis, channel: str, settings: Settings) -> EndpointBreakers:
+    return EndpointBreakers(
+        state, channel, threshold=settings.endpoint_breaker_threshold,
+        window=settings.endpoint_breaker_window,
+        open_seconds=settings.endpoint_breaker_open_seconds,
+        probe_timeout=settings.sending_timeout,
+    )
 
 
 def circuit_breaker(state: redis.Redis, channel: str, settings: Settings) -> CircuitBreaker:
@@ -379,6 +592,7 @@ class _Recorder:
         self._short_retries: dict[datetime, list[uuid.UUID]] = defaultdict(list)
         self._sent_notifications: list[uuid.UUID] = []
         self._failed_notifications: list[uuid.UUID] = []
+        self._configuration_errors: dict[str, list[str]] = defaultdict(list)
         self._lease_renewed = self._started = time.monotonic()
 
     def should_stop(self) -> bool:
@@ -426,6 +640,8 @@ class _Recorder:
     def result(self, delivery: ClaimedDelivery, result: SendResult) -> None:
         if result.sent:
             self.sent(delivery)
+        elif isinstance(result.error, ConfigurationError):
+            self.hold_for_configuration(delivery, result.error)
         elif isinstance(result.error, RetryableError):
             self.retry(delivery, result.error)
         else:
@@ -455,7 +671,17 @@ class _Recorder:
         self._hold(delivery.id, due, str(error), counts_attempt=True)
         self.outcome.retrying += 1
         log.info("delivery %s (%s) failed, attempt %d, retrying in %.1fs: %s",
-                 delivery.id, self.channel, attempts, delay, error, extra=self._about(delivery))
+                 delivery.id, self.channel, attempts, delay, error, extra=self.about(delivery))
+
+    def hold_for_configuration(self, delivery: ClaimedDelivery, error: DeliveryError) -> None:
+        """Our configuration failed, not the delivery: put it back for
+        ``breaker_open_seconds`` with no attempt counted, so it can never run out of
+        attempts (nor be dead-lettered) over a mistake only the operator can fix. The
+        error is logged once per batch and reason (``_finish``)."""
+        due = datetime.now(UTC) + timedelta(seconds=self.settings.breaker_open_seconds)
+        self._hold(delivery.id, due, str(error), counts_attempt=False)
+        self.outcome.rescheduled += 1
+        self._configuration_errors[str(error)].append(str(delivery.id))
 
     def release(self, deliveries: Iterable[ClaimedDelivery], until: float, why: str) -> None:
         """Put deliveries back, untried, until ``until`` (epoch seconds)."""
@@ -501,9 +727,9 @@ class _Recorder:
         if delivery.notification_id:
             self._failed_notifications.append(delivery.notification_id)
         log.warning("delivery %s (%s) is dead: %s", delivery.id, self.channel, reason or error,
-                    extra=self._about(delivery))
+                    extra=self.about(delivery))
 
-    def _about(self, delivery: ClaimedDelivery) -> dict[str, Any]:
+    def about(self, delivery: ClaimedDelivery) -> dict[str, Any]:
         """What a log line about one delivery names (see ``notifier.logs``)."""
         about: dict[str, Any] = {"delivery_id": str(delivery.id), "channel": self.channel}
         if delivery.notification_id:
@@ -531,7 +757,12 @@ class _Recorder:
         )
 
     def _finish(self) -> None:
-        """The notifications' own status, and the short retries to publish."""
+        """The notifications' own status, the short retries to publish, and one error
+        line per configuration problem that held deliveries."""
+        for reason, held in self._configuration_errors.items():
+            log.error("%d deliveries (%s) held: our configuration is wrong: %s", len(held),
+                      self.channel, reason, extra={"channel": self.channel,
+                                                   "delivery_ids": held})
         if self._sent_notifications:
             self.cursor.execute(
                 "UPDATE notifications SET status = 'delivered', updated_at = clock_timestamp()"

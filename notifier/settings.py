@@ -141,6 +141,18 @@ class Settings(BaseSettings):
     breaker_failure_threshold: int = Field(5, ge=1)
     breaker_window: float = Field(60.0, gt=0)
     breaker_open_seconds: float = Field(30.0, gt=0)
+
+    # --- Recipient endpoints ---
+    #: Endpoints recipients control (webhook and Slack URLs, one per scheme, host and
+    #: port) have circuits of their own: this many failures that may pass later (5xx,
+    #: 429, timeouts, refused connections) within ``endpoint_breaker_window`` seconds hold
+    #: that endpoint's deliveries (rescheduled, no attempt counted) for
+    #: ``endpoint_breaker_open_seconds``, then one delivery probes it. Neither the
+    #: channel's circuit nor other recipients' deliveries are affected. The circuits'
+    #: Redis keys expire after window + open seconds + ``sending_timeout`` without use.
+    endpoint_breaker_threshold: int = Field(5, ge=1)
+    endpoint_breaker_window: float = Field(60.0, gt=0)
+    endpoint_breaker_open_seconds: float = Field(60.0, gt=0)
     #: Deliveries per recipient per minute, hour and day, and per minute in all (0: no
     #: limit). Critical notifications count but are never held by a recipient's limit.
     rate_limit_per_minute: int = Field(60, ge=0)

@@ -119,7 +119,8 @@ class SmtpServer:
 
     ``tls=True`` offers STARTTLS with a self-signed certificate (made by ``openssl``);
     ``implicit_tls=True`` speaks TLS from the first byte (``smtps://``); ``auth=(user,
-    password)`` requires that login (over TLS only, as real servers do).
+    password)`` requires that login (over TLS only, as real servers do); ``smtputf8=True``
+    offers SMTPUTF8 (internationalised local parts).
     """
 
     def __init__(
@@ -129,8 +130,10 @@ class SmtpServer:
         implicit_tls: bool = False,
         auth: tuple[str, str] | None = None,
         port: int | None = None,
+        smtputf8: bool = False,
     ) -> None:
         self.tls = tls
+        self.smtputf8 = smtputf8
         self.implicit_tls = implicit_tls
         self.auth = auth
         self.port = port or _free_port()
@@ -279,7 +282,7 @@ class SmtpServer:
     # --- set-up -----------------------------------------------------------------------
 
     def _smtp_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"enable_SMTPUTF8": self.smtputf8}
         if self.tls or self.implicit_tls:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._load_certificate(context)

@@ -257,11 +257,14 @@ def test_the_global_limit_holds_everything_over_it(smtp_server):
     assert (outcome.sent, outcome.rescheduled) == (2, 2)
 
 
-def test_a_channel_without_configuration_dead_letters_with_the_variable_to_set():
+def test_a_channel_without_configuration_holds_with_the_variable_to_set():
+    """Our configuration, not the delivery's fault: held (no attempt), never dead."""
     ids = make_deliveries(1, channel="sms")
     outcome = deliver_batch("sms", ids, get_settings(), state_redis())
-    assert outcome.dead == 1
-    assert "NOTIFIER_CHANNELS__SMS" in _dead_letters()[0]["reason"]
+    assert (outcome.dead, outcome.rescheduled) == (0, 1)
+    row = delivery_row(ids[0])
+    assert row["attempts"] == 0 and "NOTIFIER_CHANNELS__SMS" in row["last_error"]
+    assert _dead_letters() == []
 
 
 def test_the_sweeper_queues_lost_tasks_due_retries_and_abandoned_claims(smtp_server):

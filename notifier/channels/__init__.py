@@ -12,7 +12,7 @@ import importlib
 import os
 
 from notifier.channels.base import Channel, ConfigurationError
-from notifier.settings import Settings, get_settings
+from notifier.settings import ConfigError, Settings, get_settings
 
 #: Plugin modules, imported on first use; each registers the channel it defines.
 PLUGIN_MODULES = ("email", "webhook", "inapp", "slack", "apprise", "sms", "console")
@@ -33,17 +33,53 @@ def get_channel(name: str, settings: Settings | None = None) -> Channel:
     """This process's instance of the channel, built from its URL on first use.
 
     Instances are per process: a connection opened before a fork must never be shared
-    by two pool processes.
+    by two pool processes. Any failure to build one is a ``ConfigurationError`` whose
+    one line names the variable to fix.
     """
     key = (os.getpid(), name)
     if key not in _instances:
-        url = (settings or get_settings()).channels.get(name)
+        settings = settings or get_settings()
+        url = settings.channels.get(name)
         if not url:
             raise ConfigurationError(
-                f"{name}: not configured; set NOTIFIER_CHANNELS__{name.upper()} to its URL"
+                f"{variable(name)}: not set; the {name} channel is not configured"
             )
-        _instances[key] = channel_class(name)(url)
+        try:
+            _instances[key] = build_channel(name, url, settings)
+        except ConfigError as exc:
+            raise ConfigurationError(str(exc)) from None
     return _instances[key]
+
+
+def variable(name: str) -> str:
+    """The environment variable that configures a channel."""
+    return f"NOTIFIER_CHANNELS__{name.upper()}"
+
+
+def build_channel(name: str, url: str, settings: Settings) -> Channel:
+    """A channel instance from its URL, without connecting anywhere, its retry options
+    checked too; ``ConfigError`` naming the variable when anything is wrong."""
+    from notifier.retry import RetryPolicy
+
+    if name not in CHANNEL_NAMES:
+        raise ConfigError(
+            f"{variable(name)}: no such channel; known: {', '.join(sorted(CHANNEL_NAMES))}"
+        )
+    try:
+        channel = channel_class(name)(url)
+        RetryPolicy.for_channel(settings, channel.options)
+    except Exception as exc:  # any class: an operator's typo must be one line, not a trace
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(f"{variable(name)}: {reason.removeprefix(f'{name}: ')}") from None
+    return channel
+
+
+def check_channel_urls(settings: Settings) -> None:
+    """Build every configured channel once (nothing connects), so that a bad URL stops a
+    worker, beat or command at start instead of failing deliveries later."""
+    for name, url in sorted(settings.channels.items()):
+        if url:
+            build_channel(name, url, settings)
 
 
 def close_channels() -> None:

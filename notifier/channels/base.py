@@ -19,7 +19,16 @@ from notifier.settings import mask_url
 
 
 class DeliveryError(Exception):
-    """Why one message was not sent. The message is one line, safe to show and store."""
+    """Why one message was not sent. The message is one line, safe to show and store.
+
+    Whose problem it is decides what happens to the delivery (``notifier.delivery``):
+
+    * the recipient's (``PermanentError``, ``AddressError``; a ``RetryableError`` from a
+      recipient's own endpoint): that delivery alone fails or is retried;
+    * the provider's (a ``RetryableError`` from our SMTP server or Twilio): retried, and
+      counted towards the channel's circuit breaker;
+    * ours (``ConfigurationError``): held, never dead-lettered, until the operator acts.
+    """
 
     #: Counts towards the channel's circuit breaker (the provider, not the address, failed).
     provider_failure: bool = True
@@ -36,13 +45,28 @@ class RetryableError(DeliveryError):
 
 
 class PermanentError(DeliveryError):
-    """A failure no retry can fix: a bad address, SMTP 5xx, HTTP 4xx, bad configuration."""
+    """A failure no retry can fix: SMTP 5xx, HTTP 4xx, a message the provider refuses."""
 
     provider_failure = False
 
 
-class ConfigurationError(PermanentError):
-    """The channel's URL or a recipient's address for it is unusable."""
+class AddressError(PermanentError):
+    """The recipient's address is unusable on this channel (malformed, not encodable, or
+    needing an extension the server lacks): that delivery is dead, nothing else is."""
+
+
+class ConfigurationError(DeliveryError):
+    """Our own configuration is wrong: a channel URL that does not parse, a channel that is
+    not configured, credentials or a sender the provider refuses.
+
+    Raised by a channel's constructor, the URL is refused when a process starts (see
+    ``notifier.channels.check_channel_urls``). Found while sending, it is never the
+    recipient's fault: the delivery is held (no attempt counted, so a fix lets it go out)
+    and counts towards the channel's circuit; it is logged as an error and never
+    dead-lettered.
+    """
+
+    provider_failure = True
 
 
 @dataclass(frozen=True)
@@ -98,6 +122,10 @@ class Channel:
     schemes: ClassVar[tuple[str, ...]]
     #: The recipient column or ``addresses`` key that holds the address; None: none needed.
     address_field: ClassVar[str | None] = None
+    #: Whether every message goes to the provider's server (our SMTP relay, Twilio) or,
+    #: False, to an endpoint each recipient controls (a webhook or Slack URL): then a
+    #: failing endpoint is that recipient's problem, not the channel's (``endpoint``).
+    target_is_provider: ClassVar[bool] = True
 
     registry: ClassVar[dict[str, type[Channel]]] = {}
 
@@ -119,8 +147,24 @@ class Channel:
 
     def send_batch(self, messages: Sequence[OutgoingMessage]) -> Iterator[SendResult]:
         """Send the messages over one connection, yielding each result as soon as it is
-        known, so the caller records a sent message before the next one leaves."""
+        known, so the caller records a sent message before the next one leaves.
+
+        Results come one per message, in the order of ``messages``: when the generator
+        raises instead, the caller blames the first message not yet answered, fails it
+        alone, closes the channel (``close``) and sends the rest in a new call.
+        """
         raise NotImplementedError
+
+    def endpoint(self, message: OutgoingMessage) -> str | None:
+        """The recipient-controlled endpoint the message goes to (``https://host:443``),
+        whose failures back off on a circuit of its own; None where every message goes to
+        the provider (``target_is_provider``), whose failures are the channel's.
+
+        Never raises: a target too malformed to name is refused by ``send_batch``.
+        """
+        if self.target_is_provider:
+            return None
+        return endpoint_of(message.address)
 
     def close(self) -> None:
         """Release any connection kept between batches."""
@@ -156,3 +200,20 @@ class Channel:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.masked_url}>"
+
+
+def endpoint_of(url: str | None) -> str | None:
+    """``scheme://host:port`` of an http(s) URL, lower case with the default port filled
+    in; None for anything else (never raises, whatever the input)."""
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
+    except ValueError:
+        return None
+    if scheme not in ("http", "https") or not host:
+        return None
+    port = port or (443 if scheme == "https" else 80)
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port}"

@@ -9,12 +9,14 @@ TCP, TLS and AUTH handshake per message.
 from __future__ import annotations
 
 import contextlib
+import email.errors
 import html
 import re
 import smtplib
 import ssl
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from email.charset import QP, Charset
 from email.header import Header
 from email.headerregistry import Address
@@ -24,7 +26,10 @@ from email.policy import compat32
 from email.utils import formataddr, formatdate, parseaddr
 from urllib.parse import unquote
 
+import idna
+
 from notifier.channels.base import (
+    AddressError,
     Channel,
     ConfigurationError,
     DeliveryError,
@@ -46,6 +51,7 @@ IDLE_CHECK_SECONDS = 30.0
 _UNSAFE_HEADER_CHARS = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 #: Characters that never belong in one bare address (a list, a header, a display name).
 _NOT_IN_ADDRESS = re.compile(r"[\s\x00-\x1f\x7f-\x9f,;<>()\"\\]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 class _SessionLost(Exception):
@@ -101,17 +107,27 @@ class EmailChannel(Channel):
             raise ConfigurationError(f"email: option host: missing in {self.masked_url!r}")
         return self.parts.hostname, port or (465 if self.implicit_tls else 25)
 
-    def _sender(self) -> Address:
-        """The From address; checked now so a typo fails at start, not per message."""
+    def _sender(self) -> Mailbox:
+        """The From address; checked now so a typo fails at start, not per message.
+
+        A domain without a dot (``notifier@localhost``, the default) is fine for the
+        sender, which the operator chooses; an internationalised one is sent as IDNA.
+        """
         sender = self.option("from", "")
         if not sender:
             raise ConfigurationError("email: option from: missing (the sender address)")
         try:
-            return _address(sender, self.option("from_name", ""))
-        except ValueError:
+            address = _idna_address(_address(sender, self.option("from_name", ""),
+                                             dotless_domain=True))
+        except (ValueError, email.errors.MessageError):
             raise ConfigurationError(
                 f"email: option from: not a single e-mail address: {sender!r}"
             ) from None
+        if not address.username.isascii():
+            raise ConfigurationError(
+                f"email: option from: {sender!r} has a non-ASCII local part; use an ASCII one"
+            )
+        return address
 
     def _starttls_mode(self) -> bool | None:
         """True: required, False: never, None (``auto``): when the server offers it."""
@@ -164,8 +180,11 @@ class EmailChannel(Channel):
 
     def _transmit(self, mail: bytes, recipient: str) -> None:
         smtp = self._session()
+        options = self._mail_options(smtp, recipient)
         try:
-            smtp.sendmail(self.sender.addr_spec, [recipient], mail)
+            smtp.sendmail(self.sender.addr_spec, [recipient], mail, mail_options=options)
+        except smtplib.SMTPSenderRefused as exc:
+            raise self._sender_refused(exc) from None
         except smtplib.SMTPRecipientsRefused as exc:
             code, text = next(iter(exc.recipients.values()))
             raise _response_error(code, text, "recipient refused") from None
@@ -183,6 +202,18 @@ class EmailChannel(Channel):
             raise _BatchFailed(self._unreachable(exc)) from None
         finally:
             self._after_command()
+
+    def _mail_options(self, smtp: smtplib.SMTP, recipient: str) -> list[str]:
+        """SMTPUTF8 for a non-ASCII local part, if the server offers it; without it, that
+        address cannot be sent to (``AddressError``), and nothing else is affected."""
+        if recipient.isascii():
+            return []
+        if not smtp.has_extn("smtputf8"):
+            raise AddressError(
+                f"email: {recipient!r} has a non-ASCII local part and the SMTP server"
+                f" {self.host}:{self.port} does not offer SMTPUTF8"
+            )
+        return ["SMTPUTF8"]
 
     def _after_command(self) -> None:
         """Note the session's last use; forget it if smtplib closed it (after a 421)."""
@@ -293,6 +324,19 @@ class EmailChannel(Channel):
             )
         )
 
+    def _sender_refused(self, exc: smtplib.SMTPSenderRefused) -> DeliveryError:
+        """A server refusing our sender (5xx: not allowed, authentication required) is our
+        configuration, not the recipient's: the delivery is held, never dead-lettered."""
+        if not 500 <= exc.smtp_code < 600:
+            return _response_error(exc.smtp_code, exc.smtp_error, "sender refused")
+        return ConfigurationError(
+            self._scrub(
+                f"email: the SMTP server {self.host}:{self.port} refused the sender"
+                f" {self.sender.addr_spec!r} ({exc.smtp_code} {_decode(exc.smtp_error)});"
+                " check option from and the login"
+            )
+        )
+
     def _scrub(self, text: str) -> str:
         """Errors quote server text; make sure the password never rides along."""
         return text.replace(self._password, "***") if self._password else text
@@ -309,17 +353,20 @@ class EmailChannel(Channel):
         impossible: every header value is one line (``_header_text``) and addresses are
         checked (``_address``)."""
         if message.address is None:
-            raise PermanentError(
+            raise AddressError(
                 f"email: recipient {message.recipient_id!r} has no e-mail address"
             )
-        try:
-            to = _address(message.address, message.recipient_name or "")
-        except ValueError:
-            raise PermanentError(f"email: bad address {message.address!r}") from None
+        to = _recipient(message.address, message.recipient_name or "")
+        # A non-ASCII local part (sent only with SMTPUTF8) goes into the To header as raw
+        # UTF-8, which the classic generator would turn into an encoded word: it writes
+        # a unique ASCII stand-in that is swapped for the address in the bytes.
+        shown = to.addr_spec if to.addr_spec.isascii() else (
+            f"{message.delivery_id}@smtputf8.invalid"
+        )
         mail = MIMEMultipart("alternative")
         mail["Subject"] = _encoded_header(_header_text(message.title))
         mail["From"] = self._from_header
-        mail["To"] = formataddr((to.display_name, to.addr_spec), "utf-8")
+        mail["To"] = formataddr((to.display_name, shown), "utf-8")
         mail["Date"] = formatdate(localtime=True)
         # The delivery id is the idempotency key: a resend carries the same Message-ID.
         mail["Message-ID"] = f"<{message.delivery_id}@notifier>"
@@ -327,20 +374,68 @@ class EmailChannel(Channel):
         html_body = message.html or _text_to_html(message.body)
         mail.attach(MIMEText(_ending_in_newline(message.body), "plain", _UTF8_QP))
         mail.attach(MIMEText(_ending_in_newline(html_body), "html", _UTF8_QP))
-        return mail.as_bytes(policy=_WIRE), to.addr_spec
+        data = mail.as_bytes(policy=_WIRE)
+        if shown != to.addr_spec:
+            data = data.replace(shown.encode(), to.addr_spec.encode(), 1)
+        return data, to.addr_spec
 
 
-def _address(address: str, display_name: str) -> Address:
-    """One bare ``local@domain`` with a display name made safe; ValueError otherwise."""
+def _recipient(address: str, display_name: str) -> Mailbox:
+    """The recipient's address as it goes on the wire (an internationalised domain in
+    its IDNA form); ``AddressError`` when it is unusable, so that this delivery alone
+    fails and the server is never asked about it."""
+    try:
+        return _idna_address(_address(address, display_name))
+    except (ValueError, email.errors.MessageError, UnicodeError):
+        raise AddressError(f"email: bad address {address!r}") from None
+    except idna.IDNAError:
+        raise AddressError(
+            f"email: the domain of {address!r} is not a valid internationalised domain name"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """A checked address: ``username@domain`` and a display name safe for a header."""
+
+    display_name: str
+    username: str
+    domain: str
+
+    @property
+    def addr_spec(self) -> str:
+        return f"{self.username}@{self.domain}"
+
+
+def _idna_address(address: Mailbox) -> Mailbox:
+    """The address with its domain in IDNA form (``bücher.de`` -> ``xn--bcher-kva.de``),
+    as SMTP needs it; ``idna.IDNAError`` for a domain IDNA refuses."""
+    if address.domain.isascii():
+        return address
+    domain = idna.encode(address.domain, uts46=True).decode("ascii")
+    return Mailbox(address.display_name, address.username, domain)
+
+
+def _address(address: str, display_name: str, *, dotless_domain: bool = False) -> Mailbox:
+    """One bare ``local@domain`` with a display name made safe; ValueError otherwise.
+    The domain must have a dot unless ``dotless_domain`` (``localhost``). A non-ASCII
+    local part passes (it is sent only where the server offers SMTPUTF8)."""
     if _NOT_IN_ADDRESS.search(address) or address.count("@") != 1:
         raise ValueError(address)
     if parseaddr(address) != ("", address):
         raise ValueError(address)
     local, _, domain = address.partition("@")
-    if not local or not domain or "." not in domain.strip("."):
+    if not local or not domain.strip("."):
         raise ValueError(address)
-    # Address() parses the addr-spec itself and raises on leftovers or defects.
-    return Address(display_name=_header_text(display_name), addr_spec=address)
+    if not dotless_domain and "." not in domain.strip("."):
+        raise ValueError(address)
+    # Address() parses the addr-spec itself and raises on leftovers or defects. It
+    # refuses any non-ASCII local part, so it checks the same shape in ASCII.
+    ascii_local = _NON_ASCII.sub("x", local)
+    checked = Address(addr_spec=f"{ascii_local}@{domain}")
+    if checked.username != ascii_local:  # it would have quoted or changed the local part
+        raise ValueError(address)
+    return Mailbox(_header_text(display_name), local, checked.domain)
 
 
 def _ending_in_newline(text: str) -> str:

@@ -9,11 +9,11 @@ that are kept in the error message. Slack webhooks take no idempotency key.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
-from notifier.channels.base import ConfigurationError, OutgoingMessage
+from notifier.channels.base import AddressError, OutgoingMessage
 from notifier.channels.http import HttpChannel, raise_for_response
 
 
@@ -23,10 +23,13 @@ class SlackChannel(HttpChannel):
     name = "slack"
     schemes = ("slack",)
     address_field = "slack"
+    #: Each recipient names their own webhook URL (hooks.slack.com or a compatible
+    #: server they run): its failures are that endpoint's, never the channel's.
+    target_is_provider: ClassVar[bool] = False
 
     def target(self, message: OutgoingMessage) -> str:
         if not message.address:
-            raise ConfigurationError(
+            raise AddressError(
                 f"slack: recipient {message.recipient_id} has no Slack webhook URL"
             )
         return message.address

@@ -6,7 +6,7 @@ import uuid
 from typing import Any
 
 from notifier.channels.base import (
-    ConfigurationError,
+    AddressError,
     OutgoingMessage,
     PermanentError,
     RetryableError,
@@ -87,7 +87,9 @@ def test_rate_limit_and_server_errors_are_retryable(http_server: HttpServer) -> 
 
     assert isinstance(limited.error, RetryableError)
     assert limited.error.retry_after == 30
-    assert limited.error.provider_failure  # Slack itself is failing: the breaker counts it
+    # A recipient names the hook (Slack's or a server of their own): its failures count
+    # on that endpoint's circuit (notifier.delivery), never the channel's.
+    assert not limited.error.provider_failure
     assert isinstance(failed.error, RetryableError)
     assert "html" not in str(failed.error)  # long bodies are no reason worth storing
 
@@ -103,4 +105,4 @@ def test_loopback_refused_unless_allowed(http_server: HttpServer) -> None:
 def test_missing_address() -> None:
     [result] = slack().send_batch([message(None)])
 
-    assert isinstance(result.error, ConfigurationError)
+    assert isinstance(result.error, AddressError)
