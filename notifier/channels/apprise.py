@@ -4,14 +4,18 @@ Channel URL: ``apprise://?allow_private=no``. The target is the recipient's
 ``addresses["apprise"]``, one Apprise URL (``json://host/path``, ``mailto://...``,
 ``tgram://bot_token/chat_id``); its secrets are shown only as Apprise's privacy form.
 
-Every send runs inside ``egress.guarded_resolution``: each host the plugin looks up
-(the recipient's own ``gotify://`` server, the ``smtp=`` of a ``mailto://``, a redirect's
-target) is checked, all of its addresses, and the connection goes to a checked one;
-redirects are not followed. That holds for the plugins that connect through requests
-or smtplib in the calling thread, which is nearly all of them. The others (desktop and
-OS notifiers, syslog, MQTT, XMPP, IRC, ...: ``unguarded_schemes``) open connections
-the guard cannot see, and are refused unless ``NOTIFIER_APPRISE_ALLOWED_SCHEMES``
-lists them.
+Options: ``allow_private`` (yes/no, default ``NOTIFIER_ALLOW_PRIVATE_TARGETS``) and
+``timeout`` (seconds one send may take in all, default 10).
+
+Every send runs inside ``egress.guarded_egress``: each host the plugin looks up (the
+recipient's own ``gotify://`` server, the ``smtp=`` of a ``mailto://``) is checked, all
+of its addresses, and every connection must go to a checked address; redirects are
+not followed; the send is cut off after ``timeout`` seconds in all, and at most
+``NOTIFIER_HTTP_MAX_RESPONSE_BYTES`` of an answer is read. That holds for the plugins
+that connect through requests or smtplib in the calling thread, which is nearly all of
+them. The others (desktop and OS notifiers, syslog, MQTT, XMPP, IRC, ...:
+``unguarded_schemes``) open connections the guard cannot see, and are refused unless
+``NOTIFIER_APPRISE_ALLOWED_SCHEMES`` lists them; a listed one runs without the guard.
 
 Limits, accepted with the convenience:
 
@@ -19,14 +23,14 @@ Limits, accepted with the convenience:
 * ``notify`` answers only True or False, so a failure the guard did not cause is
   retryable (a bad token is retried until the attempts run out) and the error cannot
   say why; Apprise's log (logger ``apprise``) has the reason.
-* Apprise's own timeouts apply (per connect and per read, 4 s each by default), and
-  requests reads a whole answer: the HTTP channels' deadline and response cap do not.
+* A send cut off by the deadline may have arrived (it is retried, like a timeout).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import cache
 
 import apprise  # the library: absolute imports, this module is notifier.channels.apprise
@@ -40,12 +44,12 @@ from notifier.channels.base import (
     RetryableError,
     SendResult,
 )
-from notifier.channels.egress import guarded_resolution
-from notifier.channels.http import mask_target
+from notifier.channels.egress import HostUnreachable, guarded_egress
+from notifier.channels.http import copy_error, mask_target
 from notifier.settings import get_settings
 
 #: Modules through which a plugin's connections are resolved by ``socket.getaddrinfo``
-#: in the calling thread, where ``guarded_resolution`` sees them.
+#: in the calling thread, where ``guarded_egress`` sees them.
 GUARDED_CLIENT_MODULES = ("requests", "smtplib")
 
 
@@ -59,30 +63,36 @@ class AppriseChannel(Channel):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.allow_private = self.flag("allow_private", get_settings().allow_private_targets)
+        self.timeout = self.number("timeout", 10.0)
+        if self.timeout <= 0:
+            raise ConfigurationError("apprise: option timeout: must be above 0")
         # Sequential sends: a plugin run in a pool thread would escape the guard, which
         # watches the calling thread only.
         self._asset = apprise.AppriseAsset(async_mode=False)
 
     def send_batch(self, messages: Sequence[OutgoingMessage]) -> Iterator[SendResult]:
-        """One ``notify`` per message; the Apprise object is made once per address."""
-        targets: dict[str, apprise.Apprise | DeliveryError] = {}
+        """One ``notify`` per message; the Apprise object is made once per address, and
+        an address that ran out of time is not tried again in the batch."""
+        targets: dict[str, _Target | DeliveryError] = {}
         for message in messages:
             address = message.address or ""
             try:
                 if address not in targets:
                     targets[address] = self._target(message)
                 target = targets[address]
-                error = (
-                    target if isinstance(target, DeliveryError)
-                    else self._notify(target, message)
-                )
+                if isinstance(target, DeliveryError):
+                    error: DeliveryError | None = copy_error(target)
+                else:
+                    error = self._notify(target, message)
+                    if isinstance(error, HostUnreachable):
+                        targets[address] = RetryableError(f"not tried: {error}")
             except Exception as exc:  # one recipient's problem is its own
                 error = RetryableError(f"apprise: unexpected {type(exc).__name__} while sending")
             if error is not None:
                 error.provider_failure = False  # the recipient's service, not the channel
             yield SendResult(message.delivery_id, error)
 
-    def _target(self, message: OutgoingMessage) -> apprise.Apprise | DeliveryError:
+    def _target(self, message: OutgoingMessage) -> _Target | DeliveryError:
         """An Apprise object for the message's address, or why there can be none."""
         address = message.address
         if not address:
@@ -103,26 +113,43 @@ class AppriseChannel(Channel):
                 f"apprise: the {scheme}:// plugin connects where the egress guard cannot"
                 f" check it; add {scheme} to NOTIFIER_APPRISE_ALLOWED_SCHEMES to allow it"
             )
-        return target
+        return _Target(target, guarded=not schemes)
 
-    def _notify(self, target: apprise.Apprise, message: OutgoingMessage) -> DeliveryError | None:
+    def _notify(self, target: _Target, message: OutgoingMessage) -> DeliveryError | None:
         body = message.body or message.title
-        with guarded_resolution(self.allow_private) as guard:
-            sent = target.notify(title=message.title, body=body)
+        if not target.guarded:  # listed by the operator: runs as Apprise runs it
+            sent = target.apprise.notify(title=message.title, body=body)
+            return None if sent else RetryableError(
+                f"apprise: sending to {self._shown(target.apprise)} failed"
+            )
+        limit = get_settings().http_max_response_bytes
+        with guarded_egress(self.allow_private, self.timeout, limit) as guard:
+            sent = target.apprise.notify(title=message.title, body=body)
+        shown = self._shown(target.apprise)
         if guard.refused is not None:
             return guard.refused.named("apprise")
         if guard.redirect is not None:
             return PermanentError(
-                f"apprise: {self._shown(target)} answered with a redirect, which is not followed"
+                f"apprise: {shown} answered with a redirect, which is not followed"
             )
+        if guard.expired:
+            return HostUnreachable(f"apprise: no answer from {shown} within {self.timeout:g}s")
         if sent:
             return None
-        return RetryableError(f"apprise: sending to {self._shown(target)} failed")
+        return RetryableError(f"apprise: sending to {shown} failed")
 
     @staticmethod
     def _shown(target: apprise.Apprise) -> str:
         return "; ".join(mask_target(server.url(privacy=True)).partition("?")[0]
                          for server in target)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A recipient's Apprise object, and whether its plugin runs inside the guard."""
+
+    apprise: apprise.Apprise
+    guarded: bool
 
 
 @cache

@@ -11,12 +11,14 @@ Three pieces:
   network backend of the HTTP channels' httpx pool: it resolves the host, checks every
   address and connects to one of them, so a second DNS answer (rebinding) is never
   asked for. httpcore still hands the original name to TLS (SNI and the certificate
-  check) and httpx sends it as ``Host``. ``guarded_resolution`` does the same for code
+  check) and httpx sends it as ``Host``. ``guarded_egress`` does the same for code
   that resolves through ``socket.getaddrinfo`` itself (Apprise: requests and smtplib):
-  while it is active in a thread, every lookup of that thread is checked, and requests
-  follows no redirects.
-* **One deadline per request** (``deadline``): connecting, sending and every read share
-  it, so a server dribbling a byte at a time cannot hold a request past its timeout.
+  while it is active in a thread, every lookup of that thread is checked, every TCP
+  connect must go to a checked address, and requests follows no redirects.
+* **One deadline per request, a bounded answer.** ``deadline`` bounds the httpx
+  requests (connecting, sending and every read share it, so a server dribbling a byte
+  at a time cannot hold a request past its timeout); ``guarded_egress`` shuts its
+  sockets down when its time is up, and caps the body requests reads.
 
 ``use_network`` swaps the resolver (and the dialler) for tests; nothing else does.
 """
@@ -33,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpcore
@@ -349,7 +351,7 @@ class GuardedBackend(httpcore.NetworkBackend):
         raise httpcore.ConnectError("unix sockets are not an egress target")
 
 
-# --- getaddrinfo-based clients (Apprise: requests, smtplib) ---------------------------
+# --- Socket-level guard (Apprise: requests, smtplib) ----------------------------------
 
 
 _local = threading.local()
@@ -359,53 +361,145 @@ _patched = False
 
 @dataclass
 class Guard:
-    """What ``guarded_resolution`` refused in its block, for the caller's error."""
+    """One guarded block's rules and what happened in it, for the caller's error."""
 
     allow_private: bool
+    max_response_bytes: int | None = None
     refused: ForbiddenAddress | None = None
     redirect: str | None = None
+    expired: bool = False
+    truncated: bool = False
+    _sockets: list[socket.socket] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def track(self, sock: socket.socket) -> None:
+        """Remember a socket the block connects, so the deadline can cut it."""
+        with self._lock:
+            if self.expired:
+                raise TimeoutError("the request's deadline passed")
+            self._sockets.append(sock)
+
+    def expire(self) -> None:
+        """The deadline passed: shut every socket of the block down, which wakes a
+        read blocked on one of them, and refuse further connections."""
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 @contextlib.contextmanager
-def guarded_resolution(allow_private: bool) -> Iterator[Guard]:
-    """For this thread, while the block runs: every ``socket.getaddrinfo`` answer is
-    checked (all of its addresses, unless private ones are allowed), so the connection
-    goes only to a checked address, and ``requests`` follows no redirect. Other threads
-    are untouched. The returned ``Guard`` says what was refused."""
+def guarded_egress(
+    allow_private: bool, timeout: float | None = None, max_response_bytes: int | None = None
+) -> Iterator[Guard]:
+    """For this thread, while the block runs:
+
+    * every ``socket.getaddrinfo`` answer is checked (all of its addresses, unless
+      private ones are allowed), and a TCP ``connect`` must go to a checked literal
+      address: the connection goes only where the check looked;
+    * ``requests`` follows no redirect and reads at most ``max_response_bytes`` of a
+      body;
+    * after ``timeout`` seconds in all, every socket the block connected is shut down
+      (``Guard.expired``).
+
+    Other threads are untouched; outside a block the hooks do nothing.
+    """
     _install_hooks()
-    guard = Guard(allow_private)
+    guard = Guard(allow_private, max_response_bytes)
+    timer = threading.Timer(timeout, guard.expire) if timeout is not None else None
     previous = getattr(_local, "guard", None)
     _local.guard = guard
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     try:
         yield guard
     finally:
+        if timer is not None:
+            timer.cancel()
         _local.guard = previous
 
 
+def _current_guard() -> Guard | None:
+    return getattr(_local, "guard", None)
+
+
 def _install_hooks() -> None:
-    """Route ``socket.getaddrinfo`` and requests' redirect lookup through this module,
-    once per process. Outside a guarded block both behave exactly as before."""
+    """Route ``socket.getaddrinfo``, ``socket.socket.connect`` and two steps of requests
+    (redirects, reading a body) through this module, once per process. Outside a
+    guarded block each behaves exactly as before."""
     global _patched
     with _patch_lock:
         if _patched:
             return
         socket.getaddrinfo = _guarded_getaddrinfo  # type: ignore[assignment]
+        original_connect = socket.socket.connect
         original_redirect = requests.Session.get_redirect_target
+        original_iter_content = requests.Response.iter_content
+
+        def connect(self: socket.socket, address: Any) -> None:
+            guard = _current_guard()
+            if guard is not None and self.family in (socket.AF_INET, socket.AF_INET6):
+                _check_connect(guard, address)
+                guard.track(self)
+            return original_connect(self, address)
 
         def get_redirect_target(self: requests.Session, resp: requests.Response) -> Any:
             target = original_redirect(self, resp)
-            guard: Guard | None = getattr(_local, "guard", None)
+            guard = _current_guard()
             if guard is not None and target:
                 guard.redirect = str(target)[:200]
                 return None
             return target
 
+        def iter_content(self: requests.Response, *args: Any, **kwargs: Any) -> Any:
+            chunks = original_iter_content(self, *args, **kwargs)
+            guard = _current_guard()
+            if guard is None or guard.max_response_bytes is None:
+                return chunks
+            return _capped_chunks(self, chunks, guard)
+
+        socket.socket.connect = connect  # type: ignore[method-assign]
         requests.Session.get_redirect_target = get_redirect_target  # type: ignore[method-assign]
+        requests.Response.iter_content = iter_content  # type: ignore[method-assign]
         _patched = True
 
 
+def _check_connect(guard: Guard, address: Any) -> None:
+    """A guarded connect goes to a literal address that passes the check; a name here
+    would be resolved by the C library, out of the guard's sight."""
+    host = str(address[0]) if isinstance(address, tuple) and address else ""
+    literal = literal_address(host)
+    if literal is None:
+        raise OSError(f"egress guard: connect to a name ({host[:100]!r}) is not allowed")
+    if not guard.allow_private:
+        try:
+            check_address(host, literal)
+        except ForbiddenAddress as refused:
+            guard.refused = guard.refused or refused
+            raise OSError(str(refused)) from None
+
+
+def _capped_chunks(response: requests.Response, chunks: Iterator[Any], guard: Guard) -> Any:
+    """The body's chunks up to the guard's byte limit; past it the connection is closed
+    (not drained) and ``Guard.truncated`` set."""
+    limit = guard.max_response_bytes or 0
+    total = 0
+    for chunk in chunks:
+        if total + len(chunk) >= limit:
+            yield chunk[: limit - total]
+            guard.truncated = True
+            with contextlib.suppress(Exception):
+                response.raw.close()
+            return
+        total += len(chunk)
+        yield chunk
+
+
 def _guarded_getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
-    guard: Guard | None = getattr(_local, "guard", None)
+    guard = _current_guard()
     if guard is None or host is None:
         return _original_getaddrinfo(host, port, *args, **kwargs)
     name = host.decode() if isinstance(host, bytes) else str(host)

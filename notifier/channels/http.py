@@ -389,7 +389,7 @@ class HttpChannel(Channel):
         if key not in checked:
             checked[key] = _precheck(parts, self.allow_private, self.name)
         if checked[key] is not None:
-            raise _copy(checked[key])
+            raise copy_error(checked[key])
         try:
             self.post(url, message)
         except ForbiddenAddress as error:
@@ -418,7 +418,7 @@ class HttpChannel(Channel):
         return response
 
 
-def _copy(error: DeliveryError) -> DeliveryError:
+def copy_error(error: DeliveryError) -> DeliveryError:
     """A fresh error of the same kind, so each message's result owns its exception."""
     copy = Exception.__new__(type(error))
     Exception.__init__(copy, str(error))

@@ -35,7 +35,7 @@ from notifier.channels.base import (
 from notifier.channels.egress import (
     IPAddress,
     forbidden_kind,
-    guarded_resolution,
+    guarded_egress,
     system_connect,
     use_network,
 )
@@ -561,19 +561,57 @@ def test_apprise_address_must_be_one_url(http_server: HttpServer) -> None:
     assert http_server.connections == 0
 
 
-def test_guard_covers_only_its_own_thread() -> None:
-    """Inside the guard this thread cannot resolve to loopback; another thread can."""
+def test_guard_covers_only_its_own_thread(http_server: HttpServer) -> None:
+    """Inside the guard this thread cannot resolve to loopback nor connect to a name
+    (the C library would resolve it unchecked); another thread is untouched."""
     seen: list[object] = []
 
     def other_thread() -> None:
         seen.append(socket.getaddrinfo("127.0.0.1", 80)[0][4][0])
 
-    with guarded_resolution(allow_private=False) as guard:
+    with guarded_egress(allow_private=False) as guard:
         with pytest.raises(socket.gaierror):
             socket.getaddrinfo("127.0.0.1", 80)
         thread = threading.Thread(target=other_thread)
         thread.start()
         thread.join()
+    with (
+        guarded_egress(allow_private=True),
+        socket.socket() as sock,
+        pytest.raises(OSError, match="connect to a name"),
+    ):
+        sock.connect(("localhost", http_server.port))
     assert guard.refused is not None
     assert seen == ["127.0.0.1"]
     assert socket.getaddrinfo("127.0.0.1", 80)[0][4][0] == "127.0.0.1"
+    assert http_server.connections == 0
+
+
+def test_apprise_send_has_one_deadline() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n" + b"x" * 40
+    with DribblingServer(answer) as server:
+        address = server.url.replace("http://", "json://")
+        started = time.monotonic()
+        first, second = apprise_channel("allow_private=yes&timeout=1").send_batch(
+            [message(address), message(address)]
+        )
+        elapsed = time.monotonic() - started
+
+    assert isinstance(first.error, RetryableError)
+    assert str(first.error).startswith("apprise: no answer from json://127.0.0.1:")
+    assert str(first.error).endswith("within 1s")
+    assert isinstance(second.error, RetryableError)
+    assert str(second.error).startswith("not tried: apprise: no answer")
+    assert elapsed < 4  # Apprise's own timeouts are per read: 8 s here
+    assert server.sent < len(answer)
+
+
+def test_apprise_reads_a_huge_answer_only_up_to_the_cap() -> None:
+    size = 200 * 1024 * 1024
+    with BigAnswerServer(200, size) as server:
+        address = server.url.replace("http://", "json://")
+        [result] = apprise_channel("allow_private=yes&timeout=5").send_batch([message(address)])
+        assert server.done.wait(5)
+
+    assert result.sent
+    assert server.sent < size // 10
