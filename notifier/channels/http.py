@@ -141,24 +141,27 @@ def parse_target(url: str, what: str) -> SplitResult:
     """The target's parts, if it is an http(s) URL with a host and a valid port.
 
     Anything else is that one message's ``PermanentError`` (never an exception out of
-    the batch): a port out of range, ``[::1`` without its bracket, a character or a
-    name httpx cannot send. The URL itself is not repeated: it may hold a secret and,
-    being malformed, cannot be masked reliably.
+    the batch): a port out of range, ``[::1`` without its bracket, a host that is no
+    DNS name. (What only httpx can judge, such as a non-ASCII name IDNA refuses, is
+    refused the same way when the request is built.) The URL itself is not repeated:
+    it may hold a secret and, being malformed, cannot be masked reliably.
     """
     try:
         parts = urlsplit(url)
         port, host = parts.port, parts.hostname
-        sent_host = httpx.URL(url).raw_host.decode("ascii")  # IDNA, characters, lengths
-    except (ValueError, UnicodeError, TypeError, httpx.InvalidURL) as exc:
-        reason = " ".join(str(exc).split())[:100] or type(exc).__name__
-        raise PermanentError(f"{what} target is not a valid URL: {reason}") from None
+    except (ValueError, TypeError) as exc:
+        raise PermanentError(f"{what} target is not a valid URL: {_reason_text(exc)}") from None
     if parts.scheme not in ("http", "https") or not host:
         raise PermanentError(f"{what} target {_shown(url)} is not an http(s) URL")
     if port == 0:
         raise PermanentError(f"{what} target is not a valid URL: port 0")
-    if literal_address(sent_host) is None and not _HOSTNAME.fullmatch(sent_host):
+    if host.isascii() and literal_address(host) is None and not _HOSTNAME.fullmatch(host):
         raise PermanentError(f"{what} target is not a valid URL: its host is not a DNS name")
     return parts
+
+
+def _reason_text(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:100] or type(exc).__name__
 
 
 def check_target(url: str, allow_private: bool | None = None, *, what: str = "webhook") -> None:
@@ -292,12 +295,19 @@ def origin(url: str) -> tuple[str, str, int | None]:
 
 
 def read_capped(response: httpx.Response, limit: int) -> httpx.Response:
-    """A copy of a streamed answer holding at most ``limit`` bytes of its body.
+    """The streamed answer with at most ``limit`` bytes of its body read.
 
-    The rest is never read: leaving the stream closes that connection instead of
-    draining it. Bytes are taken as sent (``Accept-Encoding: identity`` asks for no
-    compression, and a compressed body is not inflated: no decompression bomb).
+    An uncompressed body whose ``Content-Length`` is within the limit is read as is
+    (h11 reads no byte past that length). Any other is read up to the limit into a
+    copy of the answer; the rest is never read: leaving the stream closes that
+    connection instead of draining it. A compressed body is not inflated (we ask for
+    ``identity``): no decompression bomb.
     """
+    length = response.headers.get("content-length", "")
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if length.isdigit() and int(length) <= limit and encoding == "identity":
+        response.read()
+        return response
     body = bytearray()
     for chunk in response.iter_raw():
         body += chunk[: limit - len(body)]
@@ -410,6 +420,10 @@ class HttpChannel(Channel):
                 "POST", url, timeout=self.timeout, **kwargs
             ) as streamed:
                 response = read_capped(streamed, limit)
+        except httpx.InvalidURL as exc:
+            raise PermanentError(
+                f"{self.name} target is not a valid URL: {_reason_text(exc)}"
+            ) from None
         except httpx.HTTPError as exc:
             raise transport_error(exc, url, self.timeout) from None
         except ForbiddenAddress as error:
