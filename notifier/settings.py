@@ -7,11 +7,11 @@ operators find them in one place and modules never grow constants of their own.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from notifier.masking import SECRET_OPTIONS as SECRET_OPTIONS
 from notifier.masking import mask_secrets
@@ -126,6 +126,17 @@ class Settings(BaseSettings):
     delivery_batch_max_seconds: float = Field(20.0, gt=0)
     #: Let webhook, Slack and SMS targets resolve to private or loopback addresses.
     allow_private_targets: bool = False
+
+    # --- Egress ---------------------------------------------------------------------
+    #: Most bytes of an HTTP answer's body read by the webhook, Slack and SMS channels;
+    #: the rest is never read (errors are parsed from this prefix).
+    http_max_response_bytes: int = Field(65536, ge=1024)
+    #: Apprise schemes allowed although the egress guard cannot check where they
+    #: connect (desktop and OS notifiers, syslog, MQTT, XMPP, IRC, ...), comma-separated:
+    #: ``NOTIFIER_APPRISE_ALLOWED_SCHEMES=dbus,syslog``. Every other scheme Apprise knows
+    #: goes through the guard (``notifier.channels.egress``); these bypass it.
+    apprise_allowed_schemes: Annotated[frozenset[str], NoDecode] = frozenset()
+
     #: Retries: the n-th attempt waits about ``base * factor**(n-1)`` seconds (with
     #: jitter, at most ``cap``); after ``max_attempts`` attempts the delivery is dead.
     retry_base: float = Field(2.0, gt=0)
@@ -220,6 +231,13 @@ class Settings(BaseSettings):
     def _broker_url_is_supported(cls, url: str) -> str:
         _scheme_among(url, _BROKER_SCHEMES, "a redis:// or amqp://")
         return url
+
+    @field_validator("apprise_allowed_schemes", mode="before")
+    @classmethod
+    def _schemes_from_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return frozenset(s.strip().lower() for s in value.split(",") if s.strip())
+        return value
 
     @field_validator("channels")
     @classmethod

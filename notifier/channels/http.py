@@ -1,23 +1,29 @@
-"""Shared pieces of the HTTP-based channels (webhook, Slack, SMS): one connection pool
-per process, the check that keeps targets off private networks, the mapping of HTTP
-outcomes onto retryable and permanent errors, target URLs made safe to log, and
-``HttpChannel``, the batch loop they share.
+"""Shared pieces of the HTTP-based channels (webhook, Slack, SMS): one guarded connection
+pool per process and policy, the check of a target URL, the mapping of HTTP outcomes onto
+retryable and permanent errors, target URLs made safe to log, and ``HttpChannel``, the
+batch loop they share.
+
+Every request goes through ``notifier.channels.egress``: the pool's connections are made
+to the address that was resolved and checked (no second lookup, no rebinding), a request
+has one deadline for everything it does on the wire, and at most
+``NOTIFIER_HTTP_MAX_RESPONSE_BYTES`` of an answer's body is read.
 
 Not a channel itself: ``HttpChannel`` has no ``name``, so it registers nothing.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import logging
 import os
-import socket
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
+import httpcore
 import httpx
 
 from notifier.channels.base import (
@@ -29,18 +35,36 @@ from notifier.channels.base import (
     RetryableError,
     SendResult,
 )
+from notifier.channels.egress import (
+    ForbiddenAddress,
+    GuardedBackend,
+    HostUnreachable,
+    check_address,
+    deadline,
+    literal_address,
+    resolve_checked,
+)
 from notifier.settings import get_settings, mask_url
 
-USER_AGENT = "notifier/0.1"
+logger = logging.getLogger(__name__)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+__all__ = ["HostUnreachable", "HttpChannel", "check_target", "get_client", "mask_target"]
+
+USER_AGENT = "notifier/0.1"
 
 #: Path segments and query values this long or longer look like tokens (Slack, Discord
 #: and Teams hooks carry theirs in the path): ``mask_target`` hides them.
 SECRET_LOOKING_LENGTH = 20
 
-_client: httpx.Client | None = None
-_client_pid: int | None = None
+#: Response headers that describe the body as sent; a capped copy drops them.
+_BODY_HEADERS = ("content-length", "content-encoding", "transfer-encoding")
+
+#: A DNS name as sent (after IDNA): labels of letters, digits, ``-`` and ``_``.
+_HOSTNAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+                       r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?")
+
+_clients: dict[bool, httpx.Client] = {}
+_clients_pid: int | None = None
 _client_lock = threading.Lock()
 
 
@@ -53,105 +77,138 @@ def _reset_lock_in_child() -> None:
 os.register_at_fork(after_in_child=_reset_lock_in_child)
 
 
-class HostUnreachable(RetryableError):
-    """The target's host could not be reached (connection refused, DNS, timeout).
-
-    A batch stops sending to that host: the next messages would most likely wait out
-    the same timeout, one after the other.
-    """
-
-
 # --- The pool -------------------------------------------------------------------------
 
 
-def get_client() -> httpx.Client:
-    """The process's pooled client, made on first use.
+def get_client(allow_private: bool | None = None) -> httpx.Client:
+    """The process's pooled client for targets checked with ``allow_private`` (default:
+    ``NOTIFIER_ALLOW_PRIVATE_TARGETS``), made on first use.
 
-    Keyed by process id: a forked worker child must not share the parent's sockets, so
-    it drops the inherited client (without closing it, which would shut the parent's TLS
-    sessions) and makes its own. Redirects are not followed, because a redirect could
-    lead past ``check_target`` to a private address. Timeouts are given per request.
+    One pool per policy, so a connection opened where private addresses are allowed is
+    never reused for a channel that refuses them. Keyed by process id: a forked worker
+    child must not share the parent's sockets, so it drops the inherited clients (without
+    closing them, which would shut the parent's TLS sessions) and makes its own.
+    Redirects are not followed; proxies from the environment are not used (the proxy,
+    not we, would choose the address); timeouts are given per request.
     """
-    global _client, _client_pid
+    global _clients_pid
+    if allow_private is None:
+        allow_private = get_settings().allow_private_targets
     pid = os.getpid()
     with _client_lock:
-        if _client is None or _client_pid != pid or _client.is_closed:
-            _client = httpx.Client(
-                follow_redirects=False,
-                headers={"User-Agent": USER_AGENT},
-                limits=httpx.Limits(max_connections=100, keepalive_expiry=30.0),
-            )
-            _client_pid = pid
-        return _client
+        if _clients_pid != pid:
+            _clients.clear()
+            _clients_pid = pid
+        client = _clients.get(allow_private)
+        if client is None or client.is_closed:
+            client = _clients[allow_private] = _make_client(allow_private)
+        return client
+
+
+def _make_client(allow_private: bool) -> httpx.Client:
+    limits = httpx.Limits(max_connections=100, keepalive_expiry=30.0)
+    transport = httpx.HTTPTransport(limits=limits)
+    # httpx 0.28 takes no network backend: the pool it made is swapped for one that
+    # connects through the guard, with the same limits and TLS defaults.
+    transport._pool = httpcore.ConnectionPool(
+        ssl_context=httpx.create_ssl_context(),
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=GuardedBackend(allow_private),
+    )
+    return httpx.Client(
+        transport=transport,
+        follow_redirects=False,
+        trust_env=False,
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+    )
 
 
 def close_client() -> None:
-    """Close this process's pool (at shutdown; the next ``get_client`` makes a new one)."""
-    global _client
+    """Close this process's pools (at shutdown; the next ``get_client`` makes new ones)."""
     with _client_lock:
-        if _client is not None and _client_pid == os.getpid():
-            _client.close()
-        _client = None
+        if _clients_pid == os.getpid():
+            for client in _clients.values():
+                client.close()
+        _clients.clear()
 
 
 # --- Targets --------------------------------------------------------------------------
 
 
-def check_target(url: str, allow_private: bool | None = None, *, what: str = "webhook") -> None:
-    """Refuse a target that is not http(s) or whose host resolves to a non-public address.
+def parse_target(url: str, what: str) -> SplitResult:
+    """The target's parts, if it is an http(s) URL with a host and a valid port.
 
-    ``allow_private`` defaults to ``NOTIFIER_ALLOW_PRIVATE_TARGETS``. A hostname is
-    resolved here and again by the HTTP client when it connects, so a DNS answer that
-    changes in between (DNS rebinding) gets past this check: a known limit. Pinning the
-    checked address would break TLS name checks; an egress proxy that refuses private
-    ranges closes the gap where that matters.
+    Anything else is that one message's ``PermanentError`` (never an exception out of
+    the batch): a port out of range, ``[::1`` without its bracket, a host that is no
+    DNS name. (What only httpx can judge, such as a non-ASCII name IDNA refuses, is
+    refused the same way when the request is built.) The URL itself is not repeated:
+    it may hold a secret and, being malformed, cannot be masked reliably.
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise PermanentError(f"{what} target {mask_target(url)} is not an http(s) URL")
+    try:
+        parts = urlsplit(url)
+        port, host = parts.port, parts.hostname
+    except (ValueError, TypeError) as exc:
+        raise PermanentError(f"{what} target is not a valid URL: {_reason_text(exc)}") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise PermanentError(f"{what} target {_shown(url)} is not an http(s) URL")
+    if port == 0:
+        raise PermanentError(f"{what} target is not a valid URL: port 0")
+    if host.isascii() and literal_address(host) is None and not _HOSTNAME.fullmatch(host):
+        raise PermanentError(f"{what} target is not a valid URL: its host is not a DNS name")
+    return parts
+
+
+def _reason_text(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:100] or type(exc).__name__
+
+
+def check_target(url: str, allow_private: bool | None = None, *, what: str = "webhook") -> None:
+    """Refuse a target that is not a valid http(s) URL or whose host is, or resolves to,
+    a forbidden address (any of its addresses: see ``egress.forbidden_kind``).
+
+    ``allow_private`` defaults to ``NOTIFIER_ALLOW_PRIVATE_TARGETS``. This is the check
+    on its own, for a clear answer up front; sending does not rely on it: the pool's
+    connections resolve once more and connect only to what that lookup checked.
+    """
+    parts = parse_target(url, what)
     if allow_private is None:
         allow_private = get_settings().allow_private_targets
     if allow_private:
         return
-    for address in _resolve(parts.hostname, parts.port, what):
-        kind = non_public_kind(address)
-        if kind:
-            shown = parts.hostname if parts.hostname == str(address) else (
-                f"{parts.hostname} ({address})"
-            )
-            raise PermanentError(
-                f"{what} target {shown} is {kind} address;"
-                " set NOTIFIER_ALLOW_PRIVATE_TARGETS=1 to allow it"
-            )
-
-
-def _resolve(host: str, port: int | None, what: str) -> list[IPAddress]:
-    """The host's addresses: a literal as is (no lookup), a name through getaddrinfo."""
+    host = parts.hostname or ""
     try:
-        return [ipaddress.ip_address(host.strip("[]").split("%")[0])]
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
+        resolve_checked(host, parts.port or _default_port(parts), allow_private=False)
+    except ForbiddenAddress as error:
+        raise error.named(what) from None
     except (OSError, UnicodeError) as exc:
         raise HostUnreachable(f"{what} target {host} does not resolve: {exc}") from None
-    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
 
 
-def non_public_kind(address: IPAddress) -> str | None:
-    """``"a loopback"``, ``"a private"``, ... for an address off the public internet."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    checks = (
-        ("an unspecified", address.is_unspecified),
-        ("a loopback", address.is_loopback),
-        ("a link-local", address.is_link_local),
-        ("a multicast", address.is_multicast),
-        ("a reserved", address.is_reserved),
-        ("a private", address.is_private),
-        ("a non-public", not address.is_global),
-    )
-    return next((kind for kind, hit in checks if hit), None)
+def _precheck(parts: SplitResult, allow_private: bool, what: str) -> DeliveryError | None:
+    """The refusal of a literal forbidden address, found without a lookup; names are
+    checked when the pool connects (once, on the address it connects to)."""
+    address = literal_address(parts.hostname or "")
+    if allow_private or address is None:
+        return None
+    try:
+        check_address(parts.hostname or "", address)
+    except ForbiddenAddress as error:
+        return error.named(what)
+    return None
+
+
+def _default_port(parts: SplitResult) -> int:
+    return 443 if parts.scheme == "https" else 80
+
+
+def _shown(url: str) -> str:
+    """``mask_target(url)``, or a placeholder when even masking cannot parse it."""
+    try:
+        return mask_target(url)
+    except Exception:  # an error message must never raise itself
+        return "(unparseable URL)"
 
 
 def mask_target(url: str) -> str:
@@ -222,6 +279,34 @@ def origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or ""), parts.port
 
 
+def read_capped(response: httpx.Response, limit: int) -> httpx.Response:
+    """The streamed answer with at most ``limit`` bytes of its body read.
+
+    An uncompressed body whose ``Content-Length`` is within the limit is read as is
+    (h11 reads no byte past that length). Any other is read up to the limit into a
+    copy of the answer; the rest is never read: leaving the stream closes that
+    connection instead of draining it. A compressed body is not inflated (we ask for
+    ``identity``): no decompression bomb.
+    """
+    length = response.headers.get("content-length", "")
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if length.isdigit() and int(length) <= limit and encoding == "identity":
+        response.read()
+        return response
+    body = bytearray()
+    for chunk in response.iter_raw():
+        body += chunk[: limit - len(body)]
+        if len(body) >= limit:
+            break
+    headers = [
+        (name, value) for name, value in response.headers.multi_items()
+        if name.lower() not in _BODY_HEADERS
+    ]
+    return httpx.Response(
+        response.status_code, headers=headers, content=bytes(body), request=response.request
+    )
+
+
 # --- The batch loop -------------------------------------------------------------------
 
 
@@ -259,7 +344,8 @@ class HttpChannel(Channel):
 
     def send_batch(self, messages: Sequence[OutgoingMessage]) -> Iterator[SendResult]:
         """One POST per message; a failure stops nothing but further messages to a host
-        that could not be reached, which fail at once instead of waiting out a timeout."""
+        that could not be reached, which fail at once instead of waiting out a timeout.
+        Whatever goes wrong with one message is that message's result alone."""
         checked: dict[tuple[str, str, int | None], DeliveryError | None] = {}
         down: dict[tuple[str, str, int | None], DeliveryError] = {}
         for message in messages:
@@ -269,8 +355,18 @@ class HttpChannel(Channel):
                 if not self.target_is_provider:
                     error.provider_failure = False
                 yield SendResult(message.delivery_id, error)
+            except Exception as exc:  # one message's bug is its own
+                yield SendResult(message.delivery_id, self._unexpected(exc))
             else:
                 yield SendResult(message.delivery_id)
+
+    def _unexpected(self, exc: Exception) -> DeliveryError:
+        """An exception no rule foresaw: retryable (it may be ours, and fixed), never the
+        provider's fault, logged by class only (its text may carry an address)."""
+        logger.warning("%s: unexpected %s while sending", self.name, type(exc).__name__)
+        error = RetryableError(f"{self.name}: unexpected {type(exc).__name__} while sending")
+        error.provider_failure = False
+        return error
 
     def _send(
         self,
@@ -279,41 +375,51 @@ class HttpChannel(Channel):
         down: dict[tuple[str, str, int | None], DeliveryError],
     ) -> None:
         url = self.target(message)
-        key = origin(url)
+        parts = parse_target(url, self.name)
+        key = (parts.scheme, parts.hostname or "", parts.port)
         if key in down:
             skipped = RetryableError(f"not tried: {down[key]}")
             skipped.provider_failure = False  # the one failure that was tried counts
             raise skipped
         if key not in checked:
-            checked[key] = _check_error(url, self.allow_private, self.name)
+            checked[key] = _precheck(parts, self.allow_private, self.name)
         if checked[key] is not None:
-            raise _copy(checked[key])
+            raise copy_error(checked[key])
         try:
             self.post(url, message)
+        except ForbiddenAddress as error:
+            checked[key] = error
+            raise
         except HostUnreachable as error:
             down[key] = error
             raise
 
     def post(self, url: str, message: OutgoingMessage) -> httpx.Response:
+        """POST within one deadline of ``timeout`` seconds (lookup, connect, TLS, the
+        request, the answer), reading at most ``NOTIFIER_HTTP_MAX_RESPONSE_BYTES``."""
         kwargs = self.request(message)
+        client = get_client(self.allow_private)
+        limit = get_settings().http_max_response_bytes
         try:
-            response = get_client().post(url, timeout=self.timeout, **kwargs)
+            with deadline(self.timeout), client.stream(
+                "POST", url, timeout=self.timeout, **kwargs
+            ) as streamed:
+                response = read_capped(streamed, limit)
+        except httpx.InvalidURL as exc:
+            raise PermanentError(
+                f"{self.name} target is not a valid URL: {_reason_text(exc)}"
+            ) from None
         except httpx.HTTPError as exc:
             raise transport_error(exc, url, self.timeout) from None
+        except ForbiddenAddress as error:
+            raise error.named(self.name) from None
         self.check_response(response)
         return response
 
 
-def _check_error(url: str, allow_private: bool, what: str) -> DeliveryError | None:
-    try:
-        check_target(url, allow_private, what=what)
-    except DeliveryError as error:
-        return error
-    return None
-
-
-def _copy(error: DeliveryError) -> DeliveryError:
+def copy_error(error: DeliveryError) -> DeliveryError:
     """A fresh error of the same kind, so each message's result owns its exception."""
-    copy = type(error)(str(error))
+    copy = Exception.__new__(type(error))
+    Exception.__init__(copy, str(error))
     copy.__dict__.update(error.__dict__)
     return copy

@@ -62,7 +62,7 @@ def test_unknown_url_is_permanent(http_server: HttpServer) -> None:
     ]))
 
     assert all(isinstance(r.error, ConfigurationError) for r in results)
-    assert "bogus:// address of recipient user-1 is not a URL Apprise knows" in str(
+    assert "bogus:// address of recipient user-1 is not one URL Apprise knows" in str(
         results[0].error
     )
     assert "secret-token" not in str(results[0].error)
