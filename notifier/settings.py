@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -214,9 +214,12 @@ class Settings(BaseSettings):
 
     @property
     def state_redis_url(self) -> str:
+        """The state Redis as redis-py takes it (the broker's, if that is Redis)."""
         if self.redis_url:
-            return self.redis_url
-        return self.broker_url if self.is_redis_broker else "redis://127.0.0.1:6379/0"
+            return redis_client_url(self.redis_url)
+        if self.is_redis_broker:
+            return redis_client_url(self.broker_url)
+        return "redis://127.0.0.1:6379/0"
 
     @property
     def prefetch_multiplier(self) -> int:
@@ -232,6 +235,25 @@ def _scheme_among(url: str, schemes: tuple[str, ...], expected: str) -> str:
     if scheme not in schemes:
         raise ValueError(f"expected {expected} URL, got scheme {scheme or 'none'!r}")
     return scheme
+
+
+def redis_client_url(url: str) -> str:
+    """A Redis URL as kombu accepts it, in the form redis-py accepts.
+
+    The one place that translates: kombu's ``redis+socket:///path?virtual_host=N`` (the
+    embedded Redis of ``make run``) is redis-py's ``unix:///path?db=N``; credentials and
+    other options are kept. ``redis://`` and ``rediss://`` pass unchanged.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "redis+socket":
+        return url
+    options = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "virtual_host":
+            name, value = "db", value.strip("/") or "0"
+        options.append((name, value))
+    query = urlencode(options)
+    return f"unix://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 def queue_name(priority: str) -> str:
