@@ -83,10 +83,12 @@ beat_schedule = {
         "schedule": _settings.sweep_interval,
         "options": {"queue": delivery_queue("", "critical"), "expires": _settings.sweep_interval},
     },
-    "purge-expired-idempotency-keys": {
-        "task": "notifier.purge_expired_keys",
+    # Retention of every table (notifier/retention.py); a run that outlives the next tick
+    # is harmless (SKIP LOCKED), one that waited a whole interval is dropped.
+    "purge-expired-rows": {
+        "task": "notifier.purge_expired",
         "schedule": _settings.retention_interval,
-        "options": {"queue": queue_name("low")},
+        "options": {"queue": queue_name("low"), "expires": _settings.retention_interval},
     },
     # Beat's heartbeat for `notifier health`; it expires once too late to tell anything.
     "heartbeat": {

@@ -362,18 +362,20 @@ def replay_dead_letters(yes: bool, **filters: Any) -> None:
         return
     if not yes:
         click.confirm(f"replay {total} dead letters?", abort=True)
-    replayed, skipped = _replay_in_chunks(where, total)
+    replayed, skipped, purged = _replay_in_chunks(where, total)
     click.echo(f"replayed {replayed} dead letters"
-               + (f"; {skipped} skipped (their delivery is no longer dead)" if skipped else ""))
+               + (f"; {skipped} skipped (their delivery is no longer dead)" if skipped else "")
+               + (f"; {purged} skipped (their delivery was deleted by retention,"
+                  " NOTIFIER_RETENTION_DELIVERIES_DAYS)" if purged else ""))
 
 
-def _replay_in_chunks(where: Any, total: int) -> tuple[int, int]:
+def _replay_in_chunks(where: Any, total: int) -> tuple[int, int, int]:
     from notifier.db import session_scope
     from notifier.dead_letters import replay_dead_letters, replayable_ids
     from notifier.settings import get_settings
     from notifier.tasks import publish, publish_ingest
 
-    replayed = skipped = 0
+    replayed = skipped = purged = 0
     with session_scope() as session:
         chunks = list(replayable_ids(session, where))
     with click.progressbar(length=total, label="replaying", file=sys.stderr) as bar:
@@ -383,8 +385,9 @@ def _replay_in_chunks(where: Any, total: int) -> tuple[int, int]:
             publish(replay.tasks)
             publish_ingest(replay.ingest_payloads)
             replayed, skipped = replayed + replay.replayed, skipped + replay.skipped
+            purged += replay.purged
             bar.update(len(ids))
-    return replayed, skipped
+    return replayed, skipped, purged
 
 
 @dead_letters.command("purge")
@@ -942,6 +945,26 @@ def _print_stats(figures: Any, since: str) -> None:
                    f"{digests}")
     else:
         click.echo(f"{'batching':<15}no messages sent")
+    _table_sizes(figures.tables)
+
+
+def _table_sizes(tables: dict[str, Any]) -> None:
+    """Each table's estimated rows and total size (what retention keeps in check)."""
+    click.echo(f"\n{'tables':<21}{'rows (est.)':>12}{'size':>11}")
+    for name, size in tables.items():
+        rows = "?" if size.rows is None else f"{size.rows:,}"
+        click.echo(f"{name:<21}{rows:>12}{_bytes(size.bytes):>11}")
+
+
+def _bytes(count: int) -> str:
+    if count < 1024:
+        return f"{count} B"
+    value, unit = count / 1024, "kB"
+    for larger in ("MB", "GB", "TB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{value:.1f} {unit}"
 
 
 _DELIVERY_COLUMNS = ("sent", "retried", "retrying", "dead", "sent/s", "delivered", "errors",

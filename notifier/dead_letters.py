@@ -27,6 +27,8 @@ class Replay:
     replayed: int = 0
     #: Dead letters whose delivery is no longer dead (sent or replayed since): skipped.
     skipped: int = 0
+    #: Dead letters whose delivery row retention has deleted: skipped, nothing to send.
+    purged: int = 0
     #: Delivery tasks to publish after the commit.
     tasks: list[DeliveryTask] = field(default_factory=list)
     #: Ingest payloads to hand to ``notifier.ingest`` after the commit.
@@ -59,12 +61,15 @@ def replay_dead_letters(session: Session, ids: list[int], settings: Settings) ->
     revived = _revive_deliveries(session, delivery_ids)
     cursor = session.connection().connection.driver_connection.cursor()
     replay.tasks = queue_deliveries(cursor, revived, settings)
+    existing = _existing_deliveries(session, delivery_ids)
     for row in rows:
         if row.stage == Stage.DELIVER:
             if row.delivery_id in revived:
                 replay.replayed += 1
-            else:
+            elif row.delivery_id in existing:
                 replay.skipped += 1
+            else:
+                replay.purged += 1
         else:
             replay.ingest_payloads.append(row.payload)
             replay.replayed += 1
@@ -73,6 +78,15 @@ def replay_dead_letters(session: Session, ids: list[int], settings: Settings) ->
         .values(replayed_at=func.now())
     )
     return replay
+
+
+def _existing_deliveries(session: Session, delivery_ids: list[Any]) -> set[Any]:
+    """Which of the deliveries still have a row (retention deletes old ones)."""
+    if not delivery_ids:
+        return set()
+    return set(session.scalars(
+        text("SELECT id FROM deliveries WHERE id = ANY(:ids)"), {"ids": delivery_ids}
+    ))
 
 
 def _revive_deliveries(session: Session, delivery_ids: list[Any]) -> list[Any]:

@@ -115,6 +115,9 @@ class Notification(Base):
             "ix_notifications_idempotency_key", "idempotency_key",
             postgresql_where=text("idempotency_key IS NOT NULL"),
         ),
+        # Retention: a digest goes once no notification points at it (and its FK check).
+        Index("ix_notifications_digest_id", "digest_id",
+              postgresql_where=text("digest_id IS NOT NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -149,7 +152,10 @@ class Notification(Base):
 
 class Digest(Base):
     __tablename__ = "digests"
-    __table_args__ = (Index("ix_digests_recipient_id_created_at", "recipient_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_digests_recipient_id_created_at", "recipient_id", "created_at"),
+        Index("ix_digests_created_at", "created_at"),  # retention
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     recipient_id: Mapped[str] = mapped_column(
@@ -289,6 +295,8 @@ class InboxMessage(Base):
             "ix_inbox_messages_unread", "recipient_id", "created_at",
             postgresql_where=text("read_at IS NULL"),
         ),
+        # Retention: read messages by when they were read.
+        Index("ix_inbox_messages_read_at", "read_at", postgresql_where=text("read_at IS NOT NULL")),
     )
 
     #: The delivery's id: writing the same delivery twice is a no-op.

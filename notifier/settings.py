@@ -7,8 +7,9 @@ operators find them in one place and modules never grow constants of their own.
 from __future__ import annotations
 
 from functools import lru_cache
+from itertools import pairwise
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -77,8 +78,44 @@ class Settings(BaseSettings):
     ingest_commit_attempts: int = Field(3, ge=1)
     #: Largest accepted ``data`` object, in bytes of JSON.
     max_data_bytes: int = Field(65536, ge=1)
-    #: Seconds between beat's retention runs (expired idempotency keys).
+    #: Seconds between beat's retention runs (``notifier.purge_expired``, every table).
     retention_interval: float = Field(3600, gt=0)
+
+    # --- Retention (``notifier/retention.py``, ``docs/retention.md``) ----------------
+    #: Days a row is kept once finished; 0 keeps it forever. Nothing unfinished is ever
+    #: purged, and a row is kept while another row refers to it (a notification while it
+    #: has deliveries, a digest while it has member notifications or deliveries), so the
+    #: longer of two related settings wins. Notifications: from their last change, once
+    #: delivered, digested, suppressed, cancelled or failed. Deliveries: sent, dead or
+    #: cancelled, and only when no delivery of the same notification or digest is still
+    #: on its way. Digests: from their creation.
+    retention_notifications_days: float = Field(30, ge=0)
+    retention_deliveries_days: float = Field(30, ge=0)
+    retention_digests_days: float = Field(30, ge=0)
+    #: Dead letters, from when they were written, replayed or not. Their delivery may be
+    #: gone before them; replaying such a one is skipped and says so.
+    retention_dead_letters_days: float = Field(90, ge=0)
+    #: In-app inbox messages, from when the recipient read them.
+    retention_inbox_read_days: float = Field(90, ge=0)
+    #: Unread inbox messages, from their delivery: kept forever (0) unless set, and then
+    #: at least as long as read ones (they are the recipient's, not ours).
+    retention_inbox_unread_days: float = Field(0, ge=0)
+    #: Aggregation windows this many hours past their due time that hold no waiting
+    #: notification (the flush deletes the windows it turns into digests; this clears
+    #: what it leaves, e.g. windows whose members were all cancelled).
+    retention_windows_hours: float = Field(1, ge=0)
+    #: Rows deleted per transaction (per table); each batch is its own short transaction
+    #: that skips rows locked by the pipeline.
+    retention_batch_size: int = Field(1000, ge=1, le=100_000)
+    #: Seconds to pause between two full batches, leaving Postgres to the pipeline.
+    retention_batch_pause: float = Field(0.1, ge=0)
+    #: Most seconds one retention run spends; what is left waits for the next run.
+    retention_run_seconds: float = Field(300, gt=0)
+    #: Seconds a purge statement waits for a lock before giving up on that table until
+    #: the next run (it never queues behind the pipeline's writes).
+    retention_lock_timeout: float = Field(1.0, gt=0)
+
+    # --- Logging --------------------------------------------------------------------
     #: Logging level of the worker and the CLI.
     log_level: str = "INFO"
     #: ``text`` (one readable line) or ``json`` (one object per line, for a log store).
@@ -245,6 +282,32 @@ class Settings(BaseSettings):
         return {**DEFAULT_CHANNEL_URLS, **{k.lower(): v for k, v in channels.items()}}
 
     @model_validator(mode="after")
+    def _retention_outlasts_what_refers_to_it(self) -> Settings:
+        """A notification is kept while it has deliveries, a digest while it has members:
+        a shorter setting would only be rescanned in vain by every purge batch."""
+        chain = [("deliveries", self.retention_deliveries_days),
+                 ("notifications", self.retention_notifications_days),
+                 ("digests", self.retention_digests_days)]
+        for (shorter, short_days), (longer, long_days) in pairwise(chain):
+            if long_days and (short_days == 0 or long_days < short_days):
+                raise ValueError(
+                    f"retention_{longer}_days: must be 0 (keep) or at least"
+                    f" NOTIFIER_RETENTION_{shorter.upper()}_DAYS"
+                    f" ({'0, kept' if short_days == 0 else f'{short_days:g}'}), got {long_days:g}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _unread_inbox_kept_longer_than_read(self) -> Settings:
+        read, unread = self.retention_inbox_read_days, self.retention_inbox_unread_days
+        if unread and (read == 0 or unread < read):
+            raise ValueError(
+                f"retention_inbox_unread_days: must be 0 (keep) or at least"
+                f" NOTIFIER_RETENTION_INBOX_READ_DAYS ({read:g}), got {unread:g}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _countdown_below_visibility(self) -> Settings:
         if self.retry_countdown_max >= self.visibility_timeout:
             raise ValueError(
@@ -255,9 +318,12 @@ class Settings(BaseSettings):
 
     @property
     def state_redis_url(self) -> str:
+        """The state Redis as redis-py takes it (the broker's, if that is Redis)."""
         if self.redis_url:
-            return self.redis_url
-        return self.broker_url if self.is_redis_broker else "redis://127.0.0.1:6379/0"
+            return redis_client_url(self.redis_url)
+        if self.is_redis_broker:
+            return redis_client_url(self.broker_url)
+        return "redis://127.0.0.1:6379/0"
 
     @property
     def prefetch_multiplier(self) -> int:
@@ -273,6 +339,25 @@ def _scheme_among(url: str, schemes: tuple[str, ...], expected: str) -> str:
     if scheme not in schemes:
         raise ValueError(f"expected {expected} URL, got scheme {scheme or 'none'!r}")
     return scheme
+
+
+def redis_client_url(url: str) -> str:
+    """A Redis URL as kombu accepts it, in the form redis-py accepts.
+
+    The one place that translates: kombu's ``redis+socket:///path?virtual_host=N`` (the
+    embedded Redis of ``make run``) is redis-py's ``unix:///path?db=N``; credentials and
+    other options are kept. ``redis://`` and ``rediss://`` pass unchanged.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "redis+socket":
+        return url
+    options = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "virtual_host":
+            name, value = "db", value.strip("/") or "0"
+        options.append((name, value))
+    query = urlencode(options)
+    return f"unix://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 def queue_name(priority: str) -> str:

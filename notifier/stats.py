@@ -17,6 +17,11 @@ The window is ``[since, until)``. Each figure family is one SQL statement:
 
 Throughput is a count divided by the window's length. Percentiles are interpolated
 (``percentile_cont``), in seconds.
+
+**Tables** — each table's size now, whatever the window: rows as Postgres estimates
+them (``pg_class.reltuples``, kept by autovacuum/ANALYZE; None before the first one)
+and bytes with indexes and TOAST (``pg_total_relation_size``). Both are catalogue reads,
+cheap on any size, unlike ``count(*)``; they show whether retention keeps up.
 """
 
 from __future__ import annotations
@@ -116,6 +121,19 @@ class Batching:
                 "mean_digest_size": self.digest_size}
 
 
+#: The tables ``notifier stats`` sizes, in the order it prints them.
+TABLES = ("notifications", "deliveries", "digests", "aggregation_windows", "inbox_messages",
+          "dead_letters", "idempotency_keys", "recipients")
+
+
+@dataclass(frozen=True)
+class TableSize:
+    #: Postgres's estimate; None when the table was never vacuumed or analysed.
+    rows: int | None
+    #: Heap, indexes and TOAST.
+    bytes: int
+
+
 @dataclass(frozen=True)
 class Stats:
     since: datetime
@@ -125,6 +143,7 @@ class Stats:
     by_channel: dict[str, DeliveryFigures]
     by_priority: dict[str, DeliveryFigures]
     batching: Batching
+    tables: dict[str, TableSize] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -139,6 +158,7 @@ class Stats:
             "by_channel": {name: f.as_dict() for name, f in self.by_channel.items()},
             "by_priority": {name: f.as_dict() for name, f in self.by_priority.items()},
             "batching": self.batching.as_dict(),
+            "tables": {name: asdict(size) for name, size in self.tables.items()},
         }
 
 
@@ -156,7 +176,26 @@ def collect_stats(
         messages=total.sent, notifications=total.notifications, digests=total.digests,
         digest_members=total.notifications - (total.sent - total.digests),
     )
-    return Stats(since, until, ingest, total, by_channel, by_priority, batching)
+    return Stats(since, until, ingest, total, by_channel, by_priority, batching,
+                 table_sizes(session))
+
+
+_TABLE_SIZES_SQL = """
+SELECT c.relname AS name, c.reltuples AS rows, pg_total_relation_size(c.oid) AS bytes
+FROM pg_class c
+WHERE c.relkind IN ('r', 'p') AND c.relnamespace = CAST(current_schema() AS regnamespace)
+  AND c.relname = ANY(:tables)
+"""
+
+
+def table_sizes(session: Session) -> dict[str, TableSize]:
+    """Estimated rows and total bytes of each of our tables, from the catalogue."""
+    rows = session.execute(text(_TABLE_SIZES_SQL), {"tables": list(TABLES)}).all()
+    found = {
+        row.name: TableSize(rows=int(row.rows) if row.rows >= 0 else None, bytes=row.bytes)
+        for row in rows
+    }
+    return {name: found[name] for name in TABLES if name in found}
 
 
 _INGEST_SQL = """

@@ -74,9 +74,10 @@ def broker_answers(url: str, timeout: float = CHECK_TIMEOUT) -> bool:
         return _tcp_answers(url, default_port=5672, timeout=timeout)
     import redis
 
-    if scheme == "redis+socket":
-        url = "unix://" + url[len("redis+socket://"):]
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    from notifier.settings import redis_client_url
+
+    client = redis.Redis.from_url(redis_client_url(url), socket_connect_timeout=timeout,
+                                  socket_timeout=timeout)
     try:
         client.ping()
     except (redis.AuthenticationError, redis.ResponseError):

@@ -11,6 +11,7 @@ happened. Running it again reuses what already runs.
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
 import signal
@@ -28,7 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import local_services  # a sibling script, not a package
 
 REPO = local_services.REPO
+#: Logs and pids of worker, beat and Flower; embedded servers' data. ``--run-dir`` and
+#: ``--data-dir`` move them (the fallback test keeps both in a temp dir).
 RUN_DIR = REPO / ".run"
+DATA_DIR = local_services.DEFAULT_DATA_DIR
 FLOWER_USER = "notifier"  # of the login made for Flower when none is given
 WORKER_NAME = "run"
 WORKER_TIMEOUT = 60.0  # a cold worker on a small machine takes a few seconds
@@ -69,6 +73,10 @@ def _marker(name: str) -> str:
     return f"-A notifier {name}"
 
 
+def _log(name: str) -> str:
+    return local_services.display(RUN_DIR / f"{name}.log")
+
+
 def _fail(message: str) -> None:
     """Stop with one line a person can act on."""
     print(f"run: {message}", file=sys.stderr)
@@ -84,7 +92,7 @@ def use_services() -> None:
     ``notifier.celery_app`` already read the broker URL when ``local_services`` imported
     the settings, so the app is re-pointed too: our demo must reach the same broker.
     """
-    changed = local_services.ensure_services()
+    changed = local_services.ensure_services(DATA_DIR)
     os.environ.update(changed)
     from notifier.celery_app import app
     from notifier.settings import get_settings, mask_url
@@ -134,14 +142,14 @@ def start_process(name: str, command: list[str]) -> int:
 
 def start_background() -> None:
     """Start worker, beat and Flower unless they already run."""
-    RUN_DIR.mkdir(exist_ok=True)
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
     for name, command in celery_commands().items():
         pid = running_pid(name)
         if pid:
-            print(f"{name:<6} already runs (pid {pid}), log .run/{name}.log")
+            print(f"{name:<6} already runs (pid {pid}), log {_log(name)}")
             continue
         pid = start_process(name, command)
-        print(f"{name:<6} started (pid {pid}), log .run/{name}.log")
+        print(f"{name:<6} started (pid {pid}), log {_log(name)}")
 
 
 #: How the Flower this run started logs in (stays None when Flower already ran).
@@ -172,12 +180,12 @@ def wait_for_worker(timeout: float = WORKER_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not running_pid("worker"):
-            _fail("the worker exited while starting; see .run/worker.log")
+            _fail(f"the worker exited while starting; see {_log('worker')}")
         replies = app.control.ping(timeout=1.0)
         if any(name.startswith(f"{WORKER_NAME}@") for reply in replies for name in reply):
             print("Worker answers.")
             return
-    _fail(f"the worker did not answer within {timeout:.0f}s; see .run/worker.log")
+    _fail(f"the worker did not answer within {timeout:.0f}s; see {_log('worker')}")
 
 
 def flower_listens(timeout: float = 10.0) -> bool:
@@ -265,7 +273,7 @@ def wait_for_commit(demo: Demo, timeout: float = COMMIT_TIMEOUT) -> str:
             return reason
         time.sleep(0.25)
     _fail(f"after {timeout:.0f}s Postgres holds {stored} of {len(ids)} demo notifications"
-          f"{'' if reason else ' and no dead letter'}; see .run/worker.log")
+          f"{'' if reason else ' and no dead letter'}; see {_log('worker')}")
     raise AssertionError("unreachable")
 
 
@@ -311,21 +319,22 @@ def show_digest(demo: Demo, timeout: float = COMMIT_TIMEOUT) -> None:
                 print(f"    {line}")
             return
         time.sleep(0.25)
-    print("\ncarol's alert digest has not arrived yet: is beat running? (.run/beat.log)")
+    print(f"\ncarol's alert digest has not arrived yet: is beat running? ({_log('beat')})")
 
 
 def print_next_steps() -> None:
     """Where to look further, including how a new shell reaches embedded servers."""
     print("\nLook further:")
-    env_file = local_services.DEFAULT_DATA_DIR / "env"
+    env_file = DATA_DIR / "env"
     if env_file.is_file() and env_file.read_text().strip():
-        print("  . .notifier-data/env      (in a new shell first: use the embedded servers)")
+        print(f"  . {local_services.display(env_file):<23} (in a new shell first: use the"
+              " embedded servers)")
     print("  .venv/bin/notifier status  counts, queue depths, dead letters")
     host, port = flower_endpoint()
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(f"  {url:<26} Flower: workers, tasks, queues, with a login;")
     print(f"  {'':<26} {_flower_login_note or 'the login it was started with'}")
-    print("  .run/worker.log, .run/beat.log, .run/flower.log")
+    print(f"  {_log('worker')}, {_log('beat')}, {_log('flower')}")
     print("  make stop                  stops worker, beat, Flower and embedded servers")
 
 
@@ -348,7 +357,7 @@ def stop() -> None:
     """Stop beat first (no new work), then the worker and Flower, then the servers."""
     for name in ("beat", "worker", "flower"):
         stop_process(name)
-    for name in local_services.stop_services():
+    for name in local_services.stop_services(DATA_DIR):
         print(f"Stopped the embedded {name}.")
 
 
@@ -364,21 +373,27 @@ def run() -> None:
     demo = send_demo()
     reason = wait_for_commit(demo)
     if not flower_listens():
-        print("Flower did not open its port; see .run/flower.log", file=sys.stderr)
+        print(f"Flower did not open its port; see {_log('flower')}", file=sys.stderr)
     report(demo, reason)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``run.py`` runs everything; ``run.py stop`` stops it."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv == ["stop"]:
+    """``run.py [--run-dir DIR] [--data-dir DIR]`` runs everything; ``run.py stop`` stops it."""
+    global RUN_DIR, DATA_DIR
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", choices=["run", "stop"], default="run")
+    parser.add_argument("--run-dir", type=Path, default=RUN_DIR,
+                        help="logs and pid files of worker, beat and Flower")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR,
+                        help="where embedded servers keep data, sockets and pid files")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    RUN_DIR, DATA_DIR = args.run_dir.resolve(), args.data_dir.resolve()
+    if args.command == "stop":
         try:
             stop()  # needs no settings: a broken configuration must not block stopping
         except local_services.ServiceError as exc:
             _fail(str(exc))
         return 0
-    if argv:
-        _fail(f"unknown arguments {' '.join(argv)!r}; use no argument or 'stop'")
     try:
         from notifier.settings import ConfigError
     except Exception as exc:  # settings are read on import: a bad value raises here

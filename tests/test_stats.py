@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from notifier.db import session_scope
-from notifier.stats import collect_stats
+from notifier.stats import TABLES, collect_stats
 from tests.test_cli import run
 
 UNTIL = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -198,8 +198,8 @@ def test_cli_table_and_json():
     email = next(line for line in lines if line.startswith("email"))
     assert email.split()[:9] == ["email", "1", "0", "0", "1", "0.00", "50.0", "%", "50.0"]
     assert email.split()[10:12] == ["1.50", "s"]
-    assert lines[-1] == ("batching       4 notifications in 2 messages: 2.00 per message;"
-                         " 1 digest of 3.0 on average")
+    assert ("batching       4 notifications in 2 messages: 2.00 per message;"
+            " 1 digest of 3.0 on average") in lines
 
     figures = json.loads(run("stats", "--since", "15m", "--json").stdout)
     assert figures["seconds"] == 900
@@ -213,3 +213,39 @@ def test_cli_bad_window_is_one_line():
     assert result.returncode == 2
     assert result.stderr.strip() == (
         'error: --since: expected a duration like "5m" or "1h30m", got "yesterday"')
+
+
+def test_table_sizes_rows_and_bytes_of_every_table():
+    """Rows as Postgres estimates them (exact right after ANALYZE), bytes with indexes."""
+    for minutes in range(7):
+        notification(datetime.now(UTC) - timedelta(minutes=minutes))
+    execute("ANALYZE notifications")
+    execute("ANALYZE dead_letters")
+
+    tables = stats_of().tables
+
+    assert list(tables) == list(TABLES)
+    assert tables["notifications"].rows == 7
+    assert tables["dead_letters"].rows == 0
+    assert all(size.bytes > 0 for size in tables.values())  # every table has an index
+    assert tables["notifications"].bytes >= tables["dead_letters"].bytes
+
+
+def test_cli_shows_table_sizes_in_text_and_json():
+    notification(datetime.now(UTC))
+    execute("ANALYZE notifications")
+
+    result = run("stats", "--since", "15m")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("tables")))
+    assert lines[start].split() == ["tables", "rows", "(est.)", "size"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[start + 1:]}
+    assert list(rows) == list(TABLES)
+    assert rows["notifications"][0] == "1"
+    assert rows["notifications"][2] in ("kB", "MB")
+
+    figures = json.loads(run("stats", "--since", "15m", "--json").stdout)
+    assert list(figures["tables"]) == list(TABLES)
+    assert figures["tables"]["notifications"]["rows"] == 1
+    assert figures["tables"]["notifications"]["bytes"] > 0
