@@ -373,8 +373,8 @@ def _describe(error: Any) -> str:
         return (f"{location}: is {len(error['input'])} characters, more than the limit of"
                 f" {ctx.get('max_length')}")
     if kind == "too_long":
-        return (f"{location}: has {ctx.get('actual_length')} entries, more than the limit of"
-                f" {ctx.get('max_length')}")
+        size = ctx.get("actual_length") or len(error["input"])
+        return f"{location}: has {size} entries, more than the limit of {ctx.get('max_length')}"
     message = error["msg"].removeprefix("Value error, ")
     if kind == "dict_type":
         message = "must be a JSON object"
