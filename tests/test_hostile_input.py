@@ -267,3 +267,24 @@ def test_message_that_kills_its_pool_process_is_dead_lettered_after_n_tries(prod
     assert row.reason.startswith("message: came back 3 times after failing (limit 3); last"
                                  " failure: the worker process failed: WorkerLostError")
     assert row.payload == [{**row.payload[0], "title": "kills its worker"}]
+
+
+def test_postgres_away_longer_than_the_limit_dead_letters_nothing(producer):
+    """Failures while Postgres is unusable (here: its table renamed away) are not the
+    message's: it comes back more than ``NOTIFIER_MAX_DELIVERIES`` times and is stored
+    once the table is back, with no dead letter."""
+    worker = WorkerProcess.start(env={"NOTIFIER_MAX_DELIVERIES": "2"})
+    with session_scope() as session:
+        session.execute(text("ALTER TABLE notifications RENAME TO notifications_away"))
+    try:
+        good = _note()
+        send(producer, [good])
+        wait_for(lambda: worker.log().count("returning 1 messages to the queue") >= 4,
+                 timeout=30, what="four returns to the queue")
+    finally:
+        with session_scope() as session:
+            session.execute(text("ALTER TABLE notifications_away RENAME TO notifications"))
+    try:
+        wait_until_settled([good], dead=0)
+    finally:
+        worker.stop()
