@@ -8,7 +8,14 @@ string, a list of lists, two arguments). Each payload knows what should become o
 does not settle it, e.g. ``send_at`` as epoch seconds). They are sent the way a service
 that does not install notifier sends them: a plain Celery app, ``send_task(
 "notifier.ingest", ...)`` with our own task id, so each item's dead letter is found by
-its dedup key (``ingest:<message id>:<index>``, or ``:message`` for the whole message).
+its dedup key (``ingest:<message id>:<index>``, or ``:message`` for the whole message;
+``notifier.ingest.dedup_key`` hashes a long or odd id).
+
+Beyond the payloads, a fixed set of hostile messages goes with every run: headers of any
+type (``notifier_enqueued_at`` of 1e20, NaN, a string, a list), task ids longer than a
+column or not printable, a message over ``NOTIFIER_MAX_MESSAGE_BYTES`` and one over
+``NOTIFIER_MAX_MESSAGE_NOTIFICATIONS`` (each refused whole), and recipients' addresses
+that do not parse or cannot be encoded (refused with the field).
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ FIELDS = ("id", "recipient", "type", "priority", "channels", "title", "body", "d
           "idempotency_key", "send_at")
 STORED, DEAD, EITHER = "stored", "dead", "either"
 
-#: Payloads that stop ingest today (found by this suite; notifier/ingest.py,
-#: notifier/tasks.py, notifier/batching.py):
+#: Payloads that stopped ingest before issue 10 (found by this suite; the
+#: ``fuzz_poison`` scenario keeps sending them, and now each costs its own item alone):
 #:
 #: * NUL, lone surrogates, NaN/Infinity: the item is refused (or Postgres refuses its
 #:   row), and then its dead letter cannot be written either, because
@@ -69,6 +76,10 @@ class FuzzMessage:
     items: list[FuzzItem]
     #: The whole message is refused (wrong call shape): one dead letter ``:message``.
     message_level: bool = False
+    #: Message headers beyond Celery's own (hostile ones, from ``hostile_messages``).
+    headers: dict[str, Any] = field(default_factory=dict)
+    #: Used as the task id as is, instead of a fresh ``chaos-fuzz-<uuid>``.
+    fixed_id: str | None = None
 
 
 # --- strategies -----------------------------------------------------------------------
@@ -124,6 +135,9 @@ def recipient_object(draw: Any) -> dict[str, Any]:
         recipient["name"] = draw(safe_text)
     if draw(st.booleans()):
         recipient["timezone"] = draw(_zones)
+    if draw(st.integers(0, 3)) == 0:
+        recipient["email"] = f"fz{number}@bücher.example"  # IDNA-encodable: accepted
+        recipient["addresses"] = {"webhook": f"https://hooks.example.org/fz{number}"}
     return recipient
 
 
@@ -167,6 +181,17 @@ _WRONG: dict[str, list[tuple[str, st.SearchStrategy[Any]]]] = {
         ("bad time zone", st.just({"id": "fz-bad", "timezone": "Mars/Olympus_Mons"})),
         ("bad phone", st.just({"id": "fz-bad", "phone": "call me"})),
         ("unknown address channel", st.just({"id": "fz-bad", "addresses": {"fax": "1"}})),
+        ("address not a URL", st.sampled_from([
+            "http://example.com:99999/", "[::1", "http://[::1/", "https:///no-host",
+            "no-scheme.example/hook", "https://example.com:port/",
+        ]).flatmap(lambda url: st.sampled_from(["webhook", "slack", "apprise"]).map(
+            lambda channel: {"id": "fz-bad", "addresses": {channel: url}}))),
+        ("address too long", _huge(2049, 20_000, "a").map(
+            lambda tail: {"id": "fz-bad", "addresses": {"webhook": "https://x.example/" + tail}})),
+        ("email domain not IDNA", st.integers(64, 200).map(
+            lambda n: {"id": "fz-bad", "email": "fz@" + "ü" * n + ".example"})),
+        ("too many addresses", st.just({"id": "fz-bad",
+                                        "addresses": {f"k{i}": "x" for i in range(17)}})),
         ("NUL in name", st.builds(lambda s: {"id": "fz-bad", "name": s}, _nul)),
         ("nested junk id", st.builds(lambda j: {"id": {"x": j}}, _junk)),
     ],
@@ -380,17 +405,50 @@ def generate(count: int, seed_value: int, poison: bool = False) -> list[FuzzMess
             one = pools.poison_item(rng) if rng.random() < 0.25 else pools.good_item(rng)
             messages.append(FuzzMessage("", [one.payload], {}, "", [one]))
     else:
-        messages = [pools.message(rng) for _ in range(count)]
+        messages = [pools.message(rng) for _ in range(count)] + hostile_messages(pools, rng)
     for value in messages:
         _finish(value)
     return messages
 
 
+#: Values of the producer's ``notifier_enqueued_at`` header that are not a time.
+HOSTILE_STAMPS: tuple[Any, ...] = (1e20, -1e20, math.nan, math.inf, "yesterday", [1, 2],
+                                   {"t": 1}, None, True, 2**70)
+
+
+def hostile_messages(pools: Pools, rng: random.Random) -> list[FuzzMessage]:
+    """A fixed set of hostile messages beyond the payloads: headers of any type, task
+    ids too long for a column or not printable, a message over each size cap."""
+    from notifier.settings import get_settings
+
+    settings = get_settings()
+    messages = []
+    for stamp in HOSTILE_STAMPS:  # any header: the items fare as they would without it
+        items = [pools.good_item(rng), pools.bad_item(rng)]
+        messages.append(FuzzMessage("", [[i.payload for i in items]], {}, "", items,
+                                    headers={"notifier_enqueued_at": stamp, "x-junk": [stamp]}))
+    for task_id in ("t" * 300, "ü" * 200, "id with spaces\tand tabs", "é" * 40 + "\u2028"):
+        items = [pools.good_item(rng), pools.bad_item(rng), pools.good_item(rng)]
+        messages.append(FuzzMessage("", [[i.payload for i in items]], {}, "", items,
+                                    fixed_id=f"{task_id}-{uuid.uuid4()}"))
+    too_many = [dict(pools.good_item(rng).payload)
+                for _ in range(settings.max_message_notifications + 1)]
+    messages.append(FuzzMessage("", [too_many], {}, "", [
+        FuzzItem(too_many, DEAD, "message", "too many notifications")], True))
+    body = "b" * 60_000
+    too_big = [{"recipient": "fz-r0", "type": "fz", "title": "T", "body": body}
+               for _ in range(settings.max_message_bytes // len(body) + 2)]
+    messages.append(FuzzMessage("", [too_big], {}, "", [
+        FuzzItem(too_big, DEAD, "message", "message too big")], True))
+    return messages
+
+
 def _finish(value: FuzzMessage) -> None:
     """Fill in unique ids and keys, the message id, the queue; work out stored ids."""
-    from notifier.ingest import id_for_unnamed
+    from notifier.ingest import id_for_unnamed, message_id_of
 
-    value.message_id = f"chaos-fuzz-{uuid.uuid4()}"
+    value.message_id = value.fixed_id or f"chaos-fuzz-{uuid.uuid4()}"
+    stored_as = message_id_of(value.message_id)
     for index, fuzz_item in enumerate(value.items):
         payload = fuzz_item.payload
         if isinstance(payload, dict):
@@ -402,7 +460,7 @@ def _finish(value: FuzzMessage) -> None:
         if isinstance(own, str) and _is_uuid(own):
             fuzz_item.id = str(uuid.UUID(own))
         else:
-            fuzz_item.id = str(id_for_unnamed(value.message_id, index))
+            fuzz_item.id = str(id_for_unnamed(stored_as, index))
     priority = None
     if value.items and isinstance(value.items[0].payload, dict):
         priority = value.items[0].payload.get("priority")
@@ -438,7 +496,8 @@ def send(messages: list[FuzzMessage], broker_url: str) -> FuzzSend:
         for value in messages:
             try:
                 foreign.send_task("notifier.ingest", args=value.args, kwargs=value.kwargs,
-                                  queue=value.queue, task_id=value.message_id)
+                                  queue=value.queue, task_id=value.message_id,
+                                  headers=value.headers)
             except Exception as exc:  # the producer's own encoder refused it
                 kinds = ",".join(sorted({i.kind for i in value.items})) or "empty"
                 result.refused_by_producer[f"{type(exc).__name__}: {kinds}"] += 1
@@ -500,11 +559,11 @@ def tally(conn: Any, sent: FuzzSend) -> FuzzTally:
         "bad_accepted", "good_dead_lettered", "reason_misses_field", "lenient_outcomes",
         "lost_kinds")}
     for value in sent.sent:
-        whole = f"ingest:{value.message_id}:message"
+        whole = dead_letter_key(value, "message")
         culprits = ",".join(sorted({i.kind for i in value.items if i.expect != STORED}))
         for index, fuzz_item in enumerate(value.items):
             result.items += 1
-            key = whole if value.message_level else f"ingest:{value.message_id}:{index}"
+            key = whole if value.message_level else dead_letter_key(value, index)
             reason = dead.get(key) or dead.get(whole)
             is_stored = fuzz_item.id in stored
             if fuzz_item.expect == STORED:
@@ -546,6 +605,13 @@ def tally(conn: Any, sent: FuzzSend) -> FuzzTally:
     return result
 
 
+def dead_letter_key(value: FuzzMessage, item: int | str) -> str:
+    """The dedup key of an item's (or the whole message's) dead letter."""
+    from notifier.ingest import dedup_key, message_id_of
+
+    return dedup_key(message_id_of(value.message_id), item)
+
+
 def expected_ids(messages: list[FuzzMessage]) -> list[str]:
     return [i.id for m in messages for i in m.items if i.expect == STORED and i.id]
 
@@ -557,9 +623,9 @@ def unresolved(conn: Any, messages: list[FuzzMessage]) -> int:
     stored = {str(row[0]) for row in conn.execute("SELECT id FROM notifications")}
     missing = 0
     for value in messages:
-        whole = f"ingest:{value.message_id}:message"
+        whole = dead_letter_key(value, "message")
         for index, fuzz_item in enumerate(value.items):
-            key = whole if value.message_level else f"ingest:{value.message_id}:{index}"
+            key = whole if value.message_level else dead_letter_key(value, index)
             if fuzz_item.id not in stored and key not in dead and whole not in dead:
                 missing += 1
     return missing

@@ -33,6 +33,9 @@ class Replay:
     tasks: list[DeliveryTask] = field(default_factory=list)
     #: Ingest payloads to hand to ``notifier.ingest`` after the commit.
     ingest_payloads: list[Any] = field(default_factory=list)
+    #: One line per dead letter that cannot be replayed (its payload was truncated);
+    #: these stay unreplayed.
+    refused: list[str] = field(default_factory=list)
 
 
 def replayable_ids(
@@ -52,11 +55,18 @@ def replayable_ids(
 def replay_dead_letters(session: Session, ids: list[int], settings: Settings) -> Replay:
     """Reset what the dead letters describe and mark them replayed, in one transaction."""
     rows = list(session.execute(
-        select(DeadLetter.id, DeadLetter.stage, DeadLetter.delivery_id, DeadLetter.payload)
+        select(DeadLetter.id, DeadLetter.stage, DeadLetter.delivery_id, DeadLetter.payload,
+               DeadLetter.payload_truncated, DeadLetter.payload_bytes)
         .where(DeadLetter.id.in_(ids), DeadLetter.replayed_at.is_(None))
         .with_for_update(skip_locked=True)
     ))
     replay = Replay()
+    truncated = [row for row in rows if row.stage != Stage.DELIVER and row.payload_truncated]
+    replay.refused = [
+        f"dead letter {row.id}: not replayed: only a prefix of its {row.payload_bytes}-byte"
+        " payload was kept" for row in truncated
+    ]
+    rows = [row for row in rows if not (row.stage != Stage.DELIVER and row.payload_truncated)]
     delivery_ids = [row.delivery_id for row in rows if row.stage == Stage.DELIVER]
     revived = _revive_deliveries(session, delivery_ids)
     cursor = session.connection().connection.driver_connection.cursor()

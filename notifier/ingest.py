@@ -8,6 +8,8 @@ NOTHING``, idempotency keys remember the first id, dead letters carry a dedup ke
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import uuid
@@ -44,6 +46,11 @@ class IngestMessage:
     enqueued_at: datetime | None = None
     #: Set when the message itself has the wrong shape; the whole message is rejected.
     error: str | None = None
+    #: The class named by the whole message's dead letter (with ``error``).
+    error_class: str = "MessageError"
+    #: Set when ``payload`` is already a bounded stand-in for a message too big to
+    #: decode: (bytes, SHA-256) of the original body.
+    original: tuple[int, str] | None = None
 
 
 @dataclass
@@ -64,6 +71,8 @@ class Rejection:
     payload: Any
     error_class: str = "NotificationError"
     type: str | None = None
+    #: (bytes, SHA-256) of the original when ``payload`` is already a bounded prefix.
+    original: tuple[int, str] | None = None
 
 
 @dataclass
@@ -77,9 +86,12 @@ class IngestResult:
     #: Stored notifications per (priority, type), and per routing status: for metrics.
     kinds: Counter[tuple[str, str]] = field(default_factory=Counter)
     routed: Counter[str] = field(default_factory=Counter)
+    #: (dedup key, reason) of each dead letter written, logged after the commit.
+    dead_lettered: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, other: IngestResult) -> None:
         self.stored += other.stored
+        self.dead_lettered += other.dead_lettered
         self.repeated_ids += other.repeated_ids
         self.duplicates += other.duplicates
         self.rejected += other.rejected
@@ -98,31 +110,98 @@ class IngestResult:
 
 
 def split_messages(
-    messages: Sequence[IngestMessage],
+    messages: Sequence[IngestMessage], settings: Settings | None = None,
 ) -> tuple[list[Candidate], list[Rejection]]:
-    """Validate every item; a bad one becomes a rejection and never holds up the rest."""
+    """Validate every item; a bad one becomes a rejection and never holds up the rest.
+
+    Any exception while checking one item (not only a validation error) rejects that
+    item alone, with the exception's class.
+    """
+    settings = settings or get_settings()
     candidates: list[Candidate] = []
     rejections: list[Rejection] = []
     for message in messages:
-        if message.error:
+        error = message.error or _too_many_items(message.payload, settings)
+        if error:
             rejections.append(Rejection(
-                dedup_key=f"ingest:{message.message_id}:message", reason=message.error,
-                payload=message.payload, error_class="MessageError",
+                dedup_key=dedup_key(message.message_id, "message"), reason=error,
+                payload=message.payload, error_class=message.error_class,
+                original=message.original,
             ))
             continue
         items = message.payload if isinstance(message.payload, list) else [message.payload]
         for index, raw in enumerate(items):
             try:
                 notification = parse_notification(raw)
+                note_id = notification.id or id_for_unnamed(message.message_id, index)
             except NotificationError as exc:
                 rejections.append(Rejection(
-                    dedup_key=f"ingest:{message.message_id}:{index}", reason=str(exc),
+                    dedup_key=dedup_key(message.message_id, index), reason=str(exc),
                     payload=raw, type=_type_of(raw),
                 ))
                 continue
-            note_id = notification.id or id_for_unnamed(message.message_id, index)
+            except Exception as exc:  # one item's bug is that item's alone
+                rejections.append(Rejection(
+                    dedup_key=dedup_key(message.message_id, index),
+                    reason=f"notification: could not be checked: {describe_exception(exc)}",
+                    payload=raw, error_class=type(exc).__name__, type=_type_of(raw),
+                ))
+                continue
             candidates.append(Candidate(notification, note_id, message.enqueued_at))
     return candidates, rejections
+
+
+def _too_many_items(payload: Any, settings: Settings) -> str | None:
+    limit = settings.max_message_notifications
+    if isinstance(payload, list) and len(payload) > limit:
+        return f"message: holds {len(payload)} notifications, more than the limit of {limit}"
+    return None
+
+
+def message_id_of(value: Any) -> str:
+    """A message's task id as text we can store and log, whatever the producer sent:
+    JSON for a non-string, lone surrogates and NUL replaced, a SHA-256 if too long."""
+    if not isinstance(value, str):
+        try:
+            value = json.dumps(value, default=repr, sort_keys=True)
+        except (ValueError, TypeError, RecursionError):
+            value = repr(type(value))
+    if len(value) > 255:
+        return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return jsonb_safe(value)
+
+
+#: Message ids longer than this (or not printable) are replaced by their SHA-256 in
+#: dedup keys, which must fit ``dead_letters.dedup_key`` (255 characters).
+_MAX_KEY_ID = 128
+_PRINTABLE_ID = re.compile(r"^[\x21-\x7e]*$")
+
+
+def dedup_key(message_id: str, item: int | str) -> str:
+    """The dead letter's key for one item (or ``"message"``) of a message: stable for a
+    redelivered message, and always short enough for its column."""
+    if len(message_id) > _MAX_KEY_ID or not _PRINTABLE_ID.match(message_id):
+        digest = hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"ingest:sha256:{digest}:{item}"
+    return f"ingest:{message_id}:{item}"
+
+
+def describe_exception(exc: BaseException, limit: int = 300) -> str:
+    """``Class: first line of the message``, cut short: safe to store and to log."""
+    try:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    except Exception:  # an exception whose str() raises
+        text = ""
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return cut(text, limit)
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` at most ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    keep = max(0, limit - 40)
+    return f"{text[:keep]}… ({len(text) - keep} more characters)"
 
 
 def id_for_unnamed(message_id: str, index: int) -> uuid.UUID:
@@ -149,7 +228,7 @@ def ingest_batch(
     """
     settings = settings or get_settings()
     now = now or datetime.now(UTC)
-    candidates, rejections = split_messages(messages)
+    candidates, rejections = split_messages(messages, settings)
     cursor = session.connection().connection.driver_connection.cursor()
     result = IngestResult(rejected=len(rejections))
 
@@ -171,7 +250,7 @@ def ingest_batch(
             result.kinds[(c.notification.priority, c.notification.type)] += 1
             result.routed[routed[c.id].status] += 1
     result.suppressed = result.routed["suppressed"]
-    write_dead_letters(cursor, Stage.INGEST, rejections)
+    result.dead_lettered = write_dead_letters(cursor, Stage.INGEST, rejections, settings)
     return result
 
 
@@ -342,25 +421,68 @@ def jsonb_safe(value: Any, depth: int = 0) -> Any:
     return value
 
 
-def write_dead_letters(cursor: Any, stage: Stage, rejections: Sequence[Rejection]) -> None:
-    """Park rejected items with their reason; a redelivered message adds no second row."""
+def bounded_payload(payload: Any, limit: int) -> tuple[str, int, str, bool]:
+    """The payload as JSON text for ``dead_letters.payload``, at most ``limit`` bytes of
+    it: (jsonb text, full size in bytes, SHA-256 of the full JSON, truncated?).
+
+    A payload over the limit is stored as a JSON string holding its first ``limit``
+    bytes, so a huge message costs a bounded row (and the size and hash still identify
+    it); replay refuses a truncated one.
+    """
+    encoded = json.dumps(jsonb_safe(payload), ensure_ascii=False, separators=(",", ":"),
+                         default=repr)
+    raw = encoded.encode("utf-8", "replace")
+    digest = hashlib.sha256(raw).hexdigest()
+    if len(raw) <= limit:
+        return encoded, len(raw), digest, False
+    return json.dumps(raw[:limit].decode("utf-8", "ignore")), len(raw), digest, True
+
+
+def _dead_letter_row(rejection: Rejection, settings: Settings) -> tuple[Any, ...]:
+    if rejection.original is not None:  # already a bounded stand-in for the original
+        size, digest = rejection.original
+        payload = json.dumps(jsonb_safe(rejection.payload), default=repr)
+        truncated = True
+    else:
+        payload, size, digest, truncated = bounded_payload(
+            rejection.payload, settings.dead_letter_payload_bytes
+        )
+    key = jsonb_safe(str(rejection.dedup_key))
+    if len(key) > 255:
+        key = "sha256:" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
+    return (
+        key,
+        cut(jsonb_safe(str(rejection.reason)), settings.max_reason_chars),
+        cut(jsonb_safe(str(rejection.error_class)), 128),
+        jsonb_safe(rejection.type)[:64] if isinstance(rejection.type, str) else None,
+        payload, size, digest, truncated,
+    )
+
+
+def write_dead_letters(
+    cursor: Any, stage: Stage, rejections: Sequence[Rejection], settings: Settings | None = None,
+) -> list[tuple[str, str]]:
+    """Park rejected items with their reason; a redelivered message adds no second row.
+
+    Every column is cut to fit and the payload is bounded, so nothing about a rejection
+    can make this insert fail (or its whole batch would return to the queue). Nothing
+    is logged here, inside the transaction: the (dedup key, reason) pairs are returned
+    for the caller to log once the transaction has committed.
+    """
     if not rejections:
-        return
+        return []
+    settings = settings or get_settings()
+    rows = [_dead_letter_row(rejection, settings) for rejection in rejections]
+    columns = list(zip(*rows, strict=True))
     cursor.execute(
         """
-        INSERT INTO dead_letters (dedup_key, stage, reason, error_class, type, payload)
-        SELECT k, %s, r, e, t, p
-        FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[]) AS x(k, r, e, t, p)
+        INSERT INTO dead_letters (dedup_key, stage, reason, error_class, type, payload,
+                                  payload_bytes, payload_sha256, payload_truncated)
+        SELECT k, %s, r, e, t, p, b, h, x
+        FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[],
+                    %s::bigint[], %s::text[], %s::bool[]) AS u(k, r, e, t, p, b, h, x)
         ON CONFLICT (dedup_key) DO NOTHING
         """,
-        (
-            stage.value,
-            [jsonb_safe(r.dedup_key) for r in rejections],
-            [jsonb_safe(r.reason) for r in rejections],
-            [jsonb_safe(r.error_class) for r in rejections],
-            [jsonb_safe(r.type) for r in rejections],
-            [Jsonb(jsonb_safe(r.payload)) for r in rejections],
-        ),
+        (stage.value, *(list(column) for column in columns)),
     )
-    for rejection in rejections:
-        log.warning("rejected %s: %s", rejection.dedup_key, rejection.reason)
+    return [(row[0], row[1]) for row in rows]

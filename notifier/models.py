@@ -266,8 +266,16 @@ class DeadLetter(Base):
     notification_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     delivery_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
-    #: The original message (ingest) or the delivery's content (deliver).
+    #: The original message (ingest) or the delivery's content (deliver); at most
+    #: ``dead_letter_payload_bytes`` of its JSON (then a JSON string of that prefix).
     payload: Mapped[Any] = mapped_column(JSONB, nullable=False)
+    #: Size in bytes and SHA-256 of the original payload's JSON (NULL: not recorded).
+    payload_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    payload_sha256: Mapped[str | None] = mapped_column(String(64))
+    #: ``payload`` holds only a prefix of the original: it cannot be replayed.
+    payload_truncated: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default="false"
+    )
     replayed_at: Mapped[Timestamp | None]
     created_at: Mapped[CreatedAt]
 

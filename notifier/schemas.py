@@ -12,6 +12,7 @@ import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -59,19 +60,95 @@ def _storable(value: str) -> str:
     return value
 
 
-def _email(value: str) -> str:
+#: Quoted values in a rejection are cut to this many characters: a reason (and the log
+#: line that carries it) never repeats a huge value.
+QUOTED_CHARS = 80
+
+
+def quote(value: Any) -> str:
+    """``repr(value)``, cut to :data:`QUOTED_CHARS` characters."""
+    text = repr(value) if not isinstance(value, str) or len(value) <= QUOTED_CHARS else (
+        repr(value[:QUOTED_CHARS]) + f"… ({len(value)} characters)"
+    )
+    return text if len(text) <= 2 * QUOTED_CHARS else text[:2 * QUOTED_CHARS] + "…"
+
+
+def email_problem(value: str) -> str | None:
+    """Why ``value`` is not an e-mail address we can send to, or None.
+
+    An internationalised domain (``user@bücher.de``) must be IDNA-encodable; one that is
+    not is refused here rather than discovered in the middle of a delivery batch.
+    """
+    limit = _LIMITS.max_email_chars
+    if len(value) > limit:
+        return f"is {len(value)} characters, more than the limit of {limit}"
     if not _EMAIL_PATTERN.match(value):
-        raise ValueError(f"not a valid email address ({value!r})")
+        return f"not a valid email address ({quote(value)})"
+    domain = value.rpartition("@")[2]
+    if not domain.isascii():
+        try:
+            domain.encode("idna")
+        except UnicodeError:
+            return f"the domain cannot be IDNA-encoded ({quote(domain)})"
+    return None
+
+
+def url_problem(value: str) -> str | None:
+    """Why ``value`` is not a URL a channel can connect to, or None (length, scheme,
+    host, port: ``http://example.com:99999/`` and ``[::1`` are refused here)."""
+    limit = _LIMITS.max_url_chars
+    if len(value) > limit:
+        return f"is {len(value)} characters, more than the limit of {limit}"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises for a port out of range or not a number
+    except ValueError as exc:
+        return f"not a valid URL ({exc}): {quote(value)}"
+    if not parts.scheme:
+        return f"not a valid URL (no scheme): {quote(value)}"
+    if not parts.hostname:
+        return f"not a valid URL (no host): {quote(value)}"
+    return None
+
+
+def _email(value: str) -> str:
+    problem = email_problem(value)
+    if problem:
+        raise ValueError(problem)
     return value
 
+
+_LIMITS = get_settings()
 
 Identifier = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255),
     AfterValidator(_single_line),
 ]
-Email = Annotated[
-    str, StringConstraints(strip_whitespace=True, max_length=320), AfterValidator(_email)
-]
+Email = Annotated[str, StringConstraints(strip_whitespace=True), AfterValidator(_email)]
+_PHONE = re.compile(r"^\+?[0-9 ()\-]{4,31}$")
+#: Channels whose address is a URL a producer chooses (checked by :func:`url_problem`).
+URL_CHANNELS = frozenset({"webhook", "slack", "apprise"})
+
+
+class AddressError(ValueError):
+    """A problem with one entry of ``addresses``: reported as ``addresses.<channel>``."""
+
+    def __init__(self, channel: str, problem: str):
+        self.channel, self.problem = channel, problem
+        super().__init__(f"{channel}: {problem}")
+
+
+def address_problem(channel: str, value: str) -> str | None:
+    """Why ``value`` cannot be the recipient's address on ``channel``, or None."""
+    if channel == "email":
+        return email_problem(value)
+    if channel in URL_CHANNELS:
+        return url_problem(value)
+    if len(value) > _LIMITS.max_url_chars:
+        return f"is {len(value)} characters, more than the limit of {_LIMITS.max_url_chars}"
+    if channel == "sms" and not _PHONE.match(value):
+        return f"not a phone number ({quote(value)})"
+    return None
 
 
 class RecipientIn(BaseModel):
@@ -91,7 +168,10 @@ class RecipientIn(BaseModel):
     locale: Annotated[
         str, StringConstraints(max_length=16), AfterValidator(_single_line)
     ] | None = None
-    addresses: dict[str, Annotated[str, AfterValidator(_single_line)]] = {}
+    addresses: Annotated[
+        dict[str, Annotated[str, AfterValidator(_single_line)]],
+        Field(max_length=_LIMITS.max_addresses),
+    ] = {}
 
     @field_validator("timezone")
     @classmethod
@@ -102,13 +182,17 @@ class RecipientIn(BaseModel):
             try:
                 ZoneInfo(value)
             except (ZoneInfoNotFoundError, ValueError):
-                raise ValueError(f"unknown time zone {value!r}") from None
+                raise ValueError(f"unknown time zone {quote(value)}") from None
         return value
 
     @field_validator("addresses")
     @classmethod
     def _known_channels(cls, value: dict[str, str]) -> dict[str, str]:
         check_channel_names(list(value))
+        for channel, address in value.items():
+            problem = address_problem(channel, address)
+            if problem:
+                raise AddressError(channel, problem)
         return value
 
 
@@ -121,7 +205,7 @@ class NotificationIn(BaseModel):
     recipient: Identifier | RecipientIn
     type: str
     priority: Priority = "normal"
-    channels: list[str] | None = None
+    channels: Annotated[list[str], Field(max_length=32)] | None = None
     title: Annotated[
         str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255),
         AfterValidator(_storable),
@@ -137,7 +221,7 @@ class NotificationIn(BaseModel):
         if not TYPE_PATTERN.match(value):
             raise ValueError(
                 "must start with a lowercase letter and hold only lowercase letters, digits,"
-                f" '_', '.' or '-', at most 64 characters (got {value!r})"
+                f" '_', '.' or '-', at most 64 characters (got {quote(value)})"
             )
         return value
 
@@ -224,7 +308,7 @@ def check_channel_names(names: list[str]) -> None:
     unknown = [name for name in names if name not in CHANNEL_NAMES]
     if unknown:
         raise ValueError(
-            f"unknown channel {unknown[0]!r}; known: {', '.join(sorted(CHANNEL_NAMES))}"
+            f"unknown channel {quote(unknown[0])}; known: {', '.join(sorted(CHANNEL_NAMES))}"
         )
 
 
@@ -266,29 +350,43 @@ def _drop_other_recipient_branch(errors: list[Any], recipient: Any) -> list[Any]
 
 
 def _describe(error: Any) -> str:
-    """Turn one pydantic error into "field: problem" with the offending value."""
+    """Turn one pydantic error into "field: problem", quoting the offending value cut
+    short and, for a value too long, its size and the limit."""
     location = ".".join(
-        str(part) for part in error["loc"] if not _is_union_branch(part)
+        _location_part(part) for part in error["loc"] if not _is_union_branch(part)
     ) or "notification"
     kind = error["type"]
+    ctx = error.get("ctx") or {}
     if kind == "missing":
         return f"{location}: is required"
     if kind == "extra_forbidden":
         return f"{location}: is not a known field"
     if kind == "literal_error" and location == "priority":
-        return (
-            f"priority: must be one of {', '.join(PRIORITIES)} (got {error['input']!r})"
-        )
+        return f"priority: must be one of {', '.join(PRIORITIES)} (got {quote(error['input'])})"
     if location == "notification" and error["msg"].startswith("Value error, data: "):
         return error["msg"].removeprefix("Value error, ")  # a whole-model check of data
     if kind == "recipient_form":
         return "recipient: expected a recipient id (string) or an object with an 'id'"
+    if isinstance(ctx.get("error"), AddressError):
+        return f"{location}.{ctx['error'].channel}: {ctx['error'].problem}"
+    if kind == "string_too_long":
+        return (f"{location}: is {len(error['input'])} characters, more than the limit of"
+                f" {ctx.get('max_length')}")
+    if kind == "too_long":
+        size = ctx.get("actual_length") or len(error["input"])
+        return f"{location}: has {size} entries, more than the limit of {ctx.get('max_length')}"
     message = error["msg"].removeprefix("Value error, ")
     if kind == "dict_type":
         message = "must be a JSON object"
     if kind in {"uuid_parsing", "uuid_type"}:
-        message = f"not a valid UUID (got {error['input']!r})"
+        message = f"not a valid UUID (got {quote(error['input'])})"
     return f"{location}: {message}"
+
+
+def _location_part(part: Any) -> str:
+    # A key the producer chose (an unknown field, a data key) may be huge.
+    text = str(part)
+    return text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS] + "…"
 
 
 def _is_union_branch(part: Any) -> bool:

@@ -78,6 +78,38 @@ class Settings(BaseSettings):
     ingest_commit_attempts: int = Field(3, ge=1)
     #: Largest accepted ``data`` object, in bytes of JSON.
     max_data_bytes: int = Field(65536, ge=1)
+
+    # --- Limits ---------------------------------------------------------------------
+    #: Largest broker message (bytes of its body, before decoding). A bigger one is
+    #: dead-lettered undecoded (a prefix, its size and SHA-256) and acknowledged.
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    #: Most notifications in one message; a message of more is dead-lettered whole.
+    max_message_notifications: int = Field(1000, ge=1)
+    #: Longest URL address (``recipient.addresses`` of webhook, Slack, Apprise), in
+    #: characters. A URL that does not parse (bad port, no host) is refused at ingest.
+    max_url_chars: int = Field(2048, ge=16)
+    #: Longest e-mail address, in characters (RFC 5321 allows 320).
+    max_email_chars: int = Field(320, ge=6)
+    #: Most entries in a recipient's ``addresses``.
+    max_addresses: int = Field(16, ge=1)
+    #: Longest rejection reason kept in a dead letter or a log line; quoted values in a
+    #: reason are cut to 80 characters, so a reason never repeats a huge value.
+    max_reason_chars: int = Field(1000, ge=100)
+    #: A dead letter keeps at most this many bytes of its payload's JSON (plus the full
+    #: size and SHA-256); a truncated one cannot be replayed.
+    dead_letter_payload_bytes: int = Field(65536, ge=1024)
+    #: A message whose batch failed (not because Postgres was away) or killed its pool
+    #: process this many times is dead-lettered instead of being tried again.
+    max_deliveries: int = Field(5, ge=1)
+    #: Seconds the failure count of a message is kept (in the state Redis).
+    delivery_count_ttl: int = Field(86400, ge=60)
+    #: Bytes of messages a worker may hold (waiting or in its pool) before it stops
+    #: fetching from the bulk queues; at twice this it stops fetching critical ones too.
+    #: A held message costs about three times its size in memory (the broker's copy,
+    #: the body, the decoded objects): with 60 messages of 7.8 MB queued, a ``-c 2``
+    #: worker peaked at 524 MiB RSS with 16 MiB here, 755 MiB with 64 MiB, 1,088 MiB
+    #: without a byte budget (it grows with the backlog).
+    worker_held_bytes: int = Field(16 * 1024 * 1024, ge=1024 * 1024)
     #: Seconds between beat's retention runs (``notifier.purge_expired``, every table).
     retention_interval: float = Field(3600, gt=0)
 

@@ -148,3 +148,78 @@ def test_message_of_the_wrong_shape_is_dead_lettered_whole():
     _ingest(IngestMessage("m-3", {"args": [1, 2], "kwargs": {}}, error="message: wrong shape"))
     sql = "SELECT count(*) FROM dead_letters WHERE dedup_key = 'ingest:m-3:message'"
     assert count_rows(sql) == 1
+
+
+# --- hostile input (issue 10) ------------------------------------------------------------
+
+
+def test_dead_letter_keeps_a_bounded_prefix_with_size_and_hash():
+    """A huge bad item is parked as a prefix of its JSON, its full size and SHA-256."""
+    import hashlib
+    import json
+
+    from notifier.settings import get_settings
+
+    bad = _note(priority="urgent", data={"pad": "x" * 200_000})
+    _ingest(_message(bad, "m-big"))
+    with session_scope() as session:
+        row = session.execute(text(
+            "SELECT payload, payload_bytes, payload_sha256, payload_truncated,"
+            " length(payload::text) AS stored FROM dead_letters")).one()
+    full = json.dumps(bad, ensure_ascii=False, separators=(",", ":")).encode()
+    assert row.payload_truncated and row.payload_bytes == len(full)
+    assert row.payload_sha256 == hashlib.sha256(full).hexdigest()
+    assert full.decode().startswith(row.payload[:1000])
+    assert row.stored < get_settings().dead_letter_payload_bytes + 100
+
+
+def test_a_truncated_dead_letter_is_not_replayed():
+    """Replay refuses a dead letter that kept only a prefix, saying why; a whole one goes."""
+    from notifier.dead_letters import replay_dead_letters
+    from notifier.settings import get_settings
+
+    _ingest(_message(_note(priority="urgent", data={"pad": "x" * 200_000}), "m-cut"),
+            _message(_note(priority="urgent"), "m-whole"))
+    with session_scope() as session:
+        ids = list(session.scalars(text("SELECT id FROM dead_letters ORDER BY dedup_key")))
+        replay = replay_dead_letters(session, ids, get_settings())
+    assert replay.replayed == 1 and len(replay.ingest_payloads) == 1
+    assert len(replay.refused) == 1 and "only a prefix" in replay.refused[0]
+    assert count_rows("SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL") == 1
+
+
+def test_any_task_id_gives_a_key_that_fits():
+    """Ids too long or not printable are hashed in dedup keys; others are kept as is."""
+    from notifier.ingest import dedup_key, message_id_of
+
+    assert dedup_key(message_id_of("abc-123"), 2) == "ingest:abc-123:2"
+    for raw in ["t" * 300, "t" * 200, "a\x00b", "\ud800", 42, None, ["x"], {"a": 1}]:
+        key = dedup_key(message_id_of(raw), "message")
+        assert len(key) <= 255 and key.isprintable(), raw
+    _ingest(_message([_note(), _note(type="BAD")], message_id_of("\ud800" * 300)))
+    assert count_rows("SELECT count(*) FROM dead_letters") == 1
+
+
+def test_enqueued_at_header_of_any_type_is_none_or_a_time():
+    from notifier.tasks import enqueued_at_of
+
+    for stamp in [1e20, -1, float("nan"), float("inf"), "1", [1], None, True, 2**70]:
+        assert enqueued_at_of(stamp) is None, stamp
+    assert enqueued_at_of(1_700_000_000).year == 2023
+
+
+def test_postgres_away_is_told_from_a_refused_message():
+    """Connection, schema and resource errors requeue the batch; content ones do not."""
+    import psycopg
+    from psycopg import errors
+
+    from notifier.tasks import database_unavailable
+
+    assert database_unavailable(psycopg.OperationalError("connection refused"))
+    assert database_unavailable(errors.UndefinedTable("no table"))
+    assert database_unavailable(errors.AdminShutdown("shutting down"))
+    assert database_unavailable(errors.DeadlockDetected("deadlock"))
+    assert not database_unavailable(errors.StringDataRightTruncation("too long"))
+    assert not database_unavailable(errors.ProgramLimitExceeded("index row too big"))
+    assert not database_unavailable(errors.RaiseException("trigger says no"))
+    assert not database_unavailable(KeyError("bug"))
