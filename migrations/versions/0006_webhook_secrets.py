@@ -5,7 +5,7 @@ the current secret to ``previous_secret``, which keeps signing requests (beside 
 one) until ``previous_valid_until``. Deleting a recipient deletes its secret.
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-11-30 18:45:00
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

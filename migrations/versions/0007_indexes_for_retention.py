@@ -17,7 +17,7 @@ Built ``CONCURRENTLY`` (outside the migration's transaction), so a running pipel
 never blocked while they build on a large table.
 
 Revision ID: 0007
-Revises: 0004
+Revises: 0006
 Create Date: 2026-11-30 18:45:00
 """
 
@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0004"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
