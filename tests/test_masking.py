@@ -170,6 +170,9 @@ def test_what_masking_keeps() -> None:
             == "Authorization: *** and user@example.com")
     assert mask_secrets("whsec_3kq1p0Zx9nV7yY2bA4cD6eF8gH") == "whsec_***"
     assert mask_secrets("+49 170 1234567") == "+49 170 1234567"
+    assert mask_secrets("auth= {'password': 'p'} auth=('u', 'pw')") == "auth= *** auth=***"
+    assert mask_secrets("DETAIL:  Key (id)=(abc) already exists.") == (
+        "DETAIL:  Key (id)=(abc) already exists.")
 
 
 def test_every_masking_name_is_the_one_function() -> None:
