@@ -391,6 +391,30 @@ def test_a_dribbling_server_cannot_hold_a_request_past_its_timeout(
     assert server.sent < len(answer)
 
 
+def slow_resolver(host: str, port: int) -> list[str]:
+    time.sleep(3)
+    return ["127.0.0.1"]
+
+
+def test_the_deadline_covers_the_lookup(http_server: HttpServer, dialler: Dialler) -> None:
+    with use_network(resolve=slow_resolver):
+        started = time.monotonic()
+        [hook] = webhook("allow_private=yes&timeout=0.5").send_batch(
+            [message(f"http://slow-dns.example.test:{http_server.port}/hook")]
+        )
+        [notify] = apprise_channel("allow_private=yes&timeout=0.5").send_batch(
+            [message(f"json://slow-dns.example.test:{http_server.port}/notify")]
+        )
+        elapsed = time.monotonic() - started
+
+    assert isinstance(hook.error, RetryableError)
+    assert "within 0.5s" in str(hook.error)
+    assert isinstance(notify.error, RetryableError)
+    assert "within 0.5s" in str(notify.error)
+    assert elapsed < 2.5  # two lookups of 3 s each, cut at 0.5 s
+    assert http_server.connections == 0
+
+
 class BigAnswerServer:
     """Answers every request with ``status`` and a body of ``size`` bytes, counting the
     bytes the client took before it hung up."""
