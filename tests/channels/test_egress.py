@@ -639,3 +639,19 @@ def test_apprise_reads_a_huge_answer_only_up_to_the_cap() -> None:
 
     assert result.sent
     assert server.sent < size // 10
+
+
+def test_hooks_are_inert_outside_a_guarded_block(http_server: HttpServer) -> None:
+    """Other code in the process (requests elsewhere, kombu, psycopg) is untouched:
+    redirects are followed and loopback connects as before."""
+    import requests
+
+    with guarded_egress(allow_private=True):
+        pass  # the hooks are installed now
+    with HttpServer() as other:
+        http_server.respond(302, headers={"Location": other.url("/moved")})
+
+        answer = requests.get(http_server.url("/start"), timeout=5)
+
+        assert answer.status_code == 200
+        assert [r.path for r in other.wait_for(1)] == ["/moved"]
