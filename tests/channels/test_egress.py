@@ -576,6 +576,20 @@ def test_apprise_unguardable_schemes_refused_unless_listed(
     assert listed.error is None or "NOTIFIER_APPRISE_ALLOWED_SCHEMES" not in str(listed.error)
 
 
+def test_apprise_allowed_schemes_must_be_apprise_schemes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NOTIFIER_APPRISE_ALLOWED_SCHEMES", "dbus,dbsu")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigurationError) as info:
+            apprise_channel()
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert str(info.value) == "NOTIFIER_APPRISE_ALLOWED_SCHEMES: not an Apprise scheme: dbsu"
+
+
 def test_apprise_address_must_be_one_url(http_server: HttpServer) -> None:
     two = f"json://127.0.0.1:{http_server.port}/a, json://127.0.0.1:{http_server.port}/b"
 
