@@ -66,6 +66,12 @@ class AppriseChannel(Channel):
         self.timeout = self.number("timeout", 10.0)
         if self.timeout <= 0:
             raise ConfigurationError("apprise: option timeout: must be above 0")
+        unknown = get_settings().apprise_allowed_schemes - known_schemes()
+        if unknown:
+            raise ConfigurationError(
+                f"NOTIFIER_APPRISE_ALLOWED_SCHEMES: not an Apprise scheme:"
+                f" {', '.join(sorted(unknown))}"
+            )
         # Sequential sends: a plugin run in a pool thread would escape the guard, which
         # watches the calling thread only.
         self._asset = apprise.AppriseAsset(async_mode=False)
@@ -172,6 +178,13 @@ def unguarded_plugins() -> dict[type, frozenset[str]]:
         if not guarded:
             unguarded.setdefault(plugin, set()).add(schema.lower())
     return {plugin: frozenset(schemes) for plugin, schemes in unguarded.items()}
+
+
+@cache
+def known_schemes() -> frozenset[str]:
+    """Every scheme the installed Apprise has a plugin for."""
+    apprise.Apprise().add("json://localhost")  # makes Apprise load its plugins
+    return frozenset(schema.lower() for schema in apprise.apprise.N_MGR.schemas())
 
 
 def unguarded_schemes() -> frozenset[str]:

@@ -148,13 +148,18 @@ _executor_lock = threading.Lock()
 
 
 def system_resolve(host: str, port: int) -> list[str]:
-    """The host's addresses through the system resolver, within the current deadline
-    (getaddrinfo itself cannot be interrupted: past the deadline it is left to finish
-    in a helper thread)."""
+    """The host's addresses through the system resolver (``getaddrinfo``)."""
+    return _getaddrinfo_addresses(host, port)
+
+
+def _lookup(host: str, port: int) -> Sequence[str]:
+    """``network().resolve`` within the current deadline. A lookup cannot be
+    interrupted: past the deadline it is left to finish in a helper thread."""
+    resolve = network().resolve
     left = time_left()
     if left is None:
-        return _getaddrinfo_addresses(host, port)
-    future = _lookup_executor().submit(_getaddrinfo_addresses, host, port)
+        return resolve(host, port)
+    future = _lookup_executor().submit(resolve, host, port)
     try:
         return future.result(timeout=max(left, 0.0))
     except FutureTimeout:
@@ -167,11 +172,13 @@ def _getaddrinfo_addresses(host: str, port: int) -> list[str]:
 
 
 def _lookup_executor() -> ThreadPoolExecutor:
-    """A few threads for lookups, made again in a forked child (threads do not survive)."""
+    """Threads for lookups under a deadline, made again in a forked child (threads do
+    not survive a fork). Sixteen, so that a few names whose DNS hangs (until the
+    resolver's own timeout) do not hold up every other lookup of the process."""
     global _executor, _executor_pid
     with _executor_lock:
         if _executor is None or _executor_pid != os.getpid():
-            _executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="egress-dns")
+            _executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="egress-dns")
             _executor_pid = os.getpid()
         return _executor
 
@@ -226,7 +233,7 @@ def resolve_checked(host: str, port: int, allow_private: bool) -> list[IPAddress
     if literal is not None:
         addresses = [literal]
     else:
-        answers = network().resolve(host, port)
+        answers = _lookup(host, port)
         addresses = [_parse_answer(answer) for answer in answers]
         if not addresses:
             raise socket.gaierror(socket.EAI_NONAME, f"{host} has no address")
@@ -408,6 +415,7 @@ def guarded_egress(
     """
     _install_hooks()
     guard = Guard(allow_private, max_response_bytes)
+    bound = deadline(timeout) if timeout is not None else contextlib.nullcontext()
     timer = threading.Timer(timeout, guard.expire) if timeout is not None else None
     previous = getattr(_local, "guard", None)
     _local.guard = guard
@@ -415,7 +423,8 @@ def guarded_egress(
         timer.daemon = True
         timer.start()
     try:
-        yield guard
+        with bound:  # bounds the lookups, which shutting sockets down cannot interrupt
+            yield guard
     finally:
         if timer is not None:
             timer.cancel()
@@ -508,6 +517,9 @@ def _guarded_getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> lis
     except ForbiddenAddress as refused:
         guard.refused = guard.refused or refused
         raise socket.gaierror(socket.EAI_FAIL, str(refused)) from None
+    except TimeoutError:
+        guard.expire()
+        raise
     infos: list[Any] = []
     for address in addresses:
         infos.extend(_original_getaddrinfo(str(address), port, *args, **kwargs))

@@ -391,6 +391,30 @@ def test_a_dribbling_server_cannot_hold_a_request_past_its_timeout(
     assert server.sent < len(answer)
 
 
+def slow_resolver(host: str, port: int) -> list[str]:
+    time.sleep(3)
+    return ["127.0.0.1"]
+
+
+def test_the_deadline_covers_the_lookup(http_server: HttpServer, dialler: Dialler) -> None:
+    with use_network(resolve=slow_resolver):
+        started = time.monotonic()
+        [hook] = webhook("allow_private=yes&timeout=0.5").send_batch(
+            [message(f"http://slow-dns.example.test:{http_server.port}/hook")]
+        )
+        [notify] = apprise_channel("allow_private=yes&timeout=0.5").send_batch(
+            [message(f"json://slow-dns.example.test:{http_server.port}/notify")]
+        )
+        elapsed = time.monotonic() - started
+
+    assert isinstance(hook.error, RetryableError)
+    assert "within 0.5s" in str(hook.error)
+    assert isinstance(notify.error, RetryableError)
+    assert "within 0.5s" in str(notify.error)
+    assert elapsed < 2.5  # two lookups of 3 s each, cut at 0.5 s
+    assert http_server.connections == 0
+
+
 class BigAnswerServer:
     """Answers every request with ``status`` and a body of ``size`` bytes, counting the
     bytes the client took before it hung up."""
@@ -552,6 +576,20 @@ def test_apprise_unguardable_schemes_refused_unless_listed(
     assert listed.error is None or "NOTIFIER_APPRISE_ALLOWED_SCHEMES" not in str(listed.error)
 
 
+def test_apprise_allowed_schemes_must_be_apprise_schemes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NOTIFIER_APPRISE_ALLOWED_SCHEMES", "dbus,dbsu")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigurationError) as info:
+            apprise_channel()
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert str(info.value) == "NOTIFIER_APPRISE_ALLOWED_SCHEMES: not an Apprise scheme: dbsu"
+
+
 def test_apprise_address_must_be_one_url(http_server: HttpServer) -> None:
     two = f"json://127.0.0.1:{http_server.port}/a, json://127.0.0.1:{http_server.port}/b"
 
@@ -615,3 +653,19 @@ def test_apprise_reads_a_huge_answer_only_up_to_the_cap() -> None:
 
     assert result.sent
     assert server.sent < size // 10
+
+
+def test_hooks_are_inert_outside_a_guarded_block(http_server: HttpServer) -> None:
+    """Other code in the process (requests elsewhere, kombu, psycopg) is untouched:
+    redirects are followed and loopback connects as before."""
+    import requests
+
+    with guarded_egress(allow_private=True):
+        pass  # the hooks are installed now
+    with HttpServer() as other:
+        http_server.respond(302, headers={"Location": other.url("/moved")})
+
+        answer = requests.get(http_server.url("/start"), timeout=5)
+
+        assert answer.status_code == 200
+        assert [r.path for r in other.wait_for(1)] == ["/moved"]
