@@ -8,16 +8,21 @@ day still reach the channels the way old rows or replays would.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from notifier import channels as channel_registry
 from notifier.channels import close_channels
-from notifier.channels.email import EmailChannel
+from notifier.channels.base import AddressError, endpoint_of
+from notifier.channels.email import EmailChannel, _recipient
 from notifier.db import session_scope
 from notifier.delivery import (
     MAX_RAISES_IN_A_ROW,
@@ -246,8 +251,36 @@ def test_endpoint_circuits_expire_from_redis(http_server):
 
 
 def _origin(base_url: str) -> str:
-    from notifier.channels.base import endpoint_of
-
     endpoint = endpoint_of(base_url + "/")
     assert endpoint is not None
     return endpoint
+
+
+def test_a_held_endpoint_is_probed_once_then_closes():
+    with HttpServer() as server:
+        server.respond(503, "down", times=5)
+        ids = seed("webhook", [{"addresses": {"webhook": server.url(f"/h{i}")}}
+                               for i in range(5)])
+        settings = settings_with(endpoint_breaker_threshold=5, endpoint_breaker_open_seconds=0.5)
+        deliver_batch("webhook", ids, settings, state_redis())
+        breakers = endpoint_breakers(state_redis(), "webhook", settings)
+        assert breakers.states([_origin(server.base_url)]) == ["open"]
+
+        time.sleep(0.6)
+        make_due(ids)
+        outcome = deliver_batch("webhook", ids, settings, state_redis())
+        assert (outcome.sent, outcome.rescheduled) == (1, 4)  # one probe, the rest wait
+        assert breakers.states([_origin(server.base_url)]) == ["closed"]
+
+        make_due(ids)
+        outcome = deliver_batch("webhook", ids, settings, state_redis())
+        assert outcome.sent == 4
+
+
+@given(st.text(max_size=300) | st.from_regex(r"https?://[^/]{0,40}(:[0-9]{0,7})?/.{0,20}"))
+@hypothesis_settings(max_examples=300, deadline=None)
+def test_naming_an_endpoint_or_checking_an_address_never_raises_otherwise(text):
+    endpoint = endpoint_of(text)
+    assert endpoint is None or endpoint.startswith(("http://", "https://"))
+    with contextlib.suppress(AddressError):  # anything else escaping is the failure
+        _recipient(text, text)
