@@ -284,3 +284,22 @@ def test_naming_an_endpoint_or_checking_an_address_never_raises_otherwise(text):
     assert endpoint is None or endpoint.startswith(("http://", "https://"))
     with contextlib.suppress(AddressError):  # anything else escaping is the failure
         _recipient(text, text)
+
+
+def test_a_real_worker_sends_the_good_webhooks_next_to_malformed_ones(http_server):
+    """End to end: notifications through the broker, a real worker, the real channel."""
+    from notifier.client import notify
+    from tests.workers import WorkerProcess, wait_for_count
+
+    bad = ["http://example.com:99999/", "[::1", "http://[::1/x", "http://example.com:99999/b",
+           "http://[zz]/"]
+    worker = WorkerProcess.start()
+    try:
+        for i, url in enumerate(bad + [http_server.url(f"/hook-{i}") for i in range(5)]):
+            notify(recipient={"id": f"user-{i}", "addresses": {"webhook": url}}, type="alert",
+                   priority="critical", title=f"Alert {i}", channels=["webhook"])
+        wait_for_count("SELECT count(*) FROM deliveries WHERE status = 'sent'", 5, timeout=30)
+    finally:
+        worker.stop()
+    assert sorted(r.path for r in http_server.requests) == sorted(f"/hook-{i}" for i in range(5))
+    assert circuit_breaker(state_redis(), "webhook", get_settings()).state() == "closed"
