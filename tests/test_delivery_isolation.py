@@ -20,8 +20,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from notifier import channels as channel_registry
-from notifier.channels import close_channels
-from notifier.channels.base import AddressError, endpoint_of
+from notifier.channels import close_channels, get_channel
+from notifier.channels.base import AddressError, OutgoingMessage, endpoint_of
 from notifier.channels.email import EmailChannel, _recipient
 from notifier.db import session_scope
 from notifier.delivery import (
@@ -213,7 +213,9 @@ def test_a_channel_that_raises_on_every_message_ends_the_batch_quickly(smtp_serv
 def test_an_endpoint_answering_503_is_held_on_its_own_schedule(channel):
     with HttpServer() as failing, HttpServer() as healthy:
         failing.respond_always(503, "down")
-        bad = seed(channel, [{"addresses": {channel: failing.url(f"/h{i}")}} for i in range(6)])
+        # A webhook endpoint is a host (any path on it); a Slack endpoint is one hook.
+        hook = (lambda i: f"/h{i}") if channel == "webhook" else (lambda i: "/services/T/B/X")
+        bad = seed(channel, [{"addresses": {channel: failing.url(hook(i))}} for i in range(6)])
         good = seed(channel, [{"addresses": {channel: healthy.url(f"/h{i}")}} for i in range(4)])
         settings = settings_with(breaker_failure_threshold=5, endpoint_breaker_threshold=5,
                                  endpoint_breaker_open_seconds=60)
@@ -222,9 +224,10 @@ def test_an_endpoint_answering_503_is_held_on_its_own_schedule(channel):
 
         assert outcome.sent == 4 and len(healthy.requests) == 4
         assert circuit_breaker(state_redis(), channel, settings).state() == "closed"
-        [endpoint] = {failing.base_url}
+        endpoint = get_channel(channel, settings).endpoint(_message(failing.url(hook(0))))
+        assert endpoint is not None and endpoint.startswith(failing.base_url)
         breakers = endpoint_breakers(state_redis(), channel, settings)
-        assert breakers.states([_origin(endpoint)]) == ["open"]
+        assert breakers.states([endpoint]) == ["open"]
 
         # The next round: the failing endpoint is held, untried, no attempt counted;
         # another recipient on the same channel goes out at once.
@@ -248,6 +251,33 @@ def test_endpoint_circuits_expire_from_redis(http_server):
     keys = list(state_redis().scan_iter("notifier.endpoint.*"))
     assert keys
     assert all(state_redis().pttl(key) > 0 for key in keys)
+
+
+def test_each_slack_hook_is_an_endpoint_of_its_own(http_server):
+    """Every recipient's hook lives on one host (hooks.slack.com): one hook that keeps
+    failing (a workspace's rate limit) must not hold the others."""
+    http_server.respond(429, "rate_limited", {"Retry-After": "1"}, times=5)
+    busy = seed("slack", [{"addresses": {"slack": http_server.url("/services/T/B/busy")}}
+                          for _ in range(5)])
+    others = seed("slack", [{"addresses": {"slack": http_server.url(f"/services/T/B/{i}")}}
+                            for i in range(3)])
+    settings = settings_with(endpoint_breaker_threshold=5)
+    deliver_batch("slack", busy, settings, state_redis())
+
+    outcome = deliver_batch("slack", others, settings, state_redis())
+
+    assert outcome.sent == 3
+    slack = get_channel("slack", settings)
+    states = endpoint_breakers(state_redis(), "slack", settings).states(
+        [slack.endpoint(_message(http_server.url(p)))  # type: ignore[misc]
+         for p in ("/services/T/B/busy", "/services/T/B/0")])
+    assert states == ["open", "closed"]
+    assert all("busy" not in row["last_error"] for row in rows(busy))  # the path is secret
+
+
+def _message(address: str) -> OutgoingMessage:
+    return OutgoingMessage(delivery_id=uuid.uuid4(), recipient_id="r", address=address,
+                           type="alert", priority="critical", title="t", body="b")
 
 
 def _origin(base_url: str) -> str:
