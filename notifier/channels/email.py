@@ -391,10 +391,12 @@ def _recipient(address: str, display_name: str) -> Mailbox:
     its IDNA form); ``AddressError`` when it is unusable, so that this delivery alone
     fails and the server is never asked about it."""
     try:
-        return _idna_address(_address(address, display_name))
-    except (ValueError, email.errors.MessageError, UnicodeError):
+        checked = _address(address, display_name)
+    except (ValueError, email.errors.MessageError):
         raise AddressError(f"email: bad address {address!r}") from None
-    except idna.IDNAError:
+    try:
+        return _idna_address(checked)
+    except (idna.IDNAError, UnicodeError):
         raise AddressError(
             f"email: the domain of {address!r} is not a valid internationalised domain name"
         ) from None
