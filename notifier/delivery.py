@@ -222,7 +222,8 @@ def _hold_unconfigured(
 ) -> None:
     """The channel cannot be built (not configured, a bad URL that got past the start-up
     check): hold its deliveries and count towards its circuit, so that a fixed
-    configuration sends them and a broken one costs one probe per open period."""
+    configuration sends them; while it stays broken they come back every
+    ``breaker_open_seconds`` and cost no connection."""
     reason = " ".join(str(exc).split()) or type(exc).__name__
     if not reason.startswith(variable(channel_name)):
         reason = f"{variable(channel_name)}: {reason.removeprefix(f'{channel_name}: ')}"
@@ -317,19 +318,22 @@ class _Endpoints:
         endpoint gets one delivery, its probe."""
         endpoints = sorted(set(self.of.values()))
         permits = dict(zip(endpoints, self.breakers.acquire(endpoints), strict=True))
-        admitted, probed = [], set()
+        admitted: list[ClaimedDelivery] = []
+        held: dict[tuple[str, float], list[ClaimedDelivery]] = defaultdict(list)
+        now = time.time()
         for delivery in ready:
             endpoint = self.of.get(delivery.id)
-            permit = permits.get(endpoint) if endpoint else None
+            permit = permits[endpoint] if endpoint else None
             if permit is None or permit.decision == "closed":
                 admitted.append(delivery)
-            elif permit.probing and endpoint not in probed:
-                probed.add(endpoint)
+            elif permit.probing and endpoint not in self.tallies:
                 self.tallies[endpoint] = EndpointTally(probing=True)
                 admitted.append(delivery)
-            else:
-                until = permit.retry_at if not permit.probing else time.time() + 1
-                recorder.release([delivery], until, f"circuit open for endpoint {endpoint}")
+            else:  # open, or half-open with its probe already chosen
+                until = now + 1 if permit.probing else permit.retry_at
+                held[(str(endpoint), until)].append(delivery)
+        for (endpoint, until), deliveries in held.items():
+            recorder.release(deliveries, until, f"circuit open for endpoint {endpoint}")
         return admitted
 
     def count(self, delivery: ClaimedDelivery, result: SendResult) -> None:
@@ -345,6 +349,12 @@ class _Endpoints:
             tally.failures += 1
 
     def record(self) -> None:
+        """One script call for the batch. A probe that was never sent (the batch was
+        returned first) counts as failed: the endpoint stays open for another period
+        rather than being closed on no evidence."""
+        for tally in self.tallies.values():
+            if tally.probing and not (tally.failures or tally.successes):
+                tally.failures = 1
         self.breakers.record(self.tallies)
 
 

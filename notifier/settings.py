@@ -223,8 +223,8 @@ class Settings(BaseSettings):
     breaker_open_seconds: float = Field(30.0, gt=0)
 
     # --- Recipient endpoints ---
-    #: Endpoints recipients control (webhook and Slack URLs, one per scheme, host and
-    #: port) have circuits of their own: this many failures that may pass later (5xx,
+    #: Endpoints recipients control (a webhook host: scheme, host and port; a Slack hook)
+    #: have circuits of their own: this many failures that may pass later (5xx,
     #: 429, timeouts, refused connections) within ``endpoint_breaker_window`` seconds hold
     #: that endpoint's deliveries (rescheduled, no attempt counted) for
     #: ``endpoint_breaker_open_seconds``, then one delivery probes it. Neither the

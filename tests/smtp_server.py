@@ -47,6 +47,7 @@ class _State:
     sessions: list[SMTP] = field(default_factory=list)
     data_failure: _Failure | None = None
     refused: dict[str, int] = field(default_factory=dict)
+    refused_senders: dict[str, int] = field(default_factory=dict)
     delay: float = 0.0
     logins: int = 0
 
@@ -77,6 +78,18 @@ class _Handler:
         self._count_session(server)
         session.host_name = hostname
         return f"250 {server.hostname}"
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        mail_options: list[str],
+    ) -> str:
+        with self.state.lock:
+            code = self.state.refused_senders.get(address.lower())
+        if code is not None:
+            return f"{code} sender {address} not allowed"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
@@ -250,6 +263,11 @@ class SmtpServer:
         with self._state.lock:
             self._state.refused[address.lower()] = code
 
+    def refuse_sender(self, address: str, code: int = 553) -> None:
+        """Answer ``MAIL FROM`` for ``address`` with ``code`` until ``reset``."""
+        with self._state.lock:
+            self._state.refused_senders[address.lower()] = code
+
     def drop_connections(self) -> None:
         """Close every open session from the server side, as an idle timeout would."""
         controller = self._controller
@@ -276,6 +294,7 @@ class SmtpServer:
             self._state.sessions.clear()
             self._state.data_failure = None
             self._state.refused.clear()
+            self._state.refused_senders.clear()
             self._state.delay = 0.0
             self._state.logins = 0
 

@@ -20,6 +20,7 @@ from notifier.channels.email import EmailChannel
 from notifier.delivery import circuit_breaker, deliver_batch
 from notifier.settings import DEFAULT_CHANNEL_URLS, ConfigError, Settings, get_settings
 from notifier.state import state_redis
+from tests.http_server import http_server_fixture  # noqa: F401
 from tests.smtp_server import SmtpServer
 from tests.test_delivery_isolation import make_due, rows, seed
 from tests.workers import ROOT, count_rows
@@ -62,12 +63,14 @@ def test_a_bad_channel_url_is_one_line_naming_the_variable():
     ("email", "smtp://h:99999?from=a%40b.example", "NOTIFIER_CHANNELS__EMAIL: option port:"),
     ("email", "http://h?from=a%40b.example", "NOTIFIER_CHANNELS__EMAIL: expected a smtp://"),
     ("pager", "pager://", "NOTIFIER_CHANNELS__PAGER: no such channel"),
+    ("email", "smtp://u:hunter2@[::1?from=a%40b.example", "NOTIFIER_CHANNELS__EMAIL: Invalid"),
+    ("email", "smtp://u:hunter2@h:99999?from=a%40b.example", "NOTIFIER_CHANNELS__EMAIL: option"),
 ])
 def test_every_configured_channel_is_checked(name, url, expected):
     with pytest.raises(ConfigError) as error:
         check_channel_urls(settings_with(channels={name: url}))
     assert str(error.value).startswith(expected)
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(error.value) and "hunter2" not in str(error.value)
 
 
 def _run(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -154,4 +157,18 @@ def test_a_channel_that_cannot_be_built_holds_its_deliveries(channel, url):
     [row] = rows(ids)
     assert row["status"] in ("retrying", "queued") and row["attempts"] == 0
     assert f"NOTIFIER_CHANNELS__{channel.upper()}" in row["last_error"]
+    assert count_rows("SELECT count(*) FROM dead_letters") == 0
+
+
+def test_twilio_refusing_our_credentials_holds_deliveries(http_server):
+    http_server.respond_always(401, '{"code": 20003, "message": "Authenticate"}')
+    url = f"twilio://AC123:wrong@127.0.0.1:{http_server.port}?from=%2B15550001111&https=no"
+    settings = settings_with(channels={"sms": url}, retry_max_attempts=1)
+    ids = seed("sms", [{"phone": "+15550002222"}])
+    for _ in range(2):
+        outcome = deliver_batch("sms", ids, settings, state_redis())
+        assert (outcome.dead, outcome.rescheduled) == (0, 1)
+        make_due(ids)
+    [row] = rows(ids)
+    assert row["attempts"] == 0 and "refused the credentials" in row["last_error"]
     assert count_rows("SELECT count(*) FROM dead_letters") == 0

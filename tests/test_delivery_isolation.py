@@ -8,16 +8,21 @@ day still reach the channels the way old rows or replays would.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from notifier import channels as channel_registry
-from notifier.channels import close_channels
-from notifier.channels.email import EmailChannel
+from notifier.channels import close_channels, get_channel
+from notifier.channels.base import AddressError, OutgoingMessage, endpoint_of
+from notifier.channels.email import EmailChannel, _recipient
 from notifier.db import session_scope
 from notifier.delivery import (
     MAX_RAISES_IN_A_ROW,
@@ -208,7 +213,9 @@ def test_a_channel_that_raises_on_every_message_ends_the_batch_quickly(smtp_serv
 def test_an_endpoint_answering_503_is_held_on_its_own_schedule(channel):
     with HttpServer() as failing, HttpServer() as healthy:
         failing.respond_always(503, "down")
-        bad = seed(channel, [{"addresses": {channel: failing.url(f"/h{i}")}} for i in range(6)])
+        # A webhook endpoint is a host (any path on it); a Slack endpoint is one hook.
+        hook = (lambda i: f"/h{i}") if channel == "webhook" else (lambda i: "/services/T/B/X")
+        bad = seed(channel, [{"addresses": {channel: failing.url(hook(i))}} for i in range(6)])
         good = seed(channel, [{"addresses": {channel: healthy.url(f"/h{i}")}} for i in range(4)])
         settings = settings_with(breaker_failure_threshold=5, endpoint_breaker_threshold=5,
                                  endpoint_breaker_open_seconds=60)
@@ -217,9 +224,10 @@ def test_an_endpoint_answering_503_is_held_on_its_own_schedule(channel):
 
         assert outcome.sent == 4 and len(healthy.requests) == 4
         assert circuit_breaker(state_redis(), channel, settings).state() == "closed"
-        [endpoint] = {failing.base_url}
+        endpoint = get_channel(channel, settings).endpoint(_message(failing.url(hook(0))))
+        assert endpoint is not None and endpoint.startswith(failing.base_url)
         breakers = endpoint_breakers(state_redis(), channel, settings)
-        assert breakers.states([_origin(endpoint)]) == ["open"]
+        assert breakers.states([endpoint]) == ["open"]
 
         # The next round: the failing endpoint is held, untried, no attempt counted;
         # another recipient on the same channel goes out at once.
@@ -245,9 +253,83 @@ def test_endpoint_circuits_expire_from_redis(http_server):
     assert all(state_redis().pttl(key) > 0 for key in keys)
 
 
-def _origin(base_url: str) -> str:
-    from notifier.channels.base import endpoint_of
+def test_each_slack_hook_is_an_endpoint_of_its_own(http_server):
+    """Every recipient's hook lives on one host (hooks.slack.com): one hook that keeps
+    failing (a workspace's rate limit) must not hold the others."""
+    http_server.respond(429, "rate_limited", {"Retry-After": "1"}, times=5)
+    busy = seed("slack", [{"addresses": {"slack": http_server.url("/services/T/B/busy")}}
+                          for _ in range(5)])
+    others = seed("slack", [{"addresses": {"slack": http_server.url(f"/services/T/B/{i}")}}
+                            for i in range(3)])
+    settings = settings_with(endpoint_breaker_threshold=5)
+    deliver_batch("slack", busy, settings, state_redis())
 
+    outcome = deliver_batch("slack", others, settings, state_redis())
+
+    assert outcome.sent == 3
+    slack = get_channel("slack", settings)
+    states = endpoint_breakers(state_redis(), "slack", settings).states(
+        [slack.endpoint(_message(http_server.url(p)))  # type: ignore[misc]
+         for p in ("/services/T/B/busy", "/services/T/B/0")])
+    assert states == ["open", "closed"]
+    assert all("busy" not in row["last_error"] for row in rows(busy))  # the path is secret
+
+
+def _message(address: str) -> OutgoingMessage:
+    return OutgoingMessage(delivery_id=uuid.uuid4(), recipient_id="r", address=address,
+                           type="alert", priority="critical", title="t", body="b")
+
+
+def _origin(base_url: str) -> str:
     endpoint = endpoint_of(base_url + "/")
     assert endpoint is not None
     return endpoint
+
+
+def test_a_held_endpoint_is_probed_once_then_closes():
+    with HttpServer() as server:
+        server.respond(503, "down", times=5)
+        ids = seed("webhook", [{"addresses": {"webhook": server.url(f"/h{i}")}}
+                               for i in range(5)])
+        settings = settings_with(endpoint_breaker_threshold=5, endpoint_breaker_open_seconds=0.5)
+        deliver_batch("webhook", ids, settings, state_redis())
+        breakers = endpoint_breakers(state_redis(), "webhook", settings)
+        assert breakers.states([_origin(server.base_url)]) == ["open"]
+
+        time.sleep(0.6)
+        make_due(ids)
+        outcome = deliver_batch("webhook", ids, settings, state_redis())
+        assert (outcome.sent, outcome.rescheduled) == (1, 4)  # one probe, the rest wait
+        assert breakers.states([_origin(server.base_url)]) == ["closed"]
+
+        make_due(ids)
+        outcome = deliver_batch("webhook", ids, settings, state_redis())
+        assert outcome.sent == 4
+
+
+@given(st.text(max_size=300) | st.from_regex(r"https?://[^/]{0,40}(:[0-9]{0,7})?/.{0,20}"))
+@hypothesis_settings(max_examples=300, deadline=None)
+def test_naming_an_endpoint_or_checking_an_address_never_raises_otherwise(text):
+    endpoint = endpoint_of(text)
+    assert endpoint is None or endpoint.startswith(("http://", "https://"))
+    with contextlib.suppress(AddressError):  # anything else escaping is the failure
+        _recipient(text, text)
+
+
+def test_a_real_worker_sends_the_good_webhooks_next_to_malformed_ones(http_server):
+    """End to end: notifications through the broker, a real worker, the real channel."""
+    from notifier.client import notify
+    from tests.workers import WorkerProcess, wait_for_count
+
+    bad = ["http://example.com:99999/", "[::1", "http://[::1/x", "http://example.com:99999/b",
+           "http://[zz]/"]
+    worker = WorkerProcess.start()
+    try:
+        for i, url in enumerate(bad + [http_server.url(f"/hook-{i}") for i in range(5)]):
+            notify(recipient={"id": f"user-{i}", "addresses": {"webhook": url}}, type="alert",
+                   priority="critical", title=f"Alert {i}", channels=["webhook"])
+        wait_for_count("SELECT count(*) FROM deliveries WHERE status = 'sent'", 5, timeout=30)
+    finally:
+        worker.stop()
+    assert sorted(r.path for r in http_server.requests) == sorted(f"/hook-{i}" for i in range(5))
+    assert circuit_breaker(state_redis(), "webhook", get_settings()).state() == "closed"

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import importlib
 import os
+from urllib.parse import urlsplit
 
 from notifier.channels.base import Channel, ConfigurationError
-from notifier.settings import ConfigError, Settings, get_settings
+from notifier.settings import ConfigError, Settings, get_settings, mask_url
 
 #: Plugin modules, imported on first use; each registers the channel it defines.
 PLUGIN_MODULES = ("email", "webhook", "inapp", "slack", "apprise", "sms", "console")
@@ -70,8 +71,20 @@ def build_channel(name: str, url: str, settings: Settings) -> Channel:
         RetryPolicy.for_channel(settings, channel.options)
     except Exception as exc:  # any class: an operator's typo must be one line, not a trace
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise ConfigError(f"{variable(name)}: {reason.removeprefix(f'{name}: ')}") from None
+        reason = _without_secrets(reason.removeprefix(f"{name}: "), url)
+        raise ConfigError(f"{variable(name)}: {reason}") from None
     return channel
+
+
+def _without_secrets(text: str, url: str) -> str:
+    """An error quoting the URL (a library's, not ours) shows it masked, and never the
+    password anywhere."""
+    try:
+        text = text.replace(url, mask_url(url))
+        password = urlsplit(url).password
+    except ValueError:  # a URL too broken to parse has no password we could find
+        return text.replace(url, "<the URL>")
+    return text.replace(password, "***") if password else text
 
 
 def check_channel_urls(settings: Settings) -> None:

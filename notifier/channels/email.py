@@ -4,6 +4,12 @@ Configured by ``smtp://[user:password@]host[:port]?from=...&from_name=...&startt
 &timeout=10&verify=yes`` (``smtps://`` for TLS from the first byte). A batch goes over
 one SMTP session that stays open for the next batch, so a busy worker does not pay a
 TCP, TLS and AUTH handshake per message.
+
+Addresses: an internationalised domain (``user@bücher.de``) is sent in its IDNA form
+(``user@xn--bcher-kva.de``); a non-ASCII local part goes out with SMTPUTF8 where the
+server offers it and is refused (``AddressError``, that delivery alone) where it does
+not. A refused login or sender is our configuration (``ConfigurationError``): the
+deliveries wait for the fix instead of being dead-lettered.
 """
 
 from __future__ import annotations
@@ -385,10 +391,12 @@ def _recipient(address: str, display_name: str) -> Mailbox:
     its IDNA form); ``AddressError`` when it is unusable, so that this delivery alone
     fails and the server is never asked about it."""
     try:
-        return _idna_address(_address(address, display_name))
-    except (ValueError, email.errors.MessageError, UnicodeError):
+        checked = _address(address, display_name)
+    except (ValueError, email.errors.MessageError):
         raise AddressError(f"email: bad address {address!r}") from None
-    except idna.IDNAError:
+    try:
+        return _idna_address(checked)
+    except (idna.IDNAError, UnicodeError):
         raise AddressError(
             f"email: the domain of {address!r} is not a valid internationalised domain name"
         ) from None

@@ -9,11 +9,13 @@ that are kept in the error message. Slack webhooks take no idempotency key.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import httpx
 
-from notifier.channels.base import AddressError, OutgoingMessage
+from notifier.channels.base import AddressError, OutgoingMessage, endpoint_of
 from notifier.channels.http import HttpChannel, raise_for_response
 
 
@@ -33,6 +35,16 @@ class SlackChannel(HttpChannel):
                 f"slack: recipient {message.recipient_id} has no Slack webhook URL"
             )
         return message.address
+
+    def endpoint(self, message: OutgoingMessage) -> str | None:
+        """Each hook is an endpoint of its own: every recipient's hook lives on
+        hooks.slack.com, so one workspace's rate limit (429) or archived channel must not
+        hold everybody's. The hook's path is a secret: only a digest of it is named."""
+        origin = endpoint_of(message.address)
+        if origin is None:
+            return None
+        path = urlsplit(message.address or "").path
+        return f"{origin}#{hashlib.sha256(path.encode()).hexdigest()[:12]}"
 
     def request(self, message: OutgoingMessage) -> dict[str, Any]:
         return {"json": {"text": slack_text(message.title, message.body)}}

@@ -13,6 +13,7 @@ import pytest
 
 from notifier.channels import email as email_channel
 from notifier.channels.base import (
+    AddressError,
     ConfigurationError,
     OutgoingMessage,
     PermanentError,
@@ -570,3 +571,58 @@ def test_implicit_tls() -> None:
             channel.close()
         assert len(server.messages) == 2
         assert server.logins == 1
+
+
+# --- internationalised addresses --------------------------------------------------------
+
+
+def test_an_internationalised_domain_goes_out_in_idna_and_a_bad_one_alone_is_refused(
+    smtp_server: SmtpServer, channel: EmailChannel
+) -> None:
+    good = message(0, address="user@bücher.de", recipient_name="Jürgen")
+    bad = message(1, address="user@bü_cher.de")
+    results = send(channel, [bad, good])
+
+    assert isinstance(results[0].error, AddressError)
+    assert "not a valid internationalised domain name" in str(results[0].error)
+    assert results[1].sent
+    [(_, rcpt_tos)] = smtp_server.envelopes
+    assert rcpt_tos == ["user@xn--bcher-kva.de"]
+    [mail] = smtp_server.messages
+    assert mail["To"].addresses[0].addr_spec == "user@xn--bcher-kva.de"
+    assert mail["To"].addresses[0].display_name == "Jürgen"
+
+
+def test_a_non_ascii_local_part_needs_smtputf8() -> None:
+    with SmtpServer(smtputf8=True) as server:
+        channel = EmailChannel(server.url())
+        try:
+            [result] = send(channel, [message(0, address="jürgen@example.com",
+                                              recipient_name="Jürgen")])
+        finally:
+            channel.close()
+        assert result.sent
+        [mail] = server.messages
+        raw = mail.as_bytes()
+        assert "<jürgen@example.com>".encode() in raw  # raw UTF-8 in To, as SMTPUTF8 allows
+        assert b"smtputf8.invalid" not in raw
+        assert server.envelopes[0][1] == ["jürgen@example.com"]
+
+
+def test_a_refused_sender_is_our_configuration(
+    smtp_server: SmtpServer,
+) -> None:
+    channel = EmailChannel(smtp_server.url(**{"from": "blocked@example.com"}))
+    smtp_server.refuse_sender("blocked@example.com", code=553)
+    try:
+        results = send(channel, [message(0), message(1)])
+    finally:
+        channel.close()
+    assert all(isinstance(r.error, ConfigurationError) for r in results)
+    assert "refused the sender 'blocked@example.com' (553" in str(results[0].error)
+
+
+def test_the_default_sender_is_valid() -> None:
+    from notifier.settings import DEFAULT_CHANNEL_URLS
+
+    assert EmailChannel(DEFAULT_CHANNEL_URLS["email"]).sender.addr_spec == "notifier@localhost"
