@@ -36,6 +36,7 @@ from functools import cache
 import apprise  # the library: absolute imports, this module is notifier.channels.apprise
 
 from notifier.channels.base import (
+    AddressError,
     Channel,
     ConfigurationError,
     DeliveryError,
@@ -102,12 +103,12 @@ class AppriseChannel(Channel):
         """An Apprise object for the message's address, or why there can be none."""
         address = message.address
         if not address:
-            return ConfigurationError(
+            return AddressError(
                 f"apprise: recipient {message.recipient_id} has no Apprise URL"
             )
         target = apprise.Apprise(asset=self._asset)
         if not target.add(address) or len(target) != 1:
-            return ConfigurationError(
+            return AddressError(
                 f"apprise: the {_scheme(address)}:// address of recipient"
                 f" {message.recipient_id} is not one URL Apprise knows"
             )

@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from notifier.channels.base import (
+    AddressError,
     ConfigurationError,
     OutgoingMessage,
     RetryableError,
@@ -98,7 +99,7 @@ class WebhookChannel(HttpChannel):
 
     def target(self, message: OutgoingMessage) -> str:
         if not message.address:
-            raise ConfigurationError(
+            raise AddressError(
                 f"webhook: recipient {message.recipient_id} has no webhook URL"
             )
         return message.address
@@ -106,7 +107,7 @@ class WebhookChannel(HttpChannel):
     def request(self, message: OutgoingMessage) -> dict[str, Any]:
         signing = self._signing.get(message.recipient_id)
         if signing is None:
-            raise ConfigurationError(
+            raise AddressError(
                 f"webhook: recipient {message.recipient_id} has no signing secret"
                 " (it is not a recipient any more)"
             )

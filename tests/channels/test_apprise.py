@@ -8,7 +8,7 @@ from typing import Any
 
 from notifier.channels.apprise import AppriseChannel
 from notifier.channels.base import (
-    ConfigurationError,
+    AddressError,
     OutgoingMessage,
     PermanentError,
     RetryableError,
@@ -56,12 +56,13 @@ def test_one_apprise_object_per_address(http_server: HttpServer) -> None:
     assert [r.path for r in http_server.wait_for(3)] == ["/a", "/b", "/a"]
 
 
-def test_unknown_url_is_permanent(http_server: HttpServer) -> None:
+def test_unknown_url_is_the_recipients_problem(http_server: HttpServer) -> None:
     results = list(channel().send_batch([
         message("bogus://whatever/secret-token"), message("not even a url"), message(None),
     ]))
 
-    assert all(isinstance(r.error, ConfigurationError) for r in results)
+    assert all(isinstance(r.error, AddressError) for r in results)
+    assert not any(r.error.provider_failure for r in results)
     assert "bogus:// address of recipient user-1 is not one URL Apprise knows" in str(
         results[0].error
     )

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from notifier.channels.base import (
+    AddressError,
     ConfigurationError,
     OutgoingMessage,
     PermanentError,
@@ -446,10 +447,11 @@ def test_unreachable_host_is_not_tried_again_in_the_batch(http_server: HttpServe
     assert len(other.requests) == 1
 
 
-def test_missing_address_is_a_configuration_error() -> None:
+def test_missing_address_is_the_recipients_problem() -> None:
     [result] = send(channel(), message(None))
 
-    assert isinstance(result.error, ConfigurationError)
+    assert isinstance(result.error, AddressError)
+    assert not result.error.provider_failure
 
 
 # --- Targets --------------------------------------------------------------------------
