@@ -274,6 +274,20 @@ def test_a_row_the_pipeline_holds_locked_is_skipped_not_waited_for():
     assert purge_expired(settings()) == {"notifications": 1}
 
 
+def test_a_table_locked_by_someone_else_waits_for_the_next_run(caplog):
+    """The lock timeout: a purge never queues behind another lock holder for long; that
+    table is left for the next run and the others are purged meanwhile."""
+    dead_letter(ANCIENT)
+    inbox_message(ANCIENT, read=True)
+    with session_scope() as holder:
+        holder.execute(text("LOCK TABLE dead_letters IN EXCLUSIVE MODE"))
+        purged = purge_expired(settings(retention_lock_timeout=0.2))
+    assert purged == {"inbox_messages": 1}
+    assert "retention: dead_letters skipped until the next run" in caplog.text
+    assert "lock timeout" in caplog.text
+    assert purge_expired(settings()) == {"dead_letters": 1}
+
+
 def test_a_dead_letter_outlives_its_delivery_and_replay_says_why_it_skips_it():
     """Deliveries go after 30 days, their dead letters after 90: a replay in between
     has nothing to send and says so."""
