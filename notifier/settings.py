@@ -29,6 +29,7 @@ DEFAULT_CHANNEL_URLS: dict[str, str] = {
 
 _DATABASE_SCHEMES = ("postgresql", "postgresql+psycopg", "postgres")
 _BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp")
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
 
 
 class ConfigError(Exception):
@@ -81,11 +82,12 @@ class Settings(BaseSettings):
     # --- Retention (``notifier/retention.py``, ``docs/retention.md``) ----------------
     #: Days a row is kept once finished; 0 keeps it forever. Nothing unfinished is ever
     #: purged, and a row is kept while another row refers to it (a notification while it
-    #: has deliveries, a digest while it has member notifications or deliveries), so the
-    #: longer of two related settings wins. Notifications: from their last change, once
-    #: delivered, digested, suppressed, cancelled or failed. Deliveries: sent, dead or
-    #: cancelled, and only when no delivery of the same notification or digest is still
-    #: on its way. Digests: from their creation.
+    #: has deliveries, a digest while it has member notifications or deliveries), so
+    #: deliveries <= notifications <= digests must hold (0 counts as forever; checked at
+    #: start). Notifications: from their last change, once delivered, digested,
+    #: suppressed, cancelled or failed (or dispatched with no delivery). Deliveries: sent,
+    #: dead or cancelled, and only when no delivery of the same notification or digest is
+    #: still on its way. Digests: from their creation.
     retention_notifications_days: float = Field(30, ge=0)
     retention_deliveries_days: float = Field(30, ge=0)
     retention_digests_days: float = Field(30, ge=0)
@@ -233,6 +235,13 @@ class Settings(BaseSettings):
     @classmethod
     def _broker_url_is_supported(cls, url: str) -> str:
         _scheme_among(url, _BROKER_SCHEMES, "a redis:// or amqp://")
+        return url
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_is_redis(cls, url: str | None) -> str | None:
+        if url is not None:
+            _scheme_among(url, _REDIS_SCHEMES, "a redis://, rediss://, unix:// or redis+socket://")
         return url
 
     @field_validator("channels")
