@@ -163,6 +163,22 @@ def test_old_finished_rows_of_every_table_are_purged_in_bounded_batches():
     assert set(pauses) == {0.01}
 
 
+@pytest.mark.parametrize("status", ["dispatched", "digested", "delivered", "suppressed",
+                                    "cancelled", "failed"])
+def test_an_old_notification_in_any_settled_status_goes_once_it_has_no_delivery(status):
+    notification(ANCIENT, status)
+    young = notification(YOUNG, status)
+    assert purge_expired(settings()) == {"notifications": 1}
+    assert count_rows("SELECT count(*) FROM notifications WHERE id = :id", id=young) == 1
+
+
+@pytest.mark.parametrize("status", ["sent", "dead", "cancelled"])
+def test_an_old_finished_delivery_goes_and_then_its_notification(status):
+    note = notification(ANCIENT, "delivered")
+    delivery(ANCIENT, status, notification_id=note)
+    assert purge_expired(settings()) == {"deliveries": 1, "notifications": 1}
+
+
 def test_a_second_run_purges_nothing_more():
     finished_rows(ANCIENT, copies=2)
     finished_rows(YOUNG)
