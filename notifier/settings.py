@@ -108,8 +108,10 @@ class Settings(BaseSettings):
     retention_batch_size: int = Field(1000, ge=1, le=100_000)
     #: Seconds to pause between two full batches, leaving Postgres to the pipeline.
     retention_batch_pause: float = Field(0.1, ge=0)
-    #: Most seconds one retention run spends; what is left waits for the next run.
-    retention_run_seconds: float = Field(300, gt=0)
+    #: Most seconds one retention run spends; what is left waits for the next run. At
+    #: most half ``visibility_timeout`` is used, so Redis never hands a run that is still
+    #: going to a second worker.
+    retention_run_seconds: float = Field(120, gt=0)
     #: Seconds a purge statement waits for a lock before giving up on that table until
     #: the next run (it never queues behind the pipeline's writes).
     retention_lock_timeout: float = Field(1.0, gt=0)

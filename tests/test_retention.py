@@ -193,13 +193,25 @@ def test_a_run_stops_when_its_time_is_used_up_and_the_next_one_goes_on():
     for _ in range(6):
         dead_letter(ANCIENT)
     ticks = iter(range(100))  # a clock read once at the start and once per full batch
-    limited = settings(retention_batch_size=2, retention_run_seconds=1.5)
+    limited = settings(retention_batch_size=2, retention_run_seconds=1.5,
+                       visibility_timeout=300)
 
     first = purge_expired(limited, clock=lambda: float(next(ticks)))
 
     assert first == {"dead_letters": 4}  # two batches, then its 1.5 "seconds" were up
     assert count_rows("SELECT count(*) FROM dead_letters") == 2
     assert purge_expired(settings(retention_batch_size=2)) == {"dead_letters": 2}
+
+
+def test_a_run_never_outlasts_half_the_visibility_timeout():
+    """Acknowledged late: a run past the visibility timeout would be handed to a second
+    worker, so half of it bounds the run whatever retention_run_seconds says."""
+    for _ in range(6):
+        dead_letter(ANCIENT)
+    ticks = iter(range(100))
+    limited = settings(retention_batch_size=2, retention_run_seconds=1000,
+                       visibility_timeout=4, retry_countdown_max=2)
+    assert purge_expired(limited, clock=lambda: float(next(ticks))) == {"dead_letters": 4}
 
 
 def test_zero_keeps_a_table_forever():
