@@ -954,6 +954,8 @@ def _table_sizes(tables: dict[str, Any]) -> None:
     for name, size in tables.items():
         rows = "?" if size.rows is None else f"{size.rows:,}"
         click.echo(f"{name:<21}{rows:>12}{_bytes(size.bytes):>11}")
+    if any(size.rows is None for size in tables.values()):
+        click.echo("(?: not estimated until autovacuum or ANALYZE first visits the table)")
 
 
 def _bytes(count: int) -> str:

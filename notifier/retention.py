@@ -148,10 +148,11 @@ def purge_expired(
 ) -> dict[str, int]:
     """One retention run over every table; rows deleted per table (tables with none left out).
 
-    Stops early (the next run continues) once ``retention_run_seconds`` have passed. A
-    table whose rows are locked past the lock timeout is left for the next run.
+    Stops early (the next run continues) once ``retention_run_seconds`` have passed (at
+    most half the visibility timeout: acknowledged late, a longer task would be handed
+    to a second worker). A table locked past the lock timeout is left for the next run.
     """
-    deadline = clock() + settings.retention_run_seconds
+    deadline = clock() + min(settings.retention_run_seconds, settings.visibility_timeout / 2)
     purged: dict[str, int] = {}
     for purge in PURGES:
         age = purge.age(settings)

@@ -32,6 +32,7 @@ DEFAULT_CHANNEL_URLS: dict[str, str] = {
 
 _DATABASE_SCHEMES = ("postgresql", "postgresql+psycopg", "postgres")
 _BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp")
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
 
 
 class ConfigError(Exception):
@@ -116,11 +117,12 @@ class Settings(BaseSettings):
     # --- Retention (``notifier/retention.py``, ``docs/retention.md``) ----------------
     #: Days a row is kept once finished; 0 keeps it forever. Nothing unfinished is ever
     #: purged, and a row is kept while another row refers to it (a notification while it
-    #: has deliveries, a digest while it has member notifications or deliveries), so the
-    #: longer of two related settings wins. Notifications: from their last change, once
-    #: delivered, digested, suppressed, cancelled or failed. Deliveries: sent, dead or
-    #: cancelled, and only when no delivery of the same notification or digest is still
-    #: on its way. Digests: from their creation.
+    #: has deliveries, a digest while it has member notifications or deliveries), so
+    #: deliveries <= notifications <= digests must hold (0 counts as forever; checked at
+    #: start). Notifications: from their last change, once delivered, digested,
+    #: suppressed, cancelled or failed (or dispatched with no delivery). Deliveries: sent,
+    #: dead or cancelled, and only when no delivery of the same notification or digest is
+    #: still on its way. Digests: from their creation.
     retention_notifications_days: float = Field(30, ge=0)
     retention_deliveries_days: float = Field(30, ge=0)
     retention_digests_days: float = Field(30, ge=0)
@@ -141,8 +143,10 @@ class Settings(BaseSettings):
     retention_batch_size: int = Field(1000, ge=1, le=100_000)
     #: Seconds to pause between two full batches, leaving Postgres to the pipeline.
     retention_batch_pause: float = Field(0.1, ge=0)
-    #: Most seconds one retention run spends; what is left waits for the next run.
-    retention_run_seconds: float = Field(300, gt=0)
+    #: Most seconds one retention run spends; what is left waits for the next run. At
+    #: most half ``visibility_timeout`` is used, so Redis never hands a run that is still
+    #: going to a second worker.
+    retention_run_seconds: float = Field(120, gt=0)
     #: Seconds a purge statement waits for a lock before giving up on that table until
     #: the next run (it never queues behind the pipeline's writes).
     retention_lock_timeout: float = Field(1.0, gt=0)
@@ -307,6 +311,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return frozenset(s.strip().lower() for s in value.split(",") if s.strip())
         return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_is_redis(cls, url: str | None) -> str | None:
+        if url is not None:
+            _scheme_among(url, _REDIS_SCHEMES, "a redis://, rediss://, unix:// or redis+socket://")
+        return url
 
     @field_validator("channels")
     @classmethod

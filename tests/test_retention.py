@@ -163,6 +163,22 @@ def test_old_finished_rows_of_every_table_are_purged_in_bounded_batches():
     assert set(pauses) == {0.01}
 
 
+@pytest.mark.parametrize("status", ["dispatched", "digested", "delivered", "suppressed",
+                                    "cancelled", "failed"])
+def test_an_old_notification_in_any_settled_status_goes_once_it_has_no_delivery(status):
+    notification(ANCIENT, status)
+    young = notification(YOUNG, status)
+    assert purge_expired(settings()) == {"notifications": 1}
+    assert count_rows("SELECT count(*) FROM notifications WHERE id = :id", id=young) == 1
+
+
+@pytest.mark.parametrize("status", ["sent", "dead", "cancelled"])
+def test_an_old_finished_delivery_goes_and_then_its_notification(status):
+    note = notification(ANCIENT, "delivered")
+    delivery(ANCIENT, status, notification_id=note)
+    assert purge_expired(settings()) == {"deliveries": 1, "notifications": 1}
+
+
 def test_a_second_run_purges_nothing_more():
     finished_rows(ANCIENT, copies=2)
     finished_rows(YOUNG)
@@ -177,13 +193,25 @@ def test_a_run_stops_when_its_time_is_used_up_and_the_next_one_goes_on():
     for _ in range(6):
         dead_letter(ANCIENT)
     ticks = iter(range(100))  # a clock read once at the start and once per full batch
-    limited = settings(retention_batch_size=2, retention_run_seconds=1.5)
+    limited = settings(retention_batch_size=2, retention_run_seconds=1.5,
+                       visibility_timeout=300)
 
     first = purge_expired(limited, clock=lambda: float(next(ticks)))
 
     assert first == {"dead_letters": 4}  # two batches, then its 1.5 "seconds" were up
     assert count_rows("SELECT count(*) FROM dead_letters") == 2
     assert purge_expired(settings(retention_batch_size=2)) == {"dead_letters": 2}
+
+
+def test_a_run_never_outlasts_half_the_visibility_timeout():
+    """Acknowledged late: a run past the visibility timeout would be handed to a second
+    worker, so half of it bounds the run whatever retention_run_seconds says."""
+    for _ in range(6):
+        dead_letter(ANCIENT)
+    ticks = iter(range(100))
+    limited = settings(retention_batch_size=2, retention_run_seconds=1000,
+                       visibility_timeout=4, retry_countdown_max=2)
+    assert purge_expired(limited, clock=lambda: float(next(ticks))) == {"dead_letters": 4}
 
 
 def test_zero_keeps_a_table_forever():
@@ -272,6 +300,20 @@ def test_a_row_the_pipeline_holds_locked_is_skipped_not_waited_for():
         assert purge_expired(settings()) == {"notifications": 1}
     assert count_rows("SELECT count(*) FROM notifications WHERE id = :id", id=other) == 0
     assert purge_expired(settings()) == {"notifications": 1}
+
+
+def test_a_table_locked_by_someone_else_waits_for_the_next_run(caplog):
+    """The lock timeout: a purge never queues behind another lock holder for long; that
+    table is left for the next run and the others are purged meanwhile."""
+    dead_letter(ANCIENT)
+    inbox_message(ANCIENT, read=True)
+    with session_scope() as holder:
+        holder.execute(text("LOCK TABLE dead_letters IN EXCLUSIVE MODE"))
+        purged = purge_expired(settings(retention_lock_timeout=0.2))
+    assert purged == {"inbox_messages": 1}
+    assert "retention: dead_letters skipped until the next run" in caplog.text
+    assert "lock timeout" in caplog.text
+    assert purge_expired(settings()) == {"dead_letters": 1}
 
 
 def test_a_dead_letter_outlives_its_delivery_and_replay_says_why_it_skips_it():

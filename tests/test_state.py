@@ -32,3 +32,13 @@ def test_an_explicit_state_redis_url_in_kombu_form_is_translated_too() -> None:
     settings = Settings(broker_url="amqp://127.0.0.1//", redis_url="redis+socket:///tmp/s.sock")
     assert settings.state_redis_url == "unix:///tmp/s.sock"
     assert Settings(broker_url="amqp://127.0.0.1//").state_redis_url == "redis://127.0.0.1:6379/0"
+
+
+def test_a_state_redis_url_of_another_kind_stops_the_process_in_one_line(monkeypatch) -> None:
+    from notifier.settings import ConfigError, load_settings
+
+    monkeypatch.setenv("NOTIFIER_REDIS_URL", "http://cache.example/0")
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    assert str(error.value) == ("NOTIFIER_REDIS_URL: expected a redis://, rediss://, unix:// or"
+                                " redis+socket:// URL, got scheme 'http'")
