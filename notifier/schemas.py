@@ -79,7 +79,7 @@ def email_problem(value: str) -> str | None:
     An internationalised domain (``user@bücher.de``) must be IDNA-encodable; one that is
     not is refused here rather than discovered in the middle of a delivery batch.
     """
-    limit = _LIMITS.max_email_chars
+    limit = get_settings().max_email_chars
     if len(value) > limit:
         return f"is {len(value)} characters, more than the limit of {limit}"
     if not _EMAIL_PATTERN.match(value):
@@ -96,7 +96,7 @@ def email_problem(value: str) -> str | None:
 def url_problem(value: str) -> str | None:
     """Why ``value`` is not a URL a channel can connect to, or None (length, scheme,
     host, port: ``http://example.com:99999/`` and ``[::1`` are refused here)."""
-    limit = _LIMITS.max_url_chars
+    limit = get_settings().max_url_chars
     if len(value) > limit:
         return f"is {len(value)} characters, more than the limit of {limit}"
     try:
@@ -117,8 +117,6 @@ def _email(value: str) -> str:
         raise ValueError(problem)
     return value
 
-
-_LIMITS = get_settings()
 
 Identifier = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255),
@@ -144,8 +142,9 @@ def address_problem(channel: str, value: str) -> str | None:
         return email_problem(value)
     if channel in URL_CHANNELS:
         return url_problem(value)
-    if len(value) > _LIMITS.max_url_chars:
-        return f"is {len(value)} characters, more than the limit of {_LIMITS.max_url_chars}"
+    limit = get_settings().max_url_chars
+    if len(value) > limit:
+        return f"is {len(value)} characters, more than the limit of {limit}"
     if channel == "sms" and not _PHONE.match(value):
         return f"not a phone number ({quote(value)})"
     return None
@@ -168,10 +167,7 @@ class RecipientIn(BaseModel):
     locale: Annotated[
         str, StringConstraints(max_length=16), AfterValidator(_single_line)
     ] | None = None
-    addresses: Annotated[
-        dict[str, Annotated[str, AfterValidator(_single_line)]],
-        Field(max_length=_LIMITS.max_addresses),
-    ] = {}
+    addresses: dict[str, Annotated[str, AfterValidator(_single_line)]] = {}
 
     @field_validator("timezone")
     @classmethod
@@ -183,6 +179,14 @@ class RecipientIn(BaseModel):
                 ZoneInfo(value)
             except (ZoneInfoNotFoundError, ValueError):
                 raise ValueError(f"unknown time zone {quote(value)}") from None
+        return value
+
+    @field_validator("addresses", mode="before")
+    @classmethod
+    def _few_addresses(cls, value: Any) -> Any:
+        limit = get_settings().max_addresses
+        if isinstance(value, dict) and len(value) > limit:
+            raise ValueError(f"has {len(value)} entries, more than the limit of {limit}")
         return value
 
     @field_validator("addresses")
