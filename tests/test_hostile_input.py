@@ -309,3 +309,23 @@ def test_unreadable_messages_are_dead_lettered_not_dropped(worker, producer):
         "message: compressed bodies are not accepted (compression: 'application/x-gzip')")
     assert reasons[f"ingest:{bad_eta}:message"].startswith(
         "message: could not be read: InvalidTaskError: invalid ETA value 'not a time'")
+
+
+def test_client_splits_a_batch_that_would_exceed_the_message_limit():
+    """notify_many with big notifications publishes messages under
+    ``NOTIFIER_MAX_MESSAGE_BYTES`` (ingest would dead-letter a bigger one whole)."""
+    from notifier import client
+    from notifier.settings import get_settings
+
+    limit = get_settings().max_message_bytes
+    notes = [_note(body="é" * 60_000) for _ in range(60)]  # ~7 MB of JSON, escaped more
+    client.notify_many(notes)
+    broker = redis.Redis.from_url(BROKER_URL)
+    try:
+        bodies = [json.loads(raw)["body"] for raw in broker.lrange("notifier.normal", 0, -1)]
+    finally:
+        broker.close()
+    import base64
+
+    sizes = [len(base64.b64decode(body)) for body in bodies]
+    assert len(sizes) > 1 and max(sizes) < limit, sizes
