@@ -178,6 +178,7 @@ class CommittedBatches(Batches):
                     handle(message, *args, **kwargs)  # builds the request into self._buffer
                 except Exception as exc:  # any header, any body
                     if self._buffer.qsize() == waiting:
+                        self._alone.discard(_message_id(message))
                         refused = self._refuse(
                             message, f"message: could not be read: {_describe(exc)}",
                             type(exc).__name__, decode=False,
