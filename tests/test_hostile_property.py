@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -118,6 +119,12 @@ def message(draw: Any, number: int) -> Sent:
 
 @pytest.fixture(scope="module")
 def hostile_worker() -> Iterator[WorkerProcess]:
+    # Module-scoped, so it starts before the per-test clean-up: empty the broker first,
+    # or it would take what an earlier test left there for one of our examples.
+    broker = redis.Redis.from_url(BROKER_URL)
+    for key in [*broker.scan_iter("notifier.*"), "unacked", "unacked_index"]:
+        broker.delete(key)
+    broker.close()
     worker = WorkerProcess.start(env={"NOTIFIER_MAX_MESSAGE_BYTES": str(MAX_BYTES),
                                       "NOTIFIER_MAX_MESSAGE_NOTIFICATIONS": str(MAX_ITEMS)})
     yield worker
