@@ -35,6 +35,13 @@ _json = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
     max_leaves=8,
 )
+#: JSON a good notification's data may hold (NaN and Infinity are not JSON numbers).
+_finite_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63)
+    | st.floats(allow_nan=False, allow_infinity=False) | _text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+    max_leaves=8,
+)
 
 
 def _note(**fields: Any) -> dict[str, Any]:
@@ -43,7 +50,8 @@ def _note(**fields: Any) -> dict[str, Any]:
 
 @st.composite
 def good_item(draw: Any) -> dict[str, Any]:
-    note = _note(title="t" + draw(_text), data=draw(st.dictionaries(_text, _json, max_size=3)))
+    note = _note(title="t" + draw(_text),
+                 data=draw(st.dictionaries(_text, _finite_json, max_size=3)))
     if draw(st.booleans()):
         note["id"] = str(uuid.uuid4())
     if draw(st.booleans()):
