@@ -166,6 +166,7 @@ class CommittedBatches(Batches):
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Callable[..., None]:
         self.flush_every = 1 << 62  # never by message count: we count items
         handle = super().Strategy(task, app, consumer)
+        _refuse_compressed_bodies()
         self._consumer = consumer
         self._slots = max(1, getattr(consumer.pool, "limit", None) or 1)
 
@@ -177,6 +178,7 @@ class CommittedBatches(Batches):
                     handle(message, *args, **kwargs)  # builds the request into self._buffer
                 except Exception as exc:  # any header, any body
                     if self._buffer.qsize() == waiting:
+                        self._alone.discard(_message_id(message))
                         refused = self._refuse(
                             message, f"message: could not be read: {_describe(exc)}",
                             type(exc).__name__, decode=False,
@@ -195,6 +197,12 @@ class CommittedBatches(Batches):
         message: only a redelivered one is looked up in Redis."""
         settings = get_settings()
         size = _body_size(message)
+        compressed = (message.headers or {}).get("compression")
+        if compressed:
+            return self._refuse(
+                message, f"message: compressed bodies are not accepted (compression:"
+                f" {_quote(compressed)})", "MessageCompressed", decode=False,
+            )
         if size > settings.max_message_bytes:
             return self._refuse(
                 message, f"message: is {size} bytes, more than the limit of"
@@ -432,6 +440,23 @@ class CommittedBatches(Batches):
 # --- helpers of the consumer (plain functions: no state of the task) ------------------
 
 
+def _refuse_compressed_bodies() -> None:
+    """Make kombu leave compressed message bodies compressed in this (consuming) process.
+
+    kombu decompresses a body whose ``compression`` header asks for it as the message
+    arrives, before any size check: a few MB of zlib can become gigabytes. We never
+    compress, so the body stays as it came, and :meth:`CommittedBatches._refusal`
+    dead-letters the message (a decoder that raised would make kombu drop it instead).
+    """
+    from kombu import compression
+
+    def leave_compressed(body: bytes) -> bytes:
+        return body
+
+    for content_type in list(compression._decoders):
+        compression._decoders[content_type] = leave_compressed
+
+
 def _simple(request: Any) -> SimpleRequest:
     if isinstance(request, _Refused):
         return request.refused
@@ -480,6 +505,12 @@ def _argument_of(message: Message) -> Any:
     except Exception:  # then the raw body is kept
         return None
     return args[0] if isinstance(args, list) and len(args) == 1 and not kwargs else None
+
+
+def _quote(value: Any) -> str:
+    from notifier.schemas import quote
+
+    return quote(value)
 
 
 def _unwrap(exc_info: Any) -> Any:

@@ -65,6 +65,12 @@ def _validated(raw: Mapping[str, Any]) -> NotificationIn:
 
 
 def _publish(messages: list[dict[str, Any]] | dict[str, Any], priority: str) -> None:
+    if isinstance(messages, list) and len(messages) > 1:
+        chunks = _within_message_bytes(messages, get_settings().max_message_bytes)
+        if len(chunks) > 1:
+            for chunk in chunks:
+                _publish(chunk, priority)
+            return
     count = len(messages) if isinstance(messages, list) else 1
     app.send_task(
         INGEST_TASK, args=[messages], queue=queue_name(priority),
@@ -73,6 +79,35 @@ def _publish(messages: list[dict[str, Any]] | dict[str, Any], priority: str) -> 
         # (addresses, personal data), and no repr of 500 items on every publish.
         argsrepr=f"[<{count} notification{'s' if count != 1 else ''}>]",
     )
+
+
+def _within_message_bytes(
+    items: list[dict[str, Any]], limit: int
+) -> list[list[dict[str, Any]]]:
+    """``items`` in consecutive chunks whose JSON stays under ``limit`` bytes (ingest
+    dead-letters a bigger message whole), by an upper bound of each item's size that
+    costs no encoding of its strings: a non-ASCII character counts 6 bytes (an escape)."""
+    chunks: list[list[dict[str, Any]]] = [[]]
+    budget = limit * 9 // 10 - 1024  # Celery's envelope of the arguments
+    used = 0
+    for item in items:
+        size = _json_size_bound(item)
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(item)
+        used += size
+    return chunks
+
+
+def _json_size_bound(value: Any) -> int:
+    if isinstance(value, str):
+        return 2 + (len(value) * 2 if value.isascii() else len(value) * 6)
+    if isinstance(value, dict):
+        return 2 + sum(_json_size_bound(k) + _json_size_bound(v) + 2 for k, v in value.items())
+    if isinstance(value, list):
+        return 2 + sum(_json_size_bound(v) + 1 for v in value)
+    return 24
 
 
 def notify(

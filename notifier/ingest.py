@@ -441,7 +441,7 @@ def bounded_payload(payload: Any, limit: int) -> tuple[str, int, str, bool]:
 def _dead_letter_row(rejection: Rejection, settings: Settings) -> tuple[Any, ...]:
     if rejection.original is not None:  # already a bounded stand-in for the original
         size, digest = rejection.original
-        payload = json.dumps(jsonb_safe(rejection.payload), default=repr)
+        payload = json.dumps(jsonb_safe(rejection.payload), ensure_ascii=False, default=repr)
         truncated = True
     else:
         payload, size, digest, truncated = bounded_payload(

@@ -11,6 +11,7 @@ import json
 import re
 import uuid
 from datetime import datetime
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -79,36 +80,13 @@ def email_problem(value: str) -> str | None:
     An internationalised domain (``user@bücher.de``) must be IDNA-encodable; one that is
     not is refused here rather than discovered in the middle of a delivery batch.
     """
-    limit = _LIMITS.max_email_chars
-    if len(value) > limit:
-        return f"is {len(value)} characters, more than the limit of {limit}"
-    if not _EMAIL_PATTERN.match(value):
-        return f"not a valid email address ({quote(value)})"
-    domain = value.rpartition("@")[2]
-    if not domain.isascii():
-        try:
-            domain.encode("idna")
-        except UnicodeError:
-            return f"the domain cannot be IDNA-encoded ({quote(domain)})"
-    return None
+    return address_problem("email", value)
 
 
 def url_problem(value: str) -> str | None:
     """Why ``value`` is not a URL a channel can connect to, or None (length, scheme,
     host, port: ``http://example.com:99999/`` and ``[::1`` are refused here)."""
-    limit = _LIMITS.max_url_chars
-    if len(value) > limit:
-        return f"is {len(value)} characters, more than the limit of {limit}"
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises for a port out of range or not a number
-    except ValueError as exc:
-        return f"not a valid URL ({exc}): {quote(value)}"
-    if not parts.scheme:
-        return f"not a valid URL (no scheme): {quote(value)}"
-    if not parts.hostname:
-        return f"not a valid URL (no host): {quote(value)}"
-    return None
+    return address_problem("webhook", value)
 
 
 def _email(value: str) -> str:
@@ -117,8 +95,6 @@ def _email(value: str) -> str:
         raise ValueError(problem)
     return value
 
-
-_LIMITS = get_settings()
 
 Identifier = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255),
@@ -140,12 +116,38 @@ class AddressError(ValueError):
 
 def address_problem(channel: str, value: str) -> str | None:
     """Why ``value`` cannot be the recipient's address on ``channel``, or None."""
+    settings = get_settings()
+    limit = settings.max_email_chars if channel == "email" else settings.max_url_chars
+    if len(value) > limit:
+        return f"is {len(value)} characters, more than the limit of {limit}"
+    return _format_problem(channel, value)
+
+
+@lru_cache(maxsize=1024)
+def _format_problem(channel: str, value: str) -> str | None:
+    """Cached (values are bounded by now): a recipient's addresses come again with each
+    of its notifications."""
     if channel == "email":
-        return email_problem(value)
+        if not _EMAIL_PATTERN.match(value):
+            return f"not a valid email address ({quote(value)})"
+        domain = value.rpartition("@")[2]
+        if not domain.isascii():
+            try:
+                domain.encode("idna")
+            except UnicodeError:
+                return f"the domain cannot be IDNA-encoded ({quote(domain)})"
+        return None
     if channel in URL_CHANNELS:
-        return url_problem(value)
-    if len(value) > _LIMITS.max_url_chars:
-        return f"is {len(value)} characters, more than the limit of {_LIMITS.max_url_chars}"
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises for a port out of range or not a number
+        except ValueError as exc:
+            return f"not a valid URL ({exc}): {quote(value)}"
+        if not parts.scheme:
+            return f"not a valid URL (no scheme): {quote(value)}"
+        if not parts.hostname:
+            return f"not a valid URL (no host): {quote(value)}"
+        return None
     if channel == "sms" and not _PHONE.match(value):
         return f"not a phone number ({quote(value)})"
     return None
@@ -168,10 +170,7 @@ class RecipientIn(BaseModel):
     locale: Annotated[
         str, StringConstraints(max_length=16), AfterValidator(_single_line)
     ] | None = None
-    addresses: Annotated[
-        dict[str, Annotated[str, AfterValidator(_single_line)]],
-        Field(max_length=_LIMITS.max_addresses),
-    ] = {}
+    addresses: dict[str, Annotated[str, AfterValidator(_single_line)]] = {}
 
     @field_validator("timezone")
     @classmethod
@@ -188,6 +187,11 @@ class RecipientIn(BaseModel):
     @field_validator("addresses")
     @classmethod
     def _known_channels(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            return value
+        limit = get_settings().max_addresses
+        if len(value) > limit:
+            raise ValueError(f"has {len(value)} entries, more than the limit of {limit}")
         check_channel_names(list(value))
         for channel, address in value.items():
             problem = address_problem(channel, address)

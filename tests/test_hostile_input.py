@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import threading
 import uuid
@@ -264,8 +265,11 @@ def test_message_that_kills_its_pool_process_is_dead_lettered_after_n_tries(prod
     (row,) = dead_letters()
     assert row.dedup_key == f"ingest:{poison_id}:message"
     assert row.error_class == "WorkerLostError"
-    assert row.reason.startswith("message: came back 3 times after failing (limit 3); last"
-                                 " failure: the worker process failed: WorkerLostError")
+    # At least 3: under load Redis may also restore a copy whose visibility timeout
+    # (4 s in the tests) passed while it waited for a pool process, and both copies fail.
+    came_back = re.match(r"message: came back (\d+) times after failing \(limit 3\); last"
+                         r" failure: the worker process failed: WorkerLostError", row.reason)
+    assert came_back and int(came_back.group(1)) >= 3, row.reason
     assert row.payload == [{**row.payload[0], "title": "kills its worker"}]
 
 
@@ -288,3 +292,41 @@ def test_postgres_away_longer_than_the_limit_dead_letters_nothing(producer):
         wait_until_settled([good], dead=0)
     finally:
         worker.stop()
+
+
+def test_unreadable_messages_are_dead_lettered_not_dropped(worker, producer):
+    """A compressed body (a zlib bomb would be decompressed before any size check) and
+    a message whose ``eta`` header is not a time cannot be read: each is dead-lettered
+    with the reason; the message sent between them lands."""
+    good = _note()
+    zipped = producer.send_task("notifier.ingest", args=[[_note()]], compression="zlib",
+                                queue="notifier.normal").id
+    send(producer, [good])
+    bad_eta = send(producer, [[_note()]], headers={"eta": "not a time"})
+    wait_until_settled([good], dead=2)
+    reasons = {row.dedup_key: row.reason for row in dead_letters()}
+    assert reasons[f"ingest:{zipped}:message"] == (
+        "message: compressed bodies are not accepted (compression: 'application/x-gzip')")
+    assert reasons[f"ingest:{bad_eta}:message"].startswith(
+        "message: could not be read: InvalidTaskError: invalid ETA value 'not a time'")
+
+
+def test_client_splits_a_batch_that_would_exceed_the_message_limit():
+    """notify_many with big notifications publishes messages under
+    ``NOTIFIER_MAX_MESSAGE_BYTES`` (ingest would dead-letter a bigger one whole)."""
+    from notifier import client
+    from notifier.settings import get_settings
+
+    limit = get_settings().max_message_bytes
+    notes = [_note(body="é" * 60_000) for _ in range(60)]  # ~7 MB of JSON, escaped more
+    client.notify_many(notes)
+    broker = redis.Redis.from_url(BROKER_URL)
+    try:
+        bodies = [json.loads(raw)["body"] for raw in broker.lrange("notifier.normal", 0, -1)]
+    finally:
+        broker.delete("notifier.normal")  # no worker here: leave nothing for the next test
+        broker.close()
+    import base64
+
+    sizes = [len(base64.b64decode(body)) for body in bodies]
+    assert len(sizes) > 1 and max(sizes) < limit, sizes
