@@ -26,7 +26,7 @@ subclass keeps its message handling and replaces the rest:
   than Postgres being away, or whose pool process died, counts one failure against
   each of its messages (in the state Redis). A redelivered message with failures runs
   in a batch of its own, so its companions are not dragged along; at
-  ``max_deliveries`` failures it is dead-lettered without running. A message on its
+  ``message_max_failures`` failures it is dead-lettered without running. A message on its
   first delivery costs no Redis round trip: only redelivered ones are looked up.
 """
 
@@ -213,11 +213,11 @@ class CommittedBatches(Batches):
         message_id = _message_id(message)
         failures = _failures_of(message_id)
         count = int(failures.get(b"count", 0) or 0)
-        if count >= settings.max_deliveries:
+        if count >= settings.message_max_failures:
             last = failures.get(b"reason", b"").decode(errors="replace")
             return self._refuse(
                 message, f"message: came back {count} times after failing (limit"
-                f" {settings.max_deliveries}); last failure: {last}",
+                f" {settings.message_max_failures}); last failure: {last}",
                 failures.get(b"error_class", b"Exception").decode(errors="replace"),
                 decode=True,
             )
@@ -544,7 +544,7 @@ def _count_failures(requests: list[Any], error_class: str, reason: str) -> None:
     """One more failure against each message of a batch that did not commit."""
     from notifier.state import state_redis
 
-    ttl = get_settings().delivery_count_ttl
+    ttl = get_settings().message_failures_ttl
     try:
         pipe = state_redis().pipeline(transaction=False)
         for request in requests:

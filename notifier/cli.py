@@ -362,20 +362,25 @@ def replay_dead_letters(yes: bool, **filters: Any) -> None:
         return
     if not yes:
         click.confirm(f"replay {total} dead letters?", abort=True)
-    replayed, skipped, purged = _replay_in_chunks(where, total)
+    replayed, skipped, purged, refused = _replay_in_chunks(where, total)
+    for line in refused:  # a truncated payload: replaying it would send a fragment
+        click.echo(line, err=True)
     click.echo(f"replayed {replayed} dead letters"
                + (f"; {skipped} skipped (their delivery is no longer dead)" if skipped else "")
                + (f"; {purged} skipped (their delivery was deleted by retention,"
-                  " NOTIFIER_RETENTION_DELIVERIES_DAYS)" if purged else ""))
+                  " NOTIFIER_RETENTION_DELIVERIES_DAYS)" if purged else "")
+               + (f"; {len(refused)} refused (only a prefix of their payload was kept)"
+                  if refused else ""))
 
 
-def _replay_in_chunks(where: Any, total: int) -> tuple[int, int, int]:
+def _replay_in_chunks(where: Any, total: int) -> tuple[int, int, int, list[str]]:
     from notifier.db import session_scope
     from notifier.dead_letters import replay_dead_letters, replayable_ids
     from notifier.settings import get_settings
     from notifier.tasks import publish, publish_ingest
 
     replayed = skipped = purged = 0
+    refused: list[str] = []
     with session_scope() as session:
         chunks = list(replayable_ids(session, where))
     with click.progressbar(length=total, label="replaying", file=sys.stderr) as bar:
@@ -386,8 +391,9 @@ def _replay_in_chunks(where: Any, total: int) -> tuple[int, int, int]:
             publish_ingest(replay.ingest_payloads)
             replayed, skipped = replayed + replay.replayed, skipped + replay.skipped
             purged += replay.purged
+            refused += replay.refused
             bar.update(len(ids))
-    return replayed, skipped, purged
+    return replayed, skipped, purged, refused
 
 
 @dead_letters.command("purge")

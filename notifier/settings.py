@@ -101,9 +101,9 @@ class Settings(BaseSettings):
     dead_letter_payload_bytes: int = Field(65536, ge=1024)
     #: A message whose batch failed (not because Postgres was away) or killed its pool
     #: process this many times is dead-lettered instead of being tried again.
-    max_deliveries: int = Field(5, ge=1)
+    message_max_failures: int = Field(5, ge=1)
     #: Seconds the failure count of a message is kept (in the state Redis).
-    delivery_count_ttl: int = Field(86400, ge=60)
+    message_failures_ttl: int = Field(86400, ge=60)
     #: Bytes of messages a worker may hold (waiting or in its pool) before it stops
     #: fetching from the bulk queues; at twice this it stops fetching critical ones too.
     #: A held message costs about three times its size in memory (the broker's copy,

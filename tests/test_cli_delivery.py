@@ -42,6 +42,21 @@ def test_replay_with_nothing_matching_says_so():
     assert result.returncode == 0 and "no dead letters to replay" in result.stdout
 
 
+def test_replay_refuses_a_dead_letter_that_kept_only_a_prefix():
+    """Replaying a cut payload would send a fragment: the command names it and sends nothing."""
+    with session_scope() as session:
+        session.connection().exec_driver_sql(
+            "INSERT INTO dead_letters (dedup_key, stage, reason, type, payload, payload_bytes,"
+            " payload_truncated) VALUES ('cut', 'ingest', 'too big', 'alert',"
+            " '\"{\\\"recip\"', 50000000, true)"
+        )
+    result = run("dead-letters", "replay", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert "not replayed: only a prefix of its 50000000-byte payload was kept" in result.stderr
+    assert "1 refused" in result.stdout
+    assert count_rows("SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL") == 1
+
+
 def test_inbox_lists_unread_and_marks_read():
     from notifier.channels.base import OutgoingMessage
     from notifier.channels.inapp import InAppChannel

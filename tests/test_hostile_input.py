@@ -232,7 +232,7 @@ def _kill_pool_process_in_trigger_sleep(worker: WorkerProcess, stop: threading.E
 
 def test_message_that_kills_its_pool_process_is_dead_lettered_after_n_tries(producer):
     """A message whose batch kills the pool process every time comes back at most
-    ``NOTIFIER_MAX_DELIVERIES`` times, then is dead-lettered with the failure's class; the
+    ``NOTIFIER_MESSAGE_MAX_FAILURES`` times, then is dead-lettered with the failure's class; the
     good messages batched with it the first time are stored."""
     with session_scope() as session:
         session.execute(text("""
@@ -248,7 +248,7 @@ def test_message_that_kills_its_pool_process_is_dead_lettered_after_n_tries(prod
     send(producer, [good[:2]])
     poison_id = send(producer, [[_note(title="kills its worker")]])
     send(producer, [good[2:]])
-    worker = WorkerProcess.start(env={"NOTIFIER_MAX_DELIVERIES": "3",
+    worker = WorkerProcess.start(env={"NOTIFIER_MESSAGE_MAX_FAILURES": "3",
                                       "NOTIFIER_INGEST_FLUSH_INTERVAL": "0.5"})
     stop = threading.Event()
     killer = threading.Thread(target=_kill_pool_process_in_trigger_sleep, args=(worker, stop))
@@ -275,9 +275,9 @@ def test_message_that_kills_its_pool_process_is_dead_lettered_after_n_tries(prod
 
 def test_postgres_away_longer_than_the_limit_dead_letters_nothing(producer):
     """Failures while Postgres is unusable (here: its table renamed away) are not the
-    message's: it comes back more than ``NOTIFIER_MAX_DELIVERIES`` times and is stored
+    message's: it comes back more than ``NOTIFIER_MESSAGE_MAX_FAILURES`` times and is stored
     once the table is back, with no dead letter."""
-    worker = WorkerProcess.start(env={"NOTIFIER_MAX_DELIVERIES": "2"})
+    worker = WorkerProcess.start(env={"NOTIFIER_MESSAGE_MAX_FAILURES": "2"})
     with session_scope() as session:
         session.execute(text("ALTER TABLE notifications RENAME TO notifications_away"))
     try:
