@@ -50,7 +50,13 @@ from bench.workers import Worker, WorkerSpec, running_worker
 from notifier.channels import close_channels
 from notifier.channels.base import OutgoingMessage
 from notifier.channels.email import EmailChannel
-from notifier.channels.webhook import WebhookChannel
+from notifier.channels.webhook import (
+    IDEMPOTENCY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    encode_payload,
+    signature_header,
+)
 from notifier.db import session_scope
 from notifier.delivery import DeliveryTask, deliver_batch, queue_deliveries
 from notifier.ids import uuid7
@@ -858,11 +864,9 @@ def webhook_naive(bench: Bench, count: int) -> Outcome:
     """
     with http_server(bench.config) as server:
         url = hook_url(server)
-        composer = WebhookChannel("webhook://?allow_private=yes")
-
         def send(messages: list[OutgoingMessage], post: Callable[..., httpx.Response]) -> None:
             for message in messages:
-                post(url, timeout=10, **composer.request(message)).raise_for_status()
+                post(url, timeout=10, **naive_webhook_request(message)).raise_for_status()
 
         send(outgoing("webhook", 5, url), httpx.post)
 
@@ -892,6 +896,26 @@ def webhook_naive(bench: Bench, count: int) -> Outcome:
         outcome.extra["new_connection_one_client_rate"] = max(rates)
         outcome.extra["new_connection_one_client_rates_per_run"] = rates
         return outcome
+
+
+def naive_webhook_request(message: OutgoingMessage) -> dict[str, Any]:
+    """What the channel posts (the same body and signed headers), signed with one secret
+    a naive sender would keep in its configuration."""
+    now = time.time()
+    body = encode_payload(message, now)
+    timestamp = str(int(now))
+    headers = {
+        "Content-Type": "application/json",
+        IDEMPOTENCY_HEADER: message.idempotency_key,
+        TIMESTAMP_HEADER: timestamp,
+        SIGNATURE_HEADER: signature_header(
+            [NAIVE_WEBHOOK_SECRET], timestamp, message.idempotency_key, body
+        ),
+    }
+    return {"content": body, "headers": headers}
+
+
+NAIVE_WEBHOOK_SECRET = "whsec_bench-naive-sender"
 
 
 def webhook_pooled(bench: Bench, count: int) -> Outcome:
