@@ -50,13 +50,7 @@ from bench.workers import Worker, WorkerSpec, running_worker
 from notifier.channels import close_channels
 from notifier.channels.base import OutgoingMessage
 from notifier.channels.email import EmailChannel
-from notifier.channels.webhook import (
-    IDEMPOTENCY_HEADER,
-    SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
-    encode_payload,
-    signature_header,
-)
+from notifier.channels.webhook import signed_request
 from notifier.db import session_scope
 from notifier.delivery import DeliveryTask, deliver_batch, queue_deliveries
 from notifier.ids import uuid7
@@ -856,6 +850,11 @@ def email_pooled(bench: Bench, count: int) -> Outcome:
 # --- Webhooks ----------------------------------------------------------------------------
 
 
+#: The one secret a naive sender would keep in its configuration (the channel gives
+#: each receiver its own).
+NAIVE_WEBHOOK_SECRET = "whsec_bench-naive-sender"
+
+
 def webhook_naive(bench: Bench, count: int) -> Outcome:
     """``httpx.post`` per request: a new client (and connection) each time, sequential.
 
@@ -866,7 +865,8 @@ def webhook_naive(bench: Bench, count: int) -> Outcome:
         url = hook_url(server)
         def send(messages: list[OutgoingMessage], post: Callable[..., httpx.Response]) -> None:
             for message in messages:
-                post(url, timeout=10, **naive_webhook_request(message)).raise_for_status()
+                request = signed_request(message, [NAIVE_WEBHOOK_SECRET], time.time())
+                post(url, timeout=10, **request).raise_for_status()
 
         send(outgoing("webhook", 5, url), httpx.post)
 
@@ -898,24 +898,8 @@ def webhook_naive(bench: Bench, count: int) -> Outcome:
         return outcome
 
 
-def naive_webhook_request(message: OutgoingMessage) -> dict[str, Any]:
-    """What the channel posts (the same body and signed headers), signed with one secret
-    a naive sender would keep in its configuration."""
-    now = time.time()
-    body = encode_payload(message, now)
-    timestamp = str(int(now))
-    headers = {
-        "Content-Type": "application/json",
-        IDEMPOTENCY_HEADER: message.idempotency_key,
-        TIMESTAMP_HEADER: timestamp,
-        SIGNATURE_HEADER: signature_header(
-            [NAIVE_WEBHOOK_SECRET], timestamp, message.idempotency_key, body
-        ),
-    }
-    return {"content": body, "headers": headers}
-
-
-NAIVE_WEBHOOK_SECRET = "whsec_bench-naive-sender"
+#: The one secret a naive sender would keep in its configuration (the channel gives
+#: each receiver its own).
 
 
 def webhook_pooled(bench: Bench, count: int) -> Outcome:

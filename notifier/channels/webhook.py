@@ -111,18 +111,23 @@ class WebhookChannel(HttpChannel):
                 f"webhook: recipient {message.recipient_id} has no signing secret"
                 " (it is not a recipient any more)"
             )
-        now = time.time()
-        body = encode_payload(message, now)
-        timestamp = str(int(now))
-        headers = {
-            "Content-Type": "application/json",
-            IDEMPOTENCY_HEADER: message.idempotency_key,
-            TIMESTAMP_HEADER: timestamp,
-            SIGNATURE_HEADER: signature_header(
-                signing.all, timestamp, message.idempotency_key, body
-            ),
-        }
-        return {"content": body, "headers": headers}
+        return signed_request(message, signing.all, time.time())
+
+
+def signed_request(
+    message: OutgoingMessage, secrets: Sequence[bytes | str], now: float
+) -> dict[str, Any]:
+    """Keyword arguments of ``httpx.Client.post`` for one message: the JSON body and its
+    headers, signed with each of ``secrets`` (newest first)."""
+    body = encode_payload(message, now)
+    timestamp = str(int(now))
+    headers = {
+        "Content-Type": "application/json",
+        IDEMPOTENCY_HEADER: message.idempotency_key,
+        TIMESTAMP_HEADER: timestamp,
+        SIGNATURE_HEADER: signature_header(secrets, timestamp, message.idempotency_key, body),
+    }
+    return {"content": body, "headers": headers}
 
 
 def _option_names(query: str) -> set[str]:
