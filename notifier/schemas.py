@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import idna
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -83,6 +84,13 @@ def email_problem(value: str) -> str | None:
     return address_problem("email", value)
 
 
+def idna_domain(domain: str) -> str:
+    """The domain as SMTP carries it (``bücher.de`` -> ``xn--bcher-kva.de``, IDNA 2008 with
+    UTS 46 mapping): ingest refuses what this refuses, so the e-mail channel never
+    meets a domain it cannot send to. ``idna.IDNAError`` for a domain IDNA refuses."""
+    return domain if domain.isascii() else idna.encode(domain, uts46=True).decode("ascii")
+
+
 def url_problem(value: str) -> str | None:
     """Why ``value`` is not a URL a channel can connect to, or None (length, scheme,
     host, port: ``http://example.com:99999/`` and ``[::1`` are refused here)."""
@@ -131,11 +139,10 @@ def _format_problem(channel: str, value: str) -> str | None:
         if not _EMAIL_PATTERN.match(value):
             return f"not a valid email address ({quote(value)})"
         domain = value.rpartition("@")[2]
-        if not domain.isascii():
-            try:
-                domain.encode("idna")
-            except UnicodeError:
-                return f"the domain cannot be IDNA-encoded ({quote(domain)})"
+        try:
+            idna_domain(domain)
+        except (idna.IDNAError, UnicodeError):
+            return f"the domain cannot be IDNA-encoded ({quote(domain)})"
         return None
     if channel in URL_CHANNELS:
         try:

@@ -44,6 +44,7 @@ from notifier.channels.base import (
     RetryableError,
     SendResult,
 )
+from notifier.schemas import idna_domain
 
 #: On the wire every line ends in CRLF: ``sendmail`` sends bytes as they are, and a
 #: server takes bare LF text as one overlong line ("500 Line too long").
@@ -420,8 +421,7 @@ def _idna_address(address: Mailbox) -> Mailbox:
     as SMTP needs it; ``idna.IDNAError`` for a domain IDNA refuses."""
     if address.domain.isascii():
         return address
-    domain = idna.encode(address.domain, uts46=True).decode("ascii")
-    return Mailbox(address.display_name, address.username, domain)
+    return Mailbox(address.display_name, address.username, idna_domain(address.domain))
 
 
 def _address(address: str, display_name: str, *, dotless_domain: bool = False) -> Mailbox:
