@@ -52,10 +52,6 @@ __all__ = ["HostUnreachable", "HttpChannel", "check_target", "get_client", "mask
 
 USER_AGENT = "notifier/0.1"
 
-#: Path segments and query values this long or longer look like tokens (Slack, Discord
-#: and Teams hooks carry theirs in the path): ``mask_target`` hides them.
-SECRET_LOOKING_LENGTH = 20
-
 #: Response headers that describe the body as sent; a capped copy drops them.
 _BODY_HEADERS = ("content-length", "content-encoding", "transfer-encoding")
 
@@ -271,12 +267,6 @@ def _reason(exc: Exception, url: str) -> str:
     """The exception's text on one line, with the raw URL (secrets and all) masked."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text.replace(url, mask_target(url))[:200]
-
-
-def origin(url: str) -> tuple[str, str, int | None]:
-    """(scheme, host, port): what "the same host" means when a batch skips one."""
-    parts = urlsplit(url)
-    return parts.scheme, (parts.hostname or ""), parts.port
 
 
 def read_capped(response: httpx.Response, limit: int) -> httpx.Response:
