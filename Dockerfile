@@ -1,6 +1,6 @@
 # The notifier image: one image for the migrate job, the workers, beat and Flower
 # (docker-compose.yml picks the command). The project is installed as a wheel, which
-# carries the migrations and celeryconfig inside the package.
+# carries the migrations inside the package.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -9,7 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY pyproject.toml README.md celeryconfig.py ./
+COPY pyproject.toml README.md ./
 COPY migrations ./migrations
 COPY notifier ./notifier
 RUN pip install . && rm -rf /src

@@ -183,8 +183,8 @@ def run(config: BenchConfig) -> int:
     import redis
 
     from bench import database, report, scenarios
-    from notifier.migrate import upgrade
     from notifier.settings import get_settings
+    from notifier.storage.migrate import upgrade
 
     upgrade(config.database_url)
     settings = get_settings()

@@ -27,11 +27,11 @@ from bench.config import RESULTS_DIR, BenchConfig
 from bench.scenarios import Bench, Outcome
 from bench.series import summary
 from bench.workers import WorkerSpec, running_worker
-from notifier.aggregation import flush_due_windows
-from notifier.db import session_scope
-from notifier.ingest import IngestMessage, ingest_batch
-from notifier.rules import BUILTIN_RULES
+from notifier.pipeline.aggregation import flush_due_windows
+from notifier.pipeline.ingest import IngestMessage, ingest_batch
+from notifier.pipeline.rules import BUILTIN_RULES
 from notifier.settings import get_settings
+from notifier.storage.db import session_scope
 
 #: Tables the aggregation scenarios empty first.
 TABLES = ("notifications, deliveries, digests, aggregation_windows, idempotency_keys,"

@@ -51,13 +51,13 @@ from notifier.channels import close_channels
 from notifier.channels.base import OutgoingMessage
 from notifier.channels.email import EmailChannel
 from notifier.channels.webhook import signed_request
-from notifier.db import session_scope
-from notifier.delivery import DeliveryTask, deliver_batch, queue_deliveries
 from notifier.ids import uuid7
-from notifier.ingest import IngestMessage, ingest_batch
+from notifier.pipeline.delivery import DeliveryTask, deliver_batch, queue_deliveries
+from notifier.pipeline.ingest import IngestMessage, ingest_batch
 from notifier.settings import Settings, delivery_queue, get_settings
-from notifier.state import state_redis
-from notifier.tasks import publish
+from notifier.storage.db import session_scope
+from notifier.storage.state import state_redis
+from notifier.worker.tasks import publish
 
 #: Deliveries sent before the clock starts (connections, first queries, imports).
 WARM_UP = 40

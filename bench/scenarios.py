@@ -27,10 +27,10 @@ from bench.series import Sampler, Samples, relative, row_counter
 from bench.workers import Worker
 from notifier.client import BufferedProducer, build, notify, notify_many
 from notifier.ids import uuid7
-from notifier.ingest import IngestMessage
+from notifier.pipeline.ingest import IngestMessage
 from notifier.schemas import to_message
 from notifier.settings import get_settings, queue_name
-from notifier.tasks import store_messages
+from notifier.worker.tasks import store_messages
 
 Payload = dict[str, Any]
 Sender = Callable[[list[Payload]], None]

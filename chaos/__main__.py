@@ -68,7 +68,7 @@ def run(config: ChaosConfig) -> int:
     # Imported only now: notifier reads NOTIFIER_* once, at import.
     from chaos import report
     from chaos.scenarios import Db, run_scenario
-    from notifier.migrate import upgrade
+    from notifier.storage.migrate import upgrade
 
     upgrade(config.database_url)
     names = [name for name in SCENARIOS if not config.only or name in config.only]

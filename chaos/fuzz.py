@@ -445,7 +445,7 @@ def hostile_messages(pools: Pools, rng: random.Random) -> list[FuzzMessage]:
 
 def _finish(value: FuzzMessage) -> None:
     """Fill in unique ids and keys, the message id, the queue; work out stored ids."""
-    from notifier.ingest import id_for_unnamed, message_id_of
+    from notifier.pipeline.ingest import id_for_unnamed, message_id_of
 
     value.message_id = value.fixed_id or f"chaos-fuzz-{uuid.uuid4()}"
     stored_as = message_id_of(value.message_id)
@@ -607,7 +607,7 @@ def tally(conn: Any, sent: FuzzSend) -> FuzzTally:
 
 def dead_letter_key(value: FuzzMessage, item: int | str) -> str:
     """The dedup key of an item's (or the whole message's) dead letter."""
-    from notifier.ingest import dedup_key, message_id_of
+    from notifier.pipeline.ingest import dedup_key, message_id_of
 
     return dedup_key(message_id_of(value.message_id), item)
 

@@ -13,7 +13,7 @@ def __getattr__(name: str) -> Any:
     # Loaded on first use so that `notifier --help` and a bad setting in the CLI never
     # fail while the package itself is being imported.
     if name == "app":
-        from notifier.celery_app import app
+        from notifier.worker.app import app
 
         return app
     raise AttributeError(f"module 'notifier' has no attribute {name!r}")

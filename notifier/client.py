@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from notifier.celery_app import app
 from notifier.ids import uuid7
 from notifier.schemas import (
     ENQUEUED_AT_HEADER,
@@ -31,6 +30,7 @@ from notifier.schemas import (
     to_message,
 )
 from notifier.settings import PRIORITIES, get_settings, queue_name
+from notifier.worker.app import app
 
 INGEST_TASK = "notifier.ingest"
 
@@ -301,8 +301,8 @@ def lookup(idempotency_key: str) -> str | None:
     """The id of the notification stored under an idempotency key, if still remembered."""
     from sqlalchemy import select
 
-    from notifier.db import session_scope
-    from notifier.models import IdempotencyKey
+    from notifier.storage.db import session_scope
+    from notifier.storage.models import IdempotencyKey
 
     with session_scope() as session:
         found = session.scalar(
@@ -313,8 +313,8 @@ def lookup(idempotency_key: str) -> str | None:
 
 def inbox(recipient_id: str, *, unread_only: bool = True, limit: int = 50) -> list[dict[str, Any]]:
     """The recipient's in-app messages, newest first (what an app shows in its bell menu)."""
-    from notifier.db import session_scope
-    from notifier.inbox import list_inbox
+    from notifier.pipeline.inbox import list_inbox
+    from notifier.storage.db import session_scope
 
     with session_scope() as session:
         rows = list_inbox(session, recipient_id, unread_only=unread_only, limit=limit)
@@ -330,8 +330,8 @@ def inbox(recipient_id: str, *, unread_only: bool = True, limit: int = 50) -> li
 
 def mark_read(recipient_id: str, message_ids: Iterable[str] | None = None) -> int:
     """Mark the recipient's inbox messages read (all unread when no ids); returns how many."""
-    from notifier.db import session_scope
-    from notifier.inbox import mark_read as mark
+    from notifier.pipeline.inbox import mark_read as mark
+    from notifier.storage.db import session_scope
 
     with session_scope() as session:
         return mark(session, recipient_id, None if message_ids is None else list(message_ids))
@@ -346,9 +346,9 @@ def set_preferences(recipient_id: str, **changes: Any) -> dict[str, Any]:
     ``digest_mode``, ``digest_time``, ``digest_day``; None restores the default).
     Raises NotificationError naming each bad field; returns what is now stored.
     """
-    from notifier.db import session_scope
-    from notifier.preferences import get_recipient_preferences
-    from notifier.preferences import set_preferences as store
+    from notifier.pipeline.preferences import get_recipient_preferences
+    from notifier.pipeline.preferences import set_preferences as store
+    from notifier.storage.db import session_scope
 
     with session_scope() as session:
         store(session, recipient_id, changes)
@@ -358,8 +358,8 @@ def set_preferences(recipient_id: str, **changes: Any) -> dict[str, Any]:
 
 def get_preferences(recipient_id: str) -> dict[str, Any] | None:
     """The recipient's fields and preferences (defaults filled in), or None if unknown."""
-    from notifier.db import session_scope
-    from notifier.preferences import get_recipient_preferences
+    from notifier.pipeline.preferences import get_recipient_preferences
+    from notifier.storage.db import session_scope
 
     with session_scope() as session:
         found = get_recipient_preferences(session, recipient_id)
@@ -377,7 +377,7 @@ def cancel(notification_id: str | None = None, *, idempotency_key: str | None = 
     was folded into a digest, it returns False: there is nothing left to take back.
     Raises NotificationError if neither or both ways of naming it are given.
     """
-    from notifier.cancel import cancel_by
+    from notifier.pipeline.cancel import cancel_by
 
     return cancel_by(notification_id, idempotency_key).cancelled
 
@@ -467,7 +467,7 @@ class _Unconfirmed:
 def _stored_ids(ids: list[uuid.UUID]) -> set[uuid.UUID]:
     from sqlalchemy import text
 
-    from notifier.db import session_scope
+    from notifier.storage.db import session_scope
 
     found: set[uuid.UUID] = set()
     with session_scope() as session:

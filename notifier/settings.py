@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     #: Seconds between beat's retention runs (``notifier.purge_expired``, every table).
     retention_interval: float = Field(3600, gt=0)
 
-    # --- Retention (``notifier/retention.py``, ``docs/retention.md``) ----------------
+    # --- Retention (``notifier/pipeline/retention.py``, ``docs/retention.md``) ----------------
     #: Days a row is kept once finished; 0 keeps it forever. Nothing unfinished is ever
     #: purged, and a row is kept while another row refers to it (a notification while it
     #: has deliveries, a digest while it has member notifications or deliveries), so

@@ -89,13 +89,13 @@ def _fail(message: str) -> None:
 def use_services() -> None:
     """Point this process (and its children, via the environment) at answering services.
 
-    ``notifier.celery_app`` already read the broker URL when ``local_services`` imported
+    ``notifier.worker.app`` already read the broker URL when ``local_services`` imported
     the settings, so the app is re-pointed too: our demo must reach the same broker.
     """
     changed = local_services.ensure_services(DATA_DIR)
     os.environ.update(changed)
-    from notifier.celery_app import app
     from notifier.settings import get_settings, mask_url
+    from notifier.worker.app import app
 
     get_settings.cache_clear()
     settings = get_settings()
@@ -108,8 +108,8 @@ def migrate() -> None:
     """Create the database if missing and bring its schema to the newest revision."""
     from sqlalchemy.engine import make_url
 
-    from notifier.migrate import upgrade
     from notifier.settings import get_settings
+    from notifier.storage.migrate import upgrade
 
     created = upgrade()
     database = make_url(get_settings().database_url).database
@@ -175,7 +175,7 @@ def flower_login() -> str:
 
 def wait_for_worker(timeout: float = WORKER_TIMEOUT) -> None:
     """Block until our worker answers a ping: demo messages need a consumer."""
-    from notifier.celery_app import app
+    from notifier.worker.app import app
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -218,8 +218,8 @@ def send_demo() -> Demo:
     The bad one goes around the client (which would refuse it) as a foreign producer
     would send it, to show that ingest parks it as a dead letter instead of failing.
     """
-    from notifier.celery_app import app
     from notifier.client import INGEST_TASK, notify, notify_many
+    from notifier.worker.app import app
 
     ids = [
         notify("alice", "security.login", "New sign-in to your account",
@@ -254,7 +254,7 @@ def wait_for_commit(demo: Demo, timeout: float = COMMIT_TIMEOUT) -> str:
     """Poll Postgres until every demo row and the dead letter are there; the reason."""
     from sqlalchemy import text
 
-    from notifier.db import get_engine
+    from notifier.storage.db import get_engine
 
     ids = [uuid.UUID(value) for value in demo.ids]
     reason: str | None = None
@@ -281,8 +281,8 @@ def report(demo: Demo, reason: str) -> None:
     """Print the notifications table by status and priority, the dead letter, next steps."""
     from sqlalchemy import text
 
-    from notifier.db import get_engine
     from notifier.settings import PRIORITIES
+    from notifier.storage.db import get_engine
 
     show_digest(demo)
     with get_engine().connect() as connection:
@@ -304,7 +304,7 @@ def show_digest(demo: Demo, timeout: float = COMMIT_TIMEOUT) -> None:
     """Wait for this run's three alerts to come out as one digest in carol's inbox."""
     from sqlalchemy import text
 
-    from notifier.db import get_engine
+    from notifier.storage.db import get_engine
 
     alerts = [uuid.UUID(value) for value in demo.ids[-3:]]
     deadline = time.monotonic() + timeout

@@ -59,11 +59,11 @@ def database() -> Iterator[str]:
     """The run's own database at Alembic head, dropped at the end."""
     from sqlalchemy import create_engine, text
 
-    from notifier import migrate
+    from notifier.storage import migrate
 
     migrate.upgrade(DATABASE_URL)
     yield DATABASE_URL
-    from notifier.db import _engines
+    from notifier.storage.db import _engines
 
     for engine in _engines.values():
         engine.dispose()
@@ -84,7 +84,7 @@ def broker() -> Iterator[redis.Redis]:
 @pytest.fixture(autouse=True)
 def clean_state(database: str, broker: redis.Redis) -> Iterator[None]:
     """Every test starts with empty tables and empty queues."""
-    from notifier.db import session_scope
+    from notifier.storage.db import session_scope
 
     with session_scope() as session:
         session.connection().exec_driver_sql(

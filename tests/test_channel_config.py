@@ -17,12 +17,12 @@ import pytest
 
 from notifier.channels import check_channel_urls, close_channels
 from notifier.channels.email import EmailChannel
-from notifier.delivery import circuit_breaker, deliver_batch
+from notifier.pipeline.delivery import circuit_breaker, deliver_batch
 from notifier.settings import DEFAULT_CHANNEL_URLS, ConfigError, Settings, get_settings
-from notifier.state import state_redis
+from notifier.storage.state import state_redis
 from tests.http_server import http_server_fixture  # noqa: F401
+from tests.pipeline.test_delivery_isolation import make_due, rows, seed
 from tests.smtp_server import SmtpServer
-from tests.test_delivery_isolation import make_due, rows, seed
 from tests.workers import ROOT, count_rows
 
 BAD_EMAIL = "smtp://h?from=x"

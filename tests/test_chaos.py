@@ -18,7 +18,7 @@ import pytest
 
 from chaos.config import ChaosConfig
 from chaos.scenarios import Result, run_scenario
-from notifier.ingest import IngestMessage
+from notifier.pipeline.ingest import IngestMessage
 from tests.conftest import BROKER_URL, DATABASE_URL
 from tests.workers import count_rows
 
@@ -85,7 +85,7 @@ def _nested(levels: int) -> dict[str, object]:
 ], ids=["NUL in title", "lone surrogate in body", "NaN in data", "NUL in recipient name",
         "lone surrogate in type", "data 950 levels deep"])
 def test_a_payload_jsonb_cannot_hold_is_dead_lettered(payload):
-    from notifier.tasks import store_messages
+    from notifier.worker.tasks import store_messages
 
     result = store_messages([IngestMessage("chaos-poison", payload),
                              IngestMessage("chaos-good", {**BASE, "title": "fine"})])
@@ -100,7 +100,7 @@ def test_the_sweeper_leaves_a_delivery_claimed_meanwhile_alone(meanwhile):
     taking it back as lost: the sweeper must not undo the claim."""
     import uuid
 
-    from notifier.delivery import sweep_due_deliveries
+    from notifier.pipeline.delivery import sweep_due_deliveries
     from notifier.settings import get_settings
 
     url = DATABASE_URL.replace("postgresql+psycopg://", "postgresql://")

@@ -14,7 +14,7 @@ from notifier.client import notify
 from notifier.logs import ITEM_FIELDS, JsonFormatter, TaskContext, TextFormatter, mask_urls
 from tests.conftest import BROKER_URL
 from tests.http_server import HttpServer, http_server_fixture  # noqa: F401
-from tests.test_cli import run
+from tests.ops.test_cli import run
 from tests.workers import WorkerProcess, count_rows, wait_for, wait_for_count
 
 

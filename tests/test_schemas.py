@@ -126,7 +126,7 @@ def test_string_over_its_limit_names_the_size():
 
 def test_preferences_use_the_same_address_checks():
     """Setting a recipient's addresses through preferences refuses what ingest refuses."""
-    from notifier.preferences import PreferencesError, _validated_recipient
+    from notifier.pipeline.preferences import PreferencesError, _validated_recipient
 
     with pytest.raises(PreferencesError) as error:
         _validated_recipient({"id": "u1", "addresses": {"webhook": "http://example.com:99999/"}})

@@ -70,7 +70,7 @@ class WorkerProcess:
 
 
 def count_rows(sql: str = "SELECT count(*) FROM notifications", **params: object) -> int:
-    from notifier.db import session_scope
+    from notifier.storage.db import session_scope
 
     with session_scope() as session:
         return session.execute(text(sql), params).scalar_one()

@@ -60,7 +60,7 @@ def variable(name: str) -> str:
 def build_channel(name: str, url: str, settings: Settings) -> Channel:
     """A channel instance from its URL, without connecting anywhere, its retry options
     checked too; ``ConfigError`` naming the variable when anything is wrong."""
-    from notifier.retry import RetryPolicy
+    from notifier.pipeline.retry import RetryPolicy
 
     if name not in CHANNEL_NAMES:
         raise ConfigError(

@@ -4,7 +4,7 @@ A channel is configured by one URL (Apprise-style: the scheme picks the plugin, 
 rest carries host, credentials and options), sends a list of messages over one
 connection, and says per message whether it was sent, may be retried, or failed for
 good. Everything else (claiming deliveries, the circuit breaker, rate limits, retries,
-dead letters) lives in ``notifier.delivery`` and is the same for every channel.
+dead letters) lives in ``notifier.pipeline.delivery`` and is the same for every channel.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from notifier.settings import mask_url
 class DeliveryError(Exception):
     """Why one message was not sent. The message is one line, safe to show and store.
 
-    Whose problem it is decides what happens to the delivery (``notifier.delivery``):
+    Whose problem it is decides what happens to the delivery (``notifier.pipeline.delivery``):
 
     * the recipient's (``PermanentError``, ``AddressError``; a ``RetryableError`` from a
       recipient's own endpoint): that delivery alone fails or is retried;

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from sqlalchemy.exc import DBAPIError
 
 from notifier.channels.base import Channel, OutgoingMessage, RetryableError, SendResult
-from notifier.db import describe_db_error, session_scope
+from notifier.storage.db import describe_db_error, session_scope
 
 
 class InAppChannel(Channel):

@@ -94,7 +94,7 @@ class Dialler:
 @pytest.fixture(autouse=True)
 def receiver() -> None:
     """The webhook receiver exists: webhooks are signed with its own secret."""
-    from notifier.db import session_scope
+    from notifier.storage.db import session_scope
 
     with session_scope() as session:
         session.connection().exec_driver_sql("INSERT INTO recipients (id) VALUES ('user-1')")

@@ -33,10 +33,10 @@ from notifier.channels.http import (
     parse_retry_after,
 )
 from notifier.channels.webhook import WebhookChannel, sign, verify_signature
-from notifier.db import session_scope
 from notifier.settings import get_settings
+from notifier.storage.db import session_scope
 from tests.http_server import HttpServer, Request, http_server_fixture  # noqa: F401
-from tests.test_cli import run
+from tests.ops.test_cli import run
 
 SECRET = "s3cr3t-hmac-key"
 

@@ -1,0 +1,808 @@
+"""Delivery: claim due deliveries, send them per channel in one batch, record each outcome.
+
+The life of a delivery row (``deliveries.status``)::
+
+    pending ──queue──▶ queued ──claim──▶ sending ──▶ sent
+                         ▲                  ├──▶ retrying ──(countdown or sweep)──▶ queued
+           sweep: lost ──┘                  └──▶ dead (+ a dead_letters row)
+
+Postgres is the record: a task only carries ids. Claiming is one ``UPDATE … FOR UPDATE
+SKIP LOCKED`` that only takes rows that are due, so a task published twice (the sweeper
+republished it, Redis handed it to a second worker) sends nothing twice. Each result is
+written the moment the channel reports it, so a worker killed mid-batch leaves only the
+message it was sending in doubt, and the one in doubt is resent with the same
+idempotency key.
+
+Whose problem a failure is decides what it costs (see ``channels.base.DeliveryError``):
+a recipient's unusable address or failing endpoint costs that delivery alone, and an
+endpoint the recipient controls backs off on a circuit of its own; a provider's failure
+counts towards the channel's circuit; our own configuration holds deliveries without
+counting attempts and never dead-letters them. A channel that raises, whatever the
+exception, costs the one message it was sending.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from psycopg.types.json import Jsonb
+
+from notifier.channels import channel_class, get_channel, variable
+from notifier.channels.base import (
+    Channel,
+    ConfigurationError,
+    DeliveryError,
+    OutgoingMessage,
+    PermanentError,
+    RetryableError,
+    SendResult,
+)
+from notifier.ids import uuid7
+from notifier.pipeline.breaker import CircuitBreaker, EndpointBreakers, EndpointTally
+from notifier.pipeline.ratelimit import RateLimiter, RateRequest
+from notifier.pipeline.retry import RetryPolicy
+from notifier.settings import Settings, delivery_queue
+from notifier.storage.db import get_engine
+from notifier.storage.models import Stage
+from notifier.worker import shutdown
+from notifier.worker.batch_sizing import delivery_batch_size
+
+log = logging.getLogger(__name__)
+
+#: Delivery statuses that have not gone out yet (a claim takes them; cancel may too).
+UNSENT = ("pending", "queued", "retrying", "scheduled")
+#: A channel that raised on this many messages in a row with nothing answered between
+#: is not sent the rest of the batch: they go back to the queue untried (no attempt
+#: counted), so a channel that raises on everything (reconnecting each time) cannot
+#: spin through a whole batch. Well above the handful of malformed addresses a batch
+#: may hold next to each other.
+MAX_RAISES_IN_A_ROW = 10
+
+
+@dataclass(frozen=True)
+class DeliveryTask:
+    """One ``notifier.deliver`` task to publish: deliveries of one channel and queue."""
+
+    channel: str
+    queue: str
+    delivery_ids: list[str]
+    countdown: float = 0.0
+
+
+@dataclass
+class ClaimedDelivery:
+    id: uuid.UUID
+    recipient_id: str
+    priority: str
+    attempts: int
+    message: OutgoingMessage | None
+    #: Why no message could be built (no address for this channel), if so.
+    problem: str | None = None
+
+    @property
+    def notification_id(self) -> uuid.UUID | None:
+        return self.message.notification_id if self.message else None
+
+
+@dataclass
+class BatchOutcome:
+    sent: int = 0
+    retrying: int = 0
+    dead: int = 0
+    #: Held back by the circuit breaker or a rate limit, no attempt counted.
+    rescheduled: int = 0
+    #: Deliveries whose retry is due soon enough to ride on a countdown: publish these.
+    tasks: list[DeliveryTask] = field(default_factory=list)
+    #: Seconds from each sent delivery's row commit to the channel accepting it.
+    latencies: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"sent": self.sent, "retrying": self.retrying, "dead": self.dead,
+                "rescheduled": self.rescheduled}
+
+
+# --- Publishing (the outbox) --------------------------------------------------------
+
+
+def queue_deliveries(
+    cursor: Any, delivery_ids: Sequence[uuid.UUID | str], settings: Settings,
+    *, from_status: str = "pending", due_at: datetime | None = None,
+) -> list[DeliveryTask]:
+    """Mark deliveries queued and group them into tasks; publish those after the commit.
+
+    Only rows still in ``from_status`` are taken, so a row another process already
+    queued, claimed or finished is left alone.
+    """
+    if not delivery_ids:
+        return []
+    cursor.execute(
+        """
+        UPDATE deliveries SET status = 'queued', queued_at = clock_timestamp(), updated_at = now(),
+            next_attempt_at = coalesce(%s, now())
+        WHERE id = ANY(%s::uuid[]) AND status = %s
+        RETURNING id, channel, priority
+        """,
+        (due_at, [str(i) for i in delivery_ids], from_status),
+    )
+    return group_into_tasks(cursor.fetchall(), settings, due_at)
+
+
+def group_into_tasks(
+    rows: Iterable[tuple[uuid.UUID, str, str]], settings: Settings,
+    due_at: datetime | None = None,
+) -> list[DeliveryTask]:
+    """Deliveries of one queue and channel to a task, as many as the backlog warrants
+    (see ``notifier.worker.batch_sizing``)."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for delivery_id, channel, priority in rows:
+        groups[(delivery_queue(channel, priority), channel)].append(str(delivery_id))
+    countdown = max(0.0, (due_at - datetime.now(UTC)).total_seconds()) if due_at else 0.0
+    tasks = []
+    for (queue, channel), ids in groups.items():
+        size = delivery_batch_size(queue, settings, len(ids))
+        tasks += [DeliveryTask(channel, queue, ids[start:start + size], countdown)
+                  for start in range(0, len(ids), size)]
+    return tasks
+
+
+def sweep_due_deliveries(
+    cursor: Any, settings: Settings, limit: int = 10_000
+) -> list[DeliveryTask]:
+    """Queue again what should be moving and is not.
+
+    * ``pending`` a while: the task was never published (the process died after commit);
+    * ``retrying`` and due: a retry kept in Postgres because its wait was long;
+    * ``scheduled`` and due: held for quiet hours or the notification's ``send_at``;
+    * ``queued`` long past due: the broker lost the task (Redis keeps nothing on disk);
+    * ``sending`` long ago: the worker that claimed it died mid-batch.
+    """
+    cursor.execute(
+        """
+        UPDATE deliveries SET status = 'queued', queued_at = clock_timestamp(), updated_at = now(),
+            next_attempt_at = now()
+        WHERE id IN (
+            SELECT id FROM deliveries
+            WHERE (status = 'pending' AND next_attempt_at <= now() - %(grace)s)
+               OR (status IN ('retrying', 'scheduled') AND next_attempt_at <= now())
+               OR (status = 'queued' AND next_attempt_at <= now() - %(queued)s
+                   AND queued_at <= now() - %(queued)s)
+               OR (status = 'sending' AND updated_at <= now() - %(sending)s)
+            LIMIT %(limit)s
+            -- A row a worker is claiming is skipped; one it claimed (or sent) since this
+            -- statement began is checked again on its new version and left alone.
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING id, channel, priority
+        """,
+        {
+            "grace": timedelta(seconds=2 * settings.sweep_interval),
+            "queued": timedelta(seconds=settings.queued_timeout),
+            "sending": timedelta(seconds=settings.sending_timeout),
+            "limit": limit,
+        },
+    )
+    return group_into_tasks(cursor.fetchall(), settings)
+
+
+# --- Sending ------------------------------------------------------------------------
+
+
+def deliver_batch(
+    channel_name: str, delivery_ids: Sequence[str], settings: Settings, state: redis.Redis
+) -> BatchOutcome:
+    """Send the due deliveries among ``delivery_ids`` over one connection of the channel."""
+    outcome = BatchOutcome()
+    with _Recorder(channel_name, settings, outcome) as recorder:
+        claimed = claim_deliveries(recorder.cursor, channel_name, delivery_ids, settings)
+        if not claimed:
+            return outcome
+        try:
+            channel = get_channel(channel_name, settings)
+            recorder.policy = RetryPolicy.for_channel(settings, channel.options)
+        except Exception as exc:  # any class: our configuration, never the deliveries'
+            _hold_unconfigured(channel_name, claimed, exc, recorder, settings, state)
+            return outcome
+        _send_claimed(channel, claimed, recorder, settings, state)
+    return outcome
+
+
+def _hold_unconfigured(
+    channel_name: str, claimed: list[ClaimedDelivery], exc: Exception, recorder: _Recorder,
+    settings: Settings, state: redis.Redis,
+) -> None:
+    """The channel cannot be built (not configured, a bad URL that got past the start-up
+    check): hold its deliveries and count towards its circuit, so that a fixed
+    configuration sends them; while it stays broken they come back every
+    ``breaker_open_seconds`` and cost no connection."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    if not reason.startswith(variable(channel_name)):
+        reason = f"{variable(channel_name)}: {reason.removeprefix(f'{channel_name}: ')}"
+    breaker = circuit_breaker(state, channel_name, settings)
+    breaker.record(failures=len(claimed), successes=0, probing=False)
+    for delivery in claimed:
+        recorder.hold_for_configuration(delivery, ConfigurationError(reason))
+
+
+def _send_claimed(
+    channel: Channel, claimed: list[ClaimedDelivery], recorder: _Recorder,
+    settings: Settings, state: redis.Redis,
+) -> None:
+    breaker = circuit_breaker(state, channel.name, settings)
+    permit = breaker.acquire()
+    if not permit.allowed:
+        recorder.release(claimed, permit.retry_at, f"circuit open for {channel.name}")
+        return
+    ready = _within_rate_limits(claimed, recorder, settings, state)
+    for delivery in [d for d in ready if d.message is None]:
+        recorder.dead(delivery, PermanentError(delivery.problem or "no message"))
+    ready = [d for d in ready if d.message is not None]
+    endpoints = _Endpoints.open(channel, ready, settings, state)
+    if endpoints is not None:
+        ready = endpoints.admit(ready, recorder)
+    try:
+        if permit.probing and ready:
+            probe, ready = ready[:1], ready[1:]
+            tally = _send(channel, probe, recorder, endpoints)
+            state_after = breaker.record(failures=tally.failures, successes=tally.successes,
+                                         probing=True)
+            if state_after != "closed":
+                retry_at = breaker.acquire().retry_at
+                recorder.release(ready, retry_at, f"circuit open for {channel.name}")
+                return
+        if ready:
+            tally = _send(channel, ready, recorder, endpoints)
+            breaker.record(failures=tally.failures, successes=tally.successes, probing=False)
+    finally:
+        if endpoints is not None:
+            endpoints.record()
+
+
+def _within_rate_limits(
+    claimed: list[ClaimedDelivery], recorder: _Recorder, settings: Settings,
+    state: redis.Redis,
+) -> list[ClaimedDelivery]:
+    """The deliveries that may go now; the others are released to their window's reset."""
+    limiter = RateLimiter(state, settings)
+    waits = limiter.take([
+        RateRequest(d.recipient_id, critical=d.priority == "critical") for d in claimed
+    ])
+    for delivery, until in zip(claimed, waits, strict=True):
+        if until:
+            recorder.release([delivery], until, f"rate limit of {delivery.recipient_id}")
+    return [d for d, until in zip(claimed, waits, strict=True) if not until]
+
+
+class _Endpoints:
+    """The batch's view of the circuits of recipient-controlled endpoints: which
+    deliveries go where, which may go now, and what each endpoint did.
+
+    Exists only for channels whose targets are recipients' own endpoints; costs two
+    script calls per batch (read every circuit, record the outcomes), none per message.
+    """
+
+    def __init__(self, breakers: EndpointBreakers, of: dict[uuid.UUID, str]) -> None:
+        self.breakers = breakers
+        #: Delivery id -> its endpoint (deliveries without one are not here).
+        self.of = of
+        self.tallies: dict[str, EndpointTally] = {}
+
+    @classmethod
+    def open(
+        cls, channel: Channel, ready: list[ClaimedDelivery], settings: Settings,
+        state: redis.Redis,
+    ) -> _Endpoints | None:
+        if channel.target_is_provider or not ready:
+            return None
+        of = {}
+        for delivery in ready:
+            endpoint = _endpoint(channel, delivery)
+            if endpoint is not None:
+                of[delivery.id] = endpoint
+        if not of:
+            return None
+        return cls(endpoint_breakers(state, channel.name, settings), of)
+
+    def admit(self, ready: list[ClaimedDelivery], recorder: _Recorder) -> list[ClaimedDelivery]:
+        """The deliveries whose endpoint may be tried now; the others are put back
+        until their endpoint's circuit half-opens (no attempt counted). A half-open
+        endpoint gets one delivery, its probe."""
+        endpoints = sorted(set(self.of.values()))
+        permits = dict(zip(endpoints, self.breakers.acquire(endpoints), strict=True))
+        admitted: list[ClaimedDelivery] = []
+        held: dict[tuple[str, float], list[ClaimedDelivery]] = defaultdict(list)
+        now = time.time()
+        for delivery in ready:
+            endpoint = self.of.get(delivery.id)
+            permit = permits[endpoint] if endpoint else None
+            if permit is None or permit.decision == "closed":
+                admitted.append(delivery)
+            elif permit.probing and endpoint not in self.tallies:
+                self.tallies[endpoint] = EndpointTally(probing=True)
+                admitted.append(delivery)
+            else:  # open, or half-open with its probe already chosen
+                until = now + 1 if permit.probing else permit.retry_at
+                held[(str(endpoint), until)].append(delivery)
+        for (endpoint, until), deliveries in held.items():
+            recorder.release(deliveries, until, f"circuit open for endpoint {endpoint}")
+        return admitted
+
+    def count(self, delivery: ClaimedDelivery, result: SendResult) -> None:
+        """An endpoint fails by answering with an error that may pass later (5xx, 429,
+        a timeout); a refusal (4xx) is an answer and says nothing about its health."""
+        endpoint = self.of.get(delivery.id)
+        if endpoint is None:
+            return
+        tally = self.tallies.setdefault(endpoint, EndpointTally())
+        if result.sent:
+            tally.successes += 1
+        elif isinstance(result.error, RetryableError):
+            tally.failures += 1
+
+    def record(self) -> None:
+        """One script call for the batch. A probe that was never sent (the batch was
+        returned first) counts as failed: the endpoint stays open for another period
+        rather than being closed on no evidence."""
+        for tally in self.tallies.values():
+            if tally.probing and not (tally.failures or tally.successes):
+                tally.failures = 1
+        self.breakers.record(self.tallies)
+
+
+def _endpoint(channel: Channel, delivery: ClaimedDelivery) -> str | None:
+    """The delivery's endpoint; None if the channel cannot say (it then fails alone)."""
+    try:
+        return channel.endpoint(delivery.message) if delivery.message else None
+    except Exception:  # a hostile address must not stop the batch here either
+        log.warning("%s channel could not name the endpoint of delivery %s", channel.name,
+                    delivery.id, exc_info=True)
+        return None
+
+
+@dataclass
+class _Tally:
+    #: Results that count towards the channel's circuit (the provider failed).
+    failures: int = 0
+    successes: int = 0
+
+
+def _send(
+    channel: Channel, deliveries: list[ClaimedDelivery], recorder: _Recorder,
+    endpoints: _Endpoints | None = None,
+) -> _Tally:
+    """Send and record each result as it comes; returns what counts for the circuit.
+
+    When the channel raises, the message it was sending (the first not yet answered:
+    channels answer in order) fails alone, retryable and not counted against the
+    channel; the channel is closed (a session may be mid-command) and the rest go out
+    through a new ``send_batch`` call.
+    """
+    tally = _Tally()
+    waiting = {d.id: d for d in deliveries}
+    raised_in_a_row = 0
+    while waiting:
+        answered, exc = _send_round(channel, waiting, recorder, tally, endpoints)
+        if exc is None:
+            break
+        raised_in_a_row = 1 if answered else raised_in_a_row + 1
+        _blame_first_waiting(channel, waiting, exc, recorder)
+        if waiting and recorder.should_stop():
+            recorder.release(waiting.values(), time.time(), recorder.stop_reason())
+            waiting.clear()
+        elif waiting and raised_in_a_row >= MAX_RAISES_IN_A_ROW:
+            recorder.release(
+                waiting.values(), time.time() + 1,
+                f"returned unsent: the {channel.name} channel raised on {raised_in_a_row}"
+                " messages in a row",
+            )
+            waiting.clear()
+    for delivery in waiting.values():  # the channel answered fewer than it was given
+        error = RetryableError(f"{channel.name} channel gave no result for this message")
+        error.provider_failure = False
+        recorder.result(delivery, SendResult(delivery.id, error))
+    return tally
+
+
+def _send_round(
+    channel: Channel, waiting: dict[uuid.UUID, ClaimedDelivery], recorder: _Recorder,
+    tally: _Tally, endpoints: _Endpoints | None,
+) -> tuple[int, Exception | None]:
+    """One ``send_batch`` call over the waiting deliveries, each result recorded as it
+    comes (and taken out of ``waiting``). Returns how many were answered and what the
+    channel raised, if it did; only the channel's own code is guarded here, so a failure
+    to record is not mistaken for the channel's."""
+    answered = 0
+    try:
+        results = iter(channel.send_batch([d.message for d in waiting.values() if d.message]))
+    except Exception as exc:
+        return answered, exc
+    try:
+        while waiting:
+            try:
+                result = next(results)
+            except StopIteration:
+                break
+            except Exception as exc:
+                return answered, exc
+            delivery = waiting.pop(result.delivery_id, None)
+            if delivery is None:
+                log.warning("%s channel answered for a delivery it was not given: %s",
+                            channel.name, result.delivery_id)
+                continue
+            answered += 1
+            recorder.result(delivery, result)
+            _count(tally, result)
+            if endpoints is not None:
+                endpoints.count(delivery, result)
+            recorder.renew_lease(waiting)
+            if waiting and recorder.should_stop():
+                recorder.release(waiting.values(), time.time(), recorder.stop_reason())
+                waiting.clear()
+    finally:
+        _close_quietly(results)
+    return answered, None
+
+
+def _count(tally: _Tally, result: SendResult) -> None:
+    if result.sent:
+        tally.successes += 1
+    elif result.error is not None and result.error.provider_failure:
+        tally.failures += 1
+
+
+def _blame_first_waiting(
+    channel: Channel, waiting: dict[uuid.UUID, ClaimedDelivery], exc: Exception,
+    recorder: _Recorder,
+) -> None:
+    """Fail the message the channel was sending when it raised, and reset the channel."""
+    if not waiting:
+        log.error("%s channel raised after its last result", channel.name, exc_info=exc)
+    else:
+        culprit = waiting.pop(next(iter(waiting)))
+        reason = " ".join(str(exc).split())[:200]
+        error = RetryableError(
+            f"{channel.name} channel raised {type(exc).__name__} on this message: {reason}"
+        )
+        error.provider_failure = False
+        log.error("%s channel raised on delivery %s; the rest of the batch goes on",
+                  channel.name, culprit.id, exc_info=exc, extra=recorder.about(culprit))
+        recorder.result(culprit, SendResult(culprit.id, error))
+    try:
+        channel.close()
+    except Exception:
+        log.warning("%s channel failed to close after raising", channel.name, exc_info=True)
+
+
+def _close_quietly(results: object) -> None:
+    """Close a generator stopped early, so the channel tidies up its session."""
+    close = getattr(results, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception:
+        log.warning("a channel's batch failed to close", exc_info=True)
+
+
+def endpoint_breakers(state: redis.Redis, channel: str, settings: Settings) -> EndpointBreakers:
+    return EndpointBreakers(
+        state, channel, threshold=settings.endpoint_breaker_threshold,
+        window=settings.endpoint_breaker_window,
+        open_seconds=settings.endpoint_breaker_open_seconds,
+        probe_timeout=settings.sending_timeout,
+    )
+
+
+def circuit_breaker(state: redis.Redis, channel: str, settings: Settings) -> CircuitBreaker:
+    return CircuitBreaker(
+        state, channel, threshold=settings.breaker_failure_threshold,
+        window=settings.breaker_window, open_seconds=settings.breaker_open_seconds,
+        probe_timeout=settings.sending_timeout,
+    )
+
+
+# --- Claiming -----------------------------------------------------------------------
+
+
+def claim_deliveries(
+    cursor: Any, channel_name: str, delivery_ids: Sequence[str], settings: Settings
+) -> list[ClaimedDelivery]:
+    """Take the due, unsent deliveries among the ids, with what is needed to send them."""
+    cursor.execute(
+        """
+        WITH claimed AS (
+            UPDATE deliveries d SET status = 'sending', updated_at = now()
+            WHERE d.id IN (
+                SELECT id FROM deliveries
+                WHERE id = ANY(%(ids)s::uuid[]) AND channel = %(channel)s
+                  AND ((status = ANY(%(unsent)s) AND next_attempt_at <= now() + %(early)s)
+                       OR (status = 'sending' AND updated_at <= now() - %(lease)s))
+                ORDER BY id
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING d.id, d.notification_id, d.digest_id, d.recipient_id, d.priority,
+                      d.attempts
+        )
+        SELECT c.id, c.notification_id, c.digest_id, c.recipient_id, c.priority, c.attempts,
+               coalesce(n.type, g.type), coalesce(n.title, g.title), coalesce(n.body, g.body),
+               n.data, g.notification_ids, r.name, r.email, r.phone, r.addresses
+        FROM claimed c
+        LEFT JOIN notifications n ON n.id = c.notification_id
+        LEFT JOIN digests g ON g.id = c.digest_id
+        LEFT JOIN recipients r ON r.id = c.recipient_id
+        ORDER BY c.id
+        """,
+        {
+            "ids": list(delivery_ids), "channel": channel_name, "unsent": list(UNSENT),
+            "early": timedelta(seconds=1),
+            "lease": timedelta(seconds=settings.sending_timeout),
+        },
+    )
+    address_field = channel_class(channel_name).address_field
+    return [_claimed(row, channel_name, address_field) for row in cursor.fetchall()]
+
+
+def _claimed(row: tuple[Any, ...], channel: str, address_field: str | None) -> ClaimedDelivery:
+    (delivery_id, notification_id, digest_id, recipient_id, priority, attempts, type_,
+     title, body, data, digest_items, name, email, phone, addresses) = row
+    address = address_of(address_field, channel, email, phone, addresses or {})
+    delivery = ClaimedDelivery(delivery_id, recipient_id, priority, attempts, message=None)
+    if address_field and not address:
+        delivery.problem = f"recipient {recipient_id!r} has no {address_field} address"
+        return delivery
+    if digest_id is not None:
+        data = {"digest": True, "item_count": len(digest_items or []),
+                "notification_ids": [str(i) for i in digest_items or []]}
+    delivery.message = OutgoingMessage(
+        delivery_id=delivery_id, recipient_id=recipient_id, address=address, type=type_,
+        priority=priority, title=title, body=body, data=data or {}, recipient_name=name,
+        notification_id=notification_id, digest_id=digest_id,
+    )
+    return delivery
+
+
+def address_of(
+    address_field: str | None, channel: str, email: str | None, phone: str | None,
+    addresses: dict[str, Any],
+) -> str | None:
+    """The recipient's address on a channel: its column (email, phone) or ``addresses``."""
+    if address_field is None:
+        return None
+    column = {"email": email, "phone": phone}.get(address_field)
+    value = column or addresses.get(address_field) or addresses.get(channel)
+    return str(value) if value else None
+
+
+# --- Recording ----------------------------------------------------------------------
+
+
+class _Recorder:
+    """Writes each outcome at once, on a connection of its own in autocommit mode.
+
+    ``synchronous_commit`` is off for these small writes: a commit then costs no disk
+    flush, and what it risks is only losing the last few outcomes if Postgres itself
+    crashes, which means a resend, never a loss. A killed worker loses nothing already
+    committed.
+    """
+
+    def __init__(self, channel: str, settings: Settings, outcome: BatchOutcome) -> None:
+        self.channel = channel
+        self.settings = settings
+        self.outcome = outcome
+        self.policy = RetryPolicy.for_channel(settings, {})
+        self._short_retries: dict[datetime, list[uuid.UUID]] = defaultdict(list)
+        self._sent_notifications: list[uuid.UUID] = []
+        self._failed_notifications: list[uuid.UUID] = []
+        self._configuration_errors: dict[str, list[str]] = defaultdict(list)
+        self._lease_renewed = self._started = time.monotonic()
+
+    def should_stop(self) -> bool:
+        """Return the rest of the batch: the worker is stopping, or the batch has run
+        past its time budget (a slow provider must not hold a worker's shutdown)."""
+        return shutdown.requested() or (
+            time.monotonic() - self._started > self.settings.delivery_batch_max_seconds
+        )
+
+    def stop_reason(self) -> str:
+        if shutdown.requested():
+            return "returned unsent: the worker is shutting down"
+        budget = self.settings.delivery_batch_max_seconds
+        return f"returned unsent: the batch ran past {budget:g}s"
+
+    def __enter__(self) -> _Recorder:
+        self.connection = get_engine().raw_connection()
+        self.driver = self.connection.driver_connection
+        self.driver.autocommit = True
+        self.cursor = self.driver.cursor()
+        self.cursor.execute("SET synchronous_commit = off")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if exc_info[0] is None:
+                self._finish()
+            self.cursor.execute("RESET synchronous_commit")
+        finally:
+            self.driver.autocommit = False
+            self.connection.close()
+
+    def renew_lease(self, remaining: dict[uuid.UUID, ClaimedDelivery]) -> None:
+        """Keep a long batch's unsent rows claimed, so the sweeper does not take them
+        for a dead worker's while this one is still working through them."""
+        now = time.monotonic()
+        if not remaining or now - self._lease_renewed < self.settings.sending_timeout / 3:
+            return
+        self.cursor.execute(
+            "UPDATE deliveries SET updated_at = now() WHERE id = ANY(%s) AND status = 'sending'",
+            (list(remaining),),
+        )
+        self._lease_renewed = now
+
+    def result(self, delivery: ClaimedDelivery, result: SendResult) -> None:
+        if result.sent:
+            self.sent(delivery)
+        elif isinstance(result.error, ConfigurationError):
+            self.hold_for_configuration(delivery, result.error)
+        elif isinstance(result.error, RetryableError):
+            self.retry(delivery, result.error)
+        else:
+            self.dead(delivery, result.error or PermanentError("unknown failure"))
+
+    def sent(self, delivery: ClaimedDelivery) -> None:
+        self.cursor.execute(
+            "UPDATE deliveries SET status = 'sent', sent_at = now(), updated_at = now(),"
+            " attempts = attempts + 1, last_error = NULL WHERE id = %s AND status = 'sending'"
+            " RETURNING extract(epoch FROM clock_timestamp() - created_at)",
+            (delivery.id,),
+        )
+        row = self.cursor.fetchone()
+        if row:
+            self.outcome.latencies.append(max(float(row[0]), 0.0))
+        self.outcome.sent += 1
+        if delivery.notification_id:
+            self._sent_notifications.append(delivery.notification_id)
+
+    def retry(self, delivery: ClaimedDelivery, error: RetryableError) -> None:
+        attempts = delivery.attempts + 1
+        if self.policy.exhausted(attempts):
+            self.dead(delivery, error, f"gave up after {attempts} attempts: {error}")
+            return
+        delay = max(self.policy.delay(attempts), error.retry_after or 0.0)
+        due = datetime.now(UTC) + timedelta(seconds=delay)
+        self._hold(delivery.id, due, str(error), counts_attempt=True)
+        self.outcome.retrying += 1
+        log.info("delivery %s (%s) failed, attempt %d, retrying in %.1fs: %s",
+                 delivery.id, self.channel, attempts, delay, error, extra=self.about(delivery))
+
+    def hold_for_configuration(self, delivery: ClaimedDelivery, error: DeliveryError) -> None:
+        """Our configuration failed, not the delivery: put it back for
+        ``breaker_open_seconds`` with no attempt counted, so it can never run out of
+        attempts (nor be dead-lettered) over a mistake only the operator can fix. The
+        error is logged once per batch and reason (``_finish``)."""
+        due = datetime.now(UTC) + timedelta(seconds=self.settings.breaker_open_seconds)
+        self._hold(delivery.id, due, str(error), counts_attempt=False)
+        self.outcome.rescheduled += 1
+        self._configuration_errors[str(error)].append(str(delivery.id))
+
+    def release(self, deliveries: Iterable[ClaimedDelivery], until: float, why: str) -> None:
+        """Put deliveries back, untried, until ``until`` (epoch seconds)."""
+        due = datetime.fromtimestamp(max(until, 0), UTC)
+        held = []
+        for delivery in deliveries:
+            self._hold(delivery.id, due, why, counts_attempt=False)
+            self.outcome.rescheduled += 1
+            held.append(str(delivery.id))
+        if held:
+            log.info("%d deliveries (%s) put back until %s: %s", len(held), self.channel,
+                     due.isoformat(timespec="seconds"), why,
+                     extra={"channel": self.channel, "delivery_ids": held})
+
+    def _hold(
+        self, delivery_id: uuid.UUID, due: datetime, why: str, *, counts_attempt: bool
+    ) -> None:
+        self.cursor.execute(
+            "UPDATE deliveries SET status = 'retrying', next_attempt_at = %s, last_error = %s,"
+            " updated_at = now(), attempts = attempts + %s WHERE id = %s AND status = 'sending'",
+            (due, why, 1 if counts_attempt else 0, delivery_id),
+        )
+        wait = (due - datetime.now(UTC)).total_seconds()
+        if wait <= self.settings.retry_countdown_max:
+            # One task per second of due time carries every retry due in it.
+            bucket = datetime.fromtimestamp(math.ceil(due.timestamp()), UTC)
+            self._short_retries[bucket].append(delivery_id)
+
+    def dead(
+        self, delivery: ClaimedDelivery, error: DeliveryError, reason: str | None = None
+    ) -> None:
+        """Park the delivery in dead_letters with its content, in one transaction."""
+        attempts = delivery.attempts + (0 if delivery.message is None else 1)
+        with self.driver.transaction():
+            self.cursor.execute(
+                "UPDATE deliveries SET status = 'dead', attempts = %s, last_error = %s,"
+                " updated_at = now() WHERE id = %s AND status = 'sending'",
+                (attempts, str(error), delivery.id),
+            )
+            if self.cursor.rowcount:
+                self._write_dead_letter(delivery, error, reason or str(error), attempts)
+        self.outcome.dead += 1
+        if delivery.notification_id:
+            self._failed_notifications.append(delivery.notification_id)
+        log.warning("delivery %s (%s) is dead: %s", delivery.id, self.channel, reason or error,
+                    extra=self.about(delivery))
+
+    def about(self, delivery: ClaimedDelivery) -> dict[str, Any]:
+        """What a log line about one delivery names (see ``notifier.logs``)."""
+        about: dict[str, Any] = {"delivery_id": str(delivery.id), "channel": self.channel}
+        if delivery.notification_id:
+            about["notification_id"] = str(delivery.notification_id)
+        elif delivery.message and delivery.message.digest_id:
+            about["digest_id"] = str(delivery.message.digest_id)
+        return about
+
+    def _write_dead_letter(
+        self, delivery: ClaimedDelivery, error: DeliveryError, reason: str, attempts: int
+    ) -> None:
+        message = delivery.message
+        self.cursor.execute(
+            """
+            INSERT INTO dead_letters (dedup_key, stage, reason, error_class, channel, type,
+                notification_id, delivery_id, attempts, payload)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            """,
+            (
+                f"deliver:{delivery.id}:{uuid7()}", Stage.DELIVER.value, reason,
+                type(error).__name__, self.channel, message.type if message else None,
+                delivery.notification_id, delivery.id, attempts,
+                Jsonb(dead_letter_payload(delivery)),
+            ),
+        )
+
+    def _finish(self) -> None:
+        """The notifications' own status, the short retries to publish, and one error
+        line per configuration problem that held deliveries."""
+        for reason, held in self._configuration_errors.items():
+            log.error("%d deliveries (%s) held: our configuration is wrong: %s", len(held),
+                      self.channel, reason, extra={"channel": self.channel,
+                                                   "delivery_ids": held})
+        if self._sent_notifications:
+            self.cursor.execute(
+                "UPDATE notifications SET status = 'delivered', updated_at = clock_timestamp()"
+                " WHERE id = ANY(%s) AND status IN ('dispatched', 'failed')",
+                (self._sent_notifications,),
+            )
+        if self._failed_notifications:
+            self.cursor.execute(
+                "UPDATE notifications SET status = 'failed', updated_at = clock_timestamp()"
+                " WHERE id = ANY(%s) AND status = 'dispatched'",
+                (self._failed_notifications,),
+            )
+        for due, ids in sorted(self._short_retries.items()):
+            self.outcome.tasks += queue_deliveries(
+                self.cursor, ids, self.settings, from_status="retrying", due_at=due
+            )
+
+
+def dead_letter_payload(delivery: ClaimedDelivery) -> dict[str, Any]:
+    """The delivery's content as an operator needs it to judge a replay."""
+    payload: dict[str, Any] = {
+        "delivery_id": str(delivery.id), "recipient": delivery.recipient_id,
+        "priority": delivery.priority,
+    }
+    message = delivery.message
+    if message is not None:
+        payload |= {
+            "type": message.type, "title": message.title, "body": message.body,
+            "data": json.loads(json.dumps(message.data, default=str)),
+            "notification_id": str(message.notification_id) if message.notification_id else None,
+            "digest_id": str(message.digest_id) if message.digest_id else None,
+        }
+    return payload

@@ -1,0 +1,488 @@
+"""Ingest: turn a batch of broker messages into rows, in one transaction.
+
+The worker acknowledges the messages only after :func:`ingest_batch` commits, so every
+step here must be safe to run twice for the same messages (a worker killed after the
+commit but before the ack gets them again): ids are inserted with ``ON CONFLICT DO
+NOTHING``, idempotency keys remember the first id, dead letters carry a dedup key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from psycopg.types.json import Jsonb
+from sqlalchemy.orm import Session
+
+from notifier.pipeline.aggregation import Routed, dispatch_now, route_notifications
+from notifier.pipeline.rules import Rules, get_rules
+from notifier.schemas import NotificationError, NotificationIn, parse_notification
+from notifier.settings import Settings, get_settings
+from notifier.storage.models import NotificationStatus, Stage
+
+log = logging.getLogger(__name__)
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+_NOTIFICATION_COLUMNS = (
+    "id", "recipient_id", "type", "priority", "channels", "title", "body", "data",
+    "idempotency_key", "send_at", "status", "enqueued_at", "status_reason", "window_id",
+)
+
+
+@dataclass(frozen=True)
+class IngestMessage:
+    """One broker message: its id, what it carried, and when the producer sent it."""
+
+    message_id: str
+    payload: Any
+    enqueued_at: datetime | None = None
+    #: Set when the message itself has the wrong shape; the whole message is rejected.
+    error: str | None = None
+    #: The class named by the whole message's dead letter (with ``error``).
+    error_class: str = "MessageError"
+    #: Set when ``payload`` is already a bounded stand-in for a message too big to
+    #: decode: (bytes, SHA-256) of the original body.
+    original: tuple[int, str] | None = None
+
+
+@dataclass
+class Candidate:
+    """A notification that passed validation, with the id it will be stored under."""
+
+    notification: NotificationIn
+    id: uuid.UUID
+    enqueued_at: datetime | None
+
+
+@dataclass
+class Rejection:
+    """What a dead letter records for one bad item of a message."""
+
+    dedup_key: str
+    reason: str
+    payload: Any
+    error_class: str = "NotificationError"
+    type: str | None = None
+    #: (bytes, SHA-256) of the original when ``payload`` is already a bounded prefix.
+    original: tuple[int, str] | None = None
+
+
+@dataclass
+class IngestResult:
+    stored: list[uuid.UUID] = field(default_factory=list)
+    repeated_ids: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    suppressed: int = 0
+    delivery_ids: list[uuid.UUID] = field(default_factory=list)
+    #: Stored notifications per (priority, type), and per routing status: for metrics.
+    kinds: Counter[tuple[str, str]] = field(default_factory=Counter)
+    routed: Counter[str] = field(default_factory=Counter)
+    #: (dedup key, reason) of each dead letter written, logged after the commit.
+    dead_lettered: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, other: IngestResult) -> None:
+        self.stored += other.stored
+        self.dead_lettered += other.dead_lettered
+        self.repeated_ids += other.repeated_ids
+        self.duplicates += other.duplicates
+        self.rejected += other.rejected
+        self.suppressed += other.suppressed
+        self.delivery_ids += other.delivery_ids
+        self.kinds.update(other.kinds)
+        self.routed.update(other.routed)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "stored": len(self.stored), "repeated_ids": self.repeated_ids,
+            "duplicates": self.duplicates, "rejected": self.rejected,
+            "suppressed": self.suppressed,
+            "deliveries": len(self.delivery_ids),
+        }
+
+
+def split_messages(
+    messages: Sequence[IngestMessage], settings: Settings | None = None,
+) -> tuple[list[Candidate], list[Rejection]]:
+    """Validate every item; a bad one becomes a rejection and never holds up the rest.
+
+    Any exception while checking one item (not only a validation error) rejects that
+    item alone, with the exception's class.
+    """
+    settings = settings or get_settings()
+    candidates: list[Candidate] = []
+    rejections: list[Rejection] = []
+    for message in messages:
+        error = message.error or _too_many_items(message.payload, settings)
+        if error:
+            rejections.append(Rejection(
+                dedup_key=dedup_key(message.message_id, "message"), reason=error,
+                payload=message.payload, error_class=message.error_class,
+                original=message.original,
+            ))
+            continue
+        items = message.payload if isinstance(message.payload, list) else [message.payload]
+        for index, raw in enumerate(items):
+            try:
+                notification = parse_notification(raw)
+                note_id = notification.id or id_for_unnamed(message.message_id, index)
+            except NotificationError as exc:
+                rejections.append(Rejection(
+                    dedup_key=dedup_key(message.message_id, index), reason=str(exc),
+                    payload=raw, type=_type_of(raw),
+                ))
+                continue
+            except Exception as exc:  # one item's bug is that item's alone
+                rejections.append(Rejection(
+                    dedup_key=dedup_key(message.message_id, index),
+                    reason=f"notification: could not be checked: {describe_exception(exc)}",
+                    payload=raw, error_class=type(exc).__name__, type=_type_of(raw),
+                ))
+                continue
+            candidates.append(Candidate(notification, note_id, message.enqueued_at))
+    return candidates, rejections
+
+
+def _too_many_items(payload: Any, settings: Settings) -> str | None:
+    limit = settings.max_message_notifications
+    if isinstance(payload, list) and len(payload) > limit:
+        return f"message: holds {len(payload)} notifications, more than the limit of {limit}"
+    return None
+
+
+def message_id_of(value: Any) -> str:
+    """A message's task id as text we can store and log, whatever the producer sent:
+    JSON for a non-string, lone surrogates and NUL replaced, a SHA-256 if too long."""
+    if not isinstance(value, str):
+        try:
+            value = json.dumps(value, default=repr, sort_keys=True)
+        except (ValueError, TypeError, RecursionError):
+            value = repr(type(value))
+    if len(value) > 255:
+        return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return jsonb_safe(value)
+
+
+#: Message ids longer than this (or not printable) are replaced by their SHA-256 in
+#: dedup keys, which must fit ``dead_letters.dedup_key`` (255 characters).
+_MAX_KEY_ID = 128
+_PRINTABLE_ID = re.compile(r"^[\x21-\x7e]*$")
+
+
+def dedup_key(message_id: str, item: int | str) -> str:
+    """The dead letter's key for one item (or ``"message"``) of a message: stable for a
+    redelivered message, and always short enough for its column."""
+    if len(message_id) > _MAX_KEY_ID or not _PRINTABLE_ID.match(message_id):
+        digest = hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"ingest:sha256:{digest}:{item}"
+    return f"ingest:{message_id}:{item}"
+
+
+def describe_exception(exc: BaseException, limit: int = 300) -> str:
+    """``Class: first line of the message``, cut short: safe to store and to log."""
+    try:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    except Exception:  # an exception whose str() raises
+        text = ""
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return cut(text, limit)
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` at most ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    keep = max(0, limit - 40)
+    return f"{text[:keep]}… ({len(text) - keep} more characters)"
+
+
+def id_for_unnamed(message_id: str, index: int) -> uuid.UUID:
+    """The id of a notification that came without one: the same for a redelivered message.
+
+    Producers using notifier's client always send ids; a foreign producer may not, and
+    a fresh random id would store a redelivered message twice.
+    """
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"notifier:ingest:{message_id}:{index}")
+
+
+def _type_of(raw: Any) -> str | None:
+    value = raw.get("type") if isinstance(raw, dict) else None
+    return value[:64] if isinstance(value, str) else None
+
+
+def ingest_batch(
+    session: Session, messages: Sequence[IngestMessage], settings: Settings | None = None,
+    *, rules: Rules | None = None, now: datetime | None = None,
+) -> IngestResult:
+    """Write a batch of messages: validated rows in bulk, bad items as dead letters.
+
+    ``now`` is the clock that opens and extends aggregation windows (tests set it).
+    """
+    settings = settings or get_settings()
+    now = now or datetime.now(UTC)
+    candidates, rejections = split_messages(messages, settings)
+    cursor = session.connection().connection.driver_connection.cursor()
+    result = IngestResult(rejected=len(rejections))
+
+    candidates, result.repeated_ids = _first_of_each_id(candidates)
+    upsert_recipients(cursor, candidates)
+    candidates, result.duplicates = claim_idempotency_keys(
+        cursor, candidates, timedelta(seconds=settings.dedup_window)
+    )
+    routed = route_notifications(cursor, candidates, rules or get_rules(), settings, now)
+    result.stored = copy_notifications(cursor, candidates, routed)
+    stored = set(result.stored)
+    dispatched = [
+        (c, routed[c.id]) for c in candidates
+        if c.id in stored and routed[c.id].status == NotificationStatus.DISPATCHED
+    ]
+    result.delivery_ids = dispatch_now(cursor, dispatched, now)
+    for c in candidates:
+        if c.id in stored:
+            result.kinds[(c.notification.priority, c.notification.type)] += 1
+            result.routed[routed[c.id].status] += 1
+    result.suppressed = result.routed["suppressed"]
+    result.dead_lettered = write_dead_letters(cursor, Stage.INGEST, rejections, settings)
+    return result
+
+
+def _first_of_each_id(candidates: list[Candidate]) -> tuple[list[Candidate], int]:
+    unique = {c.id: c for c in reversed(candidates)}
+    first = [c for c in candidates if unique.get(c.id) is c]
+    return first, len(candidates) - len(first)
+
+
+def upsert_recipients(cursor: Any, candidates: Iterable[Candidate]) -> None:
+    """Make sure every recipient exists; inline recipient objects update their row.
+
+    Rows are locked in id order so that concurrent batches cannot deadlock.
+    """
+    inline: dict[str, dict[str, Any]] = {}
+    named: set[str] = set()
+    for candidate in candidates:
+        recipient = candidate.notification.recipient
+        if isinstance(recipient, str):
+            named.add(recipient)
+        else:
+            inline[recipient.id] = recipient.model_dump(exclude_unset=True)
+    named -= inline.keys()
+    if named:
+        cursor.execute(
+            "INSERT INTO recipients (id) SELECT unnest(%s::text[]) ORDER BY 1"
+            " ON CONFLICT (id) DO NOTHING",
+            (sorted(named),),
+        )
+    if inline:
+        rows = [inline[key] for key in sorted(inline)]
+        cursor.execute(
+            """
+            INSERT INTO recipients AS r (id, name, email, phone, timezone, locale, addresses)
+            SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],
+                                 %s::text[], %s::text[], %s::jsonb[])
+            ON CONFLICT (id) DO UPDATE SET
+                name = coalesce(EXCLUDED.name, r.name),
+                email = coalesce(EXCLUDED.email, r.email),
+                phone = coalesce(EXCLUDED.phone, r.phone),
+                timezone = CASE WHEN EXCLUDED.timezone = 'UTC' THEN r.timezone
+                                ELSE EXCLUDED.timezone END,
+                locale = coalesce(EXCLUDED.locale, r.locale),
+                addresses = r.addresses || EXCLUDED.addresses,
+                updated_at = now()
+            """,
+            (
+                [row["id"] for row in rows],
+                [row.get("name") for row in rows],
+                [row.get("email") for row in rows],
+                [row.get("phone") for row in rows],
+                [row.get("timezone") or "UTC" for row in rows],
+                [row.get("locale") for row in rows],
+                [Jsonb(row.get("addresses") or {}) for row in rows],
+            ),
+        )
+
+
+def claim_idempotency_keys(
+    cursor: Any, candidates: list[Candidate], window: timedelta
+) -> tuple[list[Candidate], int]:
+    """Drop candidates whose key was seen within the window; returns (kept, dropped).
+
+    The key row remembers the first notification's id, so a repeat is answered with it
+    (``notifier.client.lookup``) and counted. A redelivered message carries the same id
+    as the key's row and passes.
+    """
+    first_by_key: dict[str, Candidate] = {}
+    repeats_in_batch: dict[str, int] = {}
+    for candidate in candidates:
+        key = candidate.notification.idempotency_key
+        if key is None:
+            continue
+        if key in first_by_key:
+            repeats_in_batch[key] = repeats_in_batch.get(key, 0) + 1
+        else:
+            first_by_key[key] = candidate
+    if not first_by_key:
+        return candidates, 0
+    keys = sorted(first_by_key)
+    expires = datetime.now(UTC) + window
+    cursor.execute(
+        """
+        INSERT INTO idempotency_keys AS k (key, notification_id, expires_at, duplicates)
+        SELECT * FROM unnest(%s::text[], %s::uuid[], %s::timestamptz[], %s::int[])
+        ORDER BY 1
+        ON CONFLICT (key) DO UPDATE SET
+            notification_id = CASE WHEN k.expires_at <= now() THEN EXCLUDED.notification_id
+                                   ELSE k.notification_id END,
+            duplicates = CASE WHEN k.expires_at <= now() THEN EXCLUDED.duplicates
+                              WHEN k.notification_id = EXCLUDED.notification_id THEN k.duplicates
+                              ELSE k.duplicates + 1 + EXCLUDED.duplicates END,
+            expires_at = CASE WHEN k.expires_at <= now() THEN EXCLUDED.expires_at
+                              ELSE k.expires_at END
+        RETURNING key, notification_id
+        """,
+        (
+            keys,
+            [first_by_key[key].id for key in keys],
+            [expires] * len(keys),
+            [repeats_in_batch.get(key, 0) for key in keys],
+        ),
+    )
+    owner = dict(cursor.fetchall())
+    kept = [
+        c for c in candidates
+        if c.notification.idempotency_key is None
+        or (first_by_key[c.notification.idempotency_key] is c
+            and owner[c.notification.idempotency_key] == c.id)
+    ]
+    dropped = len(candidates) - len(kept)
+    if dropped:
+        log.info("dropped %d notifications repeating an idempotency key", dropped)
+    return kept, dropped
+
+
+def copy_notifications(
+    cursor: Any, candidates: Sequence[Candidate], routed: dict[uuid.UUID, Routed]
+) -> list[uuid.UUID]:
+    """COPY the candidates in and return the ids that were not stored before.
+
+    COPY lands in a temporary table of the connection, emptied at every commit; one
+    INSERT ... SELECT moves the rows on, skipping ids that are already stored. The table
+    is (re)made inside the transaction, so a rolled-back batch cannot leave it missing.
+    """
+    if not candidates:
+        return []
+    cursor.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS ingest_staging"
+        " (LIKE notifications INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    )
+    columns = ", ".join(_NOTIFICATION_COLUMNS)
+    with cursor.copy(f"COPY ingest_staging ({columns}) FROM STDIN") as copy:
+        for candidate in candidates:
+            copy.write_row(_notification_row(candidate, routed[candidate.id]))
+    cursor.execute(
+        f"INSERT INTO notifications ({columns}) SELECT {columns} FROM ingest_staging"
+        " ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id"
+    )
+    return [row[0] for row in cursor.fetchall()]
+
+
+def _notification_row(candidate: Candidate, routed: Routed) -> tuple[Any, ...]:
+    n = candidate.notification
+    return (
+        candidate.id, n.recipient_id, n.type, n.priority, n.channels, n.title, n.body,
+        n.data_json, n.idempotency_key, n.send_at, routed.status, candidate.enqueued_at,
+        routed.reason, routed.window_id,
+    )
+
+
+def jsonb_safe(value: Any, depth: int = 0) -> Any:
+    """The value as Postgres can hold it: NUL and lone surrogates replaced (U+FFFD), NaN
+    and Infinity as strings, anything past 100 levels as its text. A dead letter must
+    always be writable, or its whole batch would return to the queue forever."""
+    if isinstance(value, str):
+        if "\x00" in value or _SURROGATES.search(value):
+            return _SURROGATES.sub("\ufffd", value.replace("\x00", "\ufffd"))
+        return value
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return repr(value)
+    if depth > 100 and isinstance(value, dict | list | tuple):
+        return repr(value)[:10_000]
+    if isinstance(value, dict):
+        return {jsonb_safe(str(k), depth + 1): jsonb_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonb_safe(item, depth + 1) for item in value]
+    return value
+
+
+def bounded_payload(payload: Any, limit: int) -> tuple[str, int, str, bool]:
+    """The payload as JSON text for ``dead_letters.payload``, at most ``limit`` bytes of
+    it: (jsonb text, full size in bytes, SHA-256 of the full JSON, truncated?).
+
+    A payload over the limit is stored as a JSON string holding its first ``limit``
+    bytes, so a huge message costs a bounded row (and the size and hash still identify
+    it); replay refuses a truncated one.
+    """
+    encoded = json.dumps(jsonb_safe(payload), ensure_ascii=False, separators=(",", ":"),
+                         default=repr)
+    raw = encoded.encode("utf-8", "replace")
+    digest = hashlib.sha256(raw).hexdigest()
+    if len(raw) <= limit:
+        return encoded, len(raw), digest, False
+    return json.dumps(raw[:limit].decode("utf-8", "ignore")), len(raw), digest, True
+
+
+def _dead_letter_row(rejection: Rejection, settings: Settings) -> tuple[Any, ...]:
+    if rejection.original is not None:  # already a bounded stand-in for the original
+        size, digest = rejection.original
+        payload = json.dumps(jsonb_safe(rejection.payload), ensure_ascii=False, default=repr)
+        truncated = True
+    else:
+        payload, size, digest, truncated = bounded_payload(
+            rejection.payload, settings.dead_letter_payload_bytes
+        )
+    key = jsonb_safe(str(rejection.dedup_key))
+    if len(key) > 255:
+        key = "sha256:" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
+    return (
+        key,
+        cut(jsonb_safe(str(rejection.reason)), settings.max_reason_chars),
+        cut(jsonb_safe(str(rejection.error_class)), 128),
+        jsonb_safe(rejection.type)[:64] if isinstance(rejection.type, str) else None,
+        payload, size, digest, truncated,
+    )
+
+
+def write_dead_letters(
+    cursor: Any, stage: Stage, rejections: Sequence[Rejection], settings: Settings | None = None,
+) -> list[tuple[str, str]]:
+    """Park rejected items with their reason; a redelivered message adds no second row.
+
+    Every column is cut to fit and the payload is bounded, so nothing about a rejection
+    can make this insert fail (or its whole batch would return to the queue). Nothing
+    is logged here, inside the transaction: the (dedup key, reason) pairs are returned
+    for the caller to log once the transaction has committed.
+    """
+    if not rejections:
+        return []
+    settings = settings or get_settings()
+    rows = [_dead_letter_row(rejection, settings) for rejection in rejections]
+    columns = list(zip(*rows, strict=True))
+    cursor.execute(
+        """
+        INSERT INTO dead_letters (dedup_key, stage, reason, error_class, type, payload,
+                                  payload_bytes, payload_sha256, payload_truncated)
+        SELECT k, %s, r, e, t, p, b, h, x
+        FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[],
+                    %s::bigint[], %s::text[], %s::bool[]) AS u(k, r, e, t, p, b, h, x)
+        ON CONFLICT (dedup_key) DO NOTHING
+        """,
+        (stage.value, *(list(column) for column in columns)),
+    )
+    return [(row[0], row[1]) for row in rows]

@@ -1,0 +1,340 @@
+"""The tables: Postgres is the source of truth for every notification.
+
+The schema itself is owned by the Alembic migrations in ``migrations/``; these models
+mirror it for queries and must change together with a new migration.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+Timestamp = Annotated[datetime, mapped_column(DateTime(timezone=True))]
+CreatedAt = Annotated[
+    datetime, mapped_column(DateTime(timezone=True), server_default=func.now())
+]
+JsonObject = Annotated[dict[str, Any], mapped_column(JSONB, server_default=text("'{}'"))]
+
+
+class NotificationStatus(enum.StrEnum):
+    PENDING = "pending"  # stored, waiting for its aggregation window
+    DISPATCHED = "dispatched"  # has its delivery rows (critical ones at ingest)
+    DIGESTED = "digested"  # folded into a digest
+    DELIVERED = "delivered"
+    SUPPRESSED = "suppressed"  # opted out / below minimum priority, with a reason
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"  # written, its task not yet published (an outbox row)
+    QUEUED = "queued"  # task published
+    SENDING = "sending"
+    SENT = "sent"
+    RETRYING = "retrying"
+    SCHEDULED = "scheduled"  # held until quiet hours end or the notification's send_at
+    DEAD = "dead"  # parked in dead_letters
+    CANCELLED = "cancelled"
+
+
+class Stage(enum.StrEnum):
+    INGEST = "ingest"
+    AGGREGATE = "aggregate"
+    DELIVER = "deliver"
+
+
+def _values(enum_cls: type[enum.StrEnum]) -> str:
+    return ", ".join(f"'{member.value}'" for member in enum_cls)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class Recipient(Base):
+    __tablename__ = "recipients"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    email: Mapped[str | None] = mapped_column(String(320))
+    phone: Mapped[str | None] = mapped_column(String(32))
+    timezone: Mapped[str] = mapped_column(String(64), server_default="UTC")
+    locale: Mapped[str | None] = mapped_column(String(16))
+    #: Channel name -> address (webhook URL, Slack URL, Apprise URL, ...).
+    addresses: Mapped[JsonObject]
+    #: channels, opted_out, min_priority, quiet_hours, digest_mode, digest_time.
+    preferences: Mapped[JsonObject]
+    created_at: Mapped[CreatedAt]
+    updated_at: Mapped[CreatedAt]
+
+
+class Notification(Base):
+    __tablename__ = "notifications"
+    __table_args__ = (
+        CheckConstraint("priority IN ('critical', 'high', 'normal', 'low')", name="priority"),
+        CheckConstraint(f"status IN ({_values(NotificationStatus)})", name="status"),
+        # The flush and the status command look for waiting notifications by age.
+        Index(
+            "ix_notifications_pending", "created_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index("ix_notifications_recipient_id_created_at", "recipient_id", "created_at"),
+        Index("ix_notifications_created_at", "created_at"),  # `notifier stats`
+        Index("ix_notifications_status", "status"),
+        Index("ix_notifications_window_id", "window_id",
+              postgresql_where=text("status = 'pending'")),
+        Index(
+            "ix_notifications_idempotency_key", "idempotency_key",
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+        # Retention: a digest goes once no notification points at it (and its FK check).
+        Index("ix_notifications_digest_id", "digest_id",
+              postgresql_where=text("digest_id IS NOT NULL")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    recipient_id: Mapped[str] = mapped_column(
+        String(255), ForeignKey("recipients.id"), nullable=False
+    )
+    type: Mapped[str] = mapped_column(String(64), nullable=False)
+    priority: Mapped[str] = mapped_column(String(8), nullable=False)
+    channels: Mapped[list[str] | None] = mapped_column(ARRAY(String(32)))
+    title: Mapped[str] = mapped_column(Text, nullable=False)
+    body: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+    data: Mapped[JsonObject]
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    send_at: Mapped[Timestamp | None]
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="pending")
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    digest_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("digests.id")
+    )
+    #: The aggregation window it waits in (status pending).
+    window_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    #: When the producer handed it over, if the producer said (latency figures).
+    enqueued_at: Mapped[Timestamp | None]
+    #: When the ingest transaction wrote it (clock time, not transaction start).
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("clock_timestamp()")
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("clock_timestamp()")
+    )
+
+
+class Digest(Base):
+    __tablename__ = "digests"
+    __table_args__ = (
+        Index("ix_digests_recipient_id_created_at", "recipient_id", "created_at"),
+        Index("ix_digests_created_at", "created_at"),  # retention
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    recipient_id: Mapped[str] = mapped_column(
+        String(255), ForeignKey("recipients.id"), nullable=False
+    )
+    type: Mapped[str] = mapped_column(String(64), nullable=False)
+    channel: Mapped[str] = mapped_column(String(32), nullable=False)
+    digest_key: Mapped[str | None] = mapped_column(String(255))
+    title: Mapped[str] = mapped_column(Text, nullable=False)
+    body: Mapped[str] = mapped_column(Text, nullable=False)
+    html: Mapped[str | None] = mapped_column(Text)
+    #: Every member's id, title, body and data: a digest holds all of them, no cap.
+    items: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=text("'[]'"))
+    item_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    notification_ids: Mapped[list[uuid.UUID]] = mapped_column(
+        ARRAY(UUID(as_uuid=True)), nullable=False
+    )
+    window_start: Mapped[Timestamp]
+    window_end: Mapped[Timestamp]
+    created_at: Mapped[CreatedAt]
+
+
+class AggregationWindow(Base):
+    """An open group of notifications waiting to become one digest.
+
+    Groups are (recipient, type, digest key); the digest key comes from a data field the
+    type's rule names ("" when none). A window is ``closed`` once it holds its rule's
+    maximum count: it is then due at once and new items open the next window.
+    """
+
+    __tablename__ = "aggregation_windows"
+    __table_args__ = (
+        Index("ix_aggregation_windows_due_at", "due_at"),
+        Index("ix_aggregation_windows_open", "recipient_id", "type", "digest_key",
+              postgresql_where=text("NOT closed")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    recipient_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    type: Mapped[str] = mapped_column(String(64), nullable=False)
+    digest_key: Mapped[str] = mapped_column(String(255), nullable=False, server_default="")
+    mode: Mapped[str] = mapped_column(String(16), nullable=False)
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    #: A sliding window never extends past this.
+    latest_due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    item_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    max_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    closed: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_values(DeliveryStatus)})", name="status"),
+        CheckConstraint(
+            "(notification_id IS NOT NULL) <> (digest_id IS NOT NULL)", name="one_source"
+        ),
+        # At most one delivery per (notification, channel) and per (digest, channel).
+        Index("uq_deliveries_notification_id_channel", "notification_id", "channel",
+              unique=True, postgresql_where=text("notification_id IS NOT NULL")),
+        Index("uq_deliveries_digest_id_channel", "digest_id", "channel",
+              unique=True, postgresql_where=text("digest_id IS NOT NULL")),
+        # The sweeper looks for work that is due: unsent rows by next attempt.
+        Index("ix_deliveries_due", "next_attempt_at",
+              postgresql_where=text("status IN ('pending', 'queued', 'retrying', 'scheduled')")),
+        # `notifier stats`: what changed in a window, by status.
+        Index("ix_deliveries_status_updated_at", "status", "updated_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    notification_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("notifications.id")
+    )
+    digest_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("digests.id")
+    )
+    recipient_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    channel: Mapped[str] = mapped_column(String(32), nullable=False)
+    priority: Mapped[str] = mapped_column(String(8), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    last_error: Mapped[str | None] = mapped_column(Text)
+    queued_at: Mapped[Timestamp | None]
+    sent_at: Mapped[Timestamp | None]
+    created_at: Mapped[CreatedAt]
+    updated_at: Mapped[CreatedAt]
+
+
+class DeadLetter(Base):
+    __tablename__ = "dead_letters"
+    __table_args__ = (
+        Index("ix_dead_letters_stage_created_at", "stage", "created_at"),
+        Index("ix_dead_letters_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    #: Makes a redelivered message's rejection a no-op instead of a second row.
+    dedup_key: Mapped[str] = mapped_column(String(255), unique=True, nullable=False)
+    stage: Mapped[str] = mapped_column(String(16), nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    error_class: Mapped[str | None] = mapped_column(String(128))
+    channel: Mapped[str | None] = mapped_column(String(32))
+    type: Mapped[str | None] = mapped_column(String(64))
+    notification_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    delivery_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    #: The original message (ingest) or the delivery's content (deliver); at most
+    #: ``dead_letter_payload_bytes`` of its JSON (then a JSON string of that prefix).
+    payload: Mapped[Any] = mapped_column(JSONB, nullable=False)
+    #: Size in bytes and SHA-256 of the original payload's JSON (NULL: not recorded).
+    payload_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    payload_sha256: Mapped[str | None] = mapped_column(String(64))
+    #: ``payload`` holds only a prefix of the original: it cannot be replayed.
+    payload_truncated: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default="false"
+    )
+    replayed_at: Mapped[Timestamp | None]
+    created_at: Mapped[CreatedAt]
+
+
+class IdempotencyKey(Base):
+    """Keys seen within the dedup window, the first notification's id, and repeats."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_expires_at", "expires_at"),)
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    notification_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    duplicates: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    created_at: Mapped[CreatedAt]
+
+
+class InboxMessage(Base):
+    """What the in-app channel delivered: a recipient's inbox, read and unread."""
+
+    __tablename__ = "inbox_messages"
+    __table_args__ = (
+        Index("ix_inbox_messages_recipient_id_created_at", "recipient_id", "created_at"),
+        Index(
+            "ix_inbox_messages_unread", "recipient_id", "created_at",
+            postgresql_where=text("read_at IS NULL"),
+        ),
+        # Retention: read messages by when they were read.
+        Index("ix_inbox_messages_read_at", "read_at", postgresql_where=text("read_at IS NOT NULL")),
+    )
+
+    #: The delivery's id: writing the same delivery twice is a no-op.
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    recipient_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    notification_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    digest_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    type: Mapped[str] = mapped_column(String(64), nullable=False)
+    priority: Mapped[str] = mapped_column(String(8), nullable=False)
+    title: Mapped[str] = mapped_column(Text, nullable=False)
+    body: Mapped[str] = mapped_column(Text, nullable=False)
+    data: Mapped[JsonObject]
+    read_at: Mapped[Timestamp | None]
+    created_at: Mapped[CreatedAt]
+
+
+class WebhookSecret(Base):
+    """A webhook receiver's own signing secret (``notifier.pipeline.webhook_secrets``).
+
+    ``previous_secret`` still signs requests, beside ``secret``, until
+    ``previous_valid_until``: the overlap in which the receiver switches.
+    """
+
+    __tablename__ = "webhook_secrets"
+
+    recipient_id: Mapped[str] = mapped_column(
+        String(255), ForeignKey("recipients.id", ondelete="CASCADE"), primary_key=True
+    )
+    secret: Mapped[str] = mapped_column(Text, nullable=False)
+    previous_secret: Mapped[str | None] = mapped_column(Text)
+    previous_valid_until: Mapped[Timestamp | None]
+    created_at: Mapped[CreatedAt]
+    rotated_at: Mapped[Timestamp | None]

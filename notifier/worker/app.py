@@ -1,0 +1,129 @@
+"""The Celery application: ``celery -A notifier worker|beat`` finds it as ``notifier.app``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from celery import Celery, signals
+
+from notifier.settings import ConfigError
+from notifier.worker import shutdown
+
+
+def _load_celeryconfig() -> Any:
+    from notifier.worker import celeryconfig
+
+    return celeryconfig
+
+
+def _running_celery_command() -> bool:
+    return os.path.basename(sys.argv[0]) in {"celery", "__main__.py"}
+
+
+# Messages nesting a few hundred levels deep (bad input) must reach validation, which
+# refuses them with a reason: Python's default limit of 1000 frames stops kombu's JSON
+# decoding or the pickling for the pool before that, losing the message or the batch.
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 4000))
+
+try:
+    _config = _load_celeryconfig()
+except ConfigError as exc:
+    if _running_celery_command():  # one line for the operator, not a traceback
+        sys.exit(f"error: {exc}")
+    raise
+
+app = Celery("notifier", include=["notifier.worker.tasks"])
+app.config_from_object(_config)
+
+
+@signals.setup_logging.connect
+def configure_logging(loglevel: Any = None, logfile: str | None = None, **_: Any) -> None:
+    """Our log lines for workers and beat (task ids, item ids, masked URLs, JSON if
+    asked); connecting this signal keeps Celery from setting up its own."""
+    from notifier.logs import configure
+    from notifier.settings import get_settings
+
+    settings = get_settings()
+    configure(loglevel or settings.log_level, logfile, settings.log_format == "json",
+              settings.log_max_line_bytes)
+
+
+@signals.worker_init.connect
+def check_services_before_work(**_: Any) -> None:
+    """Refuse to start a worker that cannot reach Postgres or has a bad rules file, with
+    one line saying why."""
+    from notifier.pipeline.rules import get_rules
+    from notifier.storage.db import check_database
+
+    try:
+        get_rules()
+        check_database()
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+
+
+@signals.beat_init.connect
+def check_rules_before_beat(**_: Any) -> None:
+    """Beat schedules the flush: a bad rules file stops it at start, not at the first tick."""
+    from notifier.pipeline.rules import get_rules
+
+    try:
+        get_rules()
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+
+
+@signals.worker_init.connect
+@signals.beat_init.connect
+def check_channel_urls_at_start(**_: Any) -> None:
+    """A bad channel URL stops the worker or beat with one line naming the variable,
+    instead of a worker that starts happily and holds every delivery of the channel."""
+    from notifier.channels import check_channel_urls
+    from notifier.settings import get_settings
+
+    try:
+        check_channel_urls(get_settings())
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+
+
+@signals.worker_init.connect
+def start_metrics_endpoint(**_: Any) -> None:
+    """Tidy the metrics directory of dead processes' files and, if asked, serve /metrics
+    from the worker's main process (the pool's children write to the same directory)."""
+    from notifier.ops import metrics
+    from notifier.settings import get_settings
+
+    metrics.remove_files_of_dead_processes()
+    settings = get_settings()
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_address, settings.metrics_port, settings)
+
+
+@signals.task_prerun.connect
+def mark_busy(**_: Any) -> None:
+    shutdown.task_started()
+
+
+@signals.task_postrun.connect
+def mark_idle(**_: Any) -> None:
+    shutdown.task_finished()
+
+
+@signals.worker_shutting_down.connect
+def tell_batches_to_return(**_: Any) -> None:
+    """Warm shutdown: delivery batches in progress hand back what they have not sent."""
+    shutdown.begin()
+
+
+@signals.worker_process_shutdown.connect
+def close_channel_connections(**_: Any) -> None:
+    """Say goodbye to SMTP servers and HTTP pools instead of dropping the sockets, and
+    drop the process's live gauges."""
+    from notifier.channels import close_channels
+    from notifier.ops import metrics
+
+    close_channels()
+    metrics.process_exited(os.getpid())
