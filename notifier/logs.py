@@ -96,8 +96,9 @@ class TextFormatter(logging.Formatter):
             line = super().format(record)
             head, _, rest = line.partition("] ")
             task = getattr(record, "task_name", None)
-            if task and getattr(record, "task_id", None) and str(record.task_id) not in rest:
-                rest = f"{task}[{record.task_id}]: {rest}"
+            task_id = getattr(record, "task_id", None)
+            if task and task_id and str(task_id) not in rest:
+                rest = f"{task}[{task_id}]: {rest}"
             items = " ".join(f"{key}={_short(getattr(record, key))}"
                              for key in ITEM_FIELDS if hasattr(record, key))
             line = masked(f"{head}] {rest}" + (f" ({items})" if items else ""),
@@ -130,9 +131,10 @@ class JsonFormatter(logging.Formatter):
             "process": record.processName,
             "message": masked(_message(record), self.max_bytes + MASK_MARGIN),
         }
-        if getattr(record, "task_id", None):
-            entry["task_id"] = masked(record.task_id)
-            entry["task"] = masked(record.task_name)
+        task_id = getattr(record, "task_id", None)
+        if task_id:
+            entry["task_id"] = masked(task_id)
+            entry["task"] = masked(getattr(record, "task_name", None))
         for key in ITEM_FIELDS:
             if hasattr(record, key):
                 entry[key] = _json_value(getattr(record, key))

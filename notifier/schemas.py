@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
 from typing import Annotated, Any, Literal
@@ -27,6 +28,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from notifier.channels import CHANNEL_NAMES
 from notifier.settings import PRIORITIES, get_settings
@@ -292,6 +294,7 @@ def _nesting(value: Any) -> int:
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):
@@ -344,10 +347,12 @@ def parse_notification(raw: Any) -> NotificationIn:
         raise NotificationError([_describe(error) for error in errors]) from None
 
 
-def _drop_other_recipient_branch(errors: list[Any], recipient: Any) -> list[Any]:
+def _drop_other_recipient_branch(
+    errors: list[ErrorDetails], recipient: Any
+) -> list[ErrorDetails]:
     """Keep only the errors of the recipient form the producer meant (id or object)."""
     wanted = "RecipientIn" if isinstance(recipient, dict) else "str"
-    kept = []
+    kept: list[ErrorDetails] = []
     for error in errors:
         loc = error["loc"]
         if loc[:1] == ("recipient",) and len(loc) > 1:
@@ -360,7 +365,7 @@ def _drop_other_recipient_branch(errors: list[Any], recipient: Any) -> list[Any]
     return list({_describe(e): e for e in kept}.values())
 
 
-def _describe(error: Any) -> str:
+def _describe(error: ErrorDetails) -> str:
     """Turn one pydantic error into "field: problem", quoting the offending value cut
     short and, for a value too long, its size and the limit."""
     location = ".".join(
@@ -394,13 +399,13 @@ def _describe(error: Any) -> str:
     return f"{location}: {message}"
 
 
-def _location_part(part: Any) -> str:
+def _location_part(part: str | int) -> str:
     # A key the producer chose (an unknown field, a data key) may be huge.
     text = str(part)
     return text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS] + "…"
 
 
-def _is_union_branch(part: Any) -> bool:
+def _is_union_branch(part: str | int) -> bool:
     # pydantic names the union member it tried ("str", "RecipientIn", "constrained-str").
     return isinstance(part, str) and (
         part in {"str", "RecipientIn"} or part.startswith(("constrained-", "function-"))

@@ -29,6 +29,7 @@ import contextlib
 import ipaddress
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -303,7 +304,7 @@ class DeadlineStream(httpcore.NetworkStream):
 
     def start_tls(
         self,
-        ssl_context: Any,
+        ssl_context: ssl.SSLContext,
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.NetworkStream:
@@ -443,7 +444,7 @@ def _install_hooks() -> None:
     with _patch_lock:
         if _patched:
             return
-        socket.getaddrinfo = _guarded_getaddrinfo  # type: ignore[assignment]
+        socket.getaddrinfo = _guarded_getaddrinfo
         original_connect = socket.socket.connect
         original_redirect = requests.Session.get_redirect_target
         original_iter_content = requests.Response.iter_content
@@ -455,7 +456,9 @@ def _install_hooks() -> None:
                 guard.track(self)
             return original_connect(self, address)
 
-        def get_redirect_target(self: requests.Session, resp: requests.Response) -> Any:
+        def get_redirect_target(
+            self: requests.Session, resp: requests.Response
+        ) -> str | None:
             target = original_redirect(self, resp)
             guard = _current_guard()
             if guard is not None and target:
@@ -463,15 +466,19 @@ def _install_hooks() -> None:
                 return None
             return target
 
-        def iter_content(self: requests.Response, *args: Any, **kwargs: Any) -> Any:
+        def iter_content(
+            self: requests.Response, *args: Any, **kwargs: Any
+        ) -> Iterator[Any]:
             chunks = original_iter_content(self, *args, **kwargs)
             guard = _current_guard()
             if guard is None or guard.max_response_bytes is None:
                 return chunks
             return _capped_chunks(self, chunks, guard)
 
-        socket.socket.connect = connect  # type: ignore[method-assign]
-        requests.Session.get_redirect_target = get_redirect_target  # type: ignore[method-assign]
+        # Replacing methods: each takes the instances of the class it is set on, which
+        # typeshed's signatures (written for base classes) cannot say.
+        socket.socket.connect = connect  # type: ignore[method-assign, assignment]
+        requests.Session.get_redirect_target = get_redirect_target  # type: ignore[method-assign, assignment]
         requests.Response.iter_content = iter_content  # type: ignore[method-assign]
         _patched = True
 
@@ -491,7 +498,9 @@ def _check_connect(guard: Guard, address: Any) -> None:
             raise OSError(str(refused)) from None
 
 
-def _capped_chunks(response: requests.Response, chunks: Iterator[Any], guard: Guard) -> Any:
+def _capped_chunks(
+    response: requests.Response, chunks: Iterator[Any], guard: Guard
+) -> Iterator[Any]:
     """The body's chunks up to the guard's byte limit; past it the connection is closed
     (not drained) and ``Guard.truncated`` set."""
     limit = guard.max_response_bytes or 0

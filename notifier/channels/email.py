@@ -371,7 +371,8 @@ class EmailChannel(Channel):
             f"{message.delivery_id}@smtputf8.invalid"
         )
         mail = MIMEMultipart("alternative")
-        mail["Subject"] = _encoded_header(_header_text(message.title))
+        # typeshed types header values as str; the compat32 policy takes a Header too.
+        mail["Subject"] = _encoded_header(_header_text(message.title))  # type: ignore[assignment]
         mail["From"] = self._from_header
         mail["To"] = formataddr((to.display_name, shown), "utf-8")
         mail["Date"] = formatdate(localtime=True)
@@ -379,8 +380,8 @@ class EmailChannel(Channel):
         mail["Message-ID"] = f"<{message.delivery_id}@notifier>"
         mail["X-Notifier-Delivery-Id"] = str(message.delivery_id)
         html_body = message.html or _text_to_html(message.body)
-        mail.attach(MIMEText(_ending_in_newline(message.body), "plain", _UTF8_QP))
-        mail.attach(MIMEText(_ending_in_newline(html_body), "html", _UTF8_QP))
+        mail.attach(_utf8_part(message.body, "plain"))
+        mail.attach(_utf8_part(html_body, "html"))
         data = mail.as_bytes(policy=_WIRE)
         if shown != to.addr_spec:
             data = data.replace(shown.encode(), to.addr_spec.encode(), 1)
@@ -448,6 +449,12 @@ def _address(address: str, display_name: str, *, dotless_domain: bool = False) -
 
 def _ending_in_newline(text: str) -> str:
     return text if text.endswith("\n") else text + "\n"
+
+
+def _utf8_part(text: str, subtype: str) -> MIMEText:
+    """A text part in UTF-8 quoted-printable, ending in a newline."""
+    # typeshed wants a charset name; MIMEText hands a Charset on to set_payload as is.
+    return MIMEText(_ending_in_newline(text), subtype, _UTF8_QP)  # type: ignore[arg-type]
 
 
 def _encoded_header(text: str) -> str | Header:

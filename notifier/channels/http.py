@@ -373,8 +373,9 @@ class HttpChannel(Channel):
             raise skipped
         if key not in checked:
             checked[key] = _precheck(parts, self.allow_private, self.name)
-        if checked[key] is not None:
-            raise copy_error(checked[key])
+        refused = checked[key]
+        if refused is not None:
+            raise copy_error(refused)
         try:
             self.post(url, message)
         except ForbiddenAddress as error:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeAlias
 
+import psycopg
+from psycopg.rows import TupleRow
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -13,6 +16,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from notifier.settings import ConfigError, get_settings, mask_url
+
+Cursor: TypeAlias = psycopg.Cursor[TupleRow]
+"""A psycopg cursor inside a session's transaction: the bulk statements (``unnest`` over
+arrays of thousands of rows) run on it, without the ORM's per-row cost."""
 
 _engines: dict[tuple[int, str], Engine] = {}
 
@@ -41,6 +48,14 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def raw_cursor(session: Session) -> Cursor:
+    """A psycopg cursor on the session's connection: its statements join the session's
+    transaction, so they commit or roll back with the ORM's."""
+    driver: psycopg.Connection[TupleRow] | None = session.connection().connection.driver_connection
+    assert driver is not None, "the session's connection is closed"
+    return driver.cursor()
 
 
 def describe_db_error(exc: BaseException) -> str:
@@ -76,9 +91,9 @@ def create_database_if_missing(url: str | None = None) -> bool:
 
     Returns True when it had to be created. Lets ``make run`` start on a fresh server.
     """
-    url = make_url(url or get_settings().database_url)
-    name = url.database
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    target = make_url(url or get_settings().database_url)
+    name = target.database
+    admin = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:
             exists = connection.execute(
@@ -88,7 +103,7 @@ def create_database_if_missing(url: str | None = None) -> bool:
                 connection.execute(text(f'CREATE DATABASE "{name}"'))
             return not exists
     except (OperationalError, DBAPIError) as exc:
-        raise _unreachable(url.render_as_string(hide_password=False), exc) from None
+        raise _unreachable(target.render_as_string(hide_password=False), exc) from None
     finally:
         admin.dispose()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from types import ModuleType
 from typing import Any
 
 from celery import Celery, signals
@@ -12,7 +13,7 @@ from notifier.settings import ConfigError
 from notifier.worker import shutdown
 
 
-def _load_celeryconfig() -> Any:
+def _load_celeryconfig() -> ModuleType:
     from notifier.worker import celeryconfig
 
     return celeryconfig
@@ -39,7 +40,9 @@ app.config_from_object(_config)
 
 
 @signals.setup_logging.connect
-def configure_logging(loglevel: Any = None, logfile: str | None = None, **_: Any) -> None:
+def configure_logging(
+    loglevel: str | int | None = None, logfile: str | None = None, **_: Any
+) -> None:
     """Our log lines for workers and beat (task ids, item ids, masked URLs, JSON if
     asked); connecting this signal keeps Celery from setting up its own."""
     from notifier.logs import configure

@@ -97,10 +97,16 @@ def delivery_batch_size(queue: str, settings: Settings, ready: int) -> int:
     the queue already counts (messages there carry about a batch each)."""
     sizer = _delivery_sizers.get(queue)
     if sizer is None:
-        sizer = _delivery_sizers[queue] = AdaptiveBatchSize(
-            "deliver", settings.delivery_batch_min, settings.delivery_batch_size,
-            settings.adaptive_high_water,
-            lambda: broker_depth([queue], lambda: sizer.last),
-            settings.adaptive_refresh,
-        )
+        sizer = _delivery_sizers[queue] = _delivery_sizer(queue, settings)
     return sizer.current(extra_waiting=ready)
+
+
+def _delivery_sizer(queue: str, settings: Settings) -> AdaptiveBatchSize:
+    # A message in a delivery queue carries about one batch: the size chosen last.
+    sizer = AdaptiveBatchSize(
+        "deliver", settings.delivery_batch_min, settings.delivery_batch_size,
+        settings.adaptive_high_water,
+        lambda: broker_depth([queue], lambda: sizer.last),
+        settings.adaptive_refresh,
+    )
+    return sizer

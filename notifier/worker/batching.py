@@ -40,13 +40,16 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 from kombu.message import Message
 
 from notifier.settings import PRIORITIES, get_settings, queue_name
+
+if TYPE_CHECKING:
+    from notifier.worker.batch_sizing import AdaptiveBatchSize
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +158,7 @@ class CommittedBatches(Batches):
         self._paused_queues: list[str] = []
         self._flushing = False
         self._flush_again = False
-        self._sizer: Any = None
+        self._sizer: AdaptiveBatchSize | None = None
         #: Ids of redelivered messages with failures: each runs in a batch of its own.
         self._alone: set[str] = set()
         self._in_flight_bytes = 0
@@ -534,7 +537,9 @@ def _failures_of(message_id: str) -> dict[bytes, bytes]:
     from notifier.storage.state import state_redis
 
     try:
-        return state_redis().hgetall(FAILURES_KEY.format(message_id)) or {}
+        failures = state_redis().hgetall(FAILURES_KEY.format(message_id))
+        # The state Redis does not decode responses (redis-py's types cannot say so).
+        return cast(dict[bytes, bytes], failures) or {}
     except Exception as exc:  # without Redis, a message runs as usual
         _warn("could not read a message's failures: %s", _describe(exc))
         return {}

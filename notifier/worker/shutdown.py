@@ -17,12 +17,18 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-from typing import Any
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, TypeAlias
+
+#: What ``signal.signal`` returns: a function, ``SIG_DFL``/``SIG_IGN``, or None when the
+#: handler was not installed from Python.
+_Handler: TypeAlias = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 _stopping = multiprocessing.Value("b", 0, lock=False)
 _signalled = False  # this pool process got SIGTERM while running a task
 _busy = False
-_previous_handler: Any = None
+_previous_handler: _Handler = None
 
 
 def begin() -> None:
@@ -48,7 +54,7 @@ def task_finished() -> None:
     _busy = _signalled = False
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     global _signalled
     if _busy:
         _signalled = True
