@@ -30,8 +30,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from notifier.channels import CHANNEL_NAMES
-from notifier.settings import PRIORITIES, get_settings
+from notifier.settings import CHANNEL_NAMES, PRIORITIES, get_settings
 
 #: The message header our producers stamp with the time of ``notify()`` (epoch seconds).
 ENQUEUED_AT_HEADER = "notifier_enqueued_at"

@@ -20,6 +20,12 @@ from notifier.masking import mask_secrets
 PRIORITIES: tuple[str, ...] = ("critical", "high", "normal", "low")
 """Priorities from most to least urgent; each has its own queue ``notifier.<priority>``."""
 
+#: Every channel, by the name a notification or a preference asks for (public contract):
+#: its plugin is ``notifier/channels/<name>.py``, its queues ``notifier.deliver.<name>``.
+CHANNEL_NAMES: frozenset[str] = frozenset(
+    ("email", "webhook", "inapp", "slack", "apprise", "sms", "console")
+)
+
 #: Channel URLs used unless ``NOTIFIER_CHANNELS__<NAME>`` says otherwise.
 DEFAULT_CHANNEL_URLS: dict[str, str] = {
     "email": "smtp://127.0.0.1:25?from=notifier%40localhost",

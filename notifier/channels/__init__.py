@@ -13,12 +13,12 @@ import os
 from urllib.parse import urlsplit
 
 from notifier.channels.base import Channel, ConfigurationError
+from notifier.settings import CHANNEL_NAMES as CHANNEL_NAMES
 from notifier.settings import ConfigError, Settings, get_settings, mask_url
 
-#: Plugin modules, imported on first use; each registers the channel it defines.
-PLUGIN_MODULES = ("email", "webhook", "inapp", "slack", "apprise", "sms", "console")
-
-CHANNEL_NAMES: frozenset[str] = frozenset(PLUGIN_MODULES)
+# Each channel's plugin module (``notifier.channels.<name>``) is imported on first use
+# and registers the channel it defines. The names live in settings, below the schemas
+# that check them and the queues named after them.
 
 _instances: dict[tuple[int, str], Channel] = {}
 
