@@ -64,8 +64,10 @@ bench: install  ## Benchmark against a naive baseline: bench/results/report.md +
 chaos: install  ## Kill workers, restart Redis and Postgres, stop SMTP, fuzz; account for it all
 	$(BIN)/python -m chaos
 
-lint: install  ## ruff
+lint: install  ## ruff, the import contracts (lint-imports), mypy on notifier/
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy notifier
 
 clean: stop  ## Stop everything and remove .venv, .run and the embedded servers' data
 	rm -rf $(VENV) .run .notifier-data
