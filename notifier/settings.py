@@ -290,7 +290,8 @@ class Settings(BaseSettings):
     kept in Redis for the beat check."""
     health_beat_max_age: float = Field(30.0, gt=0)
     """The beat check fails when beat's last tick, or the last run of its heartbeat by a
-    worker, is older than this (seconds). A heartbeat that waited longer expires."""
+    worker, is older than this (seconds). A heartbeat that waited longer expires. Must
+    be above ``heartbeat_interval`` (checked at start)."""
     health_max_queue_depth: int = Field(10_000, ge=0)
     """The queues check fails when any one queue holds more messages than this."""
     health_max_pending_age: float = Field(120.0, gt=0)
