@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Embedded servers chosen by `make run` (empty when the real ones answer).
 ENV    := if [ -f .notifier-data/env ]; then . ./.notifier-data/env; fi;
 
-.PHONY: help install run stop worker worker-critical worker-deliver beat flower migrate status test bench chaos lint clean
+.PHONY: help install run stop worker worker-critical worker-deliver beat flower migrate status test bench chaos lint docs clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -68,6 +68,12 @@ lint: install  ## ruff, the import contracts (lint-imports), mypy on notifier/
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy notifier
+
+# One source: each setting's docstring in notifier/settings.py. The tests fail while the
+# page is stale (tests/ops/test_settings_reference.py).
+docs: install  ## Regenerate docs/configuration.md from the settings' docstrings
+	$(BIN)/python -m notifier.ops.settings_reference > docs/configuration.md.tmp
+	mv docs/configuration.md.tmp docs/configuration.md
 
 clean: stop  ## Stop everything and remove .venv, .run and the embedded servers' data
 	rm -rf $(VENV) .run .notifier-data

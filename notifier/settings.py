@@ -50,244 +50,277 @@ class ConfigError(Exception):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="NOTIFIER_", env_nested_delimiter="__", extra="ignore"
+        env_prefix="NOTIFIER_", env_nested_delimiter="__", extra="ignore",
+        # The docstring under each field is its description (docs/configuration.md is
+        # generated from them: ``make docs``).
+        use_attribute_docstrings=True,
     )
 
-    #: SQLAlchemy URL of the Postgres database (driver psycopg 3).
+    # --- Connections and ingest -----------------------------------------------------
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/notifier"
-    #: Celery broker URL (Redis or RabbitMQ).
+    """SQLAlchemy URL of the Postgres database (driver psycopg 3)."""
     broker_url: str = "redis://127.0.0.1:6379/0"
-    #: Seconds before Redis hands an unacknowledged message to another worker. This is
-    #: how long recovery from a killed worker takes; it must exceed the longest batch.
+    """Celery broker URL (Redis or RabbitMQ)."""
     visibility_timeout: int = Field(300, ge=1)
-    #: Seconds between the broker's scans for messages whose visibility timeout passed.
+    """Seconds before Redis hands an unacknowledged message to another worker. This is
+    how long recovery from a killed worker takes; it must exceed the longest batch."""
     unacked_restore_interval: int = Field(10, ge=1)
-    #: Seconds an idempotency key is remembered; a repeat within it is dropped.
+    """Seconds between the broker's scans for messages whose visibility timeout passed."""
     dedup_window: int = Field(86400, ge=0)
-    #: Most notifications written to Postgres in one ingest transaction.
+    """Seconds an idempotency key is remembered; a repeat within it is dropped."""
     ingest_batch_size: int = Field(500, ge=1)
-    #: The smallest ingest batch: used at an empty queue (see ``adaptive_high_water``).
+    """Most notifications written to Postgres in one ingest transaction."""
     ingest_batch_min: int = Field(50, ge=1)
-    #: Seconds a partial ingest batch waits for more messages before it is written.
+    """The smallest ingest batch: used at an empty queue (see ``adaptive_high_water``)."""
     ingest_flush_interval: float = Field(0.05, gt=0)
-    #: Messages a worker process may hold unacknowledged; ingest batches form from them.
-    #: ``None``: four batches' worth, so that the batches in flight and those waiting
-    #: never reach the limit and a critical message can always be fetched.
+    """Seconds a partial ingest batch waits for more messages before it is written."""
     worker_prefetch_multiplier: int | None = Field(None, ge=1)
-    #: Notifications per broker message in ``notify_many`` and the buffered producer.
+    """Messages a worker process may hold unacknowledged; ingest batches form from them.
+    Unset: four batches' worth (4 x ``ingest_batch_size``), so that the batches in
+    flight and those waiting never reach the limit and a critical message can always be
+    fetched."""
     client_chunk_size: int = Field(500, ge=1)
-    #: Seconds the buffered producer holds a partial message before publishing it.
+    """Notifications per broker message in ``notify_many`` and the buffered producer."""
     buffer_max_delay: float = Field(0.05, gt=0)
-    #: Channels used when neither the notification nor the recipient names any.
+    """Seconds the buffered producer holds a partial message before publishing it."""
     default_channels: list[str] = ["inapp"]
-    #: Attempts (with backoff) to commit an ingest batch before its messages go back
-    #: to the queue, e.g. while Postgres restarts.
+    """Channels used when neither the notification nor the recipient names any (a JSON
+    list: ``NOTIFIER_DEFAULT_CHANNELS='["inapp", "email"]'``)."""
     ingest_commit_attempts: int = Field(3, ge=1)
-    #: Largest accepted ``data`` object, in bytes of JSON.
+    """Attempts (with backoff) to commit an ingest batch before its messages go back
+    to the queue, e.g. while Postgres restarts."""
     max_data_bytes: int = Field(65536, ge=1)
+    """Largest accepted ``data`` object, in bytes of JSON."""
 
     # --- Limits ---------------------------------------------------------------------
-    #: Largest broker message (bytes of its body, before decoding). A bigger one is
-    #: dead-lettered undecoded (a prefix, its size and SHA-256) and acknowledged.
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    #: Most notifications in one message; a message of more is dead-lettered whole.
+    """Largest broker message (bytes of its body, before decoding). A bigger one is
+    dead-lettered undecoded (a prefix, its size and SHA-256) and acknowledged."""
     max_message_notifications: int = Field(1000, ge=1)
-    #: Longest URL address (``recipient.addresses`` of webhook, Slack, Apprise), in
-    #: characters. A URL that does not parse (bad port, no host) is refused at ingest.
+    """Most notifications in one message; a message of more is dead-lettered whole."""
     max_url_chars: int = Field(2048, ge=16)
-    #: Longest e-mail address, in characters (RFC 5321 allows 320).
+    """Longest URL address (``recipient.addresses`` of webhook, Slack, Apprise), in
+    characters. A URL that does not parse (bad port, no host) is refused at ingest."""
     max_email_chars: int = Field(320, ge=6)
-    #: Most entries in a recipient's ``addresses``.
+    """Longest e-mail address, in characters (RFC 5321 allows 320)."""
     max_addresses: int = Field(16, ge=1)
-    #: Longest rejection reason kept in a dead letter or a log line; quoted values in a
-    #: reason are cut to 80 characters, so a reason never repeats a huge value.
+    """Most entries in a recipient's ``addresses``."""
     max_reason_chars: int = Field(1000, ge=100)
-    #: A dead letter keeps at most this many bytes of its payload's JSON (plus the full
-    #: size and SHA-256); a truncated one cannot be replayed.
+    """Longest rejection reason kept in a dead letter or a log line; quoted values in a
+    reason are cut to 80 characters, so a reason never repeats a huge value."""
     dead_letter_payload_bytes: int = Field(65536, ge=1024)
-    #: A message whose batch failed (not because Postgres was away) or killed its pool
-    #: process this many times is dead-lettered instead of being tried again.
+    """A dead letter keeps at most this many bytes of its payload's JSON (plus the full
+    size and SHA-256); a truncated one cannot be replayed."""
     message_max_failures: int = Field(5, ge=1)
-    #: Seconds the failure count of a message is kept (in the state Redis).
+    """A message whose batch failed (not because Postgres was away) or killed its pool
+    process this many times is dead-lettered instead of being tried again."""
     message_failures_ttl: int = Field(86400, ge=60)
-    #: Bytes of messages a worker may hold (waiting or in its pool) before it stops
-    #: fetching from the bulk queues; at twice this it stops fetching critical ones too.
-    #: A held message costs about three times its size in memory (the broker's copy,
-    #: the body, the decoded objects): with 60 messages of 7.8 MB queued, a ``-c 2``
-    #: worker peaked at 524 MiB RSS with 16 MiB here, 755 MiB with 64 MiB, 1,088 MiB
-    #: without a byte budget (it grows with the backlog).
+    """Seconds the failure count of a message is kept (in the state Redis)."""
     worker_held_bytes: int = Field(16 * 1024 * 1024, ge=1024 * 1024)
-    #: Seconds between beat's retention runs (``notifier.purge_expired``, every table).
-    retention_interval: float = Field(3600, gt=0)
+    """Bytes of messages a worker may hold (waiting or in its pool) before it stops
+    fetching from the bulk queues; at twice this it stops fetching critical ones too.
+    A held message costs about three times its size in memory (the broker's copy,
+    the body, the decoded objects): with 60 messages of 7.8 MB queued, a ``-c 2``
+    worker peaked at 524 MiB RSS with 16 MiB here, 755 MiB with 64 MiB, 1,088 MiB
+    without a byte budget (it grows with the backlog)."""
 
-    # --- Retention (``notifier/pipeline/retention.py``, ``docs/retention.md``) ----------------
-    #: Days a row is kept once finished; 0 keeps it forever. Nothing unfinished is ever
-    #: purged, and a row is kept while another row refers to it (a notification while it
-    #: has deliveries, a digest while it has member notifications or deliveries), so
-    #: deliveries <= notifications <= digests must hold (0 counts as forever; checked at
-    #: start). Notifications: from their last change, once delivered, digested,
-    #: suppressed, cancelled or failed (or dispatched with no delivery). Deliveries: sent,
-    #: dead or cancelled, and only when no delivery of the same notification or digest is
-    #: still on its way. Digests: from their creation.
+    # --- Retention (``notifier/pipeline/retention.py``, ``docs/retention.md``) ----------
+    retention_interval: float = Field(3600, gt=0)
+    """Seconds between beat's retention runs (``notifier.purge_expired``, every table)."""
     retention_notifications_days: float = Field(30, ge=0)
+    """Days a notification is kept from its last change, once delivered, digested,
+    suppressed, cancelled or failed (or dispatched with no delivery); 0 keeps it
+    forever. Nothing unfinished is ever purged, and a row is kept while another row
+    refers to it (a notification while it has deliveries, a digest while it has member
+    notifications or deliveries), so deliveries <= notifications <= digests must hold
+    (0 counts as forever; checked at start)."""
     retention_deliveries_days: float = Field(30, ge=0)
+    """Days a delivery is kept once sent, dead or cancelled (from its last change), and
+    only when no delivery of the same notification or digest is still on its way; 0
+    keeps it forever. At most ``retention_notifications_days``."""
     retention_digests_days: float = Field(30, ge=0)
-    #: Dead letters, from when they were written, replayed or not. Their delivery may be
-    #: gone before them; replaying such a one is skipped and says so.
+    """Days a digest is kept from its creation, once it has no delivery and no member
+    notification left; 0 keeps it forever. At least ``retention_notifications_days``."""
     retention_dead_letters_days: float = Field(90, ge=0)
-    #: In-app inbox messages, from when the recipient read them.
+    """Dead letters, from when they were written, replayed or not. Their delivery may be
+    gone before them; replaying such a one is skipped and says so."""
     retention_inbox_read_days: float = Field(90, ge=0)
-    #: Unread inbox messages, from their delivery: kept forever (0) unless set, and then
-    #: at least as long as read ones (they are the recipient's, not ours).
+    """In-app inbox messages, from when the recipient read them."""
     retention_inbox_unread_days: float = Field(0, ge=0)
-    #: Aggregation windows this many hours past their due time that hold no waiting
-    #: notification (the flush deletes the windows it turns into digests; this clears
-    #: what it leaves, e.g. windows whose members were all cancelled).
+    """Unread inbox messages, from their delivery: kept forever (0) unless set, and then
+    at least as long as read ones (they are the recipient's, not ours)."""
     retention_windows_hours: float = Field(1, ge=0)
-    #: Rows deleted per transaction (per table); each batch is its own short transaction
-    #: that skips rows locked by the pipeline.
+    """Aggregation windows this many hours past their due time that hold no waiting
+    notification (the flush deletes the windows it turns into digests; this clears
+    what it leaves, e.g. windows whose members were all cancelled)."""
     retention_batch_size: int = Field(1000, ge=1, le=100_000)
-    #: Seconds to pause between two full batches, leaving Postgres to the pipeline.
+    """Rows deleted per transaction (per table); each batch is its own short transaction
+    that skips rows locked by the pipeline."""
     retention_batch_pause: float = Field(0.1, ge=0)
-    #: Most seconds one retention run spends; what is left waits for the next run. At
-    #: most half ``visibility_timeout`` is used, so Redis never hands a run that is still
-    #: going to a second worker.
+    """Seconds to pause between two full batches, leaving Postgres to the pipeline."""
     retention_run_seconds: float = Field(120, gt=0)
-    #: Seconds a purge statement waits for a lock before giving up on that table until
-    #: the next run (it never queues behind the pipeline's writes).
+    """Most seconds one retention run spends; what is left waits for the next run. At
+    most half ``visibility_timeout`` is used, so Redis never hands a run that is still
+    going to a second worker."""
     retention_lock_timeout: float = Field(1.0, gt=0)
+    """Seconds a purge statement waits for a lock before giving up on that table until
+    the next run (it never queues behind the pipeline's writes)."""
 
     # --- Logging --------------------------------------------------------------------
-    #: Logging level of the worker and the CLI.
     log_level: str = "INFO"
-    #: ``text`` (one readable line) or ``json`` (one object per line, for a log store).
+    """Logging level of the worker and the CLI."""
     log_format: Literal["text", "json"] = "text"
+    """``text`` (one readable line) or ``json`` (one object per line, for a log store)."""
 
     # --- Aggregation ----------------------------------------------------------------
-    #: A TOML file of aggregation rules per notification type, over the built-in ones.
     rules_file: str | None = None
-    #: Seconds between beat's flushes of due aggregation windows.
+    """A TOML file of aggregation rules per notification type, over the built-in ones
+    (``docs/aggregation.md``); a mistake in it stops the worker and beat at start."""
     flush_interval: float = Field(1.0, gt=0)
-    #: Windows flushed per transaction; a flush loops until none is due. Small chunks
-    #: commit (and publish) the first windows of a burst sooner: at 100,000 waiting,
-    #: p99 close-to-queued was 0.9 s with 100 and 1.3 s with 500 (``make bench``).
+    """Seconds between beat's flushes of due aggregation windows."""
     flush_batch_size: int = Field(100, ge=1)
+    """Windows flushed per transaction; a flush loops until none is due. Small chunks
+    commit (and publish) the first windows of a burst sooner: at 100,000 waiting,
+    p99 close-to-queued was 0.9 s with 100 and 1.3 s with 500 (``make bench``)."""
 
     # --- Metrics --------------------------------------------------------------------
-    #: Where worker processes keep their Prometheus values (multiprocess mode); one per
-    #: host is fine, several workers may share it. Default: a directory in /tmp.
     metrics_dir: str | None = None
-    #: A worker serves /metrics on this port (0: it does not; `notifier metrics` can).
+    """Where worker processes keep their Prometheus values (multiprocess mode); one per
+    host is fine, several workers may share it. Default: ``/tmp/notifier-metrics-<uid>``."""
     metrics_port: int = Field(0, ge=0, le=65535)
-    #: The address /metrics binds to: loopback, unless a scraper elsewhere needs it.
+    """A worker serves /metrics on this port (0: it does not; `notifier metrics` can)."""
     metrics_address: str = "127.0.0.1"
+    """The address /metrics binds to: loopback, unless a scraper elsewhere needs it."""
 
     # --- Delivery -------------------------------------------------------------------
-    #: Channel name -> the URL that configures it (``NOTIFIER_CHANNELS__EMAIL=smtp://...``).
-    #: Entries given here replace the defaults one by one. Options in the query string
-    #: (``?retry_max_attempts=3``) override the retry settings below for that channel.
     channels: dict[str, str] = {}
-    #: Redis for the circuit breakers and rate limits; default: the broker, if Redis.
+    """Channel name -> the URL that configures it (``NOTIFIER_CHANNELS__EMAIL=smtp://...``).
+    Entries given here replace the defaults one by one. Options in the query string
+    (``?retry_max_attempts=3``) override the retry settings below for that channel.
+    Each channel's URL and options: ``docs/channels.md``."""
     redis_url: str | None = None
-    #: Deliveries of one channel carried by one delivery task (one connection).
+    """Redis for the circuit breakers and rate limits; default: the broker, if Redis."""
     delivery_batch_size: int = Field(100, ge=1)
-    #: The fewest deliveries per task: used when the channel's queue is empty, so a
-    #: trickle spreads over the worker processes instead of queuing behind one.
+    """Deliveries of one channel carried by one delivery task (one connection)."""
     delivery_batch_min: int = Field(10, ge=1)
-    #: Batch sizes grow with the backlog from their minimum (empty queue) to their
-    #: maximum (``*_batch_size``), reached when this many maximum batches are waiting.
+    """The fewest deliveries per task: used when the channel's queue is empty, so a
+    trickle spreads over the worker processes instead of queuing behind one."""
     adaptive_high_water: float = Field(10.0, gt=0)
-    #: Seconds between two reads of a queue's depth for choosing batch sizes.
+    """Batch sizes grow with the backlog from their minimum (empty queue) to their
+    maximum (``*_batch_size``), reached when this many maximum batches are waiting."""
     adaptive_refresh: float = Field(1.0, gt=0)
-    #: A delivery task sending longer than this returns its unsent deliveries to the
-    #: queue (as it does when its worker shuts down), so a slow provider cannot hold a
-    #: worker's warm shutdown past an orchestrator's grace period.
+    """Seconds between two reads of a queue's depth for choosing batch sizes."""
     delivery_batch_max_seconds: float = Field(20.0, gt=0)
-    #: Let webhook, Slack and SMS targets resolve to private or loopback addresses.
-    allow_private_targets: bool = False
+    """A delivery task sending longer than this returns its unsent deliveries to the
+    queue (as it does when its worker shuts down), so a slow provider cannot hold a
+    worker's warm shutdown past an orchestrator's grace period."""
 
     # --- Egress ---------------------------------------------------------------------
-    #: Most bytes of an HTTP answer's body read by the webhook, Slack and SMS channels;
-    #: the rest is never read (errors are parsed from this prefix).
+    allow_private_targets: bool = False
+    """Let webhook, Slack, SMS and Apprise targets resolve to private, loopback,
+    link-local or CGNAT addresses (``docs/egress.md``); a channel URL's
+    ``allow_private=yes`` does it for that channel alone."""
     http_max_response_bytes: int = Field(65536, ge=1024)
-    #: Apprise schemes allowed although the egress guard cannot check where they
-    #: connect (desktop and OS notifiers, syslog, MQTT, XMPP, IRC, ...), comma-separated:
-    #: ``NOTIFIER_APPRISE_ALLOWED_SCHEMES=dbus,syslog``. Every other scheme Apprise knows
-    #: goes through the guard (``notifier.channels.egress``); these bypass it.
+    """Most bytes of an HTTP answer's body read by the webhook, Slack and SMS channels;
+    the rest is never read (errors are parsed from this prefix)."""
     apprise_allowed_schemes: Annotated[frozenset[str], NoDecode] = frozenset()
+    """Apprise schemes allowed although the egress guard cannot check where they
+    connect (desktop and OS notifiers, syslog, MQTT, XMPP, IRC, ...), comma-separated:
+    ``NOTIFIER_APPRISE_ALLOWED_SCHEMES=dbus,syslog``. Every other scheme Apprise knows
+    goes through the guard (``notifier.channels.egress``); these bypass it."""
 
-    #: Retries: the n-th attempt waits about ``base * factor**(n-1)`` seconds (with
-    #: jitter, at most ``cap``); after ``max_attempts`` attempts the delivery is dead.
+    # --- Retries and circuit breakers -----------------------------------------------
     retry_base: float = Field(2.0, gt=0)
+    """Retries: the n-th attempt waits between half and all of ``base * factor**(n-1)``
+    seconds (jitter), at most ``retry_cap``. A channel URL may override every
+    ``retry_*`` setting for its channel (``?retry_max_attempts=3``)."""
     retry_factor: float = Field(2.0, ge=1)
+    """Each retry waits this many times longer than the one before (see ``retry_base``)."""
     retry_cap: float = Field(600.0, gt=0)
+    """Longest wait between two attempts, in seconds."""
     retry_max_attempts: int = Field(8, ge=1)
-    #: Waits up to this many seconds ride on a Celery countdown; longer ones are kept in
-    #: Postgres (``next_attempt_at``) for the sweeper. Must stay below the visibility
-    #: timeout, or Redis would hand the waiting task to a second worker.
+    """Attempts after which a delivery that keeps failing is dead (a dead letter)."""
     retry_countdown_max: float = Field(30.0, ge=0)
-    #: Circuit breaker: this many provider failures within ``breaker_window`` seconds
-    #: open a channel's circuit for ``breaker_open_seconds``; then one probe batch.
+    """Waits up to this many seconds ride on a Celery countdown; longer ones are kept in
+    Postgres (``next_attempt_at``) for the sweeper. Must stay below the visibility
+    timeout, or Redis would hand the waiting task to a second worker."""
     breaker_failure_threshold: int = Field(5, ge=1)
+    """Circuit breaker: this many provider failures within ``breaker_window`` seconds
+    open a channel's circuit for ``breaker_open_seconds``; then one probe batch.
+    A bad address does not count."""
     breaker_window: float = Field(60.0, gt=0)
+    """Seconds over which a channel's provider failures are counted."""
     breaker_open_seconds: float = Field(30.0, gt=0)
+    """Seconds a channel's circuit stays open (its deliveries rescheduled, no attempt
+    counted) before one worker sends a probe batch, whose success closes it."""
 
-    # --- Recipient endpoints ---
-    #: Endpoints recipients control (a webhook host: scheme, host and port; a Slack hook)
-    #: have circuits of their own: this many failures that may pass later (5xx,
-    #: 429, timeouts, refused connections) within ``endpoint_breaker_window`` seconds hold
-    #: that endpoint's deliveries (rescheduled, no attempt counted) for
-    #: ``endpoint_breaker_open_seconds``, then one delivery probes it. Neither the
-    #: channel's circuit nor other recipients' deliveries are affected. The circuits'
-    #: Redis keys expire after window + open seconds + ``sending_timeout`` without use.
+    # --- Recipient endpoints --------------------------------------------------------
     endpoint_breaker_threshold: int = Field(5, ge=1)
+    """Endpoints recipients control (a webhook host: scheme, host and port; a Slack hook)
+    have circuits of their own: this many failures that may pass later (5xx,
+    429, timeouts, refused connections) within ``endpoint_breaker_window`` seconds hold
+    that endpoint's deliveries (rescheduled, no attempt counted) for
+    ``endpoint_breaker_open_seconds``, then one delivery probes it. Neither the
+    channel's circuit nor other recipients' deliveries are affected. The circuits'
+    Redis keys expire after window + open seconds + ``sending_timeout`` without use
+    (``docs/delivery-failures.md``)."""
     endpoint_breaker_window: float = Field(60.0, gt=0)
+    """Seconds over which an endpoint's failures are counted."""
     endpoint_breaker_open_seconds: float = Field(60.0, gt=0)
-    #: Deliveries per recipient per minute, hour and day, and per minute in all (0: no
-    #: limit). Critical notifications count but are never held by a recipient's limit.
+    """Seconds an endpoint's deliveries are held before one delivery probes it."""
+
+    # --- Rate limits and the sweeper ------------------------------------------------
     rate_limit_per_minute: int = Field(60, ge=0)
+    """Deliveries per recipient per minute (0: no limit), a fixed window in Redis. A
+    limited delivery is rescheduled to the window's reset, never dropped. Critical
+    notifications count but are never held by a recipient's limit."""
     rate_limit_per_hour: int = Field(600, ge=0)
+    """Deliveries per recipient per hour (0: no limit)."""
     rate_limit_per_day: int = Field(5000, ge=0)
+    """Deliveries per recipient per day (0: no limit)."""
     rate_limit_global_per_minute: int = Field(0, ge=0)
-    #: Seconds between beat's delivery sweeps (lost tasks, due retries).
+    """Deliveries per minute over all recipients (0: no limit)."""
     sweep_interval: float = Field(5.0, gt=0)
-    #: A delivery queued this long past its due time without being started was lost by
-    #: the broker and is published again (sending stays idempotent on its id).
+    """Seconds between beat's delivery sweeps (lost tasks, due retries)."""
     queued_timeout: float = Field(300.0, gt=0)
-    #: A delivery claimed this long ago and still not recorded belonged to a worker that
-    #: died; it is sent again. Must exceed the longest batch.
+    """A delivery queued this long past its due time without being started was lost by
+    the broker and is published again (sending stays idempotent on its id)."""
     sending_timeout: float = Field(300.0, gt=0)
+    """A delivery claimed this long ago and still not recorded belonged to a worker that
+    died; it is sent again. Must exceed the longest batch."""
 
     # --- Health (``notifier health``) ------------------------------------------------
-    #: Seconds between beat's heartbeats (``notifier.heartbeat``, on the critical
-    #: delivery queue): the time beat sent the last one and the time a worker ran it are
-    #: kept in Redis for the beat check.
     heartbeat_interval: float = Field(5.0, gt=0)
-    #: The beat check fails when beat's last tick, or the last run of its heartbeat by a
-    #: worker, is older than this (seconds). A heartbeat that waited longer expires.
+    """Seconds between beat's heartbeats (``notifier.heartbeat``, on the critical
+    delivery queue): the time beat sent the last one and the time a worker ran it are
+    kept in Redis for the beat check."""
     health_beat_max_age: float = Field(30.0, gt=0)
-    #: The queues check fails when any one queue holds more messages than this.
+    """The beat check fails when beat's last tick, or the last run of its heartbeat by a
+    worker, is older than this (seconds). A heartbeat that waited longer expires. Must
+    be above ``heartbeat_interval`` (checked at start)."""
     health_max_queue_depth: int = Field(10_000, ge=0)
-    #: The pending check fails when work that should be moving has waited longer than
-    #: this (seconds): a delivery due and not sent, an aggregation window past its due
-    #: time, a pending notification in no window. Notifications waiting in their window
-    #: and deliveries held for quiet hours or a retry's backoff do not count. Keep it
-    #: below ``queued_timeout``: republishing a lost task restarts its delivery's clock.
+    """The queues check fails when any one queue holds more messages than this."""
     health_max_pending_age: float = Field(120.0, gt=0)
-    #: The workers check fails when fewer workers than this answer its ping.
+    """The pending check fails when work that should be moving has waited longer than
+    this (seconds): a delivery due and not sent, an aggregation window past its due
+    time, a pending notification in no window. Notifications waiting in their window
+    and deliveries held for quiet hours or a retry's backoff do not count. Keep it
+    below ``queued_timeout``: republishing a lost task restarts its delivery's clock."""
     health_min_workers: int = Field(1, ge=0)
-    #: Seconds the workers check collects answers to its ping (it always waits this long).
+    """The workers check fails when fewer workers than this answer its ping."""
     health_ping_timeout: float = Field(1.0, gt=0)
-    #: Seconds each check may wait to connect and for a query.
+    """Seconds the workers check collects answers to its ping (it always waits this long)."""
     health_timeout: float = Field(2.0, gt=0)
+    """Seconds each check may wait to connect and for a query."""
 
     # --- Secrets --------------------------------------------------------------------
-    #: Longest log line in bytes (text or JSON, tracebacks included); longer lines are
-    #: cut and say so. Secrets are hidden before the cut (``notifier.masking``).
     log_max_line_bytes: int = Field(8192, ge=512)
-    #: Seconds `notifier webhooks secret rotate` keeps signing with the previous secret
-    #: too (``--overlap`` overrides it), so a receiver can switch without losing messages.
+    """Longest log line in bytes (text or JSON, tracebacks included); longer lines are
+    cut and say so. Secrets are hidden before the cut (``notifier.masking``)."""
     webhook_secret_overlap: float = Field(86400.0, ge=0)
+    """Seconds `notifier webhooks secret rotate` keeps signing with the previous secret
+    too (``--overlap`` overrides it), so a receiver can switch without losing messages
+    (``docs/secrets.md``)."""
 
     @model_validator(mode="after")
     def _beat_max_age_above_heartbeat_interval(self) -> Settings:

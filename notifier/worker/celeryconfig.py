@@ -1,6 +1,6 @@
 """Celery settings of the notifier app, derived from the NOTIFIER_* environment.
 
-Why each choice (see the README's "Priorities and recovery"):
+Why each choice (docs/architecture.md, "Ingest"; docs/operating.md, "Recovery after a crash"):
 
 * One queue per priority, consumed in a fixed order (``queue_order_strategy``:
   ``priority``, honoured by kombu >= 5.7): a worker that listens to all four always

@@ -2,9 +2,10 @@
 
 On Redis, kombu's transport takes a message off the list (BRPOP) before it records it
 as unacknowledged, so a kill in that instant loses the message in the socket: a
-transport limit, not ours (see the README). The Redis test therefore kills the worker
-once it holds every message and is writing batches, the window our code owns. On
-RabbitMQ, which hands out messages atomically, the kill comes at any moment.
+transport limit, not ours (docs/operating.md, "Recovery after a crash"). The Redis test
+therefore kills the worker once it holds every message and is writing batches, the
+window our code owns. On RabbitMQ, which hands out messages atomically, the kill comes
+at any moment.
 """
 
 from __future__ import annotations
