@@ -4,7 +4,7 @@ that recipient's own secret.
 Channel URL: ``webhook://?timeout=10&allow_private=no``. The target is the recipient's
 ``addresses["webhook"]``. Every receiver (the recipient owning the endpoint) has a
 signing secret of its own, made on first use and stored in Postgres
-(``notifier.pipeline.webhook_secrets``); `notifier webhooks secret show RECIPIENT` prints it and
+(``notifier.storage.webhook_secrets``); `notifier webhooks secret show RECIPIENT` prints it and
 `notifier webhooks secret rotate RECIPIENT` replaces it. The former shared
 ``?secret=`` option is refused: with it any receiver could forge requests to any other.
 
@@ -83,8 +83,8 @@ class WebhookChannel(HttpChannel):
         """
         from sqlalchemy.exc import SQLAlchemyError
 
-        from notifier.pipeline.webhook_secrets import signing_secrets
         from notifier.storage.db import describe_db_error, session_scope
+        from notifier.storage.webhook_secrets import signing_secrets
 
         try:
             with session_scope() as session:

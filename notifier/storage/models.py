@@ -322,7 +322,7 @@ class InboxMessage(Base):
 
 
 class WebhookSecret(Base):
-    """A webhook receiver's own signing secret (``notifier.pipeline.webhook_secrets``).
+    """A webhook receiver's own signing secret (``notifier.storage.webhook_secrets``).
 
     ``previous_secret`` still signs requests, beside ``secret``, until
     ``previous_valid_until``: the overlap in which the receiver switches.
