@@ -297,89 +297,20 @@ def _flush_on_sigterm(producer: BufferedProducer) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def lookup(idempotency_key: str) -> str | None:
-    """The id of the notification stored under an idempotency key, if still remembered."""
-    from sqlalchemy import select
-
-    from notifier.storage.db import session_scope
-    from notifier.storage.models import IdempotencyKey
-
-    with session_scope() as session:
-        found = session.scalar(
-            select(IdempotencyKey.notification_id).where(IdempotencyKey.key == idempotency_key)
-        )
-    return str(found) if found else None
+#: The database-facing calls that used to live here, now in :mod:`notifier.records`.
+_RECORDS = frozenset({"lookup", "inbox", "mark_read", "set_preferences", "get_preferences",
+                      "cancel"})
 
 
-def inbox(recipient_id: str, *, unread_only: bool = True, limit: int = 50) -> list[dict[str, Any]]:
-    """The recipient's in-app messages, newest first (what an app shows in its bell menu)."""
-    from notifier.pipeline.inbox import list_inbox
-    from notifier.storage.db import session_scope
+def __getattr__(name: str) -> Any:
+    """``notifier.client.lookup`` and the other database calls: the old spelling of
+    :mod:`notifier.records`, imported on first use so that importing the producer never
+    loads the database layer."""
+    if name in _RECORDS:
+        from notifier import records
 
-    with session_scope() as session:
-        rows = list_inbox(session, recipient_id, unread_only=unread_only, limit=limit)
-        return [
-            {"id": str(row.id), "type": row.type, "priority": row.priority, "title": row.title,
-             "body": row.body, "data": row.data, "created_at": row.created_at,
-             "read_at": row.read_at,
-             "notification_id": str(row.notification_id) if row.notification_id else None,
-             "digest_id": str(row.digest_id) if row.digest_id else None}
-            for row in rows
-        ]
-
-
-def mark_read(recipient_id: str, message_ids: Iterable[str] | None = None) -> int:
-    """Mark the recipient's inbox messages read (all unread when no ids); returns how many."""
-    from notifier.pipeline.inbox import mark_read as mark
-    from notifier.storage.db import session_scope
-
-    with session_scope() as session:
-        return mark(session, recipient_id, None if message_ids is None else list(message_ids))
-
-
-def set_preferences(recipient_id: str, **changes: Any) -> dict[str, Any]:
-    """Change a recipient's fields and preferences (creating the recipient if missing).
-
-    Takes the fields :func:`get_preferences` returns: ``name``, ``email``, ``phone``,
-    ``timezone``, ``addresses`` (merged per channel; None removes one) and the
-    preferences (``channels``, ``opt_out``, ``min_priority``, ``quiet_hours``,
-    ``digest_mode``, ``digest_time``, ``digest_day``; None restores the default).
-    Raises NotificationError naming each bad field; returns what is now stored.
-    """
-    from notifier.pipeline.preferences import get_recipient_preferences
-    from notifier.pipeline.preferences import set_preferences as store
-    from notifier.storage.db import session_scope
-
-    with session_scope() as session:
-        store(session, recipient_id, changes)
-        prefs, recipient = get_recipient_preferences(session, recipient_id.strip())
-    return {**recipient, **prefs.model_dump(mode="json")}
-
-
-def get_preferences(recipient_id: str) -> dict[str, Any] | None:
-    """The recipient's fields and preferences (defaults filled in), or None if unknown."""
-    from notifier.pipeline.preferences import get_recipient_preferences
-    from notifier.storage.db import session_scope
-
-    with session_scope() as session:
-        found = get_recipient_preferences(session, recipient_id)
-    if found is None:
-        return None
-    prefs, recipient = found
-    return {**recipient, **prefs.model_dump(mode="json")}
-
-
-def cancel(notification_id: str | None = None, *, idempotency_key: str | None = None) -> bool:
-    """Cancel a notification that has not gone out yet; True if it was cancelled.
-
-    Works while it waits in an aggregation window (it never joins a digest) or while its
-    deliveries are held (quiet hours, ``send_at``). Once something of it was sent, or it
-    was folded into a digest, it returns False: there is nothing left to take back.
-    Raises NotificationError if neither or both ways of naming it are given.
-    """
-    from notifier.pipeline.cancel import cancel_by
-
-    return cancel_by(notification_id, idempotency_key).cancelled
+        return getattr(records, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfirmingProducer:
