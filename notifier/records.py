@@ -10,17 +10,24 @@ alias that imports this module on first use.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from notifier.pipeline.cancel import cancel_by
+from notifier.pipeline.inbox import list_inbox
+from notifier.pipeline.inbox import mark_read as mark_inbox_read
+from notifier.pipeline.preferences import get_recipient_preferences
+from notifier.pipeline.preferences import set_preferences as store_preferences
+from notifier.storage.db import session_scope
+from notifier.storage.models import IdempotencyKey
 
 
 def lookup(idempotency_key: str) -> str | None:
     """The id of the notification stored under an idempotency key, if still remembered."""
-    from sqlalchemy import select
-
-    from notifier.storage.db import session_scope
-    from notifier.storage.models import IdempotencyKey
-
     with session_scope() as session:
         found = session.scalar(
             select(IdempotencyKey.notification_id).where(IdempotencyKey.key == idempotency_key)
@@ -30,9 +37,6 @@ def lookup(idempotency_key: str) -> str | None:
 
 def inbox(recipient_id: str, *, unread_only: bool = True, limit: int = 50) -> list[dict[str, Any]]:
     """The recipient's in-app messages, newest first (what an app shows in its bell menu)."""
-    from notifier.pipeline.inbox import list_inbox
-    from notifier.storage.db import session_scope
-
     with session_scope() as session:
         rows = list_inbox(session, recipient_id, unread_only=unread_only, limit=limit)
         return [
@@ -47,11 +51,9 @@ def inbox(recipient_id: str, *, unread_only: bool = True, limit: int = 50) -> li
 
 def mark_read(recipient_id: str, message_ids: Iterable[str] | None = None) -> int:
     """Mark the recipient's inbox messages read (all unread when no ids); returns how many."""
-    from notifier.pipeline.inbox import mark_read as mark
-    from notifier.storage.db import session_scope
-
     with session_scope() as session:
-        return mark(session, recipient_id, None if message_ids is None else list(message_ids))
+        ids = None if message_ids is None else list(message_ids)
+        return mark_inbox_read(session, recipient_id, ids)
 
 
 def set_preferences(recipient_id: str, **changes: Any) -> dict[str, Any]:
@@ -63,23 +65,20 @@ def set_preferences(recipient_id: str, **changes: Any) -> dict[str, Any]:
     ``digest_mode``, ``digest_time``, ``digest_day``; None restores the default).
     Raises NotificationError naming each bad field; returns what is now stored.
     """
-    from notifier.pipeline.preferences import get_recipient_preferences
-    from notifier.pipeline.preferences import set_preferences as store
-    from notifier.storage.db import session_scope
-
     with session_scope() as session:
-        store(session, recipient_id, changes)
-        prefs, recipient = get_recipient_preferences(session, recipient_id.strip())
-    return {**recipient, **prefs.model_dump(mode="json")}
+        store_preferences(session, recipient_id, changes)
+        stored = _fields_and_preferences(session, recipient_id.strip())
+    return stored or {}  # never empty: the recipient was written in this transaction
 
 
 def get_preferences(recipient_id: str) -> dict[str, Any] | None:
     """The recipient's fields and preferences (defaults filled in), or None if unknown."""
-    from notifier.pipeline.preferences import get_recipient_preferences
-    from notifier.storage.db import session_scope
-
     with session_scope() as session:
-        found = get_recipient_preferences(session, recipient_id)
+        return _fields_and_preferences(session, recipient_id)
+
+
+def _fields_and_preferences(session: Session, recipient_id: str) -> dict[str, Any] | None:
+    found = get_recipient_preferences(session, recipient_id)
     if found is None:
         return None
     prefs, recipient = found
@@ -94,6 +93,18 @@ def cancel(notification_id: str | None = None, *, idempotency_key: str | None = 
     was folded into a digest, it returns False: there is nothing left to take back.
     Raises NotificationError if neither or both ways of naming it are given.
     """
-    from notifier.pipeline.cancel import cancel_by
-
     return cancel_by(notification_id, idempotency_key).cancelled
+
+
+def stored_ids(ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of these notification ids Postgres holds (what
+    :meth:`notifier.client.ConfirmingProducer.confirm` asks)."""
+    found: set[uuid.UUID] = set()
+    with session_scope() as session:
+        for start in range(0, len(ids), 10_000):
+            rows = session.execute(
+                text("SELECT id FROM notifications WHERE id = ANY(:ids)"),
+                {"ids": ids[start:start + 10_000]},
+            )
+            found.update(row[0] for row in rows)
+    return found
