@@ -12,7 +12,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY migrations ./migrations
 COPY notifier ./notifier
-RUN pip install . && rm -rf /src
+RUN pip install ".[server]" && rm -rf /src
 
 # Never run as root; beat keeps its schedule file in the (writable) working directory.
 RUN useradd --create-home --uid 10001 notifier

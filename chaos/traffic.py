@@ -11,7 +11,7 @@ Two producers:
 
 * :class:`Producer` hands each notification over once (the client's contract today);
 * :class:`ResendingProducer` also keeps every accepted notification until
-  ``client.lookup(idempotency_key)`` finds it stored, and publishes it again (same id,
+  ``records.lookup(idempotency_key)`` finds it stored, and publishes it again (same id,
   same key, so ingest stores it once) when it is not stored after ``resend_after``
   seconds: the producer side of "nothing is lost" when the broker keeps nothing.
 """
@@ -79,15 +79,15 @@ class Recipients:
         return [self.email_of(r) for r in self.refused]
 
     def create(self) -> None:
-        from notifier import client
+        from notifier import records
 
         for recipient in (*self.normal, *self.refused):
-            client.set_preferences(recipient, email=self.email_of(recipient))
+            records.set_preferences(recipient, email=self.email_of(recipient))
         for recipient in self.no_email:
-            client.set_preferences(recipient)
+            records.set_preferences(recipient)
         for recipient in self.opted_out:
-            client.set_preferences(recipient, email=self.email_of(recipient),
-                                   opt_out={"chaos_promo": ["*"]})
+            records.set_preferences(recipient, email=self.email_of(recipient),
+                                    opt_out={"chaos_promo": ["*"]})
 
 
 def plan(run: str, count: int, recipients: Recipients, seed: int) -> list[Planned]:
@@ -249,7 +249,7 @@ class ResendingProducer(Producer):
             return len(self._unconfirmed)
 
     def _confirm(self) -> None:
-        from notifier import client
+        from notifier import client, records
 
         while not self._done.wait(self.check_every):
             now = time.monotonic()
@@ -259,7 +259,7 @@ class ResendingProducer(Producer):
             for key, item, waited in due:
                 try:
                     self.lookups += 1
-                    stored = client.lookup(key)
+                    stored = records.lookup(key)
                 except Exception:  # Postgres is away: ask again on the next pass
                     self.lookup_errors += 1
                     break

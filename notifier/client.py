@@ -8,6 +8,12 @@ instead of surfacing later as a dead letter. Each goes to the queue of its prior
 * :func:`notify_many` publishes many notifications per message.
 * :class:`BufferedProducer` (or :func:`buffered`) collects single ``notify`` calls in
   process and publishes them many per message, by size or after a short delay.
+* :class:`ConfirmingProducer` also keeps what it sent until Postgres holds it.
+
+This module needs the broker alone: it sends through a Celery app of its own (below),
+not the workers' app, so a producer service imports neither the database layer nor the
+channels and installs only the base dependencies. The calls that read or change stored
+data live in :mod:`notifier.records`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from celery import Celery
+from kombu import Exchange, Queue
+
 from notifier.ids import uuid7
 from notifier.schemas import (
     ENQUEUED_AT_HEADER,
@@ -30,9 +39,44 @@ from notifier.schemas import (
     to_message,
 )
 from notifier.settings import PRIORITIES, get_settings, queue_name
-from notifier.worker.app import app
 
 INGEST_TASK = "notifier.ingest"
+
+
+def _producer_settings() -> dict[str, Any]:
+    """The client's Celery settings: the workers' values (``celeryconfig``) of all that
+    shapes a published message. The broker, JSON, the priority queues declared alike (an
+    exchange and routing key of the queue's name), message priority 0, no task-sent
+    event; ``tests/test_client.py`` checks that both apps agree and send the same message.
+    """
+    return {
+        "broker_url": get_settings().broker_url,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name)
+                        for name in map(queue_name, PRIORITIES)],
+        "task_default_queue": queue_name("normal"),
+        "task_default_priority": 0,
+        "task_create_missing_queues": True,
+        "task_send_sent_event": False,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+def _producer_app() -> Celery:
+    """A Celery app that only publishes: the workers' app would bring their whole
+    configuration, tasks, database and channels into every producer."""
+    producer = Celery("notifier", set_as_current=False)
+    producer.conf.update(_producer_settings())
+    return producer
+
+
+#: The producer's own Celery app (never the current app of the process, so a worker or
+#: Flower that imports this module keeps its own).
+app = _producer_app()
 
 
 def build(
@@ -297,91 +341,6 @@ def _flush_on_sigterm(producer: BufferedProducer) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def lookup(idempotency_key: str) -> str | None:
-    """The id of the notification stored under an idempotency key, if still remembered."""
-    from sqlalchemy import select
-
-    from notifier.storage.db import session_scope
-    from notifier.storage.models import IdempotencyKey
-
-    with session_scope() as session:
-        found = session.scalar(
-            select(IdempotencyKey.notification_id).where(IdempotencyKey.key == idempotency_key)
-        )
-    return str(found) if found else None
-
-
-def inbox(recipient_id: str, *, unread_only: bool = True, limit: int = 50) -> list[dict[str, Any]]:
-    """The recipient's in-app messages, newest first (what an app shows in its bell menu)."""
-    from notifier.pipeline.inbox import list_inbox
-    from notifier.storage.db import session_scope
-
-    with session_scope() as session:
-        rows = list_inbox(session, recipient_id, unread_only=unread_only, limit=limit)
-        return [
-            {"id": str(row.id), "type": row.type, "priority": row.priority, "title": row.title,
-             "body": row.body, "data": row.data, "created_at": row.created_at,
-             "read_at": row.read_at,
-             "notification_id": str(row.notification_id) if row.notification_id else None,
-             "digest_id": str(row.digest_id) if row.digest_id else None}
-            for row in rows
-        ]
-
-
-def mark_read(recipient_id: str, message_ids: Iterable[str] | None = None) -> int:
-    """Mark the recipient's inbox messages read (all unread when no ids); returns how many."""
-    from notifier.pipeline.inbox import mark_read as mark
-    from notifier.storage.db import session_scope
-
-    with session_scope() as session:
-        return mark(session, recipient_id, None if message_ids is None else list(message_ids))
-
-
-def set_preferences(recipient_id: str, **changes: Any) -> dict[str, Any]:
-    """Change a recipient's fields and preferences (creating the recipient if missing).
-
-    Takes the fields :func:`get_preferences` returns: ``name``, ``email``, ``phone``,
-    ``timezone``, ``addresses`` (merged per channel; None removes one) and the
-    preferences (``channels``, ``opt_out``, ``min_priority``, ``quiet_hours``,
-    ``digest_mode``, ``digest_time``, ``digest_day``; None restores the default).
-    Raises NotificationError naming each bad field; returns what is now stored.
-    """
-    from notifier.pipeline.preferences import get_recipient_preferences
-    from notifier.pipeline.preferences import set_preferences as store
-    from notifier.storage.db import session_scope
-
-    with session_scope() as session:
-        store(session, recipient_id, changes)
-        prefs, recipient = get_recipient_preferences(session, recipient_id.strip())
-    return {**recipient, **prefs.model_dump(mode="json")}
-
-
-def get_preferences(recipient_id: str) -> dict[str, Any] | None:
-    """The recipient's fields and preferences (defaults filled in), or None if unknown."""
-    from notifier.pipeline.preferences import get_recipient_preferences
-    from notifier.storage.db import session_scope
-
-    with session_scope() as session:
-        found = get_recipient_preferences(session, recipient_id)
-    if found is None:
-        return None
-    prefs, recipient = found
-    return {**recipient, **prefs.model_dump(mode="json")}
-
-
-def cancel(notification_id: str | None = None, *, idempotency_key: str | None = None) -> bool:
-    """Cancel a notification that has not gone out yet; True if it was cancelled.
-
-    Works while it waits in an aggregation window (it never joins a digest) or while its
-    deliveries are held (quiet hours, ``send_at``). Once something of it was sent, or it
-    was folded into a digest, it returns False: there is nothing left to take back.
-    Raises NotificationError if neither or both ways of naming it are given.
-    """
-    from notifier.pipeline.cancel import cancel_by
-
-    return cancel_by(notification_id, idempotency_key).cancelled
-
-
 class ConfirmingProducer:
     """Keeps each notification it sent until Postgres holds it, and sends again (same
     id, so it is stored once) what the broker lost.
@@ -392,6 +351,10 @@ class ConfirmingProducer:
     stored ``resend_after`` seconds after it was sent is published again, at most
     ``max_sends`` times in all; one Postgres never takes (refused as a duplicate
     idempotency key, or dead-lettered) is given up after that and logged.
+
+    Sending needs the broker only, like :func:`notify`; :meth:`confirm` reads Postgres
+    (through :func:`notifier.records.stored_ids`, imported on the first confirm), so a
+    service using this class needs the database and the ``server`` extra as well.
     """
 
     def __init__(self, resend_after: float = 30.0, max_sends: int = 5) -> None:
@@ -425,7 +388,9 @@ class ConfirmingProducer:
             ids = list(self._waiting)
         if not ids:
             return 0
-        stored = _stored_ids(ids)
+        from notifier.records import stored_ids  # the database, only when confirming
+
+        stored = stored_ids(ids)
         now = time.monotonic()
         again: list[_Unconfirmed] = []
         with self._lock:
@@ -464,17 +429,17 @@ class _Unconfirmed:
         self.message, self.priority, self.sent_at, self.sends = message, priority, sent_at, 1
 
 
-def _stored_ids(ids: list[uuid.UUID]) -> set[uuid.UUID]:
-    from sqlalchemy import text
+#: The database-facing calls that used to live here, now in :mod:`notifier.records`.
+_RECORDS = frozenset({"lookup", "inbox", "mark_read", "set_preferences", "get_preferences",
+                      "cancel"})
 
-    from notifier.storage.db import session_scope
 
-    found: set[uuid.UUID] = set()
-    with session_scope() as session:
-        for start in range(0, len(ids), 10_000):
-            rows = session.execute(
-                text("SELECT id FROM notifications WHERE id = ANY(:ids)"),
-                {"ids": ids[start:start + 10_000]},
-            )
-            found.update(row[0] for row in rows)
-    return found
+def __getattr__(name: str) -> Any:
+    """``notifier.client.lookup`` and the other database calls: the old spelling of
+    :mod:`notifier.records`, imported on first use so that importing the producer never
+    loads the database layer."""
+    if name in _RECORDS:
+        from notifier import records
+
+        return getattr(records, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

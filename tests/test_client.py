@@ -127,3 +127,108 @@ def test_buffered_producer_flushes_when_the_process_ends(queues, ending):
     process.wait(timeout=20)
     assert process.returncode == (-signal.SIGTERM if ending == "sigterm" else 0)
     assert [len(p) for p in _payloads(queues, "normal")] == [10]
+
+
+#: What a producer service never loads: the database layer, the channels' plugins and
+#: their libraries, the worker and operations code (the ``server`` extra).
+_SERVER_ONLY = (
+    "sqlalchemy", "psycopg", "alembic", "apprise", "flower", "tornado", "httpx", "httpcore",
+    "requests", "jinja2", "prometheus_client", "celery_batches", "notifier.storage",
+    "notifier.pipeline", "notifier.worker", "notifier.ops", "notifier.records",
+)
+
+_LIGHT_PRODUCER_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from notifier.client import ConfirmingProducer, notify, notify_many
+    ids = [notify("light-1", "report", "one", priority="high")]
+    ids += notify_many([{"recipient": "light-2", "type": "report", "title": "two"}])
+    ids.append(ConfirmingProducer().notify("light-3", "report", "three", priority="low"))
+    print(json.dumps({"ids": ids, "modules": sorted(sys.modules)}))
+""")
+
+
+def test_importing_the_client_and_sending_loads_no_server_module(queues):
+    """A fresh process that imports notifier.client and sends (notify, notify_many, the
+    confirming producer) loads neither the database layer, nor the worker, nor a channel
+    plugin, nor their libraries; and what it sent is on the broker."""
+    from notifier.channels import CHANNEL_NAMES
+
+    result = subprocess.run([sys.executable, "-c", _LIGHT_PRODUCER_SCRIPT], cwd=ROOT,
+                            env=dict(os.environ), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    sent = json.loads(result.stdout)
+    server_only = (*_SERVER_ONLY, *(f"notifier.channels.{name}" for name in CHANNEL_NAMES))
+    loaded = [module for module in sent["modules"]
+              if any(module == name or module.startswith(f"{name}.") for name in server_only)]
+    assert loaded == []
+    assert [[item["id"] for item in payload] if isinstance(payload, list) else payload["id"]
+            for priority in ("high", "normal", "low")
+            for payload in _payloads(queues, priority)] == [sent["ids"][0], [sent["ids"][1]],
+                                                            sent["ids"][2]]
+
+
+def _envelope_without_ids(raw: bytes) -> dict[str, object]:
+    """A message as the broker holds it, less what differs between any two sends (task
+    id, delivery tag, enqueue time, the sending app's reply address)."""
+    envelope = json.loads(raw)
+    headers, properties = envelope["headers"], envelope["properties"]
+    assert headers["id"] == headers["root_id"] == properties["correlation_id"]
+    assert headers.pop("notifier_enqueued_at") == pytest.approx(time.time(), abs=30)
+    for key in ("id", "root_id"):
+        headers.pop(key)
+    for key in ("correlation_id", "delivery_tag", "reply_to"):
+        properties.pop(key)
+    return envelope
+
+
+@pytest.mark.parametrize("priority", ["critical", "low"])
+def test_the_producer_app_sends_what_the_workers_app_sent(queues, priority):
+    """The client's own Celery app puts on the broker the message the workers' app put
+    there before the split (the old ``_publish``): same task name, queue, exchange
+    binding, headers, properties and body."""
+    from notifier.schemas import ENQUEUED_AT_HEADER
+    from notifier.worker.app import app as workers_app
+
+    notification = client.build("same-1", "alert", "Same", priority=priority)
+    message = client.to_message(notification)
+    client.publish_one(notification)
+    workers_app.send_task(client.INGEST_TASK, args=[message], queue=f"notifier.{priority}",
+                          headers={ENQUEUED_AT_HEADER: time.time()},
+                          argsrepr="[<1 notification>]")
+    ours, before = (_envelope_without_ids(raw)
+                    for raw in reversed(queues.lrange(f"notifier.{priority}", 0, -1)))
+    assert ours == before
+    assert ours["headers"]["task"] == "notifier.ingest"
+    assert ours["properties"]["delivery_info"] == {"exchange": "",
+                                                   "routing_key": f"notifier.{priority}"}
+    bindings = queues.smembers(f"_kombu.binding.notifier.{priority}")
+    assert bindings == {f"notifier.{priority}\x06\x16\x06\x16notifier.{priority}".encode()}
+
+
+def test_the_producer_app_agrees_with_the_workers_configuration():
+    """Every setting the client's app makes is the workers' one, the priority queues are
+    declared alike, and the Redis options that decide where a message lands agree; the
+    client's app never becomes the process's current app."""
+    from celery import current_app
+    from kombu.transport.redis import Channel
+
+    from notifier.settings import PRIORITIES
+    from notifier.worker.app import app as workers_app
+
+    ours, theirs = client.app.conf, workers_app.conf
+    settings = client._producer_settings()
+    assert "broker_url" in settings
+    for key in settings:
+        if key != "task_queues":
+            assert ours[key] == theirs[key], key
+    declared = {queue.name: queue for queue in theirs.task_queues}
+    for queue in ours.task_queues:
+        assert queue.name in {f"notifier.{p}" for p in PRIORITIES}
+        assert (queue.exchange, queue.routing_key) == (declared[queue.name].exchange,
+                                                       declared[queue.name].routing_key)
+    assert len(ours.task_queues) == len(PRIORITIES)
+    for option in ("priority_steps", "sep", "global_keyprefix"):
+        assert (ours.broker_transport_options.get(option)
+                == theirs.broker_transport_options.get(option)), option
+        assert option in Channel.from_transport_options
+    assert current_app._get_current_object() is not client.app

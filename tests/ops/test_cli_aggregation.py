@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from notifier import client
 from notifier.pipeline.ingest import IngestMessage, ingest_batch
 from notifier.storage.db import session_scope
 from tests.ops.test_cli import run
@@ -76,15 +75,6 @@ def test_bad_options_are_named():
     assert missing.returncode == 2 and "notifier recipients set" in missing.stderr
 
 
-def test_client_preferences_api():
-    stored = client.set_preferences("dora", email="dora@example.org", min_priority="high",
-                                    quiet_hours=[{"days": ["sat", "sun"], "start": "00:00",
-                                                  "end": "24:00"}])
-    assert stored["min_priority"] == "high"
-    assert client.get_preferences("dora")["email"] == "dora@example.org"
-    assert client.get_preferences("no-such-recipient") is None
-
-
 def test_cancel_by_id_and_by_idempotency_key():
     first = _ingest()
     second = _ingest(idempotency_key="weekly-report-42")
@@ -110,13 +100,6 @@ def test_cancel_reports_unknown_and_bad_input():
     assert not_an_id.returncode == 1 and "not a notification id" in not_an_id.stderr
     no_key = run("cancel", "--idempotency-key", "never-used")
     assert no_key.returncode == 1 and "never-used" in no_key.stderr
-
-
-def test_client_cancel():
-    note_id = _ingest()
-    assert client.cancel(note_id) is True
-    assert client.cancel(note_id) is False
-    assert _status(note_id) == "cancelled"
 
 
 def test_rules_lists_the_effective_rules_and_checks_a_file(tmp_path):

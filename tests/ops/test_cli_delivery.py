@@ -81,7 +81,7 @@ def test_inbox_lists_unread_and_marks_read():
 def test_sending_the_same_inbox_delivery_twice_keeps_one_message():
     from notifier.channels.base import OutgoingMessage
     from notifier.channels.inapp import InAppChannel
-    from notifier.client import inbox
+    from notifier.records import inbox
 
     message = OutgoingMessage(uuid.uuid4(), "user-1", None, "alert", "high", "Once", "")
     for _ in range(2):

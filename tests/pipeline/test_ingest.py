@@ -89,7 +89,7 @@ def test_same_id_twice_is_a_no_op():
 
 def test_idempotency_key_repeats_are_dropped_and_counted():
     """A repeated idempotency key is dropped, counted, and answered with the first id."""
-    from notifier.client import lookup
+    from notifier.records import lookup
 
     first = _ingest(_message(_note(idempotency_key="order-42")))
     repeated = _note(idempotency_key="order-42")

@@ -8,7 +8,6 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import text
 
-from notifier import client
 from notifier.pipeline.preferences import (
     MAX_QUIET,
     Preferences,
@@ -381,19 +380,3 @@ def test_bad_changes_name_the_field_and_write_nothing(changes, problem):
     assert caught.value.problems[0].startswith(problem)
     with session_scope() as session:
         assert get_recipient_preferences(session, "u3") is None
-
-
-def test_client_round_trip():
-    result = client.set_preferences(
-        "u4", timezone="America/New_York", quiet_hours=[
-            {"days": ["mon", "tue"], "start": "22:00", "end": "07:00"}
-        ], opt_out={"marketing": ["*"]},
-    )
-    assert result == client.get_preferences("u4")
-    assert result["timezone"] == "America/New_York"
-    assert result["quiet_hours"] == [{"days": ["mon", "tue"], "start": "22:00", "end": "07:00"}]
-    assert result["opt_out"] == {"marketing": ["*"]}
-    assert result["digest_mode"] == "immediate"
-    assert client.get_preferences("nobody") is None
-    with pytest.raises(NotificationError, match="min_priority"):
-        client.set_preferences("u4", min_priority="urgent")

@@ -1,0 +1,110 @@
+"""The database-facing API: what a service asks of notifier's Postgres.
+
+Look up a notification by idempotency key, read and mark a recipient's in-app inbox,
+read and change a recipient's preferences, cancel a notification not yet sent. These
+calls need the database (``NOTIFIER_DATABASE_URL``) and the ``server`` extra; a service
+that only sends notifications imports :mod:`notifier.client`, which needs the broker
+alone. ``notifier.client.lookup`` and the like still work: the old spelling, kept as an
+alias that imports this module on first use.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from notifier.pipeline.cancel import cancel_by
+from notifier.pipeline.inbox import list_inbox
+from notifier.pipeline.inbox import mark_read as mark_inbox_read
+from notifier.pipeline.preferences import get_recipient_preferences
+from notifier.pipeline.preferences import set_preferences as store_preferences
+from notifier.storage.db import session_scope
+from notifier.storage.models import IdempotencyKey
+
+
+def lookup(idempotency_key: str) -> str | None:
+    """The id of the notification stored under an idempotency key, if still remembered."""
+    with session_scope() as session:
+        found = session.scalar(
+            select(IdempotencyKey.notification_id).where(IdempotencyKey.key == idempotency_key)
+        )
+    return str(found) if found else None
+
+
+def inbox(recipient_id: str, *, unread_only: bool = True, limit: int = 50) -> list[dict[str, Any]]:
+    """The recipient's in-app messages, newest first (what an app shows in its bell menu)."""
+    with session_scope() as session:
+        rows = list_inbox(session, recipient_id, unread_only=unread_only, limit=limit)
+        return [
+            {"id": str(row.id), "type": row.type, "priority": row.priority, "title": row.title,
+             "body": row.body, "data": row.data, "created_at": row.created_at,
+             "read_at": row.read_at,
+             "notification_id": str(row.notification_id) if row.notification_id else None,
+             "digest_id": str(row.digest_id) if row.digest_id else None}
+            for row in rows
+        ]
+
+
+def mark_read(recipient_id: str, message_ids: Iterable[str] | None = None) -> int:
+    """Mark the recipient's inbox messages read (all unread when no ids); returns how many."""
+    with session_scope() as session:
+        ids = None if message_ids is None else list(message_ids)
+        return mark_inbox_read(session, recipient_id, ids)
+
+
+def set_preferences(recipient_id: str, **changes: Any) -> dict[str, Any]:
+    """Change a recipient's fields and preferences (creating the recipient if missing).
+
+    Takes the fields :func:`get_preferences` returns: ``name``, ``email``, ``phone``,
+    ``timezone``, ``addresses`` (merged per channel; None removes one) and the
+    preferences (``channels``, ``opt_out``, ``min_priority``, ``quiet_hours``,
+    ``digest_mode``, ``digest_time``, ``digest_day``; None restores the default).
+    Raises NotificationError naming each bad field; returns what is now stored.
+    """
+    with session_scope() as session:
+        store_preferences(session, recipient_id, changes)
+        stored = _fields_and_preferences(session, recipient_id.strip())
+    return stored or {}  # never empty: the recipient was written in this transaction
+
+
+def get_preferences(recipient_id: str) -> dict[str, Any] | None:
+    """The recipient's fields and preferences (defaults filled in), or None if unknown."""
+    with session_scope() as session:
+        return _fields_and_preferences(session, recipient_id)
+
+
+def _fields_and_preferences(session: Session, recipient_id: str) -> dict[str, Any] | None:
+    found = get_recipient_preferences(session, recipient_id)
+    if found is None:
+        return None
+    prefs, recipient = found
+    return {**recipient, **prefs.model_dump(mode="json")}
+
+
+def cancel(notification_id: str | None = None, *, idempotency_key: str | None = None) -> bool:
+    """Cancel a notification that has not gone out yet; True if it was cancelled.
+
+    Works while it waits in an aggregation window (it never joins a digest) or while its
+    deliveries are held (quiet hours, ``send_at``). Once something of it was sent, or it
+    was folded into a digest, it returns False: there is nothing left to take back.
+    Raises NotificationError if neither or both ways of naming it are given.
+    """
+    return cancel_by(notification_id, idempotency_key).cancelled
+
+
+def stored_ids(ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of these notification ids Postgres holds (what
+    :meth:`notifier.client.ConfirmingProducer.confirm` asks)."""
+    found: set[uuid.UUID] = set()
+    with session_scope() as session:
+        for start in range(0, len(ids), 10_000):
+            rows = session.execute(
+                text("SELECT id FROM notifications WHERE id = ANY(:ids)"),
+                {"ids": ids[start:start + 10_000]},
+            )
+            found.update(row[0] for row in rows)
+    return found
