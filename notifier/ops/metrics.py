@@ -171,9 +171,9 @@ def remove_files_of_dead_processes(path: str | None = None) -> int:
     pids = set()
     for name in os.listdir(path):
         stem, _, suffix = name.rpartition("_")
-        pid = suffix.removesuffix(".db")
-        if stem and pid.isdigit():
-            pids.add(int(pid))
+        digits = suffix.removesuffix(".db")
+        if stem and digits.isdigit():
+            pids.add(int(digits))
     dead = [pid for pid in pids if not _alive(pid)]
     for pid in dead:
         multiprocess.mark_process_dead(pid, path)

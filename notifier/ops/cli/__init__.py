@@ -23,7 +23,7 @@ from notifier.ops.cli import (
     status,
     webhooks,
 )
-from notifier.ops.cli.common import EXIT_CONFIG, _fail
+from notifier.ops.cli.common import EXIT_CONFIG, fail
 from notifier.settings import ConfigError, get_settings
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     try:
         check_channel_urls(get_settings())
     except ConfigError as exc:
-        _fail(str(exc), EXIT_CONFIG)
+        fail(str(exc), EXIT_CONFIG)
 
 
 for _command in (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from notifier.ops.cli.common import EXIT_CONFIG, EXIT_USAGE, _fail, friendly_errors
+from notifier.ops.cli.common import EXIT_CONFIG, EXIT_USAGE, fail, friendly_errors
 
 
 @click.command()
@@ -19,13 +19,13 @@ def cancel(notification_id: str | None, idempotency_key: str | None) -> None:
     from notifier.pipeline.cancel import cancel_by
 
     if (notification_id is None) == (idempotency_key is None):
-        _fail("give a NOTIFICATION_ID or --idempotency-key (one of them)", EXIT_USAGE)
+        fail("give a NOTIFICATION_ID or --idempotency-key (one of them)", EXIT_USAGE)
     outcome = cancel_by(notification_id, idempotency_key)
     if outcome.cancelled:
         click.echo(f"cancelled {outcome.notification_id}")
         return
     if outcome.notification_id is None or outcome.status == "not found":
-        _fail(outcome.status if outcome.notification_id is None
-              else f"no notification {outcome.notification_id}", EXIT_CONFIG)
-    _fail(f"cannot cancel {outcome.notification_id}: it is {outcome.status} already",
-          EXIT_CONFIG)
+        fail(outcome.status if outcome.notification_id is None
+             else f"no notification {outcome.notification_id}", EXIT_CONFIG)
+    fail(f"cannot cancel {outcome.notification_id}: it is {outcome.status} already",
+         EXIT_CONFIG)

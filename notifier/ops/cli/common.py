@@ -6,7 +6,7 @@ import functools
 import sys
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -14,7 +14,9 @@ from notifier.masking import mask_secrets
 from notifier.schemas import NotificationError
 from notifier.settings import ConfigError, get_settings, mask_url
 
+#: Exit code of a wrong setting, an unreachable service, or an answer of "no".
 EXIT_CONFIG = 1
+#: Exit code of a wrong option or argument.
 EXIT_USAGE = 2
 
 
@@ -31,25 +33,29 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except ConfigError as exc:
-            _fail(str(exc), EXIT_CONFIG)
+            fail(str(exc), EXIT_CONFIG)
         except NotificationError as exc:
-            _fail("invalid notification:\n  " + "\n  ".join(exc.problems), EXIT_USAGE)
+            fail("invalid notification:\n  " + "\n  ".join(exc.problems), EXIT_USAGE)
         except DatabaseError as exc:
             url = mask_url(get_settings().database_url)
-            _fail(f"NOTIFIER_DATABASE_URL: cannot use {url}: {describe_db_error(exc)}",
-                  EXIT_CONFIG)
+            fail(f"NOTIFIER_DATABASE_URL: cannot use {url}: {describe_db_error(exc)}",
+                 EXIT_CONFIG)
         except BrokerError as exc:
             url = mask_url(get_settings().broker_url)
-            _fail(f"NOTIFIER_BROKER_URL: cannot reach {url}: {exc}", EXIT_CONFIG)
+            fail(f"NOTIFIER_BROKER_URL: cannot reach {url}: {exc}", EXIT_CONFIG)
 
     return wrapper
 
 
-def _fail(message: str, code: int) -> None:
-    # Masked: a driver's or broker's message may repeat a URL with its password.
+def fail(message: str, code: int) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with ``code``.
+
+    Masked: a driver's or broker's message may repeat a URL with its password.
+    """
     click.echo(f"error: {mask_secrets(message)}", err=True)
     sys.exit(code)
 
 
-def _when(moment: datetime) -> str:
+def when(moment: datetime) -> str:
+    """A time as the listings print it: "2026-03-30 07:00:00"."""
     return moment.strftime("%Y-%m-%d %H:%M:%S")

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from notifier.masking import mask_secrets
-from notifier.ops.cli.common import EXIT_USAGE, _fail, _when, friendly_errors
+from notifier.ops.cli.common import EXIT_USAGE, fail, friendly_errors, when
 from notifier.settings import get_settings
 
 
@@ -67,7 +67,7 @@ def list_dead_letters(as_json: bool, limit: int, **filters: Any) -> None:
         click.echo("no dead letters")
     for row in rows:
         replayed = " (replayed)" if row.replayed_at else ""
-        click.echo(f"{row.id:>6}  {_when(row.created_at)}  {row.stage:<8} "
+        click.echo(f"{row.id:>6}  {when(row.created_at)}  {row.stage:<8} "
                    f"{row.channel or '-':<8} {mask_secrets(row.type or '-'):<18} "
                    f"{mask_secrets(row.reason)}{replayed}")
 
@@ -156,7 +156,7 @@ def show_dead_letter(dead_letter_id: int) -> None:
     with session_scope() as session:
         row = session.get(DeadLetter, dead_letter_id)
         if row is None:
-            _fail(f"no dead letter with id {dead_letter_id}", EXIT_USAGE)
+            fail(f"no dead letter with id {dead_letter_id}", EXIT_USAGE)
         click.echo(json.dumps(_dead_letter_dict(row), default=str, indent=2))
 
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from notifier.ops.cli.common import EXIT_USAGE, _fail, _when, friendly_errors
+from notifier.ops.cli.common import EXIT_USAGE, fail, friendly_errors, when
 
 
 @click.group()
@@ -32,7 +32,7 @@ def list_inbox(recipient: str, show_all: bool, limit: int, as_json: bool) -> Non
         click.echo("no messages" if show_all else "no unread messages")
     for message in messages:
         marker = " " if message["read_at"] else "*"
-        click.echo(f"{marker} {message['id']}  {_when(message['created_at'])}  "
+        click.echo(f"{marker} {message['id']}  {when(message['created_at'])}  "
                    f"{message['type']:<18} {message['title']}")
 
 
@@ -48,11 +48,11 @@ def mark_inbox_read(recipient: str, message_ids: tuple[str, ...], read_all: bool
     from notifier.client import mark_read
 
     if not message_ids and not read_all:
-        _fail("give message ids, or --all to mark every unread message read", EXIT_USAGE)
+        fail("give message ids, or --all to mark every unread message read", EXIT_USAGE)
     for message_id in message_ids:
         try:
             uuid.UUID(message_id)
         except ValueError:
-            _fail(f"message id: not a UUID (got {message_id!r})", EXIT_USAGE)
+            fail(f"message id: not a UUID (got {message_id!r})", EXIT_USAGE)
     marked = mark_read(recipient, None if read_all else list(message_ids))
     click.echo(f"marked {marked} messages read")

@@ -6,7 +6,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from notifier.ops.cli.common import EXIT_USAGE, _fail, friendly_errors
+from notifier.ops.cli.common import EXIT_USAGE, fail, friendly_errors
 
 #: The option of ``recipients set`` that sets each field, for error messages.
 _OPTION_OF_FIELD = {
@@ -25,7 +25,7 @@ def recipient_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except PreferencesError as exc:
-            _fail("; ".join(_as_option(problem) for problem in exc.problems), EXIT_USAGE)
+            fail("; ".join(_as_option(problem) for problem in exc.problems), EXIT_USAGE)
 
     return friendly_errors(wrapper)
 
@@ -37,10 +37,10 @@ def _as_option(problem: str) -> str:
 
 
 def _bad(option: str, message: str) -> None:
-    _fail(f"{option}: {message}", EXIT_USAGE)
+    fail(f"{option}: {message}", EXIT_USAGE)
 
 
-def _changes_from_options(options: dict[str, Any]) -> dict[str, Any]:
+def changes_from_options(options: dict[str, Any]) -> dict[str, Any]:
     changes: dict[str, Any] = {
         name: options[name] or None
         for name in ("name", "email", "phone", "timezone") if options[name] is not None
@@ -99,7 +99,7 @@ def _quiet_span(text: str) -> dict[str, Any]:
         raise
 
 
-def _changed_opt_outs(
+def changed_opt_outs(
     current: dict[str, list[str]], opt_outs: tuple[str, ...], opt_ins: tuple[str, ...]
 ) -> dict[str, list[str]]:
     """The opt-outs after these changes; opting in to one channel of an "all channels"

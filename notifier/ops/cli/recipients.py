@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
-from notifier.ops.cli.common import EXIT_USAGE, _fail
+from notifier.ops.cli.common import EXIT_USAGE, fail
 from notifier.ops.cli.recipient_options import (
-    _changed_opt_outs,
-    _changes_from_options,
+    changed_opt_outs,
+    changes_from_options,
     recipient_errors,
 )
 from notifier.settings import get_settings
@@ -53,16 +53,17 @@ def set_recipient(recipient: str, as_json: bool, **options: Any) -> None:
     from notifier.pipeline.preferences import get_recipient_preferences, set_preferences
     from notifier.storage.db import session_scope
 
-    changes = _changes_from_options(options)
+    changes = changes_from_options(options)
     with session_scope() as session:
         found = get_recipient_preferences(session, recipient.strip(), for_update=True)
         if options["opt_outs"] or options["opt_ins"]:
-            changes["opt_out"] = _changed_opt_outs(
+            changes["opt_out"] = changed_opt_outs(
                 found[0].opt_out if found else {}, options["opt_outs"], options["opt_ins"]
             )
         set_preferences(session, recipient, changes)
-        prefs, fields = get_recipient_preferences(session, recipient.strip())
-    _print_recipient(prefs, fields, as_json)
+        stored = get_recipient_preferences(session, recipient.strip())
+    assert stored is not None, "set_preferences has just written it"
+    _print_recipient(*stored, as_json)
 
 
 @recipients.command("show")
@@ -77,8 +78,8 @@ def show_recipient(recipient: str, as_json: bool) -> None:
     with session_scope() as session:
         found = get_recipient_preferences(session, recipient)
     if found is None:
-        _fail(f"no recipient {recipient!r}; create one with"
-              f" `notifier recipients set {recipient} ...`", EXIT_USAGE)
+        fail(f"no recipient {recipient!r}; create one with"
+             f" `notifier recipients set {recipient} ...`", EXIT_USAGE)
     _print_recipient(*found, as_json)
 
 

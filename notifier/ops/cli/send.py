@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from notifier.ops.cli.common import EXIT_CONFIG, _fail, friendly_errors
+from notifier.ops.cli.common import EXIT_CONFIG, fail, friendly_errors
 from notifier.schemas import NotificationError
 
 
@@ -76,4 +76,4 @@ def _wait_until_stored(notification_id: str, timeout: float) -> None:
             click.echo(f"stored: {found}")
             return
         time.sleep(0.1)
-    _fail(f"not stored after {timeout:g}s: is a worker running? (notifier status)", EXIT_CONFIG)
+    fail(f"not stored after {timeout:g}s: is a worker running? (notifier status)", EXIT_CONFIG)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from notifier.ops.cli.common import EXIT_USAGE, _fail, _when, friendly_errors
+from notifier.ops.cli.common import EXIT_USAGE, fail, friendly_errors, when
 
 
 @click.command()
@@ -24,7 +24,7 @@ def stats(since: str, as_json: bool) -> None:
     try:
         window = parse_duration(since)
     except ValueError as exc:
-        _fail(f"--since: {exc}", EXIT_USAGE)
+        fail(f"--since: {exc}", EXIT_USAGE)
     with session_scope() as session:
         figures = collect_stats(session, window)
     if as_json:
@@ -35,8 +35,8 @@ def stats(since: str, as_json: bool) -> None:
 
 def _print_stats(figures: Any, since: str) -> None:
     ingest, until = figures.ingest, figures.until
-    span = f"{_when(figures.since)} → {until:%H:%M:%S}" if figures.since.date() == until.date() \
-        else f"{_when(figures.since)} → {_when(until)}"
+    span = f"{when(figures.since)} → {until:%H:%M:%S}" if figures.since.date() == until.date() \
+        else f"{when(figures.since)} → {when(until)}"
     click.echo(f"last {since}: {span} UTC\n")
     priorities = ", ".join(f"{name} {count:,}" for name, count in ingest.by_priority.items())
     click.echo(f"{'ingested':<15}{ingest.total:,} ({_rate(ingest.per_second)})"

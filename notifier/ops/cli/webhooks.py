@@ -7,7 +7,7 @@ from datetime import UTC
 
 import click
 
-from notifier.ops.cli.common import EXIT_USAGE, _fail, _when, friendly_errors
+from notifier.ops.cli.common import EXIT_USAGE, fail, friendly_errors, when
 from notifier.settings import get_settings
 
 
@@ -75,7 +75,7 @@ def rotate_webhook_secret(recipient: str, overlap: str | None) -> None:
         try:
             span = parse_duration(overlap.strip())
         except ValueError as exc:
-            _fail(f"--overlap: {exc}", EXIT_USAGE)
+            fail(f"--overlap: {exc}", EXIT_USAGE)
             return
     with session_scope() as session:
         info = rotate_secret(session, recipient, span)
@@ -83,12 +83,12 @@ def rotate_webhook_secret(recipient: str, overlap: str | None) -> None:
         _no_recipient(recipient)
         return
     until = (f"the previous one also signs until"
-             f" {_when(info.previous_valid_until.astimezone(UTC))} UTC"
+             f" {when(info.previous_valid_until.astimezone(UTC))} UTC"
              if info.previous_valid_until else "the previous one no longer signs")
     click.echo(f"rotated the webhook secret of {recipient}: {until};"
                f" print the new one with `notifier webhooks secret show {recipient}`")
 
 
 def _no_recipient(recipient: str) -> None:
-    _fail(f"no recipient {recipient!r}; create one with"
-          f" `notifier recipients set {recipient} --address webhook=URL`", EXIT_USAGE)
+    fail(f"no recipient {recipient!r}; create one with"
+         f" `notifier recipients set {recipient} --address webhook=URL`", EXIT_USAGE)
