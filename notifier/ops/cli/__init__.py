@@ -16,6 +16,7 @@ from notifier.ops.cli import (
     health,
     inbox,
     metrics,
+    queues,
     recipients,
     rules,
     send,
@@ -42,6 +43,6 @@ def main() -> None:
 for _command in (
     send.send, cancel.cancel, rules.rules, metrics.metrics, db.db, status.status,
     dead_letters.dead_letters, inbox.inbox, recipients.recipients, webhooks.webhooks,
-    health.health, stats.stats,
+    health.health, stats.stats, queues.queues,
 ):
     main.add_command(_command)
