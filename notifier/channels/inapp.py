@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from sqlalchemy.exc import DBAPIError
 
 from notifier.channels.base import Channel, OutgoingMessage, RetryableError, SendResult
-from notifier.storage.db import describe_db_error, session_scope
+from notifier.storage.db import describe_db_error, raw_cursor, session_scope
 
 
 class InAppChannel(Channel):
@@ -36,7 +36,7 @@ def _insert(messages: Sequence[OutgoingMessage]) -> None:
         for m in messages
     ), strict=True))
     with session_scope() as session:
-        cursor = session.connection().connection.driver_connection.cursor()
+        cursor = raw_cursor(session)
         cursor.execute(
             """
             INSERT INTO inbox_messages

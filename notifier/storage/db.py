@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -41,6 +43,16 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def raw_cursor(session: Session) -> psycopg.Cursor[Any]:
+    """A psycopg cursor on the session's own connection, inside its transaction: for the
+    pipeline's hand-written SQL (``executemany``, ``COPY``, row locks) that the ORM would
+    only slow down. Commit and rollback stay the session's."""
+    driver: psycopg.Connection[Any] | None = session.connection().connection.driver_connection
+    if driver is None:  # only a connection already closed has none
+        raise RuntimeError("the session's database connection is closed")
+    return driver.cursor()
 
 
 def describe_db_error(exc: BaseException) -> str:

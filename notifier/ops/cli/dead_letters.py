@@ -104,6 +104,7 @@ def _replay_in_chunks(where: Any, total: int) -> tuple[int, int, int, list[str]]
     from notifier.pipeline.dead_letters import replay_dead_letters, replayable_ids
     from notifier.storage.db import session_scope
     from notifier.worker.tasks import publish, publish_ingest
+    from notifier.worker.transactions import transaction
 
     replayed = skipped = purged = 0
     refused: list[str] = []
@@ -111,10 +112,10 @@ def _replay_in_chunks(where: Any, total: int) -> tuple[int, int, int, list[str]]
         chunks = list(replayable_ids(session, where))
     with click.progressbar(length=total, label="replaying", file=sys.stderr) as bar:
         for ids in chunks:
-            with session_scope() as session:
-                replay = replay_dead_letters(session, ids, get_settings())
-            publish(replay.tasks)
-            publish_ingest(replay.ingest_payloads)
+            with transaction() as tx:
+                replay = replay_dead_letters(tx.session, ids, get_settings())
+                tx.after_commit(publish, replay.tasks)
+                tx.after_commit(publish_ingest, replay.ingest_payloads)
             replayed, skipped = replayed + replay.replayed, skipped + replay.skipped
             purged += replay.purged
             refused += replay.refused
