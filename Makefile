@@ -29,13 +29,14 @@ stop:  ## Stop what `make run` started
 worker: install  ## A worker on every queue, critical first (foreground)
 	$(ENV) $(BIN)/celery -A notifier worker -l info
 
+# The queue names come from `notifier queues` (priorities and the channel registry).
 worker-critical: install  ## A worker for critical notifications and their deliveries (foreground)
-	$(ENV) $(BIN)/celery -A notifier worker -l info -Q notifier.critical,notifier.deliver.critical -n critical@%h
-
-DELIVER_QUEUES := notifier.deliver.critical,notifier.deliver.apprise,notifier.deliver.console,notifier.deliver.email,notifier.deliver.inapp,notifier.deliver.slack,notifier.deliver.sms,notifier.deliver.webhook
+	$(ENV) queues=$$($(BIN)/notifier queues --critical) && \
+		$(BIN)/celery -A notifier worker -l info -Q "$$queues" -n critical@%h
 
 worker-deliver: install  ## A worker for deliveries only, one queue per channel (foreground)
-	$(ENV) $(BIN)/celery -A notifier worker -l info -Q $(DELIVER_QUEUES) -c 8 --prefetch-multiplier 1 -n deliver@%h
+	$(ENV) queues=$$($(BIN)/notifier queues --deliver) && \
+		$(BIN)/celery -A notifier worker -l info -Q "$$queues" -c 8 --prefetch-multiplier 1 -n deliver@%h
 
 beat: install  ## Celery beat (foreground)
 	$(ENV) $(BIN)/celery -A notifier beat -l info --schedule .run/celerybeat-schedule

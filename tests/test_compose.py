@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from notifier.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
+NOTIFIER = str(Path(sys.executable).with_name("notifier"))
 EXPECTED_SERVICES = {
     "postgres", "redis", "mailpit", "migrate", "worker-critical", "worker", "worker-deliver",
     "beat", "flower",
@@ -147,6 +150,25 @@ def test_worker_queues_are_configured_queues(
     assert set().union(*consumed.values()) == set(configured)
     for queues in consumed.values():  # most urgent first
         assert queues == sorted(queues, key=configured.index)
+
+
+def queues_command(kind: str) -> list[str]:
+    """What ``notifier queues --<kind>`` prints, run as the installed console script."""
+    result = subprocess.run([NOTIFIER, "queues", f"--{kind}"], capture_output=True, text=True,
+                            check=True, timeout=60)
+    return result.stdout.strip().split(",")
+
+
+def test_worker_queues_are_the_queues_command(
+    app_services: dict[str, dict[str, Any]],
+) -> None:
+    """Each worker's ``-Q`` is what ``notifier queues`` prints (the Makefile's workers run
+    it): a channel added to the registry fails here until compose consumes its queue."""
+    expected = {"worker-critical": "critical", "worker": "ingest", "worker-deliver": "deliver"}
+    for name, kind in expected.items():
+        args = argv(app_services[name])
+        queues = args[args.index("-Q") + 1].split(",")
+        assert queues == queues_command(kind), f"{name}: -Q is not `notifier queues --{kind}`"
 
 
 def test_migrate_runs_the_declared_console_script(

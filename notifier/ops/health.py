@@ -26,7 +26,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from sqlalchemy import Connection
+from sqlalchemy.orm import Session
+
+from notifier.ops.queries import pipeline_lag
 from notifier.settings import Settings, delivery_queue, mask_url
+from notifier.storage.models import UNSENT_DELIVERY_STATUSES, sql_list
 
 #: The Redis hash of beat's heartbeat (fields published_at, sent_at, ran_at, worker).
 HEARTBEAT_KEY = "notifier.heartbeat"
@@ -217,7 +222,7 @@ def check_workers(settings: Settings, thresholds: Thresholds) -> CheckResult:
 
 
 def check_queues(settings: Settings, thresholds: Thresholds) -> CheckResult:
-    from notifier.ops.queries import queue_depths
+    from notifier.worker.queues import queue_depths
 
     try:
         _broker_connection(settings, thresholds).release()
@@ -347,13 +352,13 @@ class StuckWork:
         return max(ages, key=lambda item: item[1]) if ages else None
 
 
-_STUCK_SQL = """
+# The parts of stuck work that the pipeline lag (``notifier.ops.queries.pipeline_lag``)
+# does not answer: how many are over the limit, and what waits on purpose.
+_STUCK_SQL = f"""
 SELECT
-    extract(epoch FROM now() - d.next_attempt_at), d.channel, d.status,
     (SELECT count(*) FROM deliveries
-     WHERE status IN ('pending', 'queued', 'retrying', 'scheduled')
+     WHERE status IN ({sql_list(UNSENT_DELIVERY_STATUSES)})
        AND next_attempt_at < now() - make_interval(secs => :limit)),
-    extract(epoch FROM now() - w.due_at),
     (SELECT count(*) FROM aggregation_windows
      WHERE due_at < now() - make_interval(secs => :limit)),
     -- Found through the end of the window_id index, where NULLs sort: the scan of all
@@ -367,27 +372,21 @@ SELECT
     ww.waiting, ww.windows
 FROM (SELECT coalesce(sum(item_count), 0) AS waiting, count(*) AS windows
       FROM aggregation_windows) AS ww
-LEFT JOIN LATERAL (
-    SELECT next_attempt_at, channel, status FROM deliveries
-    WHERE status IN ('pending', 'queued', 'retrying', 'scheduled')
-    ORDER BY next_attempt_at LIMIT 1
-) AS d ON d.next_attempt_at <= now()
-LEFT JOIN LATERAL (
-    SELECT due_at FROM aggregation_windows ORDER BY due_at LIMIT 1
-) AS w ON w.due_at <= now()
 """
 
 
-def stuck_work(session_or_connection: Any, limit: float) -> StuckWork:
-    """The oldest work that should be moving, by kind (each an index lookup)."""
+def stuck_work(connection: Connection | Session, limit: float) -> StuckWork:
+    """The oldest work that should be moving, by kind (each an index lookup), in one
+    transaction (one ``now()``)."""
     from sqlalchemy import text
 
-    row = session_or_connection.execute(text(_STUCK_SQL), {"limit": limit}).one()
+    lag = pipeline_lag(connection)
+    row = connection.execute(text(_STUCK_SQL), {"limit": limit}).one()
     return StuckWork(
-        delivery_overdue=_float(row[0]), delivery_channel=row[1], delivery_status=row[2],
-        deliveries_over_limit=int(row[3]), window_overdue=_float(row[4]),
-        windows_over_limit=int(row[5]), unrouted_age=_float(row[6]),
-        waiting_in_windows=int(row[7]), windows=int(row[8]),
+        delivery_overdue=lag.delivery_overdue, delivery_channel=lag.delivery_channel,
+        delivery_status=lag.delivery_status, deliveries_over_limit=int(row[0]),
+        window_overdue=lag.window_overdue, windows_over_limit=int(row[1]),
+        unrouted_age=_float(row[2]), waiting_in_windows=int(row[3]), windows=int(row[4]),
     )
 
 

@@ -171,9 +171,9 @@ def remove_files_of_dead_processes(path: str | None = None) -> int:
     pids = set()
     for name in os.listdir(path):
         stem, _, suffix = name.rpartition("_")
-        pid = suffix.removesuffix(".db")
-        if stem and pid.isdigit():
-            pids.add(int(pid))
+        digits = suffix.removesuffix(".db")
+        if stem and digits.isdigit():
+            pids.add(int(digits))
     dead = [pid for pid in pids if not _alive(pid)]
     for pid in dead:
         multiprocess.mark_process_dead(pid, path)
@@ -206,7 +206,7 @@ class PipelineCollector:
         yield from self._database()
 
     def _queues(self) -> Iterator[GaugeMetricFamily]:
-        from notifier.ops.queries import queue_depths
+        from notifier.worker.queues import queue_depths
 
         family = GaugeMetricFamily("notifier_queue_depth", "Messages waiting in each queue.",
                                    labels=["queue"])
@@ -238,22 +238,24 @@ class PipelineCollector:
     def _database(self) -> Iterator[GaugeMetricFamily]:
         from sqlalchemy import text
 
+        from notifier.ops.queries import pipeline_lag
         from notifier.storage.db import session_scope
 
         try:
             with session_scope() as session:
-                row = session.execute(text(_PIPELINE_QUERY)).one()
+                lag = pipeline_lag(session)
+                received, messages = session.execute(text(_LAST_HOUR_QUERY)).one()
         except Exception:
             return
-        oldest_waiting, oldest_due, received, messages = row
         yield GaugeMetricFamily(
             "notifier_oldest_waiting_notification_seconds",
             "Age of the oldest notification not yet handed to a channel (pending in a"
-            " window, or with a due delivery not yet sent).", value=float(oldest_waiting or 0),
+            " window, or with a due delivery not yet sent).", value=lag.oldest_pending or 0.0,
         )
         yield GaugeMetricFamily(
             "notifier_oldest_due_delivery_seconds",
-            "How long the most overdue unsent delivery has been due.", value=float(oldest_due or 0),
+            "How long the most overdue unsent delivery has been due.",
+            value=lag.delivery_overdue or 0.0,
         )
         yield GaugeMetricFamily(
             "notifier_batch_efficiency",
@@ -263,12 +265,8 @@ class PipelineCollector:
         )
 
 
-_PIPELINE_QUERY = """
+_LAST_HOUR_QUERY = """
 SELECT
-    (SELECT extract(epoch FROM now() - min(created_at)) FROM notifications
-     WHERE status = 'pending'),
-    (SELECT extract(epoch FROM now() - min(next_attempt_at)) FROM deliveries
-     WHERE status IN ('pending', 'queued', 'retrying', 'scheduled') AND next_attempt_at < now()),
     (SELECT count(*) FROM notifications WHERE created_at > now() - interval '1 hour'),
     (SELECT count(*) FROM deliveries WHERE created_at > now() - interval '1 hour')
 """

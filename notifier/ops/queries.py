@@ -6,10 +6,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select, text
 from sqlalchemy.orm import Session
 
-from notifier.storage.models import DeadLetter, Delivery, IdempotencyKey, Notification
+from notifier.storage.models import (
+    UNSENT_DELIVERY_STATUSES,
+    DeadLetter,
+    Delivery,
+    IdempotencyKey,
+    Notification,
+    sql_list,
+)
 
 
 def notification_status(session: Session, notification_id: str) -> str | None:
@@ -23,10 +30,6 @@ def _count_by(session: Session, column: Any) -> dict[str, int]:
 
 def pipeline_status(session: Session) -> dict[str, Any]:
     """Counts by status and the age of the oldest notification still waiting."""
-    oldest = session.scalar(
-        select(func.extract("epoch", func.now() - func.min(Notification.created_at)))
-        .where(Notification.status == "pending")
-    )
     return {
         "notifications": _count_by(session, Notification.status),
         "deliveries": _count_by(session, Delivery.status),
@@ -34,29 +37,58 @@ def pipeline_status(session: Session) -> dict[str, Any]:
         "duplicates_dropped": session.scalar(
             select(func.coalesce(func.sum(IdempotencyKey.duplicates), 0))
         ),
-        "oldest_pending_age_seconds": None if oldest is None else float(oldest),
+        "oldest_pending_age_seconds": pipeline_lag(session).oldest_pending,
     }
 
 
-def queue_depths(names: list[str] | None = None) -> dict[str, int | None]:
-    """Messages waiting in each of our queues, or in ``names`` (None where the broker
-    cannot tell)."""
-    from notifier.worker.app import app
+@dataclass(frozen=True)
+class PipelineLag:
+    """How long the oldest waiting work of each kind has waited, in seconds (None: none).
 
-    depths: dict[str, int | None] = {}
-    with app.connection_for_read() as connection:
-        connection.ensure_connection(max_retries=1)
-        channel = connection.default_channel
-        for name in names or [queue.name for queue in app.conf.task_queues]:
-            if hasattr(channel, "_size"):  # kombu's virtual transports (Redis)
-                depths[name] = channel._size(name)
-                continue
-            try:
-                depths[name] = channel.queue_declare(queue=name, passive=True).message_count
-            except Exception:  # an AMQP queue nobody declared yet
-                depths[name] = None
-                channel = connection.channel()
-    return depths
+    One answer for ``notifier status``, the metrics and the health check.
+    """
+
+    #: The oldest notification still ``pending``: in its aggregation window, or in none.
+    oldest_pending: float | None
+    #: The most overdue delivery: unsent, its next attempt due; its channel and status.
+    delivery_overdue: float | None
+    delivery_channel: str | None
+    delivery_status: str | None
+    #: The aggregation window longest past its due time, not flushed yet.
+    window_overdue: float | None
+
+
+# Each an index lookup: the pending notifications' partial index, the partial index of
+# due work (its WHERE matches this text), the windows by due time.
+_LAG_SQL = f"""
+SELECT
+    (SELECT extract(epoch FROM now() - min(created_at)) FROM notifications
+     WHERE status = 'pending'),
+    extract(epoch FROM now() - d.next_attempt_at), d.channel, d.status,
+    extract(epoch FROM now() - w.due_at)
+FROM (SELECT 1) AS one
+LEFT JOIN LATERAL (
+    SELECT next_attempt_at, channel, status FROM deliveries
+    WHERE status IN ({sql_list(UNSENT_DELIVERY_STATUSES)})
+    ORDER BY next_attempt_at LIMIT 1
+) AS d ON d.next_attempt_at <= now()
+LEFT JOIN LATERAL (
+    SELECT due_at FROM aggregation_windows ORDER BY due_at LIMIT 1
+) AS w ON w.due_at <= now()
+"""
+
+
+def pipeline_lag(database: Session | Connection) -> PipelineLag:
+    """The oldest waiting work, read in the caller's transaction (its ``now()``)."""
+    row = database.execute(text(_LAG_SQL)).one()
+    return PipelineLag(
+        oldest_pending=_seconds(row[0]), delivery_overdue=_seconds(row[1]),
+        delivery_channel=row[2], delivery_status=row[3], window_overdue=_seconds(row[4]),
+    )
+
+
+def _seconds(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 @dataclass(frozen=True)

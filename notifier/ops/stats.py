@@ -34,6 +34,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from notifier.settings import PRIORITIES
+from notifier.storage.models import UNFINISHED_DELIVERY_STATUSES, sql_list
 
 QUANTILES = (0.5, 0.95, 0.99)
 
@@ -230,9 +231,11 @@ def ingest_figures(
     )
 
 
+_UNFINISHED = sql_list(UNFINISHED_DELIVERY_STATUSES)
+
 # The three branches each match an index: terminal rows by status, the unsent ones by
 # the partial index of due work (and ``sending``, a handful, by status).
-_DELIVERY_SQL = """
+_DELIVERY_SQL = f"""
 WITH touched AS (
     SELECT channel, priority, status, attempts, created_at, sent_at, digest_id
     FROM deliveries
@@ -245,14 +248,14 @@ WITH touched AS (
   UNION ALL
     SELECT channel, priority, status, attempts, created_at, sent_at, digest_id
     FROM deliveries
-    WHERE status IN ('pending', 'queued', 'retrying', 'scheduled', 'sending')
+    WHERE status IN ({_UNFINISHED})
       AND attempts > 0 AND updated_at >= :since AND updated_at < :until
 )
 SELECT grouping(t.channel) = 0 AS by_channel, grouping(t.priority) = 0 AS by_priority,
        t.channel, t.priority,
        count(*) FILTER (WHERE t.status = 'sent') AS sent,
        count(*) FILTER (WHERE t.status = 'sent' AND t.attempts > 1) AS sent_after_retry,
-       count(*) FILTER (WHERE t.status NOT IN ('sent', 'dead')) AS retrying,
+       count(*) FILTER (WHERE t.status IN ({_UNFINISHED})) AS retrying,
        count(*) FILTER (WHERE t.status = 'dead') AS dead,
        percentile_cont(CAST(:quantiles AS float8[])) WITHIN GROUP (
            ORDER BY extract(epoch FROM t.sent_at - t.created_at)

@@ -53,14 +53,13 @@ from notifier.pipeline.ratelimit import RateLimiter, RateRequest
 from notifier.pipeline.retry import RetryPolicy
 from notifier.settings import Settings, delivery_queue
 from notifier.storage.db import get_engine
+from notifier.storage.models import UNSENT_DELIVERY_STATUSES as UNSENT
 from notifier.storage.models import Stage
 from notifier.worker import shutdown
 from notifier.worker.batch_sizing import delivery_batch_size
 
 log = logging.getLogger(__name__)
 
-#: Delivery statuses that have not gone out yet (a claim takes them; cancel may too).
-UNSENT = ("pending", "queued", "retrying", "scheduled")
 #: A channel that raised on this many messages in a row with nothing answered between
 #: is not sent the rest of the batch: they go back to the queue untried (no attempt
 #: counted), so a channel that raises on everything (reconnecting each time) cannot

@@ -51,10 +51,12 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
 
 
 def raw_cursor(session: Session) -> Cursor:
-    """A psycopg cursor on the session's connection: its statements join the session's
-    transaction, so they commit or roll back with the ORM's."""
+    """A psycopg cursor on the session's own connection, inside its transaction: for the
+    pipeline's hand-written SQL (``executemany``, ``COPY``, row locks) that the ORM would
+    only slow down. Commit and rollback stay the session's."""
     driver: psycopg.Connection[TupleRow] | None = session.connection().connection.driver_connection
-    assert driver is not None, "the session's connection is closed"
+    if driver is None:  # only a connection already closed has none
+        raise RuntimeError("the session's database connection is closed")
     return driver.cursor()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -57,6 +58,26 @@ class DeliveryStatus(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+#: Delivery statuses that have not gone out yet and that no worker holds: a claim takes
+#: them, cancel may too, and the partial index of due work (``ix_deliveries_due``) covers
+#: exactly these.
+UNSENT_DELIVERY_STATUSES: tuple[str, ...] = tuple(status.value for status in (
+    DeliveryStatus.PENDING, DeliveryStatus.QUEUED, DeliveryStatus.RETRYING,
+    DeliveryStatus.SCHEDULED,
+))
+#: Unsent, or in a worker's hands: a delivery not yet at its end (sent, dead, cancelled).
+UNFINISHED_DELIVERY_STATUSES: tuple[str, ...] = (
+    *UNSENT_DELIVERY_STATUSES, DeliveryStatus.SENDING.value,
+)
+
+
+def sql_list(values: Iterable[str]) -> str:
+    """``'a', 'b'``: the inside of an SQL ``IN (...)`` for our own constants (statuses),
+    written into the statement so that Postgres matches it to a partial index as it
+    would the literal text. Never for values from outside."""
+    return ", ".join(f"'{value}'" for value in values)
+
+
 class Stage(enum.StrEnum):
     INGEST = "ingest"
     AGGREGATE = "aggregate"
@@ -64,7 +85,7 @@ class Stage(enum.StrEnum):
 
 
 def _values(enum_cls: type[enum.StrEnum]) -> str:
-    return ", ".join(f"'{member.value}'" for member in enum_cls)
+    return sql_list(member.value for member in enum_cls)
 
 
 class Base(DeclarativeBase):
@@ -221,7 +242,7 @@ class Delivery(Base):
               unique=True, postgresql_where=text("digest_id IS NOT NULL")),
         # The sweeper looks for work that is due: unsent rows by next attempt.
         Index("ix_deliveries_due", "next_attempt_at",
-              postgresql_where=text("status IN ('pending', 'queued', 'retrying', 'scheduled')")),
+              postgresql_where=text(f"status IN ({sql_list(UNSENT_DELIVERY_STATUSES)})")),
         # `notifier stats`: what changed in a window, by status.
         Index("ix_deliveries_status_updated_at", "status", "updated_at"),
     )

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from notifier.settings import Settings
+from notifier.worker.queues import INGEST_QUEUES, queue_depths
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +72,13 @@ class AdaptiveBatchSize:
 
 def broker_depth(queues: Iterable[str], items_per_message: Callable[[], float]) -> int:
     """Items waiting in the broker's ``queues`` (messages times the items they carry)."""
-    from notifier.ops.queries import queue_depths
-
     depths = queue_depths(list(queues))
     messages = sum(depth or 0 for depth in depths.values())
     return round(messages * items_per_message())
 
 
 def ingest_sizer(settings: Settings, items_per_message: Callable[[], float]) -> AdaptiveBatchSize:
-    from notifier.settings import PRIORITIES, queue_name
-
-    bulk = [queue_name(p) for p in PRIORITIES if p != "critical"]
+    bulk = INGEST_QUEUES[1:]  # critical ones are written as they come, unbatched
     return AdaptiveBatchSize(
         "ingest", settings.ingest_batch_min, settings.ingest_batch_size,
         settings.adaptive_high_water, lambda: broker_depth(bulk, items_per_message),

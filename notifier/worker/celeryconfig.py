@@ -19,8 +19,8 @@ Why each choice (docs/architecture.md, "Ingest"; docs/operating.md, "Recovery af
 
 from kombu import Exchange, Queue
 
-from notifier.channels import CHANNEL_NAMES
-from notifier.settings import PRIORITIES, delivery_queue, get_settings, queue_name
+from notifier.settings import delivery_queue, get_settings, queue_name
+from notifier.worker.queues import ALL_QUEUES
 
 _settings = get_settings()
 
@@ -50,13 +50,7 @@ def _queue(name: str) -> Queue:
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
-_ingest_queues = [queue_name(priority) for priority in PRIORITIES]
-_delivery_queues = [delivery_queue(channel, "normal") for channel in sorted(CHANNEL_NAMES)]
-task_queues = [
-    _queue(name)
-    for name in [_ingest_queues[0], delivery_queue("", "critical"), *_ingest_queues[1:],
-                 *_delivery_queues]
-]
+task_queues = [_queue(name) for name in ALL_QUEUES]
 task_default_queue = queue_name("normal")
 task_default_priority = 0
 task_create_missing_queues = True

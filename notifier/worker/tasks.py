@@ -37,11 +37,12 @@ from notifier.pipeline.retention import purge_expired as purge_expired_rows
 from notifier.pipeline.rules import get_rules
 from notifier.schemas import ENQUEUED_AT_HEADER
 from notifier.settings import PRIORITIES, get_settings, queue_name
-from notifier.storage.db import describe_db_error, session_scope
+from notifier.storage.db import describe_db_error, raw_cursor, session_scope
 from notifier.storage.models import Stage
 from notifier.storage.state import state_redis
 from notifier.worker.app import app
 from notifier.worker.batching import CommittedBatches, RefusedMessage, batch_failed
+from notifier.worker.transactions import transaction
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +118,9 @@ def deliver(channel: str, delivery_ids: list[str]) -> dict[str, int]:
 @app.task(name="notifier.sweep_deliveries", acks_late=True)
 def sweep_deliveries() -> int:
     """Beat's outbox sweep: publish deliveries that are due and not moving."""
-    with session_scope() as session:
-        tasks = sweep_due_deliveries(_raw_cursor(session), _settings)
-    publish(tasks)
+    with transaction() as tx:
+        tasks = sweep_due_deliveries(tx.cursor, _settings)
+        tx.after_commit(publish, tasks)
     return sum(len(task.delivery_ids) for task in tasks)
 
 
@@ -132,11 +133,9 @@ def flush_windows() -> dict[str, int]:
     """
     totals = {"windows": 0, "digests": 0, "notifications": 0}
     while True:
-        with session_scope() as session:
-            result = flush_due_windows(
-                _raw_cursor(session), get_rules(), _settings, datetime.now(UTC)
-            )
-        publish(result.tasks)
+        with transaction() as tx:
+            result = flush_due_windows(tx.cursor, get_rules(), _settings, datetime.now(UTC))
+            tx.after_commit(publish, result.tasks)
         metrics.record_flush(result.windows, result.digests, result.digested)
         if result.windows:
             log.info("flushed %d windows: %d digests of %d notifications", result.windows,
@@ -156,9 +155,8 @@ def publish_new_deliveries(delivery_ids: Sequence[Any]) -> None:
     """
     if not delivery_ids:
         return
-    with session_scope() as session:
-        tasks = queue_deliveries(_raw_cursor(session), delivery_ids, _settings)
-    publish(tasks)
+    with transaction() as tx:
+        tx.after_commit(publish, queue_deliveries(tx.cursor, delivery_ids, _settings))
 
 
 def publish(tasks: Sequence[DeliveryTask]) -> None:
@@ -176,10 +174,6 @@ def publish_ingest(payloads: Sequence[Any]) -> None:
         priority = payload.get("priority") if isinstance(payload, dict) else None
         queue = queue_name(priority if priority in PRIORITIES else "normal")
         ingest.apply_async((payload,), queue=queue, argsrepr="(<replayed dead letter>)")
-
-
-def _raw_cursor(session: Any) -> Any:
-    return session.connection().connection.driver_connection.cursor()
 
 
 @app.task(name="notifier.purge_expired", acks_late=True)
@@ -289,7 +283,7 @@ def _dead_letter_message(message: IngestMessage, exc: Exception) -> IngestResult
 
 def _write_dead_letter(rejection: Rejection) -> IngestResult:
     with session_scope() as session:
-        written = write_dead_letters(_raw_cursor(session), Stage.INGEST, [rejection], _settings)
+        written = write_dead_letters(raw_cursor(session), Stage.INGEST, [rejection], _settings)
     return IngestResult(rejected=1, dead_lettered=written)
 
 

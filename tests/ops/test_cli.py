@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,40 @@ def run(*args: str, env: dict[str, str] | None = None, stdin: str | None = None)
         [NOTIFIER, *args], cwd=ROOT, capture_output=True, text=True, input=stdin,
         env={**os.environ, **(env or {})}, timeout=60,
     )
+
+
+@pytest.mark.parametrize(("option", "expected"), [
+    ("--ingest", "notifier.critical,notifier.high,notifier.normal,notifier.low"),
+    ("--deliver", "notifier.deliver.critical,notifier.deliver.apprise,notifier.deliver.console,"
+     "notifier.deliver.email,notifier.deliver.inapp,notifier.deliver.slack,"
+     "notifier.deliver.sms,notifier.deliver.webhook"),
+    ("--critical", "notifier.critical,notifier.deliver.critical"),
+])
+def test_queues_prints_the_names_for_a_worker(option, expected):
+    """`notifier queues` prints the queue names (a public contract), most urgent first."""
+    result = run("queues", option)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_queues_by_default_are_every_queue_the_app_declares():
+    """Without an option, every queue in the order a worker without -Q consumes them."""
+    from notifier.worker.app import app
+
+    result = run("queues")
+    assert result.stdout.strip().split(",") == [queue.name for queue in app.conf.task_queues]
+    assert run("queues", "--all").stdout == result.stdout
+
+
+def test_makefile_workers_take_their_queues_from_the_command():
+    """The Makefile's workers run `notifier queues` with options it has, and name no
+    queue themselves."""
+    makefile = (ROOT / "Makefile").read_text()
+    options = re.findall(r"notifier queues (--[a-z]+)", makefile)
+    assert set(options) >= {"--critical", "--deliver"}
+    for option in options:
+        assert run("queues", option).returncode == 0, option
+    assert "notifier.deliver." not in makefile
 
 
 def test_send_prints_the_id_and_the_worker_stores_it(worker):

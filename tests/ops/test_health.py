@@ -323,7 +323,7 @@ def test_thresholds_from_settings_and_options():
 
 
 def test_cli_choices_match_the_checks():
-    from notifier.ops.cli import health as command
+    from notifier.ops.cli.health import health as command
 
     option = next(p for p in command.params if p.name == "checks")
     assert tuple(option.type.choices) == health.CHECK_NAMES
