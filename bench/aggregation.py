@@ -27,7 +27,7 @@ from bench.config import RESULTS_DIR, BenchConfig
 from bench.scenarios import Bench, Outcome
 from bench.series import summary
 from bench.workers import WorkerSpec, running_worker
-from notifier.pipeline.aggregation import flush_due_windows
+from notifier.pipeline.flush import flush_due_windows
 from notifier.pipeline.ingest import IngestMessage, ingest_batch
 from notifier.pipeline.rules import BUILTIN_RULES
 from notifier.settings import get_settings

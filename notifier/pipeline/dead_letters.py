@@ -17,7 +17,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from notifier.ops.queries import DeadLetterFilter
-from notifier.pipeline.delivery import DeliveryTask, queue_deliveries
+from notifier.pipeline.outbox import DeliveryTask, queue_deliveries
 from notifier.settings import Settings
 from notifier.storage.models import DeadLetter, Stage
 

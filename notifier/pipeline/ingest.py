@@ -22,7 +22,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 from sqlalchemy.orm import Session
 
-from notifier.pipeline.aggregation import Routed, dispatch_now, route_notifications
+from notifier.pipeline.routing import Routed, dispatch_now, route_notifications
 from notifier.pipeline.rules import Rules, get_rules
 from notifier.schemas import NotificationError, NotificationIn, parse_notification
 from notifier.settings import Settings, get_settings

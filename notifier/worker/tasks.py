@@ -15,13 +15,8 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from notifier.ops import metrics
-from notifier.pipeline.aggregation import flush_due_windows
-from notifier.pipeline.delivery import (
-    DeliveryTask,
-    deliver_batch,
-    queue_deliveries,
-    sweep_due_deliveries,
-)
+from notifier.pipeline.delivery import deliver_batch
+from notifier.pipeline.flush import flush_due_windows
 from notifier.pipeline.ingest import (
     IngestMessage,
     IngestResult,
@@ -33,6 +28,7 @@ from notifier.pipeline.ingest import (
     message_id_of,
     write_dead_letters,
 )
+from notifier.pipeline.outbox import DeliveryTask, queue_deliveries, sweep_due_deliveries
 from notifier.pipeline.retention import purge_expired as purge_expired_rows
 from notifier.pipeline.rules import get_rules
 from notifier.schemas import ENQUEUED_AT_HEADER

@@ -7,7 +7,7 @@ import uuid
 import pytest
 import redis
 
-from notifier.pipeline.delivery import group_into_tasks
+from notifier.pipeline.outbox import group_into_tasks
 from notifier.settings import get_settings
 from notifier.worker import batch_sizing
 from notifier.worker.batch_sizing import AdaptiveBatchSize, size_for_depth
