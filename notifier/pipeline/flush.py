@@ -25,7 +25,7 @@ from notifier.pipeline.outbox import (
     queue_deliveries,
 )
 from notifier.pipeline.routing import (
-    _NO_PREFERENCES,
+    NO_PREFERENCES,
     RecipientState,
     channels_for,
     hold_until,
@@ -83,7 +83,7 @@ def flush_due_windows(
         if not group:
             result.empty += 1
             continue
-        state = states.get(window.key[0], _NO_PREFERENCES)
+        state = states.get(window.key[0], NO_PREFERENCES)
         rule = rules.for_type(window.key[1])
         plan = _plan_window(window, group, rule, state, settings, now)
         deliveries += plan.deliveries

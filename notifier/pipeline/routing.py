@@ -21,8 +21,8 @@ from typing import Any
 
 from notifier.pipeline.outbox import NewDelivery, insert_deliveries
 from notifier.pipeline.preferences import Preferences, parse_preferences, quiet_until
-from notifier.pipeline.rules import Rule, Rules
-from notifier.pipeline.windows import GroupKey, assign_windows, group_key
+from notifier.pipeline.rules import Rules
+from notifier.pipeline.windows import Waiting, assign_windows, group_key
 from notifier.settings import Settings
 
 
@@ -71,7 +71,8 @@ def _preferences(raw: dict[str, Any] | None) -> Preferences:
 
 #: Shared by every recipient without preferences of their own; never mutated.
 _DEFAULT_PREFERENCES = Preferences()
-_NO_PREFERENCES = RecipientState(_DEFAULT_PREFERENCES, "UTC")
+#: The state of a recipient who set nothing (routing and the flush alike).
+NO_PREFERENCES = RecipientState(_DEFAULT_PREFERENCES, "UTC")
 
 
 def channels_for(
@@ -107,7 +108,7 @@ def route_notifications(
     states = load_recipient_states(cursor, (c.notification.recipient_id for c in candidates))
     stored = already_stored(cursor, [c.id for c in candidates])
     routed: dict[uuid.UUID, Routed] = {}
-    waiting: list[tuple[Any, Rule, GroupKey, RecipientState]] = []
+    waiting: list[tuple[Waiting, tuple[str, ...]]] = []
     for candidate in candidates:
         if candidate.id in stored:
             # A redelivered message: the insert skips it, and it must not be counted in
@@ -115,7 +116,7 @@ def route_notifications(
             routed[candidate.id] = Routed("pending")
             continue
         n = candidate.notification
-        state = states.get(n.recipient_id, _NO_PREFERENCES)
+        state = states.get(n.recipient_id, NO_PREFERENCES)
         rule = rules.for_type(n.type)
         channels, opted_out = channels_for(n.channels, state, n.type, settings)
         reason = state.preferences.suppression_reason(n.type, n.priority, channels + opted_out)
@@ -124,8 +125,16 @@ def route_notifications(
         elif n.priority == "critical" or not rule.aggregate or n.send_at is not None:
             routed[candidate.id] = Routed("dispatched", channels=tuple(channels))
         else:
-            waiting.append((candidate, rule, group_key(n, rule), state))
-    routed.update(assign_windows(cursor, waiting, settings, now))
+            item = Waiting(candidate.id, group_key(n, rule), rule, state.preferences,
+                           state.timezone)
+            waiting.append((item, tuple(channels)))
+    windows = assign_windows(cursor, [item for item, _ in waiting], now)
+    for item, channels in waiting:
+        window_id = windows[item.id]
+        routed[item.id] = (
+            Routed("dispatched", channels=channels) if window_id is None  # leads its window
+            else Routed("pending", window_id=window_id)
+        )
     return routed
 
 
@@ -148,7 +157,7 @@ def dispatch_now(
     deliveries = []
     for candidate, routed in items:
         n = candidate.notification
-        held = hold_until(n.priority, states.get(n.recipient_id, _NO_PREFERENCES), now, n.send_at)
+        held = hold_until(n.priority, states.get(n.recipient_id, NO_PREFERENCES), now, n.send_at)
         deliveries += [
             NewDelivery(n.recipient_id, channel, n.priority, notification_id=candidate.id,
                         hold_until=held)

@@ -13,15 +13,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from notifier.ids import uuid7
-from notifier.pipeline.preferences import next_digest_at
+from notifier.pipeline.preferences import Preferences, next_digest_at
 from notifier.pipeline.rules import Rule
-from notifier.settings import Settings
-
-if TYPE_CHECKING:
-    from notifier.pipeline.routing import RecipientState, Routed
 
 GroupKey = tuple[str, str, str]  # recipient, type, digest key
 
@@ -39,6 +35,17 @@ class Window:
     closed: bool = False
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """A notification that waits for a digest, with what choosing its window needs."""
+
+    id: uuid.UUID
+    key: GroupKey
+    rule: Rule
+    #: The recipient's: a digest slot of theirs (hourly, daily...) replaces the rule's window.
+    preferences: Preferences
+    timezone: str
+
 
 def group_key(notification: Any, rule: Rule) -> GroupKey:
     value = notification.data.get(rule.digest_key) if rule.digest_key else None
@@ -47,34 +54,32 @@ def group_key(notification: Any, rule: Rule) -> GroupKey:
 
 
 def assign_windows(
-    cursor: Any, waiting: list[tuple[Any, Rule, GroupKey, RecipientState]],
-    settings: Settings, now: datetime,
-) -> dict[uuid.UUID, Routed]:
+    cursor: Any, waiting: Sequence[Waiting], now: datetime
+) -> dict[uuid.UUID, uuid.UUID | None]:
     """Put each waiting notification in its group's open window (opening windows as
-    needed) and write the windows."""
-    from notifier.pipeline.routing import Routed, channels_for
-
+    needed) and write the windows. Returns each one's window id, or None for the first
+    of a new ``leading`` window: that one goes at once, the rest of its group waits."""
     if not waiting:
         return {}
-    keys = sorted({key for _, _, key, _ in waiting})
+    keys = sorted({item.key for item in waiting})
     lock_groups(cursor, keys)
     open_windows = load_open_windows(cursor, keys, now)
     touched: dict[uuid.UUID, Window] = {}
     opened: set[uuid.UUID] = set()
-    routed: dict[uuid.UUID, Routed] = {}
-    for candidate, rule, key, state in waiting:
+    placed: dict[uuid.UUID, uuid.UUID | None] = {}
+    for item in waiting:
+        key = item.key
         window = open_windows.get(key)
         if window is None:
-            window = open_window(key, rule, state, now)
+            window = open_window(item, now)
             open_windows[key] = touched[window.id] = window
             opened.add(window.id)
             if window.mode == "leading":  # the first goes at once, the rest wait
-                channels, _ = channels_for(candidate.notification.channels, state, key[1], settings)
-                routed[candidate.id] = Routed("dispatched", channels=tuple(channels))
+                placed[item.id] = None
                 continue
-        add_to_window(window, rule, now)
+        add_to_window(window, item.rule, now)
         touched[window.id] = window
-        routed[candidate.id] = Routed("pending", window_id=window.id)
+        placed[item.id] = window.id
         if window.closed:
             del open_windows[key]
             follower = continuation(window, now)
@@ -83,7 +88,7 @@ def assign_windows(
                 opened.add(follower.id)
     insert_windows(cursor, [w for w in touched.values() if w.id in opened])
     update_windows(cursor, [w for w in touched.values() if w.id not in opened])
-    return routed
+    return placed
 
 
 def lock_groups(cursor: Any, keys: Sequence[GroupKey]) -> None:
@@ -120,14 +125,15 @@ def load_open_windows(
     }
 
 
-def open_window(key: GroupKey, rule: Rule, state: RecipientState, now: datetime) -> Window:
+def open_window(item: Waiting, now: datetime) -> Window:
     """A new window: the rule's, or the recipient's hourly/daily/weekly digest slot."""
-    digest_at = next_digest_at(state.preferences, state.timezone, now)
+    digest_at = next_digest_at(item.preferences, item.timezone, now)
     if digest_at is not None:
-        return Window(uuid7(), key, "digest", now, digest_at, digest_at, max_count=0)
+        return Window(uuid7(), item.key, "digest", now, digest_at, digest_at, max_count=0)
+    rule = item.rule
     due = now + rule.window
     latest = now + rule.longest_wait if rule.mode == "sliding" else due
-    return Window(uuid7(), key, rule.mode, now, due, latest, rule.max_count)
+    return Window(uuid7(), item.key, rule.mode, now, due, latest, rule.max_count)
 
 
 def continuation(closed: Window, now: datetime) -> Window | None:
