@@ -308,7 +308,7 @@ def filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _filter(filters: dict[str, Any], replayed: bool | None = None) -> Any:
-    from notifier.ops.queries import DeadLetterFilter
+    from notifier.pipeline.dead_letters import DeadLetterFilter
 
     return DeadLetterFilter(
         stage=filters["stage"], type=filters["type_"], channel=filters["channel"],
@@ -328,7 +328,7 @@ def _utc(moment: datetime | None) -> datetime | None:
 @friendly_errors
 def list_dead_letters(as_json: bool, limit: int, **filters: Any) -> None:
     """The newest dead letters, one line each."""
-    from notifier.ops.queries import find_dead_letters
+    from notifier.pipeline.dead_letters import find_dead_letters
     from notifier.storage.db import session_scope
 
     with session_scope() as session:
@@ -351,7 +351,7 @@ def list_dead_letters(as_json: bool, limit: int, **filters: Any) -> None:
 @friendly_errors
 def replay_dead_letters(yes: bool, **filters: Any) -> None:
     """Send matching dead letters again (attempts reset); each is replayed once."""
-    from notifier.ops.queries import count_dead_letters
+    from notifier.pipeline.dead_letters import count_dead_letters
     from notifier.storage.db import session_scope
 
     where = _filter(filters, replayed=False)
@@ -402,7 +402,7 @@ def _replay_in_chunks(where: Any, total: int) -> tuple[int, int, int, list[str]]
 @friendly_errors
 def purge_dead_letters(yes: bool, **filters: Any) -> None:
     """Delete matching dead letters for good (their deliveries stay recorded as dead)."""
-    from notifier.ops.queries import count_dead_letters
+    from notifier.pipeline.dead_letters import count_dead_letters
     from notifier.pipeline.dead_letters import purge_dead_letters as purge
     from notifier.storage.db import session_scope
 

@@ -15,18 +15,16 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from notifier.ops import metrics
+from notifier.pipeline.dead_letters import Rejection, bounded_payload, write_dead_letters
 from notifier.pipeline.delivery import deliver_batch
 from notifier.pipeline.flush import flush_due_windows
 from notifier.pipeline.ingest import (
     IngestMessage,
     IngestResult,
-    Rejection,
-    bounded_payload,
     dedup_key,
     describe_exception,
     ingest_batch,
     message_id_of,
-    write_dead_letters,
 )
 from notifier.pipeline.outbox import DeliveryTask, queue_deliveries, sweep_due_deliveries
 from notifier.pipeline.retention import purge_expired as purge_expired_rows
