@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from notifier.pipeline.delivery import UNSENT
 from notifier.schemas import NotificationError
+from notifier.storage.db import session_scope
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,6 @@ class CancelOutcome:
 
 def cancel_by(notification_id: str | None, idempotency_key: str | None) -> CancelOutcome:
     """Cancel by id or by idempotency key (exactly one), in a transaction of its own."""
-    from notifier.storage.db import session_scope
-
     if (notification_id is None) == (idempotency_key is None):
         raise NotificationError(["cancel: give a notification id or an idempotency key"])
     with session_scope() as session:
