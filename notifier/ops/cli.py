@@ -377,6 +377,7 @@ def _replay_in_chunks(where: Any, total: int) -> tuple[int, int, int, list[str]]
     from notifier.pipeline.dead_letters import replay_dead_letters, replayable_ids
     from notifier.settings import get_settings
     from notifier.storage.db import session_scope
+    from notifier.worker.batch_sizing import delivery_sizer
     from notifier.worker.tasks import publish, publish_ingest
 
     replayed = skipped = purged = 0
@@ -386,7 +387,8 @@ def _replay_in_chunks(where: Any, total: int) -> tuple[int, int, int, list[str]]
     with click.progressbar(length=total, label="replaying", file=sys.stderr) as bar:
         for ids in chunks:
             with session_scope() as session:
-                replay = replay_dead_letters(session, ids, get_settings())
+                replay = replay_dead_letters(session, ids, get_settings(),
+                                             batch_size=delivery_sizer(get_settings()))
             publish(replay.tasks)
             publish_ingest(replay.ingest_payloads)
             replayed, skipped = replayed + replay.replayed, skipped + replay.skipped

@@ -13,15 +13,19 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from psycopg.types.json import Jsonb
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
-from notifier.pipeline.outbox import DeliveryTask, queue_deliveries
+from notifier.channels.base import OutgoingMessage
+from notifier.ids import uuid7
+from notifier.pipeline.outbox import BatchSize, DeliveryTask, queue_deliveries
 from notifier.settings import Settings, get_settings
 from notifier.storage.models import DeadLetter, Stage
 
@@ -138,6 +142,67 @@ def write_dead_letters(
     return [(row[0], row[1]) for row in rows]
 
 
+@dataclass(frozen=True)
+class FailedDelivery:
+    """What a dead letter records for a delivery that gave up."""
+
+    id: uuid.UUID
+    channel: str
+    recipient_id: str
+    priority: str
+    attempts: int
+    reason: str
+    error_class: str
+    #: What was being sent; None when no message could be built (no address).
+    message: OutgoingMessage | None
+
+    def payload(self) -> dict[str, Any]:
+        """The delivery's content as an operator needs it to judge a replay."""
+        payload: dict[str, Any] = {
+            "delivery_id": str(self.id), "recipient": self.recipient_id,
+            "priority": self.priority,
+        }
+        message = self.message
+        if message is not None:
+            payload |= {
+                "type": message.type, "title": message.title, "body": message.body,
+                "data": json.loads(json.dumps(message.data, default=str)),
+                "notification_id": (
+                    str(message.notification_id) if message.notification_id else None
+                ),
+                "digest_id": str(message.digest_id) if message.digest_id else None,
+            }
+        return payload
+
+
+def write_delivery_dead_letter(cursor: Any, failed: FailedDelivery) -> None:
+    """Park a delivery that gave up, with its content; in the caller's transaction, which
+    also marks the delivery dead. Each dead letter of a delivery is a row of its own (a
+    replayed delivery that dies again adds one)."""
+    message = failed.message
+    cursor.execute(
+        """
+        INSERT INTO dead_letters (dedup_key, stage, reason, error_class, channel, type,
+            notification_id, delivery_id, attempts, payload)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+        """,
+        (
+            f"deliver:{failed.id}:{uuid7()}", Stage.DELIVER.value, failed.reason,
+            failed.error_class, failed.channel, message.type if message else None,
+            message.notification_id if message else None, failed.id, failed.attempts,
+            Jsonb(failed.payload()),
+        ),
+    )
+
+
+def without_payload(rejection: Rejection, why: str) -> Rejection:
+    """The rejection with its payload replaced by ``why``, the original's size and
+    SHA-256 still kept: for a dead letter that could not be written with its payload."""
+    _, size, digest, _ = bounded_payload(rejection.payload, 0)
+    return replace(rejection, payload=f"payload not kept: {why}",
+                   original=rejection.original or (size, digest))
+
+
 # --- Finding --------------------------------------------------------------------------
 
 
@@ -218,8 +283,11 @@ def replayable_ids(
         yield ids[start:start + chunk]
 
 
-def replay_dead_letters(session: Session, ids: list[int], settings: Settings) -> Replay:
-    """Reset what the dead letters describe and mark them replayed, in one transaction."""
+def replay_dead_letters(
+    session: Session, ids: list[int], settings: Settings, *, batch_size: BatchSize | None = None
+) -> Replay:
+    """Reset what the dead letters describe and mark them replayed, in one transaction;
+    the revived deliveries' tasks (of ``batch_size``) are published after it."""
     rows = list(session.execute(
         select(DeadLetter.id, DeadLetter.stage, DeadLetter.delivery_id, DeadLetter.payload,
                DeadLetter.payload_truncated, DeadLetter.payload_bytes)
@@ -236,7 +304,7 @@ def replay_dead_letters(session: Session, ids: list[int], settings: Settings) ->
     delivery_ids = [row.delivery_id for row in rows if row.stage == Stage.DELIVER]
     revived = _revive_deliveries(session, delivery_ids)
     cursor = session.connection().connection.driver_connection.cursor()
-    replay.tasks = queue_deliveries(cursor, revived, settings)
+    replay.tasks = queue_deliveries(cursor, revived, settings, batch_size=batch_size)
     existing = _existing_deliveries(session, delivery_ids)
     for row in rows:
         if row.stage == Stage.DELIVER:

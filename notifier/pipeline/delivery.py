@@ -23,19 +23,16 @@ exception, costs the one message it was sending.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from psycopg.types.json import Jsonb
 
 from notifier.channels import channel_class, get_channel, variable
 from notifier.channels.base import (
@@ -47,15 +44,13 @@ from notifier.channels.base import (
     RetryableError,
     SendResult,
 )
-from notifier.ids import uuid7
 from notifier.pipeline.breaker import CircuitBreaker, EndpointBreakers, EndpointTally
-from notifier.pipeline.outbox import DeliveryTask, queue_deliveries
+from notifier.pipeline.dead_letters import FailedDelivery, write_delivery_dead_letter
+from notifier.pipeline.outbox import BatchSize, DeliveryTask, queue_deliveries
 from notifier.pipeline.ratelimit import RateLimiter, RateRequest
-from notifier.pipeline.retry import RetryPolicy
+from notifier.pipeline.retry import RetryPolicy, countdown_second, next_attempt
 from notifier.settings import Settings
 from notifier.storage.db import get_engine
-from notifier.storage.models import Stage
-from notifier.worker import shutdown
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +100,17 @@ class BatchOutcome:
 
 
 def deliver_batch(
-    channel_name: str, delivery_ids: Sequence[str], settings: Settings, state: redis.Redis
+    channel_name: str, delivery_ids: Sequence[str], settings: Settings, state: redis.Redis,
+    *, batch_size: BatchSize | None = None, stopping: Callable[[], bool] | None = None,
 ) -> BatchOutcome:
-    """Send the due deliveries among ``delivery_ids`` over one connection of the channel."""
+    """Send the due deliveries among ``delivery_ids`` over one connection of the channel.
+
+    ``stopping`` says the worker is shutting down: the batch then returns its unsent
+    deliveries after the message in hand. ``batch_size`` sizes the tasks of the short
+    retries (see ``outbox.BatchSize``).
+    """
     outcome = BatchOutcome()
-    with _Recorder(channel_name, settings, outcome) as recorder:
+    with _Recorder(channel_name, settings, outcome, batch_size, stopping) as recorder:
         claimed = claim_deliveries(recorder.cursor, channel_name, delivery_ids, settings)
         if not claimed:
             return outcome
@@ -489,6 +490,10 @@ def address_of(
     return str(value) if value else None
 
 
+def _never() -> bool:
+    return False
+
+
 # --- Recording ----------------------------------------------------------------------
 
 
@@ -501,10 +506,15 @@ class _Recorder:
     committed.
     """
 
-    def __init__(self, channel: str, settings: Settings, outcome: BatchOutcome) -> None:
+    def __init__(
+        self, channel: str, settings: Settings, outcome: BatchOutcome,
+        batch_size: BatchSize | None = None, stopping: Callable[[], bool] | None = None,
+    ) -> None:
         self.channel = channel
         self.settings = settings
         self.outcome = outcome
+        self.batch_size = batch_size
+        self.stopping = stopping or _never
         self.policy = RetryPolicy.for_channel(settings, {})
         self._short_retries: dict[datetime, list[uuid.UUID]] = defaultdict(list)
         self._sent_notifications: list[uuid.UUID] = []
@@ -515,12 +525,12 @@ class _Recorder:
     def should_stop(self) -> bool:
         """Return the rest of the batch: the worker is stopping, or the batch has run
         past its time budget (a slow provider must not hold a worker's shutdown)."""
-        return shutdown.requested() or (
+        return self.stopping() or (
             time.monotonic() - self._started > self.settings.delivery_batch_max_seconds
         )
 
     def stop_reason(self) -> str:
-        if shutdown.requested():
+        if self.stopping():
             return "returned unsent: the worker is shutting down"
         budget = self.settings.delivery_batch_max_seconds
         return f"returned unsent: the batch ran past {budget:g}s"
@@ -580,15 +590,14 @@ class _Recorder:
 
     def retry(self, delivery: ClaimedDelivery, error: RetryableError) -> None:
         attempts = delivery.attempts + 1
-        if self.policy.exhausted(attempts):
+        retry = next_attempt(self.policy, attempts, error.retry_after, datetime.now(UTC))
+        if retry is None:
             self.dead(delivery, error, f"gave up after {attempts} attempts: {error}")
             return
-        delay = max(self.policy.delay(attempts), error.retry_after or 0.0)
-        due = datetime.now(UTC) + timedelta(seconds=delay)
-        self._hold(delivery.id, due, str(error), counts_attempt=True)
+        self._hold(delivery.id, retry.due, str(error), counts_attempt=True)
         self.outcome.retrying += 1
-        log.info("delivery %s (%s) failed, attempt %d, retrying in %.1fs: %s",
-                 delivery.id, self.channel, attempts, delay, error, extra=self.about(delivery))
+        log.info("delivery %s (%s) failed, attempt %d, retrying in %.1fs: %s", delivery.id,
+                 self.channel, attempts, retry.delay, error, extra=self.about(delivery))
 
     def hold_for_configuration(self, delivery: ClaimedDelivery, error: DeliveryError) -> None:
         """Our configuration failed, not the delivery: put it back for
@@ -621,11 +630,9 @@ class _Recorder:
             " updated_at = now(), attempts = attempts + %s WHERE id = %s AND status = 'sending'",
             (due, why, 1 if counts_attempt else 0, delivery_id),
         )
-        wait = (due - datetime.now(UTC)).total_seconds()
-        if wait <= self.settings.retry_countdown_max:
-            # One task per second of due time carries every retry due in it.
-            bucket = datetime.fromtimestamp(math.ceil(due.timestamp()), UTC)
-            self._short_retries[bucket].append(delivery_id)
+        second = countdown_second(due, datetime.now(UTC), self.settings.retry_countdown_max)
+        if second is not None:
+            self._short_retries[second].append(delivery_id)
 
     def dead(
         self, delivery: ClaimedDelivery, error: DeliveryError, reason: str | None = None
@@ -639,7 +646,10 @@ class _Recorder:
                 (attempts, str(error), delivery.id),
             )
             if self.cursor.rowcount:
-                self._write_dead_letter(delivery, error, reason or str(error), attempts)
+                write_delivery_dead_letter(self.cursor, FailedDelivery(
+                    delivery.id, self.channel, delivery.recipient_id, delivery.priority,
+                    attempts, reason or str(error), type(error).__name__, delivery.message,
+                ))
         self.outcome.dead += 1
         if delivery.notification_id:
             self._failed_notifications.append(delivery.notification_id)
@@ -654,24 +664,6 @@ class _Recorder:
         elif delivery.message and delivery.message.digest_id:
             about["digest_id"] = str(delivery.message.digest_id)
         return about
-
-    def _write_dead_letter(
-        self, delivery: ClaimedDelivery, error: DeliveryError, reason: str, attempts: int
-    ) -> None:
-        message = delivery.message
-        self.cursor.execute(
-            """
-            INSERT INTO dead_letters (dedup_key, stage, reason, error_class, channel, type,
-                notification_id, delivery_id, attempts, payload)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-            """,
-            (
-                f"deliver:{delivery.id}:{uuid7()}", Stage.DELIVER.value, reason,
-                type(error).__name__, self.channel, message.type if message else None,
-                delivery.notification_id, delivery.id, attempts,
-                Jsonb(dead_letter_payload(delivery)),
-            ),
-        )
 
     def _finish(self) -> None:
         """The notifications' own status, the short retries to publish, and one error
@@ -694,22 +686,7 @@ class _Recorder:
             )
         for due, ids in sorted(self._short_retries.items()):
             self.outcome.tasks += queue_deliveries(
-                self.cursor, ids, self.settings, from_status="retrying", due_at=due
+                self.cursor, ids, self.settings, from_status="retrying", due_at=due,
+                batch_size=self.batch_size,
             )
 
-
-def dead_letter_payload(delivery: ClaimedDelivery) -> dict[str, Any]:
-    """The delivery's content as an operator needs it to judge a replay."""
-    payload: dict[str, Any] = {
-        "delivery_id": str(delivery.id), "recipient": delivery.recipient_id,
-        "priority": delivery.priority,
-    }
-    message = delivery.message
-    if message is not None:
-        payload |= {
-            "type": message.type, "title": message.title, "body": message.body,
-            "data": json.loads(json.dumps(message.data, default=str)),
-            "notification_id": str(message.notification_id) if message.notification_id else None,
-            "digest_id": str(message.digest_id) if message.digest_id else None,
-        }
-    return payload

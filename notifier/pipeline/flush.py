@@ -19,6 +19,7 @@ from psycopg.types.json import Jsonb
 
 from notifier.ids import uuid7
 from notifier.pipeline.outbox import (
+    BatchSize,
     DeliveryTask,
     NewDelivery,
     insert_deliveries,
@@ -64,10 +65,12 @@ class _Member:
 
 
 def flush_due_windows(
-    cursor: Any, rules: Rules, settings: Settings, now: datetime, limit: int | None = None
+    cursor: Any, rules: Rules, settings: Settings, now: datetime, limit: int | None = None,
+    *, batch_size: BatchSize | None = None,
 ) -> FlushResult:
     """Turn up to ``limit`` due windows into digests and delivery rows, in the caller's
-    transaction; the returned tasks are published after it commits."""
+    transaction; the returned tasks (of ``batch_size``, see ``outbox.BatchSize``) are
+    published after it commits."""
     result = FlushResult()
     windows = claim_due_windows(cursor, now, limit or settings.flush_batch_size)
     if not windows:
@@ -96,7 +99,7 @@ def flush_due_windows(
     result.digests = len(digests)
     result.notifications = len(statuses)
     result.digested = sum(1 for status, _, _ in statuses.values() if status == "digested")
-    result.tasks = queue_deliveries(cursor, due_now, settings)
+    result.tasks = queue_deliveries(cursor, due_now, settings, batch_size=batch_size)
     return result
 
 

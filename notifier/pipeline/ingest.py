@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 from psycopg.types.json import Jsonb
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from notifier.pipeline.dead_letters import Rejection, cut, jsonb_safe, write_dead_letters
@@ -27,6 +29,7 @@ from notifier.pipeline.routing import Routed, dispatch_now, route_notifications
 from notifier.pipeline.rules import Rules, get_rules
 from notifier.schemas import NotificationError, NotificationIn, parse_notification
 from notifier.settings import Settings, get_settings
+from notifier.storage.db import describe_db_error
 from notifier.storage.models import NotificationStatus, Stage
 
 log = logging.getLogger(__name__)
@@ -181,6 +184,20 @@ def describe_exception(exc: BaseException, limit: int = 300) -> str:
         text = ""
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return cut(text, limit)
+
+
+def failed_message(message: IngestMessage, exc: BaseException) -> Rejection:
+    """The rejection of a whole message that could not be stored even alone: the
+    database's refusal, or the exception's class and first line."""
+    original = getattr(exc, "orig", None) or exc
+    database = isinstance(original, (DBAPIError, psycopg.Error))
+    return Rejection(
+        dedup_key=dedup_key(message.message_id, "message"),
+        reason=(f"database refused the message: {describe_db_error(exc)}" if database
+                else f"message: could not be stored: {describe_exception(original)}"),
+        payload=message.payload, error_class=type(original).__name__,
+        original=message.original,
+    )
 
 
 def id_for_unnamed(message_id: str, index: int) -> uuid.UUID:

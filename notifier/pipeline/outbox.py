@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from notifier.ids import uuid7
 from notifier.settings import Settings, delivery_queue
-from notifier.worker.batch_sizing import delivery_batch_size
+
+#: Deliveries per task: (queue, deliveries ready for it) -> how many go in one task. The
+#: worker's follows the queue's backlog, read from the broker
+#: (``notifier.worker.batch_sizing``); the pipeline never asks the broker itself.
+BatchSize = Callable[[str, int], int]
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ def insert_deliveries(cursor: Any, deliveries: Sequence[NewDelivery]) -> list[uu
 def queue_deliveries(
     cursor: Any, delivery_ids: Sequence[uuid.UUID | str], settings: Settings,
     *, from_status: str = "pending", due_at: datetime | None = None,
+    batch_size: BatchSize | None = None,
 ) -> list[DeliveryTask]:
     """Mark deliveries queued and group them into tasks; publish those after the commit.
 
@@ -86,29 +91,29 @@ def queue_deliveries(
         """,
         (due_at, [str(i) for i in delivery_ids], from_status),
     )
-    return group_into_tasks(cursor.fetchall(), settings, due_at)
+    return group_into_tasks(cursor.fetchall(), settings, due_at, batch_size=batch_size)
 
 
 def group_into_tasks(
     rows: Iterable[tuple[uuid.UUID, str, str]], settings: Settings,
-    due_at: datetime | None = None,
+    due_at: datetime | None = None, *, batch_size: BatchSize | None = None,
 ) -> list[DeliveryTask]:
-    """Deliveries of one queue and channel to a task, as many as the backlog warrants
-    (see ``notifier.worker.batch_sizing``)."""
+    """Deliveries of one queue and channel to a task, ``batch_size`` of them per task;
+    without one, full tasks of ``settings.delivery_batch_size``."""
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for delivery_id, channel, priority in rows:
         groups[(delivery_queue(channel, priority), channel)].append(str(delivery_id))
     countdown = max(0.0, (due_at - datetime.now(UTC)).total_seconds()) if due_at else 0.0
     tasks = []
     for (queue, channel), ids in groups.items():
-        size = delivery_batch_size(queue, settings, len(ids))
+        size = batch_size(queue, len(ids)) if batch_size else settings.delivery_batch_size
         tasks += [DeliveryTask(channel, queue, ids[start:start + size], countdown)
                   for start in range(0, len(ids), size)]
     return tasks
 
 
 def sweep_due_deliveries(
-    cursor: Any, settings: Settings, limit: int = 10_000
+    cursor: Any, settings: Settings, limit: int = 10_000, *, batch_size: BatchSize | None = None,
 ) -> list[DeliveryTask]:
     """Queue again what should be moving and is not.
 
@@ -143,4 +148,4 @@ def sweep_due_deliveries(
             "limit": limit,
         },
     )
-    return group_into_tasks(cursor.fetchall(), settings)
+    return group_into_tasks(cursor.fetchall(), settings, batch_size=batch_size)
