@@ -17,17 +17,21 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from psycopg.types.json import Jsonb
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import CursorResult, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from notifier.channels.base import OutgoingMessage
 from notifier.ids import uuid7
 from notifier.pipeline.outbox import BatchSize, DeliveryTask, queue_deliveries
 from notifier.settings import Settings, get_settings
+from notifier.storage.db import raw_cursor
 from notifier.storage.models import DeadLetter, Stage
+
+if TYPE_CHECKING:
+    from psycopg import Cursor
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -114,7 +118,8 @@ def _dead_letter_row(rejection: Rejection, settings: Settings) -> tuple[Any, ...
 
 
 def write_dead_letters(
-    cursor: Any, stage: Stage, rejections: Sequence[Rejection], settings: Settings | None = None,
+    cursor: Cursor[Any], stage: Stage, rejections: Sequence[Rejection],
+    settings: Settings | None = None,
 ) -> list[tuple[str, str]]:
     """Park rejected items with their reason; a redelivered message adds no second row.
 
@@ -175,7 +180,7 @@ class FailedDelivery:
         return payload
 
 
-def write_delivery_dead_letter(cursor: Any, failed: FailedDelivery) -> None:
+def write_delivery_dead_letter(cursor: Cursor[Any], failed: FailedDelivery) -> None:
     """Park a delivery that gave up, with its content; in the caller's transaction, which
     also marks the delivery dead. Each dead letter of a delivery is a row of its own (a
     replayed delivery that dies again adds one)."""
@@ -231,8 +236,10 @@ class DeadLetterFilter:
         if self.until:
             conditions.append(DeadLetter.created_at < self.until)
         if self.replayed is not None:
-            column = DeadLetter.replayed_at
-            conditions.append(column.is_not(None) if self.replayed else column.is_(None))
+            replayed_at = DeadLetter.replayed_at
+            conditions.append(
+                replayed_at.is_not(None) if self.replayed else replayed_at.is_(None)
+            )
         if self.ids:
             conditions.append(DeadLetter.id.in_(self.ids))
         return conditions
@@ -247,7 +254,8 @@ def find_dead_letters(
 
 
 def count_dead_letters(session: Session, where: DeadLetterFilter) -> int:
-    return session.scalar(select(func.count()).select_from(DeadLetter).where(*where.conditions()))
+    query = select(func.count()).select_from(DeadLetter).where(*where.conditions())
+    return session.scalar(query) or 0
 
 
 # --- Replaying and purging ------------------------------------------------------------
@@ -303,7 +311,7 @@ def replay_dead_letters(
     rows = [row for row in rows if not (row.stage != Stage.DELIVER and row.payload_truncated)]
     delivery_ids = [row.delivery_id for row in rows if row.stage == Stage.DELIVER]
     revived = _revive_deliveries(session, delivery_ids)
-    cursor = session.connection().connection.driver_connection.cursor()
+    cursor = raw_cursor(session)
     replay.tasks = queue_deliveries(cursor, revived, settings, batch_size=batch_size)
     existing = _existing_deliveries(session, delivery_ids)
     for row in rows:
@@ -359,5 +367,5 @@ def _revive_deliveries(session: Session, delivery_ids: list[Any]) -> list[Any]:
 def purge_dead_letters(session: Session, where: DeadLetterFilter) -> int:
     """Delete the matching dead letters; their deliveries stay recorded as dead."""
     result = session.execute(delete(DeadLetter).where(*where.conditions()))
-    return result.rowcount
+    return cast("CursorResult[Any]", result).rowcount
 

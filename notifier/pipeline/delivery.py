@@ -30,8 +30,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+import psycopg
 import redis
 
 from notifier.channels import channel_class, get_channel, variable
@@ -51,6 +52,9 @@ from notifier.pipeline.ratelimit import RateLimiter, RateRequest
 from notifier.pipeline.retry import RetryPolicy, countdown_second, next_attempt
 from notifier.settings import Settings
 from notifier.storage.db import get_engine
+
+if TYPE_CHECKING:
+    from psycopg import Cursor
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +236,7 @@ class _Endpoints:
         for delivery in ready:
             endpoint = self.of.get(delivery.id)
             permit = permits[endpoint] if endpoint else None
-            if permit is None or permit.decision == "closed":
+            if endpoint is None or permit is None or permit.decision == "closed":
                 admitted.append(delivery)
             elif permit.probing and endpoint not in self.tallies:
                 self.tallies[endpoint] = EndpointTally(probing=True)
@@ -422,7 +426,7 @@ def circuit_breaker(state: redis.Redis, channel: str, settings: Settings) -> Cir
 
 
 def claim_deliveries(
-    cursor: Any, channel_name: str, delivery_ids: Sequence[str], settings: Settings
+    cursor: Cursor[Any], channel_name: str, delivery_ids: Sequence[str], settings: Settings
 ) -> list[ClaimedDelivery]:
     """Take the due, unsent deliveries among the ids, with what is needed to send them."""
     cursor.execute(
@@ -537,7 +541,7 @@ class _Recorder:
 
     def __enter__(self) -> _Recorder:
         self.connection = get_engine().raw_connection()
-        self.driver = self.connection.driver_connection
+        self.driver = cast("psycopg.Connection[Any]", self.connection.driver_connection)
         self.driver.autocommit = True
         self.cursor = self.driver.cursor()
         self.cursor.execute("SET synchronous_commit = off")

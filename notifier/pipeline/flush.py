@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psycopg.types.json import Jsonb
 
@@ -36,6 +36,9 @@ from notifier.pipeline.rules import Rule, Rules
 from notifier.pipeline.templates import DigestItem, render_digest
 from notifier.pipeline.windows import Window
 from notifier.settings import PRIORITIES, Settings
+
+if TYPE_CHECKING:
+    from psycopg import Cursor
 
 
 @dataclass
@@ -65,7 +68,7 @@ class _Member:
 
 
 def flush_due_windows(
-    cursor: Any, rules: Rules, settings: Settings, now: datetime, limit: int | None = None,
+    cursor: Cursor[Any], rules: Rules, settings: Settings, now: datetime, limit: int | None = None,
     *, batch_size: BatchSize | None = None,
 ) -> FlushResult:
     """Turn up to ``limit`` due windows into digests and delivery rows, in the caller's
@@ -103,7 +106,7 @@ def flush_due_windows(
     return result
 
 
-def claim_due_windows(cursor: Any, now: datetime, limit: int) -> dict[uuid.UUID, Window]:
+def claim_due_windows(cursor: Cursor[Any], now: datetime, limit: int) -> dict[uuid.UUID, Window]:
     cursor.execute(
         """
         SELECT id, recipient_id, type, digest_key, mode, opened_at, due_at, latest_due_at,
@@ -121,7 +124,9 @@ def claim_due_windows(cursor: Any, now: datetime, limit: int) -> dict[uuid.UUID,
     }
 
 
-def load_members(cursor: Any, window_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[_Member]]:
+def load_members(
+    cursor: Cursor[Any], window_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, list[_Member]]:
     """Waiting members, locked: a cancel racing the flush waits, then finds it digested."""
     cursor.execute(
         """
@@ -209,7 +214,7 @@ def _digest_row(
     )
 
 
-def _write_digests(cursor: Any, digests: list[tuple[Any, ...]]) -> None:
+def _write_digests(cursor: Cursor[Any], digests: list[tuple[Any, ...]]) -> None:
     if not digests:
         return
     cursor.executemany(
@@ -223,7 +228,7 @@ def _write_digests(cursor: Any, digests: list[tuple[Any, ...]]) -> None:
 
 
 def _set_statuses(
-    cursor: Any, statuses: dict[uuid.UUID, tuple[str, uuid.UUID | None, str | None]]
+    cursor: Cursor[Any], statuses: dict[uuid.UUID, tuple[str, uuid.UUID | None, str | None]]
 ) -> None:
     if not statuses:
         return

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -29,8 +29,11 @@ from notifier.pipeline.routing import Routed, dispatch_now, route_notifications
 from notifier.pipeline.rules import Rules, get_rules
 from notifier.schemas import NotificationError, NotificationIn, parse_notification
 from notifier.settings import Settings, get_settings
-from notifier.storage.db import describe_db_error
+from notifier.storage.db import describe_db_error, raw_cursor
 from notifier.storage.models import NotificationStatus, Stage
+
+if TYPE_CHECKING:
+    from psycopg import Cursor
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +228,7 @@ def ingest_batch(
     settings = settings or get_settings()
     now = now or datetime.now(UTC)
     candidates, rejections = split_messages(messages, settings)
-    cursor = session.connection().connection.driver_connection.cursor()
+    cursor = raw_cursor(session)
     result = IngestResult(rejected=len(rejections))
 
     candidates, result.repeated_ids = _first_of_each_id(candidates)
@@ -256,7 +259,7 @@ def _first_of_each_id(candidates: list[Candidate]) -> tuple[list[Candidate], int
     return first, len(candidates) - len(first)
 
 
-def upsert_recipients(cursor: Any, candidates: Iterable[Candidate]) -> None:
+def upsert_recipients(cursor: Cursor[Any], candidates: Iterable[Candidate]) -> None:
     """Make sure every recipient exists; inline recipient objects update their row.
 
     Rows are locked in id order so that concurrent batches cannot deadlock.
@@ -306,7 +309,7 @@ def upsert_recipients(cursor: Any, candidates: Iterable[Candidate]) -> None:
 
 
 def claim_idempotency_keys(
-    cursor: Any, candidates: list[Candidate], window: timedelta
+    cursor: Cursor[Any], candidates: list[Candidate], window: timedelta
 ) -> tuple[list[Candidate], int]:
     """Drop candidates whose key was seen within the window; returns (kept, dropped).
 
@@ -364,7 +367,7 @@ def claim_idempotency_keys(
 
 
 def copy_notifications(
-    cursor: Any, candidates: Sequence[Candidate], routed: dict[uuid.UUID, Routed]
+    cursor: Cursor[Any], candidates: Sequence[Candidate], routed: dict[uuid.UUID, Routed]
 ) -> list[uuid.UUID]:
     """COPY the candidates in and return the ids that were not stored before.
 

@@ -12,10 +12,13 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from notifier.ids import uuid7
 from notifier.settings import Settings, delivery_queue
+
+if TYPE_CHECKING:
+    from psycopg import Cursor
 
 #: Deliveries per task: (queue, deliveries ready for it) -> how many go in one task. The
 #: worker's follows the queue's backlog, read from the broker
@@ -44,7 +47,7 @@ class DeliveryTask:
     countdown: float = 0.0
 
 
-def insert_deliveries(cursor: Any, deliveries: Sequence[NewDelivery]) -> list[uuid.UUID]:
+def insert_deliveries(cursor: Cursor[Any], deliveries: Sequence[NewDelivery]) -> list[uuid.UUID]:
     """Write delivery rows; returns the ids due now (pending: the outbox to publish).
     Held ones are ``scheduled`` and the sweeper publishes them when their time comes."""
     if not deliveries:
@@ -71,7 +74,7 @@ def insert_deliveries(cursor: Any, deliveries: Sequence[NewDelivery]) -> list[uu
 
 
 def queue_deliveries(
-    cursor: Any, delivery_ids: Sequence[uuid.UUID | str], settings: Settings,
+    cursor: Cursor[Any], delivery_ids: Sequence[uuid.UUID | str], settings: Settings,
     *, from_status: str = "pending", due_at: datetime | None = None,
     batch_size: BatchSize | None = None,
 ) -> list[DeliveryTask]:
@@ -113,7 +116,8 @@ def group_into_tasks(
 
 
 def sweep_due_deliveries(
-    cursor: Any, settings: Settings, limit: int = 10_000, *, batch_size: BatchSize | None = None,
+    cursor: Cursor[Any], settings: Settings, limit: int = 10_000,
+    *, batch_size: BatchSize | None = None,
 ) -> list[DeliveryTask]:
     """Queue again what should be moving and is not.
 

@@ -17,13 +17,16 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from notifier.pipeline.outbox import NewDelivery, insert_deliveries
 from notifier.pipeline.preferences import Preferences, parse_preferences, quiet_until
 from notifier.pipeline.rules import Rules
 from notifier.pipeline.windows import Waiting, assign_windows, group_key
 from notifier.settings import Settings
+
+if TYPE_CHECKING:
+    from psycopg import Cursor
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,9 @@ class Routed:
 # --- Recipients and channels --------------------------------------------------------
 
 
-def load_recipient_states(cursor: Any, recipient_ids: Iterable[str]) -> dict[str, RecipientState]:
+def load_recipient_states(
+    cursor: Cursor[Any], recipient_ids: Iterable[str]
+) -> dict[str, RecipientState]:
     cursor.execute(
         "SELECT id, timezone, preferences, name FROM recipients WHERE id = ANY(%s)",
         (sorted(set(recipient_ids)),),
@@ -102,7 +107,7 @@ def hold_until(
 
 
 def route_notifications(
-    cursor: Any, candidates: Sequence[Any], rules: Rules, settings: Settings, now: datetime
+    cursor: Cursor[Any], candidates: Sequence[Any], rules: Rules, settings: Settings, now: datetime
 ) -> dict[uuid.UUID, Routed]:
     """Decide, for each candidate (``.id``, ``.notification``), what happens to it."""
     states = load_recipient_states(cursor, (c.notification.recipient_id for c in candidates))
@@ -129,16 +134,16 @@ def route_notifications(
                            state.timezone)
             waiting.append((item, tuple(channels)))
     windows = assign_windows(cursor, [item for item, _ in waiting], now)
-    for item, channels in waiting:
+    for item, on in waiting:
         window_id = windows[item.id]
         routed[item.id] = (
-            Routed("dispatched", channels=channels) if window_id is None  # leads its window
+            Routed("dispatched", channels=on) if window_id is None  # leads its window
             else Routed("pending", window_id=window_id)
         )
     return routed
 
 
-def already_stored(cursor: Any, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+def already_stored(cursor: Cursor[Any], ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
     if not ids:
         return set()
     cursor.execute("SELECT id FROM notifications WHERE id = ANY(%s)", (list(ids),))
@@ -147,7 +152,7 @@ def already_stored(cursor: Any, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
 
 
 def dispatch_now(
-    cursor: Any, items: Sequence[tuple[Any, Routed]], now: datetime
+    cursor: Cursor[Any], items: Sequence[tuple[Any, Routed]], now: datetime
 ) -> list[uuid.UUID]:
     """Delivery rows for notifications that do not wait for a window (``(candidate,
     routed)`` pairs); returns the ids to publish now."""

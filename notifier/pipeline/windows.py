@@ -13,11 +13,14 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from notifier.ids import uuid7
 from notifier.pipeline.preferences import Preferences, next_digest_at
 from notifier.pipeline.rules import Rule
+
+if TYPE_CHECKING:
+    from psycopg import Cursor
 
 GroupKey = tuple[str, str, str]  # recipient, type, digest key
 
@@ -54,7 +57,7 @@ def group_key(notification: Any, rule: Rule) -> GroupKey:
 
 
 def assign_windows(
-    cursor: Any, waiting: Sequence[Waiting], now: datetime
+    cursor: Cursor[Any], waiting: Sequence[Waiting], now: datetime
 ) -> dict[uuid.UUID, uuid.UUID | None]:
     """Put each waiting notification in its group's open window (opening windows as
     needed) and write the windows. Returns each one's window id, or None for the first
@@ -91,7 +94,7 @@ def assign_windows(
     return placed
 
 
-def lock_groups(cursor: Any, keys: Sequence[GroupKey]) -> None:
+def lock_groups(cursor: Cursor[Any], keys: Sequence[GroupKey]) -> None:
     """Serialise batches that touch the same groups (in one global order: no deadlock)."""
     cursor.execute(
         "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(g, 0) AS h"
@@ -101,7 +104,7 @@ def lock_groups(cursor: Any, keys: Sequence[GroupKey]) -> None:
 
 
 def load_open_windows(
-    cursor: Any, keys: Sequence[GroupKey], now: datetime
+    cursor: Cursor[Any], keys: Sequence[GroupKey], now: datetime
 ) -> dict[GroupKey, Window]:
     """The groups' windows still open at ``now``, locked. A window whose due time has
     passed is over even if no flush has taken it yet: a later item opens the next one."""
@@ -155,7 +158,7 @@ def add_to_window(window: Window, rule: Rule, now: datetime) -> None:
         window.due_at = min(window.due_at, now)
 
 
-def insert_windows(cursor: Any, windows: Sequence[Window]) -> None:
+def insert_windows(cursor: Cursor[Any], windows: Sequence[Window]) -> None:
     if not windows:
         return
     rows = [
@@ -175,7 +178,7 @@ def insert_windows(cursor: Any, windows: Sequence[Window]) -> None:
     )
 
 
-def update_windows(cursor: Any, windows: Sequence[Window]) -> None:
+def update_windows(cursor: Cursor[Any], windows: Sequence[Window]) -> None:
     """New counts and due times of windows that took items (locked by load_open_windows)."""
     if not windows:
         return

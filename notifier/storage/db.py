@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, cast
 
+import psycopg
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -41,6 +43,13 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def raw_cursor(session: Session) -> psycopg.Cursor[Any]:
+    """A psycopg cursor in the session's transaction, for COPY and the bulk statements
+    the pipeline writes in SQL (typed: SQLAlchemy types the driver's connection Any)."""
+    driver = cast("psycopg.Connection[Any]", session.connection().connection.driver_connection)
+    return driver.cursor()
 
 
 def describe_db_error(exc: BaseException) -> str:
