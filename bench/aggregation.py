@@ -27,11 +27,12 @@ from bench.config import RESULTS_DIR, BenchConfig
 from bench.scenarios import Bench, Outcome
 from bench.series import summary
 from bench.workers import WorkerSpec, running_worker
-from notifier.pipeline.aggregation import flush_due_windows
+from notifier.pipeline.flush import flush_due_windows
 from notifier.pipeline.ingest import IngestMessage, ingest_batch
 from notifier.pipeline.rules import BUILTIN_RULES
 from notifier.settings import get_settings
 from notifier.storage.db import session_scope
+from notifier.worker.batch_sizing import delivery_sizer
 
 #: Tables the aggregation scenarios empty first.
 TABLES = ("notifications, deliveries, digests, aggregation_windows, idempotency_keys,"
@@ -151,7 +152,8 @@ def aggregation_efficiency(bench: Bench, recipients: int = 300, hours: float = 6
 
 def _flush_all(session: Any, settings: Any, now: datetime) -> None:
     cursor = session.connection().connection.driver_connection.cursor()
-    while flush_due_windows(cursor, BUILTIN_RULES, settings, now).windows:
+    sizer = delivery_sizer(settings)  # as beat's flush task sizes its delivery tasks
+    while flush_due_windows(cursor, BUILTIN_RULES, settings, now, batch_size=sizer).windows:
         pass
 
 

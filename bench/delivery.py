@@ -52,8 +52,9 @@ from notifier.channels.base import OutgoingMessage
 from notifier.channels.email import EmailChannel
 from notifier.channels.webhook import signed_request
 from notifier.ids import uuid7
-from notifier.pipeline.delivery import DeliveryTask, deliver_batch, queue_deliveries
+from notifier.pipeline.delivery import deliver_batch
 from notifier.pipeline.ingest import IngestMessage, ingest_batch
+from notifier.pipeline.outbox import DeliveryTask, queue_deliveries
 from notifier.settings import Settings, delivery_queue, get_settings
 from notifier.storage.db import session_scope
 from notifier.storage.state import state_redis

@@ -100,7 +100,7 @@ def test_the_sweeper_leaves_a_delivery_claimed_meanwhile_alone(meanwhile):
     taking it back as lost: the sweeper must not undo the claim."""
     import uuid
 
-    from notifier.pipeline.delivery import sweep_due_deliveries
+    from notifier.pipeline.outbox import sweep_due_deliveries
     from notifier.settings import get_settings
 
     url = DATABASE_URL.replace("postgresql+psycopg://", "postgresql://")

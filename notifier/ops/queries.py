@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, func, select, text
@@ -89,50 +88,6 @@ def pipeline_lag(database: Session | Connection) -> PipelineLag:
 
 def _seconds(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-@dataclass(frozen=True)
-class DeadLetterFilter:
-    stage: str | None = None
-    type: str | None = None
-    channel: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    #: None: all; False: only those never replayed; True: only replayed ones.
-    replayed: bool | None = None
-    ids: tuple[int, ...] = ()
-
-    def conditions(self) -> list[Any]:
-        """The WHERE clauses of this filter, shared by list, replay and purge."""
-        conditions: list[Any] = []
-        for column, value in (
-            (DeadLetter.stage, self.stage), (DeadLetter.type, self.type),
-            (DeadLetter.channel, self.channel),
-        ):
-            if value:
-                conditions.append(column == value)
-        if self.since:
-            conditions.append(DeadLetter.created_at >= self.since)
-        if self.until:
-            conditions.append(DeadLetter.created_at < self.until)
-        if self.replayed is not None:
-            column = DeadLetter.replayed_at
-            conditions.append(column.is_not(None) if self.replayed else column.is_(None))
-        if self.ids:
-            conditions.append(DeadLetter.id.in_(self.ids))
-        return conditions
-
-
-def find_dead_letters(
-    session: Session, where: DeadLetterFilter, limit: int = 50
-) -> list[DeadLetter]:
-    query = select(DeadLetter).where(*where.conditions())
-    query = query.order_by(DeadLetter.created_at.desc(), DeadLetter.id.desc())
-    return list(session.scalars(query.limit(limit)))
-
-
-def count_dead_letters(session: Session, where: DeadLetterFilter) -> int:
-    return session.scalar(select(func.count()).select_from(DeadLetter).where(*where.conditions()))
 
 
 def circuit_states() -> dict[str, dict[str, Any]]:

@@ -227,7 +227,7 @@ class EndpointBreakers:
         changing = {e: t for e, t in tallies.items() if t.failures or t.probing}
         if not changing:
             return
-        args: list[object] = [now or time.time(), self.threshold, int(self.window * 1000),
+        args: list[float | str] = [now or time.time(), self.threshold, int(self.window * 1000),
                               self.open_seconds, self.ttl_ms]
         for tally in changing.values():
             args += [tally.failures, tally.successes, "1" if tally.probing else "0"]

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from notifier.pipeline.delivery import UNSENT
 from notifier.schemas import NotificationError
+from notifier.storage.db import session_scope
+from notifier.storage.models import UNSENT_DELIVERY_STATUSES as UNSENT
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,6 @@ class CancelOutcome:
 
 def cancel_by(notification_id: str | None, idempotency_key: str | None) -> CancelOutcome:
     """Cancel by id or by idempotency key (exactly one), in a transaction of its own."""
-    from notifier.storage.db import session_scope
-
     if (notification_id is None) == (idempotency_key is None):
         raise NotificationError(["cancel: give a notification id or an idempotency key"])
     with session_scope() as session:

@@ -23,19 +23,17 @@ exception, costs the one message it was sending.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+import psycopg
 import redis
-from psycopg.types.json import Jsonb
 
 from notifier.channels import channel_class, get_channel, variable
 from notifier.channels.base import (
@@ -47,16 +45,17 @@ from notifier.channels.base import (
     RetryableError,
     SendResult,
 )
-from notifier.ids import uuid7
 from notifier.pipeline.breaker import CircuitBreaker, EndpointBreakers, EndpointTally
+from notifier.pipeline.dead_letters import FailedDelivery, write_delivery_dead_letter
+from notifier.pipeline.outbox import BatchSize, DeliveryTask, queue_deliveries
 from notifier.pipeline.ratelimit import RateLimiter, RateRequest
-from notifier.pipeline.retry import RetryPolicy
-from notifier.settings import Settings, delivery_queue
+from notifier.pipeline.retry import RetryPolicy, countdown_second, next_attempt
+from notifier.settings import Settings
 from notifier.storage.db import get_engine
 from notifier.storage.models import UNSENT_DELIVERY_STATUSES as UNSENT
-from notifier.storage.models import Stage
-from notifier.worker import shutdown
-from notifier.worker.batch_sizing import delivery_batch_size
+
+if TYPE_CHECKING:
+    from psycopg import Cursor
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +65,6 @@ log = logging.getLogger(__name__)
 #: spin through a whole batch. Well above the handful of malformed addresses a batch
 #: may hold next to each other.
 MAX_RAISES_IN_A_ROW = 10
-
-
-@dataclass(frozen=True)
-class DeliveryTask:
-    """One ``notifier.deliver`` task to publish: deliveries of one channel and queue."""
-
-    channel: str
-    queue: str
-    delivery_ids: list[str]
-    countdown: float = 0.0
 
 
 @dataclass
@@ -110,98 +99,21 @@ class BatchOutcome:
                 "rescheduled": self.rescheduled}
 
 
-# --- Publishing (the outbox) --------------------------------------------------------
-
-
-def queue_deliveries(
-    cursor: Any, delivery_ids: Sequence[uuid.UUID | str], settings: Settings,
-    *, from_status: str = "pending", due_at: datetime | None = None,
-) -> list[DeliveryTask]:
-    """Mark deliveries queued and group them into tasks; publish those after the commit.
-
-    Only rows still in ``from_status`` are taken, so a row another process already
-    queued, claimed or finished is left alone.
-    """
-    if not delivery_ids:
-        return []
-    cursor.execute(
-        """
-        UPDATE deliveries SET status = 'queued', queued_at = clock_timestamp(), updated_at = now(),
-            next_attempt_at = coalesce(%s, now())
-        WHERE id = ANY(%s::uuid[]) AND status = %s
-        RETURNING id, channel, priority
-        """,
-        (due_at, [str(i) for i in delivery_ids], from_status),
-    )
-    return group_into_tasks(cursor.fetchall(), settings, due_at)
-
-
-def group_into_tasks(
-    rows: Iterable[tuple[uuid.UUID, str, str]], settings: Settings,
-    due_at: datetime | None = None,
-) -> list[DeliveryTask]:
-    """Deliveries of one queue and channel to a task, as many as the backlog warrants
-    (see ``notifier.worker.batch_sizing``)."""
-    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for delivery_id, channel, priority in rows:
-        groups[(delivery_queue(channel, priority), channel)].append(str(delivery_id))
-    countdown = max(0.0, (due_at - datetime.now(UTC)).total_seconds()) if due_at else 0.0
-    tasks = []
-    for (queue, channel), ids in groups.items():
-        size = delivery_batch_size(queue, settings, len(ids))
-        tasks += [DeliveryTask(channel, queue, ids[start:start + size], countdown)
-                  for start in range(0, len(ids), size)]
-    return tasks
-
-
-def sweep_due_deliveries(
-    cursor: Any, settings: Settings, limit: int = 10_000
-) -> list[DeliveryTask]:
-    """Queue again what should be moving and is not.
-
-    * ``pending`` a while: the task was never published (the process died after commit);
-    * ``retrying`` and due: a retry kept in Postgres because its wait was long;
-    * ``scheduled`` and due: held for quiet hours or the notification's ``send_at``;
-    * ``queued`` long past due: the broker lost the task (Redis keeps nothing on disk);
-    * ``sending`` long ago: the worker that claimed it died mid-batch.
-    """
-    cursor.execute(
-        """
-        UPDATE deliveries SET status = 'queued', queued_at = clock_timestamp(), updated_at = now(),
-            next_attempt_at = now()
-        WHERE id IN (
-            SELECT id FROM deliveries
-            WHERE (status = 'pending' AND next_attempt_at <= now() - %(grace)s)
-               OR (status IN ('retrying', 'scheduled') AND next_attempt_at <= now())
-               OR (status = 'queued' AND next_attempt_at <= now() - %(queued)s
-                   AND queued_at <= now() - %(queued)s)
-               OR (status = 'sending' AND updated_at <= now() - %(sending)s)
-            LIMIT %(limit)s
-            -- A row a worker is claiming is skipped; one it claimed (or sent) since this
-            -- statement began is checked again on its new version and left alone.
-            FOR UPDATE SKIP LOCKED
-        )
-        RETURNING id, channel, priority
-        """,
-        {
-            "grace": timedelta(seconds=2 * settings.sweep_interval),
-            "queued": timedelta(seconds=settings.queued_timeout),
-            "sending": timedelta(seconds=settings.sending_timeout),
-            "limit": limit,
-        },
-    )
-    return group_into_tasks(cursor.fetchall(), settings)
-
-
 # --- Sending ------------------------------------------------------------------------
 
 
 def deliver_batch(
-    channel_name: str, delivery_ids: Sequence[str], settings: Settings, state: redis.Redis
+    channel_name: str, delivery_ids: Sequence[str], settings: Settings, state: redis.Redis,
+    *, batch_size: BatchSize | None = None, stopping: Callable[[], bool] | None = None,
 ) -> BatchOutcome:
-    """Send the due deliveries among ``delivery_ids`` over one connection of the channel."""
+    """Send the due deliveries among ``delivery_ids`` over one connection of the channel.
+
+    ``stopping`` says the worker is shutting down: the batch then returns its unsent
+    deliveries after the message in hand. ``batch_size`` sizes the tasks of the short
+    retries (see ``outbox.BatchSize``).
+    """
     outcome = BatchOutcome()
-    with _Recorder(channel_name, settings, outcome) as recorder:
+    with _Recorder(channel_name, settings, outcome, batch_size, stopping) as recorder:
         claimed = claim_deliveries(recorder.cursor, channel_name, delivery_ids, settings)
         if not claimed:
             return outcome
@@ -323,7 +235,7 @@ class _Endpoints:
         for delivery in ready:
             endpoint = self.of.get(delivery.id)
             permit = permits[endpoint] if endpoint else None
-            if permit is None or permit.decision == "closed":
+            if endpoint is None or permit is None or permit.decision == "closed":
                 admitted.append(delivery)
             elif permit.probing and endpoint not in self.tallies:
                 self.tallies[endpoint] = EndpointTally(probing=True)
@@ -513,7 +425,7 @@ def circuit_breaker(state: redis.Redis, channel: str, settings: Settings) -> Cir
 
 
 def claim_deliveries(
-    cursor: Any, channel_name: str, delivery_ids: Sequence[str], settings: Settings
+    cursor: Cursor[Any], channel_name: str, delivery_ids: Sequence[str], settings: Settings
 ) -> list[ClaimedDelivery]:
     """Take the due, unsent deliveries among the ids, with what is needed to send them."""
     cursor.execute(
@@ -581,6 +493,10 @@ def address_of(
     return str(value) if value else None
 
 
+def _never() -> bool:
+    return False
+
+
 # --- Recording ----------------------------------------------------------------------
 
 
@@ -593,10 +509,15 @@ class _Recorder:
     committed.
     """
 
-    def __init__(self, channel: str, settings: Settings, outcome: BatchOutcome) -> None:
+    def __init__(
+        self, channel: str, settings: Settings, outcome: BatchOutcome,
+        batch_size: BatchSize | None = None, stopping: Callable[[], bool] | None = None,
+    ) -> None:
         self.channel = channel
         self.settings = settings
         self.outcome = outcome
+        self.batch_size = batch_size
+        self.stopping = stopping or _never
         self.policy = RetryPolicy.for_channel(settings, {})
         self._short_retries: dict[datetime, list[uuid.UUID]] = defaultdict(list)
         self._sent_notifications: list[uuid.UUID] = []
@@ -607,19 +528,19 @@ class _Recorder:
     def should_stop(self) -> bool:
         """Return the rest of the batch: the worker is stopping, or the batch has run
         past its time budget (a slow provider must not hold a worker's shutdown)."""
-        return shutdown.requested() or (
+        return self.stopping() or (
             time.monotonic() - self._started > self.settings.delivery_batch_max_seconds
         )
 
     def stop_reason(self) -> str:
-        if shutdown.requested():
+        if self.stopping():
             return "returned unsent: the worker is shutting down"
         budget = self.settings.delivery_batch_max_seconds
         return f"returned unsent: the batch ran past {budget:g}s"
 
     def __enter__(self) -> _Recorder:
         self.connection = get_engine().raw_connection()
-        self.driver = self.connection.driver_connection
+        self.driver = cast("psycopg.Connection[Any]", self.connection.driver_connection)
         self.driver.autocommit = True
         self.cursor = self.driver.cursor()
         self.cursor.execute("SET synchronous_commit = off")
@@ -672,15 +593,14 @@ class _Recorder:
 
     def retry(self, delivery: ClaimedDelivery, error: RetryableError) -> None:
         attempts = delivery.attempts + 1
-        if self.policy.exhausted(attempts):
+        retry = next_attempt(self.policy, attempts, error.retry_after, datetime.now(UTC))
+        if retry is None:
             self.dead(delivery, error, f"gave up after {attempts} attempts: {error}")
             return
-        delay = max(self.policy.delay(attempts), error.retry_after or 0.0)
-        due = datetime.now(UTC) + timedelta(seconds=delay)
-        self._hold(delivery.id, due, str(error), counts_attempt=True)
+        self._hold(delivery.id, retry.due, str(error), counts_attempt=True)
         self.outcome.retrying += 1
-        log.info("delivery %s (%s) failed, attempt %d, retrying in %.1fs: %s",
-                 delivery.id, self.channel, attempts, delay, error, extra=self.about(delivery))
+        log.info("delivery %s (%s) failed, attempt %d, retrying in %.1fs: %s", delivery.id,
+                 self.channel, attempts, retry.delay, error, extra=self.about(delivery))
 
     def hold_for_configuration(self, delivery: ClaimedDelivery, error: DeliveryError) -> None:
         """Our configuration failed, not the delivery: put it back for
@@ -713,11 +633,9 @@ class _Recorder:
             " updated_at = now(), attempts = attempts + %s WHERE id = %s AND status = 'sending'",
             (due, why, 1 if counts_attempt else 0, delivery_id),
         )
-        wait = (due - datetime.now(UTC)).total_seconds()
-        if wait <= self.settings.retry_countdown_max:
-            # One task per second of due time carries every retry due in it.
-            bucket = datetime.fromtimestamp(math.ceil(due.timestamp()), UTC)
-            self._short_retries[bucket].append(delivery_id)
+        second = countdown_second(due, datetime.now(UTC), self.settings.retry_countdown_max)
+        if second is not None:
+            self._short_retries[second].append(delivery_id)
 
     def dead(
         self, delivery: ClaimedDelivery, error: DeliveryError, reason: str | None = None
@@ -731,7 +649,10 @@ class _Recorder:
                 (attempts, str(error), delivery.id),
             )
             if self.cursor.rowcount:
-                self._write_dead_letter(delivery, error, reason or str(error), attempts)
+                write_delivery_dead_letter(self.cursor, FailedDelivery(
+                    delivery.id, self.channel, delivery.recipient_id, delivery.priority,
+                    attempts, reason or str(error), type(error).__name__, delivery.message,
+                ))
         self.outcome.dead += 1
         if delivery.notification_id:
             self._failed_notifications.append(delivery.notification_id)
@@ -746,24 +667,6 @@ class _Recorder:
         elif delivery.message and delivery.message.digest_id:
             about["digest_id"] = str(delivery.message.digest_id)
         return about
-
-    def _write_dead_letter(
-        self, delivery: ClaimedDelivery, error: DeliveryError, reason: str, attempts: int
-    ) -> None:
-        message = delivery.message
-        self.cursor.execute(
-            """
-            INSERT INTO dead_letters (dedup_key, stage, reason, error_class, channel, type,
-                notification_id, delivery_id, attempts, payload)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-            """,
-            (
-                f"deliver:{delivery.id}:{uuid7()}", Stage.DELIVER.value, reason,
-                type(error).__name__, self.channel, message.type if message else None,
-                delivery.notification_id, delivery.id, attempts,
-                Jsonb(dead_letter_payload(delivery)),
-            ),
-        )
 
     def _finish(self) -> None:
         """The notifications' own status, the short retries to publish, and one error
@@ -786,22 +689,7 @@ class _Recorder:
             )
         for due, ids in sorted(self._short_retries.items()):
             self.outcome.tasks += queue_deliveries(
-                self.cursor, ids, self.settings, from_status="retrying", due_at=due
+                self.cursor, ids, self.settings, from_status="retrying", due_at=due,
+                batch_size=self.batch_size,
             )
 
-
-def dead_letter_payload(delivery: ClaimedDelivery) -> dict[str, Any]:
-    """The delivery's content as an operator needs it to judge a replay."""
-    payload: dict[str, Any] = {
-        "delivery_id": str(delivery.id), "recipient": delivery.recipient_id,
-        "priority": delivery.priority,
-    }
-    message = delivery.message
-    if message is not None:
-        payload |= {
-            "type": message.type, "title": message.title, "body": message.body,
-            "data": json.loads(json.dumps(message.data, default=str)),
-            "notification_id": str(message.notification_id) if message.notification_id else None,
-            "digest_id": str(message.digest_id) if message.digest_id else None,
-        }
-    return payload

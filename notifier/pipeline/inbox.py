@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
 from notifier.storage.models import InboxMessage
@@ -26,7 +27,7 @@ def count_unread(session: Session, recipient_id: str) -> int:
     return session.scalar(
         select(func.count()).select_from(InboxMessage)
         .where(InboxMessage.recipient_id == recipient_id, InboxMessage.read_at.is_(None))
-    )
+    ) or 0
 
 
 def mark_read(
@@ -41,4 +42,5 @@ def mark_read(
     )
     if message_ids is not None:
         query = query.where(InboxMessage.id.in_([uuid.UUID(str(i)) for i in message_ids]))
-    return session.execute(query.values(read_at=func.now())).rowcount
+    result = session.execute(query.values(read_at=func.now()))
+    return cast("CursorResult[Any]", result).rowcount

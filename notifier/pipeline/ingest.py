@@ -17,19 +17,25 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import psycopg
 from psycopg.types.json import Jsonb
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from notifier.pipeline.aggregation import Routed, dispatch_now, route_notifications
+from notifier.pipeline.dead_letters import Rejection, cut, jsonb_safe, write_dead_letters
+from notifier.pipeline.routing import Routed, dispatch_now, route_notifications
 from notifier.pipeline.rules import Rules, get_rules
 from notifier.schemas import NotificationError, NotificationIn, parse_notification
 from notifier.settings import Settings, get_settings
+from notifier.storage.db import describe_db_error, raw_cursor
 from notifier.storage.models import NotificationStatus, Stage
 
+if TYPE_CHECKING:
+    from psycopg import Cursor
+
 log = logging.getLogger(__name__)
-_SURROGATES = re.compile("[\ud800-\udfff]")
 
 _NOTIFICATION_COLUMNS = (
     "id", "recipient_id", "type", "priority", "channels", "title", "body", "data",
@@ -60,19 +66,6 @@ class Candidate:
     notification: NotificationIn
     id: uuid.UUID
     enqueued_at: datetime | None
-
-
-@dataclass
-class Rejection:
-    """What a dead letter records for one bad item of a message."""
-
-    dedup_key: str
-    reason: str
-    payload: Any
-    error_class: str = "NotificationError"
-    type: str | None = None
-    #: (bytes, SHA-256) of the original when ``payload`` is already a bounded prefix.
-    original: tuple[int, str] | None = None
 
 
 @dataclass
@@ -196,12 +189,18 @@ def describe_exception(exc: BaseException, limit: int = 300) -> str:
     return cut(text, limit)
 
 
-def cut(text: str, limit: int) -> str:
-    """``text`` at most ``limit`` characters, saying how much was left out."""
-    if len(text) <= limit:
-        return text
-    keep = max(0, limit - 40)
-    return f"{text[:keep]}… ({len(text) - keep} more characters)"
+def failed_message(message: IngestMessage, exc: BaseException) -> Rejection:
+    """The rejection of a whole message that could not be stored even alone: the
+    database's refusal, or the exception's class and first line."""
+    original = getattr(exc, "orig", None) or exc
+    database = isinstance(original, (DBAPIError, psycopg.Error))
+    return Rejection(
+        dedup_key=dedup_key(message.message_id, "message"),
+        reason=(f"database refused the message: {describe_db_error(exc)}" if database
+                else f"message: could not be stored: {describe_exception(original)}"),
+        payload=message.payload, error_class=type(original).__name__,
+        original=message.original,
+    )
 
 
 def id_for_unnamed(message_id: str, index: int) -> uuid.UUID:
@@ -229,7 +228,7 @@ def ingest_batch(
     settings = settings or get_settings()
     now = now or datetime.now(UTC)
     candidates, rejections = split_messages(messages, settings)
-    cursor = session.connection().connection.driver_connection.cursor()
+    cursor = raw_cursor(session)
     result = IngestResult(rejected=len(rejections))
 
     candidates, result.repeated_ids = _first_of_each_id(candidates)
@@ -260,7 +259,7 @@ def _first_of_each_id(candidates: list[Candidate]) -> tuple[list[Candidate], int
     return first, len(candidates) - len(first)
 
 
-def upsert_recipients(cursor: Any, candidates: Iterable[Candidate]) -> None:
+def upsert_recipients(cursor: Cursor[Any], candidates: Iterable[Candidate]) -> None:
     """Make sure every recipient exists; inline recipient objects update their row.
 
     Rows are locked in id order so that concurrent batches cannot deadlock.
@@ -310,7 +309,7 @@ def upsert_recipients(cursor: Any, candidates: Iterable[Candidate]) -> None:
 
 
 def claim_idempotency_keys(
-    cursor: Any, candidates: list[Candidate], window: timedelta
+    cursor: Cursor[Any], candidates: list[Candidate], window: timedelta
 ) -> tuple[list[Candidate], int]:
     """Drop candidates whose key was seen within the window; returns (kept, dropped).
 
@@ -368,7 +367,7 @@ def claim_idempotency_keys(
 
 
 def copy_notifications(
-    cursor: Any, candidates: Sequence[Candidate], routed: dict[uuid.UUID, Routed]
+    cursor: Cursor[Any], candidates: Sequence[Candidate], routed: dict[uuid.UUID, Routed]
 ) -> list[uuid.UUID]:
     """COPY the candidates in and return the ids that were not stored before.
 
@@ -400,89 +399,3 @@ def _notification_row(candidate: Candidate, routed: Routed) -> tuple[Any, ...]:
         n.data_json, n.idempotency_key, n.send_at, routed.status, candidate.enqueued_at,
         routed.reason, routed.window_id,
     )
-
-
-def jsonb_safe(value: Any, depth: int = 0) -> Any:
-    """The value as Postgres can hold it: NUL and lone surrogates replaced (U+FFFD), NaN
-    and Infinity as strings, anything past 100 levels as its text. A dead letter must
-    always be writable, or its whole batch would return to the queue forever."""
-    if isinstance(value, str):
-        if "\x00" in value or _SURROGATES.search(value):
-            return _SURROGATES.sub("\ufffd", value.replace("\x00", "\ufffd"))
-        return value
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return repr(value)
-    if depth > 100 and isinstance(value, dict | list | tuple):
-        return repr(value)[:10_000]
-    if isinstance(value, dict):
-        return {jsonb_safe(str(k), depth + 1): jsonb_safe(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonb_safe(item, depth + 1) for item in value]
-    return value
-
-
-def bounded_payload(payload: Any, limit: int) -> tuple[str, int, str, bool]:
-    """The payload as JSON text for ``dead_letters.payload``, at most ``limit`` bytes of
-    it: (jsonb text, full size in bytes, SHA-256 of the full JSON, truncated?).
-
-    A payload over the limit is stored as a JSON string holding its first ``limit``
-    bytes, so a huge message costs a bounded row (and the size and hash still identify
-    it); replay refuses a truncated one.
-    """
-    encoded = json.dumps(jsonb_safe(payload), ensure_ascii=False, separators=(",", ":"),
-                         default=repr)
-    raw = encoded.encode("utf-8", "replace")
-    digest = hashlib.sha256(raw).hexdigest()
-    if len(raw) <= limit:
-        return encoded, len(raw), digest, False
-    return json.dumps(raw[:limit].decode("utf-8", "ignore")), len(raw), digest, True
-
-
-def _dead_letter_row(rejection: Rejection, settings: Settings) -> tuple[Any, ...]:
-    if rejection.original is not None:  # already a bounded stand-in for the original
-        size, digest = rejection.original
-        payload = json.dumps(jsonb_safe(rejection.payload), ensure_ascii=False, default=repr)
-        truncated = True
-    else:
-        payload, size, digest, truncated = bounded_payload(
-            rejection.payload, settings.dead_letter_payload_bytes
-        )
-    key = jsonb_safe(str(rejection.dedup_key))
-    if len(key) > 255:
-        key = "sha256:" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
-    return (
-        key,
-        cut(jsonb_safe(str(rejection.reason)), settings.max_reason_chars),
-        cut(jsonb_safe(str(rejection.error_class)), 128),
-        jsonb_safe(rejection.type)[:64] if isinstance(rejection.type, str) else None,
-        payload, size, digest, truncated,
-    )
-
-
-def write_dead_letters(
-    cursor: Any, stage: Stage, rejections: Sequence[Rejection], settings: Settings | None = None,
-) -> list[tuple[str, str]]:
-    """Park rejected items with their reason; a redelivered message adds no second row.
-
-    Every column is cut to fit and the payload is bounded, so nothing about a rejection
-    can make this insert fail (or its whole batch would return to the queue). Nothing
-    is logged here, inside the transaction: the (dedup key, reason) pairs are returned
-    for the caller to log once the transaction has committed.
-    """
-    if not rejections:
-        return []
-    settings = settings or get_settings()
-    rows = [_dead_letter_row(rejection, settings) for rejection in rejections]
-    columns = list(zip(*rows, strict=True))
-    cursor.execute(
-        """
-        INSERT INTO dead_letters (dedup_key, stage, reason, error_class, type, payload,
-                                  payload_bytes, payload_sha256, payload_truncated)
-        SELECT k, %s, r, e, t, p, b, h, x
-        FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[],
-                    %s::bigint[], %s::text[], %s::bool[]) AS u(k, r, e, t, p, b, h, x)
-        ON CONFLICT (dedup_key) DO NOTHING
-        """,
-        (stage.value, *(list(column) for column in columns)),
-    )
-    return [(row[0], row[1]) for row in rows]

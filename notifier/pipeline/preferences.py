@@ -14,7 +14,7 @@ clock jumps over it, at the moment of the jump.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -213,7 +213,9 @@ def parse_quiet_hours(text: str) -> QuietHours:
         raise ValueError(f"expected DAYS HH:MM-HH:MM, e.g. 'mon-fri 22:00-07:00' (got {text!r})")
     days = _parse_days(match["days"].lower())
     try:
-        return QuietHours(days=days, start=match["start"].zfill(5), end=match["end"].zfill(5))
+        return QuietHours.model_validate(
+            {"days": days, "start": match["start"].zfill(5), "end": match["end"].zfill(5)}
+        )
     except ValidationError as exc:
         problem = _describe(exc.errors()[0]).partition(": ")[2]
         raise ValueError(f"{problem} in {text!r}") from None
@@ -243,7 +245,7 @@ def format_quiet_hours(span: QuietHours) -> str:
     return f"{format_days(span.days)} {span.start.strftime('%H:%M')}-{end}"
 
 
-def format_days(days: list[str]) -> str:
+def format_days(days: Sequence[str]) -> str:
     """Days as "daily", "mon-fri" or "sat,sun": runs of three or more become ranges."""
     if len(set(days)) == 7:
         return "daily"

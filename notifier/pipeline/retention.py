@@ -24,9 +24,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import text
+from sqlalchemy import CursorResult, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -139,7 +139,7 @@ def purge_batch(session: Session, purge: Purge, age: float, batch_size: int,
         "age": age, "n": batch_size, "finished": [s.value for s in FINISHED_DELIVERIES],
         "settled": [s.value for s in SETTLED_NOTIFICATIONS],
     })
-    return result.rowcount
+    return cast("CursorResult[Any]", result).rowcount
 
 
 def purge_expired(

@@ -1,5 +1,10 @@
 """When a failed delivery is tried again, and when it stops being tried.
 
+A delivery that failed in a way that may pass (``RetryableError``) is tried again after
+a backoff, until the policy's attempts run out; then it is dead-lettered. A short wait
+rides on a task published with a countdown; a long one is kept in Postgres
+(``next_attempt_at``) for the sweeper, so no broker holds a message for hours.
+
 Exponential backoff spreads retries out so a provider that is struggling is not kept
 down by our retries; jitter keeps the retries of many deliveries that failed together
 from arriving together again. Each channel may override the policy in its URL
@@ -8,8 +13,10 @@ from arriving together again. Each channel may override the policy in its URL
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from notifier.settings import Settings
 
@@ -56,3 +63,33 @@ class RetryPolicy:
 
     def exhausted(self, attempts: int) -> bool:
         return attempts >= self.max_attempts
+
+
+@dataclass(frozen=True)
+class Retry:
+    """The next attempt of a delivery that failed in a way that may pass."""
+
+    #: Seconds from the failure: the backoff, or longer if the provider asked for it.
+    delay: float
+    due: datetime
+
+
+def next_attempt(
+    policy: RetryPolicy, attempts: int, retry_after: float | None, now: datetime
+) -> Retry | None:
+    """When a delivery that has failed ``attempts`` times goes again; None: it has run
+    out of attempts and goes to the dead letters."""
+    if policy.exhausted(attempts):
+        return None
+    delay = max(policy.delay(attempts), retry_after or 0.0)
+    return Retry(delay, now + timedelta(seconds=delay))
+
+
+def countdown_second(due: datetime, now: datetime, countdown_max: float) -> datetime | None:
+    """The whole second a delivery put back until ``due`` is published for, with a
+    countdown, if its wait is at most ``countdown_max`` (one task per second of due time
+    carries every retry due in it); None: the wait is longer, and the sweeper publishes
+    it from ``next_attempt_at`` when it is due."""
+    if (due - now).total_seconds() > countdown_max:
+        return None
+    return datetime.fromtimestamp(math.ceil(due.timestamp()), UTC)

@@ -51,6 +51,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, get_args
 
+from jinja2 import TemplateSyntaxError
+
+from notifier.pipeline.sandbox import compile_template
 from notifier.schemas import TYPE_PATTERN
 from notifier.settings import ConfigError, get_settings
 
@@ -386,11 +389,6 @@ def _field_name(value: object) -> str:
 
 def _template(*, html: bool) -> Callable[[object], str]:
     def check(value: object) -> str:
-        from jinja2 import TemplateSyntaxError
-
-        # Imported here: notifier.templates imports this module for the default rules.
-        from notifier.pipeline.templates import compile_template
-
         source = _string(value)
         try:
             compile_template(source, html=html)

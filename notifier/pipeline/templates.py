@@ -6,9 +6,8 @@ part of the digest is rendered from. A missing ``data`` field renders as nothing
 template that fails at render time falls back to the built-in one of its type, then the
 generic one, with a warning: a flush must never lose the notifications it gathered.
 
-Both environments use ``trim_blocks`` and ``lstrip_blocks`` (a line holding only a
-``{% tag %}`` leaves no blank line) and render ``None`` as an empty string. HTML is
-autoescaped; the title and the text body are not, the title is folded onto one line.
+How templates compile (the sandbox, whitespace, ``None``, escaping) is
+``notifier.pipeline.sandbox``; the title is folded onto one line.
 """
 
 from __future__ import annotations
@@ -18,13 +17,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cache
 from typing import Any
 
-from jinja2 import ChainableUndefined, Template
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from notifier.pipeline.rules import BUILTIN_RULES, DEFAULT_RULE, Rule
+from notifier.pipeline.sandbox import compile_template
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +44,6 @@ class RenderedDigest:
     html: str
 
 
-def _blank_none(value: object) -> object:
-    return "" if value is None else value
-
-
-def _environment(*, html: bool) -> ImmutableSandboxedEnvironment:
-    return ImmutableSandboxedEnvironment(
-        autoescape=html,
-        undefined=ChainableUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        finalize=_blank_none,
-    )
-
-
-_ENVIRONMENTS = {False: _environment(html=False), True: _environment(html=True)}
-
 #: Digest part -> (``Rule`` field holding its template, whether it is HTML).
 _PARTS: dict[str, tuple[str, bool]] = {
     "title": ("title_template", False),
@@ -72,15 +52,6 @@ _PARTS: dict[str, tuple[str, bool]] = {
 }
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-@cache
-def compile_template(source: str, *, html: bool = False) -> Template:
-    """The compiled template, compiled once per source (rules are few and fixed).
-
-    Raises ``jinja2.TemplateSyntaxError`` (with ``lineno``) if it does not compile.
-    """
-    return _ENVIRONMENTS[html].from_string(source)
 
 
 def type_label(type: str) -> str:

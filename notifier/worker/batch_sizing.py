@@ -89,6 +89,12 @@ def ingest_sizer(settings: Settings, items_per_message: Callable[[], float]) -> 
 _delivery_sizers: dict[str, AdaptiveBatchSize] = {}
 
 
+def delivery_sizer(settings: Settings) -> Callable[[str, int], int]:
+    """:func:`delivery_batch_size` with ``settings``, as the pipeline's outbox takes it
+    (``notifier.pipeline.outbox.BatchSize``)."""
+    return lambda queue, ready: delivery_batch_size(queue, settings, ready)
+
+
 def delivery_batch_size(queue: str, settings: Settings, ready: int) -> int:
     """Deliveries per task for ``ready`` new deliveries bound for ``queue``: what waits in
     the queue already counts (messages there carry about a batch each)."""

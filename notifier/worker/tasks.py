@@ -6,33 +6,26 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from notifier.ops import metrics
-from notifier.pipeline.aggregation import flush_due_windows
-from notifier.pipeline.delivery import (
-    DeliveryTask,
-    deliver_batch,
-    queue_deliveries,
-    sweep_due_deliveries,
-)
+from notifier.pipeline.dead_letters import Rejection, without_payload, write_dead_letters
+from notifier.pipeline.delivery import deliver_batch
+from notifier.pipeline.flush import flush_due_windows
 from notifier.pipeline.ingest import (
     IngestMessage,
     IngestResult,
-    Rejection,
-    bounded_payload,
-    dedup_key,
     describe_exception,
+    failed_message,
     ingest_batch,
     message_id_of,
-    write_dead_letters,
 )
+from notifier.pipeline.outbox import DeliveryTask, queue_deliveries, sweep_due_deliveries
 from notifier.pipeline.retention import purge_expired as purge_expired_rows
 from notifier.pipeline.rules import get_rules
 from notifier.schemas import ENQUEUED_AT_HEADER
@@ -40,13 +33,17 @@ from notifier.settings import PRIORITIES, get_settings, queue_name
 from notifier.storage.db import describe_db_error, raw_cursor, session_scope
 from notifier.storage.models import Stage
 from notifier.storage.state import state_redis
+from notifier.worker import shutdown
 from notifier.worker.app import app
+from notifier.worker.batch_sizing import delivery_sizer
 from notifier.worker.batching import CommittedBatches, RefusedMessage, batch_failed
 from notifier.worker.transactions import transaction
 
 log = logging.getLogger(__name__)
 
 _settings = get_settings()
+#: Deliveries per task, following each queue's backlog in the broker.
+_batch_size = delivery_sizer(_settings)
 
 
 @app.task(
@@ -109,7 +106,8 @@ def _log(level: int, message: str, *args: Any, **kwargs: Any) -> None:
 @app.task(name="notifier.deliver", acks_late=True)
 def deliver(channel: str, delivery_ids: list[str]) -> dict[str, int]:
     """Send deliveries of one channel over one connection; publish the short retries."""
-    outcome = deliver_batch(channel, delivery_ids, _settings, state_redis())
+    outcome = deliver_batch(channel, delivery_ids, _settings, state_redis(),
+                            batch_size=_batch_size, stopping=shutdown.requested)
     publish(outcome.tasks)
     metrics.record_delivery(channel, outcome.as_dict(), outcome.latencies, len(delivery_ids))
     return outcome.as_dict()
@@ -119,7 +117,7 @@ def deliver(channel: str, delivery_ids: list[str]) -> dict[str, int]:
 def sweep_deliveries() -> int:
     """Beat's outbox sweep: publish deliveries that are due and not moving."""
     with transaction() as tx:
-        tasks = sweep_due_deliveries(tx.cursor, _settings)
+        tasks = sweep_due_deliveries(tx.cursor, _settings, batch_size=_batch_size)
         tx.after_commit(publish, tasks)
     return sum(len(task.delivery_ids) for task in tasks)
 
@@ -134,7 +132,9 @@ def flush_windows() -> dict[str, int]:
     totals = {"windows": 0, "digests": 0, "notifications": 0}
     while True:
         with transaction() as tx:
-            result = flush_due_windows(tx.cursor, get_rules(), _settings, datetime.now(UTC))
+            result = flush_due_windows(
+                tx.cursor, get_rules(), _settings, datetime.now(UTC), batch_size=_batch_size
+            )
             tx.after_commit(publish, result.tasks)
         metrics.record_flush(result.windows, result.digests, result.digested)
         if result.windows:
@@ -156,7 +156,8 @@ def publish_new_deliveries(delivery_ids: Sequence[Any]) -> None:
     if not delivery_ids:
         return
     with transaction() as tx:
-        tx.after_commit(publish, queue_deliveries(tx.cursor, delivery_ids, _settings))
+        tx.after_commit(publish, queue_deliveries(tx.cursor, delivery_ids, _settings,
+                                                       batch_size=_batch_size))
 
 
 def publish(tasks: Sequence[DeliveryTask]) -> None:
@@ -219,7 +220,7 @@ def store_messages(messages: list[IngestMessage]) -> IngestResult:
     raised, which means "not committed": the messages go back to the queue.
     """
     try:
-        return _commit_with_retries(messages)
+        return _commit_through_outage(messages)
     except Exception as exc:
         if database_unavailable(exc):
             raise
@@ -230,7 +231,7 @@ def store_messages(messages: list[IngestMessage]) -> IngestResult:
     total = IngestResult()
     for message in messages:
         try:
-            total.add(_commit_with_retries([message]))
+            total.add(_commit_through_outage([message]))
         except Exception as exc:
             if database_unavailable(exc):
                 raise
@@ -238,7 +239,11 @@ def store_messages(messages: list[IngestMessage]) -> IngestResult:
     return total
 
 
-def _commit_with_retries(messages: list[IngestMessage]) -> IngestResult:
+def _commit_through_outage(messages: list[IngestMessage]) -> IngestResult:
+    """Run the ingest transaction, and run it again (after 0.5 s, 1 s, 2 s...) while
+    Postgres is away, so that a failover or a restart costs a pause rather than the
+    batch's return to the queue. Not the retry of deliveries (that is
+    ``notifier.pipeline.retry``): nothing was sent, the same transaction is repeated."""
     attempts = _settings.ingest_commit_attempts
     for attempt in range(1, attempts + 1):
         try:
@@ -260,25 +265,13 @@ def _dead_letter_message(message: IngestMessage, exc: Exception) -> IngestResult
     Should even that fail for a reason other than Postgres being away, the dead letter
     is written without the payload (its size and hash are still kept).
     """
-    original = getattr(exc, "orig", None) or exc
-    database = isinstance(original, (DBAPIError, psycopg.Error))
-    rejection = Rejection(
-        dedup_key=dedup_key(message.message_id, "message"),
-        reason=(f"database refused the message: {describe_db_error(exc)}" if database
-                else f"message: could not be stored: {describe_exception(original)}"),
-        payload=message.payload, error_class=type(original).__name__,
-        original=message.original,
-    )
+    rejection = failed_message(message, exc)
     try:
         return _write_dead_letter(rejection)
     except Exception as second:
         if database_unavailable(second):
             raise
-        _, size, digest, _ = bounded_payload(message.payload, 0)
-        return _write_dead_letter(replace(
-            rejection, payload=f"payload not kept: {describe_exception(second)}",
-            original=message.original or (size, digest),
-        ))
+        return _write_dead_letter(without_payload(rejection, describe_exception(second)))
 
 
 def _write_dead_letter(rejection: Rejection) -> IngestResult:

@@ -10,15 +10,16 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from notifier.pipeline.aggregation import flush_due_windows
 from notifier.pipeline.cancel import CancelOutcome, cancel_by, cancel_notification
-from notifier.pipeline.delivery import claim_deliveries, deliver_batch, sweep_due_deliveries
+from notifier.pipeline.delivery import claim_deliveries, deliver_batch
+from notifier.pipeline.flush import flush_due_windows
+from notifier.pipeline.outbox import sweep_due_deliveries
 from notifier.pipeline.rules import BUILTIN_RULES
 from notifier.schemas import NotificationError
 from notifier.settings import get_settings
 from notifier.storage.db import session_scope
 from notifier.storage.state import state_redis
-from tests.pipeline.test_aggregation import (
+from tests.pipeline.helpers import (
     MINUTE,
     T0,
     deliveries_of,

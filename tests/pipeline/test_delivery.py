@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from notifier.channels import close_channels
-from notifier.pipeline.delivery import deliver_batch, queue_deliveries, sweep_due_deliveries
+from notifier.pipeline.delivery import deliver_batch
 from notifier.pipeline.ingest import IngestMessage, ingest_batch
+from notifier.pipeline.outbox import queue_deliveries, sweep_due_deliveries
 from notifier.settings import get_settings
 from notifier.storage.db import session_scope
 from notifier.storage.state import state_redis

@@ -7,10 +7,10 @@ import uuid
 import pytest
 import redis
 
-from notifier.pipeline.delivery import group_into_tasks
+from notifier.pipeline.outbox import group_into_tasks
 from notifier.settings import get_settings
 from notifier.worker import batch_sizing
-from notifier.worker.batch_sizing import AdaptiveBatchSize, size_for_depth
+from notifier.worker.batch_sizing import AdaptiveBatchSize, delivery_sizer, size_for_depth
 from tests.conftest import BROKER_URL
 
 
@@ -57,12 +57,14 @@ def _rows(count: int) -> list[tuple[uuid.UUID, str, str]]:
 
 
 def test_deliveries_spread_over_small_tasks_when_the_queue_is_empty(console_queue):
-    tasks = group_into_tasks(_rows(100), get_settings())
+    settings = get_settings()
+    tasks = group_into_tasks(_rows(100), settings, batch_size=delivery_sizer(settings))
     # 100 ready of a high water of 10 x 100: 10 + 90 x 0.1 = 19 per task.
     assert [len(t.delivery_ids) for t in tasks] == [19] * 5 + [5]
 
 
 def test_deliveries_go_in_full_tasks_behind_a_backlog(console_queue):
     console_queue.lpush("notifier.deliver.console", *[b"{}"] * 100)
-    tasks = group_into_tasks(_rows(100), get_settings())
+    settings = get_settings()
+    tasks = group_into_tasks(_rows(100), settings, batch_size=delivery_sizer(settings))
     assert [len(t.delivery_ids) for t in tasks] == [100]

@@ -35,7 +35,7 @@ def filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _filter(filters: dict[str, Any], replayed: bool | None = None) -> Any:
-    from notifier.ops.queries import DeadLetterFilter
+    from notifier.pipeline.dead_letters import DeadLetterFilter
 
     return DeadLetterFilter(
         stage=filters["stage"], type=filters["type_"], channel=filters["channel"],
@@ -55,7 +55,7 @@ def _utc(moment: datetime | None) -> datetime | None:
 @friendly_errors
 def list_dead_letters(as_json: bool, limit: int, **filters: Any) -> None:
     """The newest dead letters, one line each."""
-    from notifier.ops.queries import find_dead_letters
+    from notifier.pipeline.dead_letters import find_dead_letters
     from notifier.storage.db import session_scope
 
     with session_scope() as session:
@@ -78,7 +78,7 @@ def list_dead_letters(as_json: bool, limit: int, **filters: Any) -> None:
 @friendly_errors
 def replay_dead_letters(yes: bool, **filters: Any) -> None:
     """Send matching dead letters again (attempts reset); each is replayed once."""
-    from notifier.ops.queries import count_dead_letters
+    from notifier.pipeline.dead_letters import count_dead_letters
     from notifier.storage.db import session_scope
 
     where = _filter(filters, replayed=False)
@@ -103,6 +103,7 @@ def replay_dead_letters(yes: bool, **filters: Any) -> None:
 def _replay_in_chunks(where: Any, total: int) -> tuple[int, int, int, list[str]]:
     from notifier.pipeline.dead_letters import replay_dead_letters, replayable_ids
     from notifier.storage.db import session_scope
+    from notifier.worker.batch_sizing import delivery_sizer
     from notifier.worker.tasks import publish, publish_ingest
     from notifier.worker.transactions import transaction
 
@@ -113,7 +114,8 @@ def _replay_in_chunks(where: Any, total: int) -> tuple[int, int, int, list[str]]
     with click.progressbar(length=total, label="replaying", file=sys.stderr) as bar:
         for ids in chunks:
             with transaction() as tx:
-                replay = replay_dead_letters(tx.session, ids, get_settings())
+                replay = replay_dead_letters(tx.session, ids, get_settings(),
+                                             batch_size=delivery_sizer(get_settings()))
                 tx.after_commit(publish, replay.tasks)
                 tx.after_commit(publish_ingest, replay.ingest_payloads)
             replayed, skipped = replayed + replay.replayed, skipped + replay.skipped
@@ -129,7 +131,7 @@ def _replay_in_chunks(where: Any, total: int) -> tuple[int, int, int, list[str]]
 @friendly_errors
 def purge_dead_letters(yes: bool, **filters: Any) -> None:
     """Delete matching dead letters for good (their deliveries stay recorded as dead)."""
-    from notifier.ops.queries import count_dead_letters
+    from notifier.pipeline.dead_letters import count_dead_letters
     from notifier.pipeline.dead_letters import purge_dead_letters as purge
     from notifier.storage.db import session_scope
 

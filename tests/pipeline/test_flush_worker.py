@@ -15,13 +15,13 @@ from datetime import UTC, datetime, timedelta
 
 from celery import Celery
 
-from notifier.pipeline.aggregation import FlushResult, flush_due_windows
+from notifier.pipeline.flush import FlushResult, flush_due_windows
 from notifier.pipeline.ingest import IngestMessage, ingest_batch
 from notifier.pipeline.rules import BUILTIN_RULES
 from notifier.settings import get_settings
 from notifier.storage.db import session_scope
 from tests.conftest import BROKER_URL
-from tests.pipeline.test_aggregation import (
+from tests.pipeline.helpers import (
     MINUTE,
     T0,
     digests,

@@ -1,0 +1,245 @@
+"""The flush: due aggregation windows become digests and delivery rows.
+
+Beat's flush claims due windows with ``FOR UPDATE SKIP LOCKED``: two flushes running at
+once take different windows, never the same one twice. Per channel, the members of a
+window become one digest (a lone member goes as itself), and the recipient's
+preferences are read again, so an opt-out made while waiting still counts.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from psycopg.types.json import Jsonb
+
+from notifier.ids import uuid7
+from notifier.pipeline.outbox import (
+    BatchSize,
+    DeliveryTask,
+    NewDelivery,
+    insert_deliveries,
+    queue_deliveries,
+)
+from notifier.pipeline.routing import (
+    NO_PREFERENCES,
+    RecipientState,
+    channels_for,
+    hold_until,
+    load_recipient_states,
+)
+from notifier.pipeline.rules import Rule, Rules
+from notifier.pipeline.templates import DigestItem, render_digest
+from notifier.pipeline.windows import Window
+from notifier.settings import PRIORITIES, Settings
+
+if TYPE_CHECKING:
+    from psycopg import Cursor
+
+
+@dataclass
+class FlushResult:
+    windows: int = 0
+    digests: int = 0
+    notifications: int = 0
+    #: Of those, folded into a digest (the rest went alone, or were suppressed).
+    digested: int = 0
+    #: Windows whose members were all cancelled (or sent by another way): dropped.
+    empty: int = 0
+    tasks: list[DeliveryTask] = field(default_factory=list)
+
+
+@dataclass
+class _Member:
+    id: uuid.UUID
+    window_id: uuid.UUID
+    recipient_id: str
+    type: str
+    priority: str
+    channels: list[str] | None
+    title: str
+    body: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+def flush_due_windows(
+    cursor: Cursor[Any], rules: Rules, settings: Settings, now: datetime, limit: int | None = None,
+    *, batch_size: BatchSize | None = None,
+) -> FlushResult:
+    """Turn up to ``limit`` due windows into digests and delivery rows, in the caller's
+    transaction; the returned tasks (of ``batch_size``, see ``outbox.BatchSize``) are
+    published after it commits."""
+    result = FlushResult()
+    windows = claim_due_windows(cursor, now, limit or settings.flush_batch_size)
+    if not windows:
+        return result
+    members = load_members(cursor, list(windows))
+    states = load_recipient_states(cursor, {w.key[0] for w in windows.values()})
+    deliveries: list[NewDelivery] = []
+    digests: list[tuple[Any, ...]] = []
+    statuses: dict[uuid.UUID, tuple[str, uuid.UUID | None, str | None]] = {}
+    for window_id, window in windows.items():
+        group = members.get(window_id, [])
+        result.windows += 1
+        if not group:
+            result.empty += 1
+            continue
+        state = states.get(window.key[0], NO_PREFERENCES)
+        rule = rules.for_type(window.key[1])
+        plan = _plan_window(window, group, rule, state, settings, now)
+        deliveries += plan.deliveries
+        digests += plan.digests
+        statuses.update(plan.statuses)
+    _write_digests(cursor, digests)
+    due_now = insert_deliveries(cursor, deliveries)
+    _set_statuses(cursor, statuses)
+    cursor.execute("DELETE FROM aggregation_windows WHERE id = ANY(%s)", (list(windows),))
+    result.digests = len(digests)
+    result.notifications = len(statuses)
+    result.digested = sum(1 for status, _, _ in statuses.values() if status == "digested")
+    result.tasks = queue_deliveries(cursor, due_now, settings, batch_size=batch_size)
+    return result
+
+
+def claim_due_windows(cursor: Cursor[Any], now: datetime, limit: int) -> dict[uuid.UUID, Window]:
+    cursor.execute(
+        """
+        SELECT id, recipient_id, type, digest_key, mode, opened_at, due_at, latest_due_at,
+               max_count, item_count
+        FROM aggregation_windows WHERE due_at <= %s
+        ORDER BY due_at LIMIT %s
+        FOR UPDATE SKIP LOCKED
+        """,
+        (now, limit),
+    )
+    return {
+        row[0]: Window(row[0], (row[1], row[2], row[3]), row[4], row[5], row[6], row[7],
+                       row[8], row[9])
+        for row in cursor.fetchall()
+    }
+
+
+def load_members(
+    cursor: Cursor[Any], window_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, list[_Member]]:
+    """Waiting members, locked: a cancel racing the flush waits, then finds it digested."""
+    cursor.execute(
+        """
+        SELECT id, window_id, recipient_id, type, priority, channels, title, body, data,
+               created_at
+        FROM notifications WHERE window_id = ANY(%s) AND status = 'pending'
+        ORDER BY window_id, created_at, id
+        FOR UPDATE
+        """,
+        (window_ids,),
+    )
+    members: dict[uuid.UUID, list[_Member]] = defaultdict(list)
+    for row in cursor.fetchall():
+        members[row[1]].append(_Member(*row))
+    return members
+
+
+@dataclass
+class _WindowPlan:
+    deliveries: list[NewDelivery] = field(default_factory=list)
+    digests: list[tuple[Any, ...]] = field(default_factory=list)
+    statuses: dict[uuid.UUID, tuple[str, uuid.UUID | None, str | None]] = field(
+        default_factory=dict
+    )
+
+
+def _plan_window(
+    window: Window, group: list[_Member], rule: Rule, state: RecipientState,
+    settings: Settings, now: datetime,
+) -> _WindowPlan:
+    """Per channel: one digest of the members sent there (a lone member goes as itself)."""
+    plan = _WindowPlan()
+    by_channel: dict[str, list[_Member]] = defaultdict(list)
+    for member in group:
+        channels, _ = channels_for(member.channels, state, member.type, settings)
+        if not channels:
+            plan.statuses[member.id] = ("suppressed", None, "opted out before its digest")
+        for channel in channels:
+            by_channel[channel].append(member)
+    priority = _highest_priority(group)
+    held = hold_until(priority, state, now)
+    for channel, members in by_channel.items():
+        if len(members) == 1:
+            member = members[0]
+            plan.deliveries.append(NewDelivery(
+                window.key[0], channel, member.priority, notification_id=member.id,
+                hold_until=held,
+            ))
+            plan.statuses.setdefault(member.id, ("dispatched", None, None))
+            continue
+        digest_id = uuid7()
+        plan.digests.append(_digest_row(digest_id, window, channel, members, rule, state))
+        plan.deliveries.append(NewDelivery(
+            window.key[0], channel, priority, digest_id=digest_id, hold_until=held,
+        ))
+        for member in members:
+            plan.statuses[member.id] = ("digested", digest_id, None)
+    return plan
+
+
+def _highest_priority(members: Sequence[_Member]) -> str:
+    return min((m.priority for m in members), key=PRIORITIES.index)
+
+
+def _digest_row(
+    digest_id: uuid.UUID, window: Window, channel: str, members: list[_Member], rule: Rule,
+    state: RecipientState,
+) -> tuple[Any, ...]:
+    items = [
+        DigestItem(id=str(m.id), title=m.title, body=m.body, data=m.data,
+                   created_at=m.created_at, priority=m.priority)
+        for m in members
+    ]
+    rendered = render_digest(rule, items, recipient_name=state.name,
+                             window_start=window.opened_at, window_end=window.due_at)
+    item_json = [
+        {"id": str(m.id), "title": m.title, "body": m.body, "data": m.data,
+         "priority": m.priority, "created_at": m.created_at.isoformat()}
+        for m in members
+    ]
+    return (
+        digest_id, window.key[0], window.key[1], channel, window.key[2] or None,
+        rendered.title, rendered.body, rendered.html, Jsonb(item_json), len(members),
+        [m.id for m in members], window.opened_at, window.due_at,
+    )
+
+
+def _write_digests(cursor: Cursor[Any], digests: list[tuple[Any, ...]]) -> None:
+    if not digests:
+        return
+    cursor.executemany(
+        """
+        INSERT INTO digests (id, recipient_id, type, channel, digest_key, title, body, html,
+            items, item_count, notification_ids, window_start, window_end)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+        """,
+        digests,
+    )
+
+
+def _set_statuses(
+    cursor: Cursor[Any], statuses: dict[uuid.UUID, tuple[str, uuid.UUID | None, str | None]]
+) -> None:
+    if not statuses:
+        return
+    ids, values = list(statuses), list(statuses.values())
+    cursor.execute(
+        """
+        UPDATE notifications n SET status = s.status, digest_id = s.digest_id,
+            status_reason = s.reason, updated_at = clock_timestamp()
+        FROM unnest(%s::uuid[], %s::text[], %s::uuid[], %s::text[])
+            AS s(id, status, digest_id, reason)
+        WHERE n.id = s.id
+        """,
+        (ids, [v[0] for v in values], [v[1] for v in values], [v[2] for v in values]),
+    )

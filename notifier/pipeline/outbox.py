@@ -1,0 +1,155 @@
+"""The outbox: delivery rows waiting to be published as ``notifier.deliver`` tasks.
+
+Delivery rows are written in the transaction that decided them (ingest, the flush);
+the tasks that carry their ids are published only after it commits. A row whose task
+was never published, or was lost by the broker, is found again by the sweeper.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from notifier.ids import uuid7
+from notifier.settings import Settings, delivery_queue
+
+if TYPE_CHECKING:
+    from psycopg import Cursor
+
+#: Deliveries per task: (queue, deliveries ready for it) -> how many go in one task. The
+#: worker's follows the queue's backlog, read from the broker
+#: (``notifier.worker.batch_sizing``); the pipeline never asks the broker itself.
+BatchSize = Callable[[str, int], int]
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    recipient_id: str
+    channel: str
+    priority: str
+    notification_id: uuid.UUID | None = None
+    digest_id: uuid.UUID | None = None
+    #: Held until then (quiet hours, ``send_at``); None: due now.
+    hold_until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryTask:
+    """One ``notifier.deliver`` task to publish: deliveries of one channel and queue."""
+
+    channel: str
+    queue: str
+    delivery_ids: list[str]
+    countdown: float = 0.0
+
+
+def insert_deliveries(cursor: Cursor[Any], deliveries: Sequence[NewDelivery]) -> list[uuid.UUID]:
+    """Write delivery rows; returns the ids due now (pending: the outbox to publish).
+    Held ones are ``scheduled`` and the sweeper publishes them when their time comes."""
+    if not deliveries:
+        return []
+    rows = [
+        (uuid7(), d.notification_id, d.digest_id, d.recipient_id, d.channel, d.priority,
+         "scheduled" if d.hold_until else "pending", d.hold_until)
+        for d in deliveries
+    ]
+    cursor.execute(
+        """
+        INSERT INTO deliveries (id, notification_id, digest_id, recipient_id, channel,
+            priority, status, next_attempt_at, last_error)
+        SELECT d.id, d.n, d.g, d.r, d.c, d.p, d.s, coalesce(d.due, now()),
+               CASE WHEN d.due IS NOT NULL THEN 'held until ' || d.due::text END
+        FROM unnest(%s::uuid[], %s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::text[],
+                    %s::text[], %s::timestamptz[]) AS d(id, n, g, r, c, p, s, due)
+        ON CONFLICT DO NOTHING
+        RETURNING id, status
+        """,
+        [list(column) for column in zip(*rows, strict=True)],
+    )
+    return [row[0] for row in cursor.fetchall() if row[1] == "pending"]
+
+
+def queue_deliveries(
+    cursor: Cursor[Any], delivery_ids: Sequence[uuid.UUID | str], settings: Settings,
+    *, from_status: str = "pending", due_at: datetime | None = None,
+    batch_size: BatchSize | None = None,
+) -> list[DeliveryTask]:
+    """Mark deliveries queued and group them into tasks; publish those after the commit.
+
+    Only rows still in ``from_status`` are taken, so a row another process already
+    queued, claimed or finished is left alone.
+    """
+    if not delivery_ids:
+        return []
+    cursor.execute(
+        """
+        UPDATE deliveries SET status = 'queued', queued_at = clock_timestamp(), updated_at = now(),
+            next_attempt_at = coalesce(%s, now())
+        WHERE id = ANY(%s::uuid[]) AND status = %s
+        RETURNING id, channel, priority
+        """,
+        (due_at, [str(i) for i in delivery_ids], from_status),
+    )
+    return group_into_tasks(cursor.fetchall(), settings, due_at, batch_size=batch_size)
+
+
+def group_into_tasks(
+    rows: Iterable[tuple[uuid.UUID, str, str]], settings: Settings,
+    due_at: datetime | None = None, *, batch_size: BatchSize | None = None,
+) -> list[DeliveryTask]:
+    """Deliveries of one queue and channel to a task, ``batch_size`` of them per task;
+    without one, full tasks of ``settings.delivery_batch_size``."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for delivery_id, channel, priority in rows:
+        groups[(delivery_queue(channel, priority), channel)].append(str(delivery_id))
+    countdown = max(0.0, (due_at - datetime.now(UTC)).total_seconds()) if due_at else 0.0
+    tasks = []
+    for (queue, channel), ids in groups.items():
+        size = batch_size(queue, len(ids)) if batch_size else settings.delivery_batch_size
+        tasks += [DeliveryTask(channel, queue, ids[start:start + size], countdown)
+                  for start in range(0, len(ids), size)]
+    return tasks
+
+
+def sweep_due_deliveries(
+    cursor: Cursor[Any], settings: Settings, limit: int = 10_000,
+    *, batch_size: BatchSize | None = None,
+) -> list[DeliveryTask]:
+    """Queue again what should be moving and is not.
+
+    * ``pending`` a while: the task was never published (the process died after commit);
+    * ``retrying`` and due: a retry kept in Postgres because its wait was long;
+    * ``scheduled`` and due: held for quiet hours or the notification's ``send_at``;
+    * ``queued`` long past due: the broker lost the task (Redis keeps nothing on disk);
+    * ``sending`` long ago: the worker that claimed it died mid-batch.
+    """
+    cursor.execute(
+        """
+        UPDATE deliveries SET status = 'queued', queued_at = clock_timestamp(), updated_at = now(),
+            next_attempt_at = now()
+        WHERE id IN (
+            SELECT id FROM deliveries
+            WHERE (status = 'pending' AND next_attempt_at <= now() - %(grace)s)
+               OR (status IN ('retrying', 'scheduled') AND next_attempt_at <= now())
+               OR (status = 'queued' AND next_attempt_at <= now() - %(queued)s
+                   AND queued_at <= now() - %(queued)s)
+               OR (status = 'sending' AND updated_at <= now() - %(sending)s)
+            LIMIT %(limit)s
+            -- A row a worker is claiming is skipped; one it claimed (or sent) since this
+            -- statement began is checked again on its new version and left alone.
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING id, channel, priority
+        """,
+        {
+            "grace": timedelta(seconds=2 * settings.sweep_interval),
+            "queued": timedelta(seconds=settings.queued_timeout),
+            "sending": timedelta(seconds=settings.sending_timeout),
+            "limit": limit,
+        },
+    )
+    return group_into_tasks(cursor.fetchall(), settings, batch_size=batch_size)

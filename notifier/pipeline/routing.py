@@ -1,0 +1,171 @@
+"""Routing: decide, once per notification at ingest, what happens to it.
+
+* **suppressed** — the recipient opted out of its type on every channel, or it is below
+  the recipient's minimum priority; stored with the reason, never delivered;
+* **dispatched** — delivered without waiting: critical ones, types whose rule does not
+  aggregate, a notification with a ``send_at``, the first item of a ``leading`` group;
+* **pending** — it joins the open window of its group (recipient, type, digest key),
+  opening one if there is none (see ``notifier.pipeline.windows``).
+
+Who gets what on which channel, and whether now or after the recipient's quiet hours,
+is decided here too, for ingest and for the flush alike.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from notifier.pipeline.outbox import NewDelivery, insert_deliveries
+from notifier.pipeline.preferences import Preferences, parse_preferences, quiet_until
+from notifier.pipeline.rules import Rules
+from notifier.pipeline.windows import Waiting, assign_windows, group_key
+from notifier.settings import Settings
+
+if TYPE_CHECKING:
+    from psycopg import Cursor
+
+
+@dataclass(frozen=True)
+class RecipientState:
+    preferences: Preferences
+    timezone: str
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Routed:
+    """The decision for one notification at ingest."""
+
+    status: str  # pending | dispatched | suppressed
+    reason: str | None = None
+    window_id: uuid.UUID | None = None
+    #: Channels to deliver on now (dispatched only).
+    channels: tuple[str, ...] = ()
+
+
+# --- Recipients and channels --------------------------------------------------------
+
+
+def load_recipient_states(
+    cursor: Cursor[Any], recipient_ids: Iterable[str]
+) -> dict[str, RecipientState]:
+    cursor.execute(
+        "SELECT id, timezone, preferences, name FROM recipients WHERE id = ANY(%s)",
+        (sorted(set(recipient_ids)),),
+    )
+    return {
+        row[0]: RecipientState(_preferences(row[2]), row[1] or "UTC", row[3])
+        for row in cursor.fetchall()
+    }
+
+
+def _preferences(raw: dict[str, Any] | None) -> Preferences:
+    """Stored preferences; ones that no longer validate (an old version's) are ignored
+    rather than stopping every notification of the recipient."""
+    if not raw:  # most recipients: skip validating the defaults once per notification
+        return _DEFAULT_PREFERENCES
+    try:
+        return parse_preferences(raw)
+    except ValueError:
+        return Preferences()
+
+
+#: Shared by every recipient without preferences of their own; never mutated.
+_DEFAULT_PREFERENCES = Preferences()
+#: The state of a recipient who set nothing (routing and the flush alike).
+NO_PREFERENCES = RecipientState(_DEFAULT_PREFERENCES, "UTC")
+
+
+def channels_for(
+    asked: Sequence[str] | None, state: RecipientState, type_: str, settings: Settings
+) -> tuple[list[str], list[str]]:
+    """(channels to use, channels opted out of): the notification's own channels, else
+    the recipient's, else the default ones."""
+    wanted = list(asked or state.preferences.channels or settings.default_channels)
+    kept = [c for c in wanted if not state.preferences.opted_out(type_, c)]
+    return kept, [c for c in wanted if c not in kept]
+
+
+def hold_until(
+    priority: str, state: RecipientState, now: datetime, send_at: datetime | None = None
+) -> datetime | None:
+    """When a delivery may leave if not now: after ``send_at``, and after the
+    recipient's quiet hours (critical passes them)."""
+    start = max(now, send_at) if send_at else now
+    if priority != "critical":
+        quiet_end = quiet_until(state.preferences, state.timezone, start)
+        if quiet_end:
+            return quiet_end
+    return start if start > now else None
+
+
+# --- Routing at ingest --------------------------------------------------------------
+
+
+def route_notifications(
+    cursor: Cursor[Any], candidates: Sequence[Any], rules: Rules, settings: Settings, now: datetime
+) -> dict[uuid.UUID, Routed]:
+    """Decide, for each candidate (``.id``, ``.notification``), what happens to it."""
+    states = load_recipient_states(cursor, (c.notification.recipient_id for c in candidates))
+    stored = already_stored(cursor, [c.id for c in candidates])
+    routed: dict[uuid.UUID, Routed] = {}
+    waiting: list[tuple[Waiting, tuple[str, ...]]] = []
+    for candidate in candidates:
+        if candidate.id in stored:
+            # A redelivered message: the insert skips it, and it must not be counted in
+            # a window (or open one) a second time.
+            routed[candidate.id] = Routed("pending")
+            continue
+        n = candidate.notification
+        state = states.get(n.recipient_id, NO_PREFERENCES)
+        rule = rules.for_type(n.type)
+        channels, opted_out = channels_for(n.channels, state, n.type, settings)
+        reason = state.preferences.suppression_reason(n.type, n.priority, channels + opted_out)
+        if reason:
+            routed[candidate.id] = Routed("suppressed", reason)
+        elif n.priority == "critical" or not rule.aggregate or n.send_at is not None:
+            routed[candidate.id] = Routed("dispatched", channels=tuple(channels))
+        else:
+            item = Waiting(candidate.id, group_key(n, rule), rule, state.preferences,
+                           state.timezone)
+            waiting.append((item, tuple(channels)))
+    windows = assign_windows(cursor, [item for item, _ in waiting], now)
+    for item, on in waiting:
+        window_id = windows[item.id]
+        routed[item.id] = (
+            Routed("dispatched", channels=on) if window_id is None  # leads its window
+            else Routed("pending", window_id=window_id)
+        )
+    return routed
+
+
+def already_stored(cursor: Cursor[Any], ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    if not ids:
+        return set()
+    cursor.execute("SELECT id FROM notifications WHERE id = ANY(%s)", (list(ids),))
+    return {row[0] for row in cursor.fetchall()}
+
+
+
+def dispatch_now(
+    cursor: Cursor[Any], items: Sequence[tuple[Any, Routed]], now: datetime
+) -> list[uuid.UUID]:
+    """Delivery rows for notifications that do not wait for a window (``(candidate,
+    routed)`` pairs); returns the ids to publish now."""
+    if not items:
+        return []
+    states = load_recipient_states(cursor, (c.notification.recipient_id for c, _ in items))
+    deliveries = []
+    for candidate, routed in items:
+        n = candidate.notification
+        held = hold_until(n.priority, states.get(n.recipient_id, NO_PREFERENCES), now, n.send_at)
+        deliveries += [
+            NewDelivery(n.recipient_id, channel, n.priority, notification_id=candidate.id,
+                        hold_until=held)
+            for channel in routed.channels
+        ]
+    return insert_deliveries(cursor, deliveries)
