@@ -12,7 +12,7 @@ import importlib
 import os
 from urllib.parse import urlsplit
 
-from notifier.channels.base import Channel, ConfigurationError
+from notifier.channels.base import Channel, ConfigurationError, retry_overrides
 from notifier.settings import CHANNEL_NAMES as CHANNEL_NAMES
 from notifier.settings import ConfigError, Settings, get_settings, mask_url
 
@@ -60,15 +60,13 @@ def variable(name: str) -> str:
 def build_channel(name: str, url: str, settings: Settings) -> Channel:
     """A channel instance from its URL, without connecting anywhere, its retry options
     checked too; ``ConfigError`` naming the variable when anything is wrong."""
-    from notifier.pipeline.retry import RetryPolicy
-
     if name not in CHANNEL_NAMES:
         raise ConfigError(
             f"{variable(name)}: no such channel; known: {', '.join(sorted(CHANNEL_NAMES))}"
         )
     try:
         channel = channel_class(name)(url)
-        RetryPolicy.for_channel(settings, channel.options)
+        retry_overrides(channel.options)
     except Exception as exc:  # any class: an operator's typo must be one line, not a trace
         reason = " ".join(str(exc).split()) or type(exc).__name__
         reason = _without_secrets(reason.removeprefix(f"{name}: "), url)

@@ -10,7 +10,7 @@ dead letters) lives in ``notifier.pipeline.delivery`` and is the same for every 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
@@ -107,6 +107,28 @@ class SendResult:
     @property
     def sent(self) -> bool:
         return self.error is None
+
+
+#: URL options a channel may use to override its retry policy
+#: (``notifier.pipeline.retry.RetryPolicy``): providers differ in how long they need.
+RETRY_OPTIONS = ("retry_base", "retry_factor", "retry_cap", "retry_max_attempts")
+
+
+def retry_overrides(options: Mapping[str, str]) -> dict[str, float]:
+    """The ``retry_*`` options a channel URL sets, as numbers. Checked when the channel is
+    built, so a typo stops the start naming the option instead of failing a retry later."""
+    values: dict[str, float] = {}
+    for option in RETRY_OPTIONS:
+        raw = options.get(option)
+        if raw is None:
+            continue
+        try:
+            values[option] = float(raw)
+        except ValueError:
+            raise ValueError(f"option {option}: expected a number, got {raw!r}") from None
+        if values[option] <= 0:
+            raise ValueError(f"option {option}: must be above 0, got {raw!r}")
+    return values
 
 
 class Channel:

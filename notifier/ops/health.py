@@ -29,15 +29,10 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from notifier.ops.queries import pipeline_lag
+from notifier.pipeline.lag import pipeline_lag
 from notifier.settings import Settings, delivery_queue, mask_url
 from notifier.storage.models import UNSENT_DELIVERY_STATUSES, sql_list
-
-#: The Redis hash of beat's heartbeat (fields published_at, sent_at, ran_at, worker).
-HEARTBEAT_KEY = "notifier.heartbeat"
-#: The message header carrying the time (epoch seconds) the heartbeat was published.
-SENT_AT_HEADER = "notifier_sent_at"
-HEARTBEAT_TASK = "notifier.heartbeat"
+from notifier.worker.heartbeat import Heartbeat, read_heartbeat
 
 CHECK_NAMES: tuple[str, ...] = ("broker", "database", "workers", "beat", "queues", "pending")
 
@@ -352,7 +347,7 @@ class StuckWork:
         return max(ages, key=lambda item: item[1]) if ages else None
 
 
-# The parts of stuck work that the pipeline lag (``notifier.ops.queries.pipeline_lag``)
+# The parts of stuck work that the pipeline lag (``notifier.pipeline.lag.pipeline_lag``)
 # does not answer: how many are over the limit, and what waits on purpose.
 _STUCK_SQL = f"""
 SELECT
@@ -431,64 +426,6 @@ def judge_stuck_work(stuck: StuckWork, limit: float) -> CheckResult:
 
 
 # --- beat ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """Beat's last heartbeat as recorded in Redis (epoch seconds, None: never)."""
-
-    #: When the publishing process (beat) sent the last one.
-    published_at: float | None
-    #: When the last heartbeat a worker ran was sent, per its message.
-    sent_at: float | None
-    #: When a worker last ran one, by the worker's clock, and which worker.
-    ran_at: float | None
-    worker: str | None
-
-    @property
-    def last_tick(self) -> float | None:
-        ticks = [t for t in (self.published_at, self.sent_at) if t is not None]
-        return max(ticks) if ticks else None
-
-
-def stamp_heartbeat(headers: dict[str, Any] | None) -> None:
-    """In the publishing process (beat): put the sending time into the message."""
-    if headers is not None:
-        headers.setdefault(SENT_AT_HEADER, time.time())
-
-
-def record_heartbeat_published(client: Any, headers: Mapping[str, Any] | None) -> None:
-    """In the publishing process (beat), once the heartbeat is sent."""
-    sent = (headers or {}).get(SENT_AT_HEADER)
-    if isinstance(sent, (int, float)):
-        client.hset(HEARTBEAT_KEY, "published_at", repr(float(sent)))
-
-
-def record_heartbeat_run(
-    client: Any, sent_at: Any, worker: str | None, now: float | None = None
-) -> None:
-    """In the worker that runs a heartbeat: when it was sent, and when it ran."""
-    fields = {"ran_at": repr(now if now is not None else time.time()), "worker": worker or "?"}
-    if isinstance(sent_at, (int, float)):
-        fields["sent_at"] = repr(float(sent_at))
-    client.hset(HEARTBEAT_KEY, mapping=fields)
-
-
-def read_heartbeat(client: Any) -> Heartbeat:
-    raw = {_text(k): _text(v) for k, v in client.hgetall(HEARTBEAT_KEY).items()}
-
-    def number(name: str) -> float | None:
-        try:
-            return float(raw[name])
-        except (KeyError, ValueError):
-            return None
-
-    return Heartbeat(number("published_at"), number("sent_at"), number("ran_at"),
-                     raw.get("worker"))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def judge_heartbeat(heartbeat: Heartbeat, limit: float, now: float) -> CheckResult:

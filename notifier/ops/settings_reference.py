@@ -161,14 +161,15 @@ def _defaults(model: type[BaseSettings]) -> BaseSettings:
     """The settings with no source but their defaults: the environment is not read."""
 
     def defaults_only(
-        cls: type[BaseSettings], settings_cls: type[BaseSettings],
+        cls: type[BaseSettings], /, settings_cls: type[BaseSettings],
         init_settings: PydanticBaseSettingsSource, **others: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings,)
 
     namespace = {"settings_customise_sources": classmethod(defaults_only),
                  "__module__": __name__}
-    return type(f"{model.__name__}Defaults", (model,), namespace)()
+    defaults: BaseSettings = type(f"{model.__name__}Defaults", (model,), namespace)()
+    return defaults
 
 
 def _contents(groups: list[tuple[str, list[str]]]) -> str:

@@ -50,9 +50,10 @@ from notifier.pipeline.dead_letters import FailedDelivery, write_delivery_dead_l
 from notifier.pipeline.outbox import BatchSize, DeliveryTask, queue_deliveries
 from notifier.pipeline.ratelimit import RateLimiter, RateRequest
 from notifier.pipeline.retry import RetryPolicy, countdown_second, next_attempt
-from notifier.settings import Settings
+from notifier.settings import CHANNEL_NAMES, Settings, get_settings
 from notifier.storage.db import get_engine
 from notifier.storage.models import UNSENT_DELIVERY_STATUSES as UNSENT
+from notifier.storage.state import state_redis
 
 if TYPE_CHECKING:
     from psycopg import Cursor
@@ -693,3 +694,11 @@ class _Recorder:
                 batch_size=self.batch_size,
             )
 
+
+def circuit_states() -> dict[str, dict[str, Any]]:
+    """Each channel's circuit breaker as every worker sees it (state kept in Redis)."""
+    settings = get_settings()
+    return {
+        name: circuit_breaker(state_redis(), name, settings).describe()
+        for name in sorted(CHANNEL_NAMES)
+    }

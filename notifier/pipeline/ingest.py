@@ -161,7 +161,7 @@ def message_id_of(value: Any) -> str:
             value = repr(type(value))
     if len(value) > 255:
         return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
-    return jsonb_safe(value)
+    return str(jsonb_safe(value))
 
 
 #: Message ids longer than this (or not printable) are replaced by their SHA-256 in

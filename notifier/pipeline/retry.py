@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from notifier.channels.base import RETRY_OPTIONS, retry_overrides
 from notifier.settings import Settings
-
-#: URL options a channel may use to override its retry policy.
-POLICY_OPTIONS = ("retry_base", "retry_factor", "retry_cap", "retry_max_attempts")
 
 
 @dataclass(frozen=True)
@@ -32,20 +31,11 @@ class RetryPolicy:
     max_attempts: int
 
     @classmethod
-    def for_channel(cls, settings: Settings, options: dict[str, str]) -> RetryPolicy:
-        """The settings' policy with the channel URL's ``retry_*`` options over it."""
-        values: dict[str, float] = {}
-        for option in POLICY_OPTIONS:
-            raw = options.get(option)
-            if raw is None:
-                values[option] = getattr(settings, option)
-                continue
-            try:
-                values[option] = float(raw)
-            except ValueError:
-                raise ValueError(f"option {option}: expected a number, got {raw!r}") from None
-            if values[option] <= 0:
-                raise ValueError(f"option {option}: must be above 0, got {raw!r}")
+    def for_channel(cls, settings: Settings, options: Mapping[str, str]) -> RetryPolicy:
+        """The settings' policy with the channel URL's ``retry_*`` options over it (read
+        and checked by the channel layer, ``notifier.channels.base.retry_overrides``)."""
+        values: dict[str, float] = {option: getattr(settings, option) for option in RETRY_OPTIONS}
+        values |= retry_overrides(options)
         return cls(
             base=values["retry_base"], factor=max(1.0, values["retry_factor"]),
             cap=values["retry_cap"], max_attempts=int(values["retry_max_attempts"]),

@@ -96,8 +96,8 @@ def check_channel_urls_at_start(**_: Any) -> None:
 def start_metrics_endpoint(**_: Any) -> None:
     """Tidy the metrics directory of dead processes' files and, if asked, serve /metrics
     from the worker's main process (the pool's children write to the same directory)."""
-    from notifier.ops import metrics
     from notifier.settings import get_settings
+    from notifier.worker import metrics
 
     metrics.remove_files_of_dead_processes()
     settings = get_settings()
@@ -126,7 +126,7 @@ def close_channel_connections(**_: Any) -> None:
     """Say goodbye to SMTP servers and HTTP pools instead of dropping the sockets, and
     drop the process's live gauges."""
     from notifier.channels import close_channels
-    from notifier.ops import metrics
+    from notifier.worker import metrics
 
     close_channels()
     metrics.process_exited(os.getpid())

@@ -64,7 +64,7 @@ class AdaptiveBatchSize:
         return self._size
 
     def _choose(self, waiting: int) -> None:
-        from notifier.ops import metrics
+        from notifier.worker import metrics
 
         self._size = size_for_depth(waiting, self.minimum, self.maximum, self.high_water)
         metrics.record_batch_size_chosen(self.stage, self._size)

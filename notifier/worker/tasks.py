@@ -13,7 +13,6 @@ import psycopg
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
-from notifier.ops import metrics
 from notifier.pipeline.dead_letters import Rejection, without_payload, write_dead_letters
 from notifier.pipeline.delivery import deliver_batch
 from notifier.pipeline.flush import flush_due_windows
@@ -33,7 +32,7 @@ from notifier.settings import PRIORITIES, get_settings, queue_name
 from notifier.storage.db import describe_db_error, raw_cursor, session_scope
 from notifier.storage.models import Stage
 from notifier.storage.state import state_redis
-from notifier.worker import shutdown
+from notifier.worker import metrics, shutdown
 from notifier.worker.app import app
 from notifier.worker.batch_sizing import delivery_sizer
 from notifier.worker.batching import CommittedBatches, RefusedMessage, batch_failed
@@ -189,7 +188,8 @@ def purge_expired() -> dict[str, int]:
 @app.task(name="notifier.purge_expired_keys", acks_late=True)
 def purge_expired_keys() -> dict[str, int]:
     """The name an older beat sends (idempotency keys only, then): now the same run."""
-    return purge_expired()
+    purged: dict[str, int] = purge_expired()
+    return purged
 
 
 #: SQLSTATE classes that say Postgres (not one message) is the problem: connection,
@@ -337,14 +337,14 @@ def enqueued_at_of(stamp: Any) -> datetime | None:
 def heartbeat(self: Any) -> None:
     """Beat's heartbeat: record when beat sent it and when a worker ran it (``notifier
     health`` tells a stopped beat from beat ticking with nobody consuming its queue)."""
-    from notifier.ops.health import SENT_AT_HEADER, record_heartbeat_run
+    from notifier.worker.heartbeat import SENT_AT_HEADER, record_heartbeat_run
 
     record_heartbeat_run(state_redis(), self.request.get(SENT_AT_HEADER), self.request.hostname)
 
 
 def _stamp_heartbeat(headers: dict[str, Any] | None = None, **_: Any) -> None:
     """In the publishing process (beat): the sending time goes into the message."""
-    from notifier.ops.health import stamp_heartbeat
+    from notifier.worker.heartbeat import stamp_heartbeat
 
     stamp_heartbeat(headers)
 
@@ -353,7 +353,7 @@ def _heartbeat_published(headers: dict[str, Any] | None = None, **_: Any) -> Non
     """In the publishing process (beat): record the tick, even if no worker runs it."""
     import redis
 
-    from notifier.ops.health import record_heartbeat_published
+    from notifier.worker.heartbeat import record_heartbeat_published
 
     try:
         record_heartbeat_published(state_redis(), headers)

@@ -15,9 +15,11 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from notifier.ops import health
-from notifier.ops.health import Heartbeat, StuckWork
+from notifier.ops.health import StuckWork
 from notifier.storage.db import session_scope
 from notifier.storage.migrate import head_revision
+from notifier.worker import heartbeat as heartbeats
+from notifier.worker.heartbeat import Heartbeat
 from tests.conftest import SERVER_URL
 from tests.ops.test_cli import run
 from tests.workers import CELERY, ROOT, wait_for
@@ -56,7 +58,7 @@ def stop_beat(process: subprocess.Popen[bytes]) -> None:
 def heartbeat_now() -> Heartbeat:
     from notifier.storage.state import state_redis
 
-    return health.read_heartbeat(state_redis())
+    return heartbeats.read_heartbeat(state_redis())
 
 
 def health_lines(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
@@ -343,10 +345,10 @@ def test_heartbeat_records_round_trip():
 
     client = state_redis()
     headers: dict[str, object] = {}
-    health.stamp_heartbeat(headers)
-    health.record_heartbeat_published(client, headers)
-    health.record_heartbeat_run(client, headers[health.SENT_AT_HEADER], "w@h", now=2e9)
-    beat = health.read_heartbeat(client)
-    assert beat.published_at == beat.sent_at == headers[health.SENT_AT_HEADER]
+    heartbeats.stamp_heartbeat(headers)
+    heartbeats.record_heartbeat_published(client, headers)
+    heartbeats.record_heartbeat_run(client, headers[heartbeats.SENT_AT_HEADER], "w@h", now=2e9)
+    beat = heartbeats.read_heartbeat(client)
+    assert beat.published_at == beat.sent_at == headers[heartbeats.SENT_AT_HEADER]
     assert (beat.ran_at, beat.worker) == (2e9, "w@h")
     assert abs(beat.last_tick - time.time()) < 5

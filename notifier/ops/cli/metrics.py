@@ -22,7 +22,7 @@ def metrics(serve: bool, address: str | None, port: int | None) -> None:
     NOTIFIER_METRICS_DIR; run this on the same host, or set NOTIFIER_METRICS_PORT so
     each worker serves its own.
     """
-    from notifier.ops import metrics as prometheus
+    from notifier.worker import metrics as prometheus
 
     settings = get_settings()
     if not serve:

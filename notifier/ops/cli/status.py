@@ -16,7 +16,8 @@ from notifier.ops.cli.common import friendly_errors
 @friendly_errors
 def status(as_json: bool) -> None:
     """Counts by status, queue depths and the oldest waiting notification."""
-    from notifier.ops.queries import circuit_states, pipeline_status
+    from notifier.ops.queries import pipeline_status
+    from notifier.pipeline.delivery import circuit_states
     from notifier.storage.db import check_database, session_scope
     from notifier.worker.queues import queue_depths
 

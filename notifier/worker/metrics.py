@@ -220,7 +220,7 @@ class PipelineCollector:
         yield family
 
     def _circuits(self) -> Iterator[GaugeMetricFamily]:
-        from notifier.ops.queries import circuit_states
+        from notifier.pipeline.delivery import circuit_states
 
         family = GaugeMetricFamily(
             "notifier_circuit_state",
@@ -238,7 +238,7 @@ class PipelineCollector:
     def _database(self) -> Iterator[GaugeMetricFamily]:
         from sqlalchemy import text
 
-        from notifier.ops.queries import pipeline_lag
+        from notifier.pipeline.lag import pipeline_lag
         from notifier.storage.db import session_scope
 
         try:
@@ -276,7 +276,7 @@ def registry(settings: Settings | None = None) -> CollectorRegistry:
     """Every worker process's counters plus the pipeline's gauges."""
     collected = CollectorRegistry()
     multiprocess.MultiProcessCollector(collected)
-    collected.register(PipelineCollector(settings))  # type: ignore[arg-type]
+    collected.register(PipelineCollector(settings))
     return collected
 
 
