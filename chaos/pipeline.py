@@ -24,15 +24,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from notifier.worker.queues import DELIVERY_QUEUES as DELIVER_QUEUES
+from notifier.worker.queues import INGEST_QUEUES
 from tests.smtp_server import SmtpServer
 from tests.workers import CELERY, ROOT, WorkerProcess
 
-INGEST_QUEUES = ("notifier.critical", "notifier.high", "notifier.normal", "notifier.low")
-DELIVER_QUEUES = (
-    "notifier.deliver.critical", "notifier.deliver.email", "notifier.deliver.inapp",
-    "notifier.deliver.console", "notifier.deliver.webhook", "notifier.deliver.slack",
-    "notifier.deliver.sms", "notifier.deliver.apprise",
-)
 ROLES = ("ingest", "deliver", "beat")
 
 #: A pool process that died under its worker (Celery's own words); SIGTERM is ours, at

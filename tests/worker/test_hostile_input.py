@@ -26,10 +26,11 @@ from celery import Celery
 from sqlalchemy import text
 
 from notifier.storage.db import session_scope
+from notifier.worker.queues import INGEST_QUEUES
 from tests.conftest import BROKER_URL
 from tests.workers import WorkerProcess, count_rows, wait_for
 
-QUEUES = ("notifier.critical", "notifier.high", "notifier.normal", "notifier.low")
+QUEUES = INGEST_QUEUES
 
 
 def _note(**fields: object) -> dict[str, object]:
