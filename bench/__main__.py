@@ -89,6 +89,11 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                         help="how often items done are sampled for the throughput plots")
     parser.add_argument("--no-plots", action="store_true",
                         help="write no PNG (the report then links none)")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="take no CPU profile (py-spy) of the hot paths")
+    parser.add_argument("--save-baseline", action="store_true",
+                        help="after the report, write this run's figures as the baseline"
+                             " (bench/baseline.json) later runs are compared with")
     parser.add_argument("--database-url", default=defaults.database_url)
     parser.add_argument("--broker-url", default=defaults.broker_url)
     parser.add_argument("--only", nargs="+", metavar="SCENARIO", default=[],
@@ -114,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         flush_spread=args.flush_spread, flush_interval=args.flush_interval,
         poll_interval=args.poll_interval_ms / 1000,
         sample_interval=args.sample_interval_ms / 1000, plots=not args.no_plots,
+        profile=not args.no_profile, save_baseline=args.save_baseline,
         only=tuple(args.only),
     )
 
@@ -182,7 +188,7 @@ def run(config: BenchConfig) -> int:
     # Imported only now: notifier reads NOTIFIER_* once, at import.
     import redis
 
-    from bench import database, report, scenarios
+    from bench import baseline, database, report, scenarios
     from notifier.settings import get_settings
     from notifier.storage.migrate import upgrade
 
@@ -214,12 +220,33 @@ def run(config: BenchConfig) -> int:
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report.print_report(outcomes, machine, config, clock_offset, notifier_settings)
     document = report.document(outcomes, machine, config, clock_offset, notifier_settings)
+    before = baseline.load()
+    document["regressions"] = regressions(document, before)
     path = report.write_json(document)
     plots, note = draw_plots(document, config)
-    markdown = report.write_markdown(outcomes, document, plots, note)
+    markdown = report.write_markdown(outcomes, document, plots, note, baseline=before)
     print(f"\nreport: {markdown}\nresults: {path}"
           + "".join(f"\nplot: {png}" for png in plots.values()) + (f"\n{note}" if note else ""))
+    if config.save_baseline:
+        print(f"baseline written: {baseline.save(document)}")
     return 1 if failed else 0
+
+
+def regressions(document: dict[str, Any], before: dict[str, Any] | None) -> list[str]:
+    """Print the figures more than 15 % worse than the baseline's; return their keys."""
+    from bench import baseline
+
+    if before is None:
+        print(f"\nNo baseline ({baseline.BASELINE_PATH.name}) to compare with; write one"
+              " from a quiet run with `python -m bench --save-baseline`.")
+        return []
+    marked = [c for c in baseline.compare(document, before) if c.regressed]
+    print(f"\nAgainst the baseline of {before.get('machine', {}).get('date', '?')}:"
+          f" {len(marked)} figure(s) more than {baseline.THRESHOLD:.0%} worse")
+    for c in marked:
+        print(f"  {c.label}: {c.before:,.1f} -> {c.now:,.1f} {c.unit}"
+              f" ({c.worse_by:.0%} worse)")
+    return [c.key for c in marked]
 
 
 def run_step(name: str, step: Step, bench: Bench) -> Outcome | None:

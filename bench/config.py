@@ -75,6 +75,10 @@ class BenchConfig:
     sample_interval: float = 0.1
     #: Draw the PNG plots (needs matplotlib: ``pip install -e ".[bench]"``).
     plots: bool = True
+    #: Profile the hot paths with py-spy on an extra, untimed pass (``bench.profile``).
+    profile: bool = True
+    #: Write the run's figures as the new baseline (``bench.baseline``) after the report.
+    save_baseline: bool = False
     #: Scenarios to run (names from ``bench.__main__.STEP_NAMES``); empty means all.
     only: tuple[str, ...] = field(default_factory=tuple)
 

@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench import cpu, database
+from bench import cpu, database, profile
 from bench.config import BenchConfig
 from bench.scenarios import RECIPIENTS, Bench, Outcome
 from bench.series import Sampler, Samples, relative
@@ -719,7 +719,18 @@ def _pooled(
             outcome.samples["publish_to_sent"] = sent_latencies_ms(bench, published)
             return outcome
 
-        return best_of(bench.config.delivery_runs, once)
+        best = best_of(bench.config.delivery_runs, once)
+        if bench.config.profile:
+            best.extra["profile"] = _profiled_run(worker, once, label)
+        return best
+
+
+def _profiled_run(worker: Worker, once: Callable[[], Outcome], label: str) -> dict[str, Any]:
+    """One more run, not counted, with py-spy sampling the worker and its pool."""
+    what = f"{label}: the worker's processes"
+    with profile.profiling(what, worker.pid, subprocesses=True) as found:
+        once()
+    return found.as_dict()
 
 
 def _warm_up_pool(

@@ -8,6 +8,7 @@ share of the time is kept apart (``send_seconds``) because it is often the limit
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import psycopg
 import redis
 from psycopg.types.json import Jsonb
 
-from bench import cpu, database, naive
+from bench import cpu, database, naive, profile
 from bench.config import BenchConfig
 from bench.series import Sampler, Samples, relative, row_counter
 from bench.workers import Worker
@@ -269,8 +270,22 @@ def in_process_ingest(bench: Bench, count: int) -> Outcome:
     for message in messages:
         store_messages([message])
     seconds = time.perf_counter() - start
-    return Outcome("in_process_ingest", f"ingest code in 1 process, {chunk}/transaction",
-                   count, seconds, seconds, database.count_rows(bench.conn))
+    committed = database.count_rows(bench.conn)
+    outcome = Outcome("in_process_ingest", f"ingest code in 1 process, {chunk}/transaction",
+                      count, seconds, seconds, committed)
+    if bench.config.profile:
+        outcome.extra["profile"] = _profiled_ingest(bench, messages, chunk)
+    return outcome
+
+
+def _profiled_ingest(bench: Bench, messages: list[IngestMessage], chunk: int) -> dict[str, Any]:
+    """The same pass once more, untimed, with py-spy sampling this process."""
+    database.reset(bench.conn, RECIPIENTS)
+    what = f"ingest code in 1 process ({chunk}/transaction): store_messages"
+    with profile.profiling(what, os.getpid()) as found:
+        for message in messages:
+            store_messages([message])
+    return found.as_dict()
 
 
 def critical_under_backlog(bench: Bench, worker: Worker) -> Outcome:
