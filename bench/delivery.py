@@ -43,7 +43,7 @@ import httpx
 import psutil
 
 from bench import cpu, database, profile
-from bench.config import BenchConfig
+from bench.config import RESULTS_DIR, BenchConfig
 from bench.scenarios import RECIPIENTS, Bench, Outcome
 from bench.series import Sampler, Samples, relative
 from bench.workers import Worker, WorkerSpec, running_worker
@@ -721,14 +721,17 @@ def _pooled(
 
         best = best_of(bench.config.delivery_runs, once)
         if bench.config.profile:
-            best.extra["profile"] = _profiled_run(worker, once, label)
+            best.extra["profile"] = _profiled_run(worker, once, label, name)
         return best
 
 
-def _profiled_run(worker: Worker, once: Callable[[], Outcome], label: str) -> dict[str, Any]:
+def _profiled_run(
+    worker: Worker, once: Callable[[], Outcome], label: str, name: str,
+) -> dict[str, Any]:
     """One more run, not counted, with py-spy sampling the worker and its pool."""
     what = f"{label}: the worker's processes"
-    with profile.profiling(what, worker.pid, subprocesses=True) as found:
+    keep = RESULTS_DIR / f"profile-{name}.txt"
+    with profile.profiling(what, worker.pid, keep, subprocesses=True) as found:
         once()
     return found.as_dict()
 

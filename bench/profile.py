@@ -4,9 +4,14 @@ py-spy, not an in-process profiler: one tool for both paths (this process for th
 ingest code, a Celery worker and its pool processes for delivery), and the profiled code
 runs unchanged, with no tracing hooks to slow it. The profiles are taken on an extra,
 untimed pass of the scenario, so the sampler's own CPU (on a 2-core machine) never
-touches the timed figures. Only samples where a thread was running count (py-spy leaves
-idle threads out), so a share is a share of CPU, not of wall time: a delivery worker
-waiting for the SMTP server does not show.
+touches the timed figures.
+
+Only samples of a thread holding the GIL count (``--gil``): Python at work, not a wait
+for Postgres or the SMTP server (those release the GIL). py-spy's default idle
+detection is not enough here: on a loaded machine a process woken from a socket read
+stays runnable, waiting for a core, and counted as busy, which made the pool's SMTP
+reply waits the largest "CPU" share in a trial run. A share is thus a share of the
+Python work of the hot path; C code that releases the GIL (libpq) is not in it.
 
 If py-spy is missing or may not attach (ptrace permission: ``kernel.yama.ptrace_scope``,
 or a container without ``CAP_SYS_PTRACE``), the profile is one line saying why, and the
@@ -43,6 +48,8 @@ class Profile:
     """What one profiled pass showed: functions by share of the CPU samples."""
 
     what: str
+    #: Where the raw stacks are kept (``bench/results/profile-<scenario>.txt``).
+    raw: str = ""
     samples: int = 0
     #: (function, share of samples where it was the innermost frame), largest first.
     self_share: list[tuple[str, float]] = field(default_factory=list)
@@ -52,7 +59,7 @@ class Profile:
     note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"what": self.what, "samples": self.samples, "rate_hz": RATE_HZ,
+        return {"what": self.what, "samples": self.samples, "rate_hz": RATE_HZ, "raw": self.raw,
                 "self_share": [list(row) for row in self.self_share],
                 "own_total_share": [list(row) for row in self.own_total_share],
                 "note": self.note}
@@ -93,16 +100,19 @@ def summarise(what: str, stacks: Counter[tuple[str, ...]], total: int, top: int 
             if OWN_CODE in frame:
                 inclusive[frame] += count
     return Profile(
-        what, total,
-        [(name, round(n / total, 4)) for name, n in leaves.most_common(top)],
-        [(name, round(n / total, 4)) for name, n in inclusive.most_common(top)],
+        what, samples=total,
+        self_share=[(name, round(n / total, 4)) for name, n in leaves.most_common(top)],
+        own_total_share=[(name, round(n / total, 4)) for name, n in inclusive.most_common(top)],
     )
 
 
 @contextmanager
-def profiling(what: str, pid: int, subprocesses: bool = False) -> Iterator[Profile]:
+def profiling(
+    what: str, pid: int, keep: Path, subprocesses: bool = False,
+) -> Iterator[Profile]:
     """py-spy records ``pid`` (and its children) for the length of the block; the
-    profile yielded is filled in when the block ends."""
+    profile yielded is filled in when the block ends. The raw stacks are kept in
+    ``keep`` (``flamegraph.pl`` or speedscope draw them)."""
     profile = Profile(what)
     executable = py_spy()
     if executable is None:
@@ -113,7 +123,7 @@ def profiling(what: str, pid: int, subprocesses: bool = False) -> Iterator[Profi
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as directory:
         output = Path(directory) / "raw.txt"
         command = [executable, "record", "--pid", str(pid), "--format", "raw", "--function",
-                   "--nonblocking", "--rate", str(RATE_HZ), "--output", str(output)]
+                   "--nonblocking", "--gil", "--rate", str(RATE_HZ), "--output", str(output)]
         if subprocesses:
             command.append("--subprocesses")
         sampler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -125,9 +135,11 @@ def profiling(what: str, pid: int, subprocesses: bool = False) -> Iterator[Profi
             _stop(sampler)
         error = log()
         if output.exists() and output.stat().st_size:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(output, keep)
             stacks, total = parse_raw(output.read_text())
             filled = summarise(what, stacks, total)
-            profile.samples, profile.note = filled.samples, filled.note
+            profile.samples, profile.note, profile.raw = filled.samples, filled.note, keep.name
             profile.self_share, profile.own_total_share = (filled.self_share,
                                                            filled.own_total_share)
         else:
@@ -185,7 +197,7 @@ def markdown(profile: dict[str, Any], baseline: dict[str, Any] | None = None) ->
     before = {name: share for name, share in (baseline or {}).get("self_share", [])}
     before_own = {name: share for name, share in (baseline or {}).get("own_total_share", [])}
     lines = ["", f"**{profile['what']}** (py-spy, {profile['rate_hz']} Hz,"
-             f" {profile['samples']:,} samples with a thread running):", "",
+             f" {profile['samples']:,} samples holding the GIL):", "",
              "| function (self: innermost frame) | self | baseline |", "|---|---:|---:|"]
     lines += [f"| `{name}` | {share:.1%} | {_share(before.get(name))} |"
               for name, share in profile["self_share"]]

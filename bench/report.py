@@ -521,8 +521,9 @@ def markdown_profiles(doc: dict[str, Any], baseline: dict[str, Any] | None) -> l
         return []
     before = (baseline or {}).get("profiles", {})
     lines = ["", "## CPU profiles of the hot paths", "",
-             "Taken on an extra, untimed pass of each scenario; a share is of the samples"
-             " where a thread was running (CPU, not waits)."]
+             "Taken with py-spy on an extra, untimed pass of each scenario; a share is of"
+             " the samples where a thread held the GIL (Python at work, not waits for"
+             " Postgres or a server). Raw stacks: `bench/results/profile-<scenario>.txt`."]
     for name in found:
         lines += profile_module.markdown(scenarios[name]["extra"]["profile"], before.get(name))
     return lines

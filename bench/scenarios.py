@@ -23,7 +23,7 @@ import redis
 from psycopg.types.json import Jsonb
 
 from bench import cpu, database, naive, profile
-from bench.config import BenchConfig
+from bench.config import RESULTS_DIR, BenchConfig
 from bench.series import Sampler, Samples, relative, row_counter
 from bench.workers import Worker
 from notifier.client import BufferedProducer, build, notify, notify_many
@@ -282,7 +282,8 @@ def _profiled_ingest(bench: Bench, messages: list[IngestMessage], chunk: int) ->
     """The same pass once more, untimed, with py-spy sampling this process."""
     database.reset(bench.conn, RECIPIENTS)
     what = f"ingest code in 1 process ({chunk}/transaction): store_messages"
-    with profile.profiling(what, os.getpid()) as found:
+    keep = RESULTS_DIR / "profile-in_process_ingest.txt"
+    with profile.profiling(what, os.getpid(), keep) as found:
         for message in messages:
             store_messages([message])
     return found.as_dict()
