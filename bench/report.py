@@ -213,6 +213,7 @@ def print_report(
     _print_aggregation(outcomes, reached)
     _print_delivery(outcomes, reached)
     _print_cpu(outcomes)
+    _print_profiles(outcomes)
 
 
 def _header(
@@ -399,6 +400,20 @@ def _print_cpu(outcomes: dict[str, Outcome]) -> None:
     for outcome in rows:
         print(f"{outcome.label:<44}"
               + "".join(f"{outcome.cores.get(party, 0):>10.2f}" for party in PARTIES))
+
+
+def _print_profiles(outcomes: dict[str, Outcome], top: int = 5) -> None:
+    found = [outcomes[name].extra["profile"] for name in PROFILED
+             if name in outcomes and outcomes[name].extra.get("profile")]
+    if found:
+        print("\nCPU profiles (py-spy, samples holding the GIL; the report lists more)")
+    for profile in found:
+        if not profile["samples"]:
+            print(f"  {profile['what']}: {profile['note']}")
+            continue
+        print(f"  {profile['what']} ({profile['samples']:,} samples), top by self share:")
+        for name, share in profile["self_share"][:top]:
+            print(f"    {share:>6.1%}  {name}")
 
 
 def scenario_document(outcome: Outcome) -> dict[str, Any]:
