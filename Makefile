@@ -57,9 +57,11 @@ status: install  ## Counts by status, queue depths, oldest pending
 test: install  ## The test suite (needs Postgres and Redis; see README)
 	$(BIN)/pytest
 
-# matplotlib (the `bench` extra) draws the report's PNG plots; installed on first use.
-bench: install  ## Benchmark against a naive baseline: bench/results/report.md + PNG plots
-	@$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install --quiet -e ".[bench]"
+# The `bench` extra: matplotlib draws the report's PNG plots, py-spy profiles the hot
+# paths; installed when either is missing. The report compares with bench/baseline.json.
+bench: install  ## Benchmark against a naive baseline and bench/baseline.json: bench/results/report.md + plots
+	@($(BIN)/python -c "import matplotlib" 2>/dev/null && test -x $(BIN)/py-spy) \
+		|| $(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench
 
 chaos: install  ## Kill workers, restart Redis and Postgres, stop SMTP, fuzz; account for it all
