@@ -23,6 +23,8 @@ BASELINE_PATH = Path(__file__).resolve().parent / "baseline.json"
 #: A figure this much worse than the baseline's is marked.
 THRESHOLD = 0.15
 HIGHER, LOWER = "higher", "lower"
+#: The figure no notifier change moves (Postgres and the machine only).
+CONTROL = "raw_copy.rate"
 
 
 @dataclass(frozen=True)
@@ -170,12 +172,29 @@ def markdown(comparisons: list[Comparison], baseline: dict[str, Any] | None,
               f" {THRESHOLD:.0%} worse (a rate or ratio lower, a latency or CPU cost"
               f" higher). {len(regressed)} of {len(comparisons)} figures marked"
               + (": " + ", ".join(c.key for c in regressed) if regressed else "") + ".",
+              *_noise_note(comparisons, baseline),
               "", "| figure | baseline | now | change | |", "|---|---:|---:|---:|---|"]
     for c in comparisons:
         change = "" if c.change is None else f"{c.change:+.1%}"
         lines.append(f"| {c.label} | {_value(c.before, c.unit)} | {_value(c.now, c.unit)} |"
                      f" {change} | {verdict(c)} |")
     return lines
+
+
+def _noise_note(comparisons: list[Comparison], baseline: dict[str, Any]) -> list[str]:
+    """The raw COPY runs no notifier code: when it fell too, the machine was slower."""
+    copy = next((c for c in comparisons if c.key == CONTROL), None)
+    if copy is None or not copy.regressed or copy.worse_by is None:
+        return []
+    return ["", f"Raw COPY, which runs no notifier code, is itself {copy.worse_by:.0%} worse:"
+            " the machine was busier than in the baseline's run (load average (1 min)"
+            f" {_load(baseline)} then), so read the ratios to naive and run again before"
+            " blaming the code."]
+
+
+def _load(document: dict[str, Any]) -> str:
+    load = document.get("machine", {}).get("load_average_at_start") or ["?"]
+    return str(load[0])
 
 
 def main(argv: list[str] | None = None) -> int:

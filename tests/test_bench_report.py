@@ -292,6 +292,19 @@ def test_a_figure_more_than_15_percent_worse_is_marked(tmp_path: Path) -> None:
     assert "| notify_many(): rate | 10,000/s | 8,000/s | -20.0% | **worse by 20%** |" in text
 
 
+def test_a_slower_raw_copy_says_the_machine_was_busier() -> None:
+    found = all_outcomes()
+    found["raw_copy"] = Outcome("raw_copy", "raw COPY", 10000, 0.2, 0.2, 10000)
+    before = baseline.baseline_document(results(found))
+    slower(found, "raw_copy", 2.0)
+    text = "\n".join(baseline.markdown(baseline.compare(results(found), before), before))
+    assert "Raw COPY, which runs no notifier code, is itself 50% worse" in text
+    assert "load average (1 min) 1.0 then" in text
+    slower(found, "raw_copy", 0.5)
+    text = "\n".join(baseline.markdown(baseline.compare(results(found), before), before))
+    assert "Raw COPY" not in text
+
+
 def test_a_figure_the_baseline_lacks_is_new_not_marked() -> None:
     before = baseline.baseline_document(results(outcomes()))
     compared = {c.key: c for c in baseline.compare(results(all_outcomes()), before)}
