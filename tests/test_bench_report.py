@@ -134,6 +134,8 @@ def test_the_real_ingest_pass_is_profiled(
     monkeypatch.setattr(scenarios, "RESULTS_DIR", tmp_path)
     outcome = scenarios.in_process_ingest(bench_on_test_database, 3000)
     assert outcome.committed == 3000
+    # The profiled pass came after a reset and stored everything again: the real path.
+    assert bench_database.count_rows(bench_on_test_database.conn) == 3000
     found = outcome.extra["profile"]
     assert found["note"] == "" and found["samples"] > 0
     own = dict(found["own_total_share"])
