@@ -1,9 +1,10 @@
 """The flush: due aggregation windows become digests and delivery rows.
 
-Beat's flush claims due windows with ``FOR UPDATE SKIP LOCKED``: two flushes running at
-once take different windows, never the same one twice. Per channel, the members of a
-window become one digest (a lone member goes as itself), and the recipient's
-preferences are read again, so an opt-out made while waiting still counts.
+The flush (the workers' flush loops, or beat's tick) claims due windows with ``FOR
+UPDATE SKIP LOCKED``: two flushes running at once take different windows, never the
+same one twice. Per channel, the members of a window become one digest (a lone member
+goes as itself), and the recipient's preferences are read again, so an opt-out made
+while waiting still counts.
 """
 
 from __future__ import annotations
@@ -104,6 +105,14 @@ def flush_due_windows(
     result.digested = sum(1 for status, _, _ in statuses.values() if status == "digested")
     result.tasks = queue_deliveries(cursor, due_now, settings, batch_size=batch_size)
     return result
+
+
+def next_due_at(cursor: Cursor[Any]) -> datetime | None:
+    """When the next window is due (None: no window waits), read from the ``due_at``
+    index alone; windows already due and held by another flush count too."""
+    cursor.execute("SELECT min(due_at) FROM aggregation_windows")
+    row = cursor.fetchone()
+    return row[0] if row else None
 
 
 def claim_due_windows(cursor: Cursor[Any], now: datetime, limit: int) -> dict[uuid.UUID, Window]:
