@@ -175,7 +175,7 @@ class FlushLoop:
         failures = 0
         log.info("flush loop started (pid %d)", os.getpid())
         try:
-            while not self.stopping and os.getppid() == self.parent_pid:
+            while not self.stopping and self._worker_alive():
                 try:
                     wait = self._step(sizer)
                     failures = 0
@@ -207,11 +207,20 @@ class FlushLoop:
             self.armed_until = now + armed_for(state_redis())
         return now < self.armed_until
 
+    def _worker_alive(self) -> bool:
+        return os.getppid() == self.parent_pid
+
     def _sleep(self, seconds: float) -> None:
+        """Sleep, a second at a time at most, while the worker lives (a long back-off
+        must not keep an orphaned loop around)."""
+        deadline = time.monotonic() + seconds
         self.sleeping = True
         try:
-            if not self.stopping:
-                time.sleep(seconds)
+            while not self.stopping and self._worker_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                time.sleep(min(left, 1.0))
         finally:
             self.sleeping = False
 
