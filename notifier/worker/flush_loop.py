@@ -62,7 +62,7 @@ ARM_CHECK = 1.0
 #: adding to them): long enough not to spin on them, short against the poll.
 HELD_NAP = 0.02
 #: Seconds to wait after an error (Postgres or Redis away), doubling up to the maximum.
-ERROR_BACKOFF = (1.0, 30.0)
+ERROR_BACKOFF = (0.5, 5.0)
 #: Seconds a stopping worker gives its loop to finish the chunk in hand.
 STOP_TIMEOUT = 15.0
 #: Seconds between the supervisor's checks that its loop is alive.
