@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
@@ -67,6 +67,9 @@ ERROR_BACKOFF = (0.5, 5.0)
 STOP_TIMEOUT = 15.0
 #: Seconds between the supervisor's checks that its loop is alive.
 SUPERVISE_INTERVAL = 2.0
+#: Seconds between the loop's log lines of what it flushed (a chunk may be one window:
+#: a line per chunk would be hundreds a second).
+SUMMARY_INTERVAL = 10.0
 FLUSH_TASK = "notifier.flush_windows"
 
 
@@ -121,22 +124,37 @@ def flush_chunk(settings: Settings, batch_size: Any = None) -> FlushResult:
                                    batch_size=batch_size)
         tx.after_commit(publish, result.tasks)
     metrics.record_flush(result.windows, result.digests, result.digested)
-    if result.windows:
-        log.info("flushed %d windows: %d digests of %d notifications", result.windows,
-                 result.digests, result.digested)
     return result
+
+
+@dataclass
+class FlushTotals:
+    windows: int = 0
+    digests: int = 0
+    notifications: int = 0
+
+    def add(self, result: FlushResult) -> None:
+        self.windows += result.windows
+        self.digests += result.digests
+        self.notifications += result.notifications
+
+    def __str__(self) -> str:
+        return (f"{self.windows} windows: {self.digests} digests of"
+                f" {self.notifications} notifications")
 
 
 def flush_until_done(settings: Settings, batch_size: Any = None) -> dict[str, int]:
     """Flush chunk after chunk while they come back full (a burst is cleared at once)."""
-    totals = {"windows": 0, "digests": 0, "notifications": 0}
+    totals = FlushTotals()
     while True:
         result = flush_chunk(settings, batch_size)
-        totals["windows"] += result.windows
-        totals["digests"] += result.digests
-        totals["notifications"] += result.notifications
+        if result.windows:
+            log.info("flushed %s", FlushTotals(result.windows, result.digests,
+                                               result.notifications))
+        totals.add(result)
         if result.windows < settings.flush_batch_size:
-            return totals
+            return {"windows": totals.windows, "digests": totals.digests,
+                    "notifications": totals.notifications}
 
 
 def seconds_until_next_due(settings: Settings) -> float:
@@ -167,6 +185,10 @@ class FlushLoop:
     stopping: bool = False
     sleeping: bool = False
     armed_until: float = 0.0
+    #: Since the start, and since the last log line (``SUMMARY_INTERVAL``).
+    total: FlushTotals = field(default_factory=FlushTotals)
+    recent: FlushTotals = field(default_factory=FlushTotals)
+    logged_at: float = field(default_factory=time.monotonic)
 
     def run(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -179,8 +201,6 @@ class FlushLoop:
                 try:
                     wait = self._step(sizer)
                     failures = 0
-                except _Stop:
-                    raise
                 except Exception as exc:  # Postgres or Redis away: try again later
                     wait = min(ERROR_BACKOFF[0] * 2 ** failures, ERROR_BACKOFF[1])
                     failures += 1
@@ -190,16 +210,25 @@ class FlushLoop:
                     self._sleep(wait)
         except _Stop:
             pass
-        log.info("flush loop stopped (pid %d)", os.getpid())
+        log.info("flush loop stopped (pid %d), having flushed %s", os.getpid(), self.total)
 
     def _step(self, sizer: Any) -> float:
         """One turn: flush a chunk if armed; returns how long to sleep before the next."""
         if not self._armed():
             return ARM_CHECK
         result = flush_chunk(self.settings, sizer)
+        self._count(result)
         if result.windows >= self.settings.flush_batch_size:
             return 0.0  # a full chunk: more may be due
         return seconds_until_next_due(self.settings)
+
+    def _count(self, result: FlushResult) -> None:
+        self.total.add(result)
+        self.recent.add(result)
+        now = time.monotonic()
+        if self.recent.windows and now - self.logged_at >= SUMMARY_INTERVAL:
+            log.info("flushed %s in %.0f s", self.recent, now - self.logged_at)
+            self.recent, self.logged_at = FlushTotals(), now
 
     def _armed(self) -> bool:
         now = time.monotonic()
