@@ -157,15 +157,19 @@ def flush_until_done(settings: Settings, batch_size: Any = None) -> dict[str, in
                     "notifications": totals.notifications}
 
 
-def seconds_until_next_due(settings: Settings) -> float:
-    """How long the loop may sleep: until the next window is due, at most the poll;
-    a short nap when the due windows are held by someone else."""
+def seconds_until_next_due(settings: Settings, claimed: int) -> float:
+    """How long the loop may sleep after a chunk of ``claimed`` windows: until the next
+    window is due, at most the poll. One already due goes at once if the chunk took
+    something (it fell due meanwhile); after an empty chunk it is held by someone else
+    (another loop, an ingest adding to it), so the loop naps instead of spinning."""
     with session_scope() as session:
         due = next_due_at(raw_cursor(session))
     if due is None:
         return settings.flush_loop_poll
     wait = (due - datetime.now(UTC)).total_seconds()
-    return min(settings.flush_loop_poll, max(wait, HELD_NAP))
+    if wait <= 0:
+        return 0.0 if claimed else HELD_NAP
+    return min(settings.flush_loop_poll, wait)
 
 
 # --- the loop (in its own process) ----------------------------------------------------
@@ -220,7 +224,7 @@ class FlushLoop:
         self._count(result)
         if result.windows >= self.settings.flush_batch_size:
             return 0.0  # a full chunk: more may be due
-        return seconds_until_next_due(self.settings)
+        return seconds_until_next_due(self.settings, result.windows)
 
     def _count(self, result: FlushResult) -> None:
         self.total.add(result)
