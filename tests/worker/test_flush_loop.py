@@ -57,7 +57,9 @@ def running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def due_in(seconds: float, groups: int = 1, size: int = 2, prefix: str = "loop") -> list[list[dict]]:
+def due_in(
+    seconds: float, groups: int = 1, size: int = 2, prefix: str = "loop"
+) -> list[list[dict]]:
     """``groups`` alert groups of ``size`` items (below the maximum: only time closes
     them) whose windows fall due ``seconds`` from now."""
     opened = datetime.now(UTC) - ALERT_WINDOW + timedelta(seconds=seconds)
