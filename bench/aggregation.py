@@ -1,12 +1,12 @@
-"""Aggregation figures: how many messages digests save, and how fast beat flushes them.
+"""Aggregation figures: how many messages digests save, and how fast they are flushed.
 
 * ``aggregation_efficiency`` replays a realistic day part (several hours of mixed types,
   bursts and a few critical ones, for a few hundred recipients) through the real
   ingest and flush functions on a simulated clock, and counts notifications in against
   messages out (delivery rows). The naive baseline sends one message per notification.
 * ``flush_latency`` leaves 100,000 notifications waiting in windows that close over
-  about half a minute, then runs a real worker and a real beat (the default flush
-  interval: every second) and
+  about half a minute, then runs a real worker (whose flush loop flushes each window
+  as it falls due) and a real beat (whose tick, every second, keeps the loop armed) and
   measures, per digest, the time from its window's close to its delivery being queued.
 """
 
@@ -164,7 +164,8 @@ def _scalar(bench: Bench, sql: str) -> int:
 
 # --- flush latency -------------------------------------------------------------------
 
-#: The flush task runs on the critical delivery queue (see celeryconfig's beat schedule).
+#: Beat's tick goes to the critical delivery queue, and a worker consuming it runs the
+#: flush loop (notifier.worker.flush_loop).
 FLUSH_WORKER = WorkerSpec("bench-flush", "notifier", ("notifier.deliver.critical",))
 
 
@@ -209,7 +210,7 @@ def shift_windows(bench: Bench, lead: float) -> datetime:
 
 
 class Beat:
-    """A real ``celery beat`` (flushing every ``NOTIFIER_FLUSH_INTERVAL``), for the block."""
+    """A real ``celery beat`` (its flush tick every ``NOTIFIER_FLUSH_INTERVAL``), for the block."""
 
     LOG = RESULTS_DIR / "bench-beat.log"
 

@@ -177,11 +177,23 @@ class Settings(BaseSettings):
     """A TOML file of aggregation rules per notification type, over the built-in ones
     (``docs/aggregation.md``); a mistake in it stops the worker and beat at start."""
     flush_interval: float = Field(1.0, gt=0)
-    """Seconds between beat's flushes of due aggregation windows."""
+    """Seconds between beat's flush ticks (``notifier.flush_windows``). With the flush
+    loop (``NOTIFIER_FLUSH_LOOP``) a tick only keeps the workers' loops armed, for five
+    ticks, so a stopped beat stops the flush; without it each tick flushes what is due."""
+    flush_loop: bool = True
+    """Each worker that consumes ``notifier.deliver.critical`` (the queue of beat's
+    ticks) runs one flush loop, a process of its own beside the pool: it sleeps until
+    the next window is due and flushes it then, instead of at beat's next tick. Loops of
+    several workers share the due windows (``SKIP LOCKED``). Off: beat's tick flushes."""
+    flush_loop_poll: float = Field(0.2, gt=0, le=60)
+    """The longest the flush loop sleeps before looking again for the next due window
+    (seconds): how late a window that became due early (its group reached the rule's
+    maximum) can be flushed; one cheap indexed query per look."""
     flush_batch_size: int = Field(100, ge=1)
-    """Windows flushed per transaction; a flush loops until none is due. Small chunks
-    commit (and publish) the first windows of a burst sooner: at 100,000 waiting,
-    p99 close-to-queued was 0.9 s with 100 and 1.3 s with 500 (``make bench``)."""
+    """Windows flushed per transaction; a flush takes chunk after chunk while they come
+    back full. Small chunks commit (and publish) the first windows of a burst sooner:
+    with beat's one-second flush at 100,000 waiting, p99 close-to-queued was 0.9 s with
+    100 and 1.3 s with 500 (``make bench``)."""
 
     # --- Metrics --------------------------------------------------------------------
     metrics_dir: str | None = None

@@ -227,7 +227,7 @@ def send_demo() -> Demo:
         notify("bob", "comment.reply", "Carol replied to your comment", "Looks good!"),
     ]
     ids += notify_many(_batch(20))
-    # Three alerts reach the rule's maximum (3): beat flushes them as one digest at once.
+    # Three alerts reach the rule's maximum (3): the flush loop sends them as one digest at once.
     ids += [notify("carol", "alert", f"Build {build} failed", f"Pipeline {build} is red.")
             for build in (101, 102, 103)]
     bad = {"recipient": "alice", "type": "Password Reset!", "title": "", "priority": "urgent"}

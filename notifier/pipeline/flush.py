@@ -1,9 +1,10 @@
 """The flush: due aggregation windows become digests and delivery rows.
 
-Beat's flush claims due windows with ``FOR UPDATE SKIP LOCKED``: two flushes running at
-once take different windows, never the same one twice. Per channel, the members of a
-window become one digest (a lone member goes as itself), and the recipient's
-preferences are read again, so an opt-out made while waiting still counts.
+The flush (the workers' flush loops, or beat's tick) claims due windows with ``FOR
+UPDATE SKIP LOCKED``: two flushes running at once take different windows, never the
+same one twice. Per channel, the members of a window become one digest (a lone member
+goes as itself), and the recipient's preferences are read again, so an opt-out made
+while waiting still counts.
 """
 
 from __future__ import annotations
@@ -98,12 +99,20 @@ def flush_due_windows(
     _write_digests(cursor, digests)
     due_now = insert_deliveries(cursor, deliveries)
     _set_statuses(cursor, statuses)
-    cursor.execute("DELETE FROM aggregation_windows WHERE id = ANY(%s)", (list(windows),))
+    cursor.execute("DELETE FROM aggregation_windows WHERE id = ANY(%b)", (list(windows),))
     result.digests = len(digests)
     result.notifications = len(statuses)
     result.digested = sum(1 for status, _, _ in statuses.values() if status == "digested")
     result.tasks = queue_deliveries(cursor, due_now, settings, batch_size=batch_size)
     return result
+
+
+def next_due_at(cursor: Cursor[Any]) -> datetime | None:
+    """When the next window is due (None: no window waits), read from the ``due_at``
+    index alone; windows already due and held by another flush count too."""
+    cursor.execute("SELECT min(due_at) FROM aggregation_windows")
+    row = cursor.fetchone()
+    return row[0] if row else None
 
 
 def claim_due_windows(cursor: Cursor[Any], now: datetime, limit: int) -> dict[uuid.UUID, Window]:
@@ -132,7 +141,7 @@ def load_members(
         """
         SELECT id, window_id, recipient_id, type, priority, channels, title, body, data,
                created_at
-        FROM notifications WHERE window_id = ANY(%s) AND status = 'pending'
+        FROM notifications WHERE window_id = ANY(%b) AND status = 'pending'
         ORDER BY window_id, created_at, id
         FOR UPDATE
         """,
@@ -214,17 +223,25 @@ def _digest_row(
     )
 
 
+#: The digests' columns, in the order of ``_digest_row``, and their types for binary COPY.
+_DIGEST_COLUMNS = (
+    ("id", "uuid"), ("recipient_id", "text"), ("type", "text"), ("channel", "text"),
+    ("digest_key", "text"), ("title", "text"), ("body", "text"), ("html", "text"),
+    ("items", "jsonb"), ("item_count", "int4"), ("notification_ids", "uuid[]"),
+    ("window_start", "timestamptz"), ("window_end", "timestamptz"),
+)
+
+
 def _write_digests(cursor: Cursor[Any], digests: list[tuple[Any, ...]]) -> None:
+    """Binary COPY: a chunk's digests (every member's content) in one stream, without
+    a statement or a text rendering of each value per digest."""
     if not digests:
         return
-    cursor.executemany(
-        """
-        INSERT INTO digests (id, recipient_id, type, channel, digest_key, title, body, html,
-            items, item_count, notification_ids, window_start, window_end)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-        """,
-        digests,
-    )
+    columns = ", ".join(name for name, _ in _DIGEST_COLUMNS)
+    with cursor.copy(f"COPY digests ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types([kind for _, kind in _DIGEST_COLUMNS])
+        for row in digests:
+            copy.write_row(row)
 
 
 def _set_statuses(
@@ -237,9 +254,9 @@ def _set_statuses(
         """
         UPDATE notifications n SET status = s.status, digest_id = s.digest_id,
             status_reason = s.reason, updated_at = clock_timestamp()
-        FROM unnest(%s::uuid[], %s::text[], %s::uuid[], %s::text[])
+        FROM unnest(%b::uuid[], %b::text[], %b::uuid[], %b::text[])
             AS s(id, status, digest_id, reason)
         WHERE n.id = s.id
-        """,
+        """,  # %b: binary parameters, a third of the text rendering's cost per chunk
         (ids, [v[0] for v in values], [v[1] for v in values], [v[2] for v in values]),
     )

@@ -35,8 +35,11 @@ except ConfigError as exc:
         sys.exit(f"error: {exc}")
     raise
 
-app = Celery("notifier", include=["notifier.worker.tasks"])
+app = Celery("notifier", include=["notifier.worker.tasks", "notifier.worker.flush_loop"])
 app.config_from_object(_config)
+# Each worker consuming beat's queue runs a flush loop beside its pool (by name: the
+# module imports this one).
+app.steps["worker"].add("notifier.worker.flush_loop:FlushLoopStep")
 
 
 @signals.setup_logging.connect

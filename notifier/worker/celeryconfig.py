@@ -19,8 +19,8 @@ Why each choice (docs/architecture.md, "Ingest"; docs/operating.md, "Recovery af
 
 from kombu import Exchange, Queue
 
-from notifier.settings import delivery_queue, get_settings, queue_name
-from notifier.worker.queues import ALL_QUEUES
+from notifier.settings import get_settings, queue_name
+from notifier.worker.queues import ALL_QUEUES, BEAT_QUEUE
 
 _settings = get_settings()
 
@@ -70,12 +70,12 @@ beat_schedule = {
     "flush-aggregation-windows": {
         "task": "notifier.flush_windows",
         "schedule": _settings.flush_interval,
-        "options": {"queue": delivery_queue("", "critical"), "expires": _settings.flush_interval},
+        "options": {"queue": BEAT_QUEUE, "expires": _settings.flush_interval},
     },
     "sweep-deliveries": {
         "task": "notifier.sweep_deliveries",
         "schedule": _settings.sweep_interval,
-        "options": {"queue": delivery_queue("", "critical"), "expires": _settings.sweep_interval},
+        "options": {"queue": BEAT_QUEUE, "expires": _settings.sweep_interval},
     },
     # Retention of every table (notifier/pipeline/retention.py); a run that outlives the next tick
     # is harmless (SKIP LOCKED), one that waited a whole interval is dropped.
@@ -88,7 +88,7 @@ beat_schedule = {
     "heartbeat": {
         "task": "notifier.heartbeat",
         "schedule": _settings.heartbeat_interval,
-        "options": {"queue": delivery_queue("", "critical"),
+        "options": {"queue": BEAT_QUEUE,
                     "expires": _settings.health_beat_max_age},
     },
 }

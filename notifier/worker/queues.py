@@ -29,6 +29,10 @@ DELIVERY_QUEUES: tuple[str, ...] = (
 )
 #: The critical path alone: critical ingest and critical deliveries.
 CRITICAL_QUEUES: tuple[str, ...] = (INGEST_QUEUES[0], DELIVERY_QUEUES[0])
+#: Beat's housekeeping (the flush tick, the delivery sweep, the heartbeat) goes to the
+#: critical delivery queue, which no bulk traffic holds up; a worker consuming it runs
+#: the flush loop (``notifier.worker.flush_loop``).
+BEAT_QUEUE: str = DELIVERY_QUEUES[0]
 #: Every queue, in the order a worker without ``-Q`` consumes them: critical ingest,
 #: critical deliveries, the bulk ingest queues, then each channel's delivery queue.
 ALL_QUEUES: tuple[str, ...] = (*CRITICAL_QUEUES, *INGEST_QUEUES[1:], *DELIVERY_QUEUES[1:])

@@ -15,7 +15,6 @@ from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from notifier.pipeline.dead_letters import Rejection, without_payload, write_dead_letters
 from notifier.pipeline.delivery import deliver_batch
-from notifier.pipeline.flush import flush_due_windows
 from notifier.pipeline.ingest import (
     IngestMessage,
     IngestResult,
@@ -26,7 +25,6 @@ from notifier.pipeline.ingest import (
 )
 from notifier.pipeline.outbox import DeliveryTask, queue_deliveries, sweep_due_deliveries
 from notifier.pipeline.retention import purge_expired as purge_expired_rows
-from notifier.pipeline.rules import get_rules
 from notifier.schemas import ENQUEUED_AT_HEADER
 from notifier.settings import PRIORITIES, get_settings, queue_name
 from notifier.storage.db import describe_db_error, raw_cursor, session_scope
@@ -112,38 +110,15 @@ def deliver(channel: str, delivery_ids: list[str]) -> dict[str, int]:
     return outcome.as_dict()
 
 
-@app.task(name="notifier.sweep_deliveries", acks_late=True)
+# Beat's housekeeping sends no task events (nor does its flush tick, in flush_loop.py):
+# a row every few seconds would bury the ingest and delivery tasks in Flower's list.
+@app.task(name="notifier.sweep_deliveries", acks_late=True, send_events=False)
 def sweep_deliveries() -> int:
     """Beat's outbox sweep: publish deliveries that are due and not moving."""
     with transaction() as tx:
         tasks = sweep_due_deliveries(tx.cursor, _settings, batch_size=_batch_size)
         tx.after_commit(publish, tasks)
     return sum(len(task.delivery_ids) for task in tasks)
-
-
-@app.task(name="notifier.flush_windows", acks_late=True)
-def flush_windows() -> dict[str, int]:
-    """Beat's flush: due aggregation windows become digests, a transaction per chunk.
-
-    Loops while chunks come back full, so a burst of due windows is cleared in one tick;
-    a second tick running at the same time takes other windows (SKIP LOCKED).
-    """
-    totals = {"windows": 0, "digests": 0, "notifications": 0}
-    while True:
-        with transaction() as tx:
-            result = flush_due_windows(
-                tx.cursor, get_rules(), _settings, datetime.now(UTC), batch_size=_batch_size
-            )
-            tx.after_commit(publish, result.tasks)
-        metrics.record_flush(result.windows, result.digests, result.digested)
-        if result.windows:
-            log.info("flushed %d windows: %d digests of %d notifications", result.windows,
-                     result.digests, result.digested)
-        totals["windows"] += result.windows
-        totals["digests"] += result.digests
-        totals["notifications"] += result.notifications
-        if result.windows < _settings.flush_batch_size:
-            return totals
 
 
 def publish_new_deliveries(delivery_ids: Sequence[Any]) -> None:
@@ -333,7 +308,7 @@ def enqueued_at_of(stamp: Any) -> datetime | None:
 # --- health: beat's heartbeat -------------------------------------------------------
 
 
-@app.task(name="notifier.heartbeat", bind=True)
+@app.task(name="notifier.heartbeat", bind=True, send_events=False)
 def heartbeat(self: Any) -> None:
     """Beat's heartbeat: record when beat sent it and when a worker ran it (``notifier
     health`` tells a stopped beat from beat ticking with nobody consuming its queue)."""

@@ -214,6 +214,40 @@ def test_api_tasks_shows_our_tasks_by_name(flower: Flower) -> None:
     assert {"notifier.ingest", "notifier.deliver"} <= set(types)
 
 
+#: Beat's housekeeping: run every second or few, with task events off.
+HOUSEKEEPING = {"notifier.flush_windows", "notifier.sweep_deliveries", "notifier.heartbeat"}
+
+
+def test_beat_s_housekeeping_stays_out_of_the_task_list(flower: Flower) -> None:
+    """The flush tick, the sweep and the heartbeat run (as beat sends them) but send no
+    task events: a delivery published after them, whose events Flower shows, finds no
+    row of theirs beside it, so the list keeps showing ingest and deliveries."""
+    from notifier import client
+    from notifier.storage.state import state_redis
+    from notifier.worker.app import app
+    from notifier.worker.flush_loop import armed_for
+    from notifier.worker.heartbeat import read_heartbeat
+    from notifier.worker.queues import BEAT_QUEUE
+
+    for name in sorted(HOUSEKEEPING):
+        app.send_task(name, queue=BEAT_QUEUE)
+    wait_for(lambda: read_heartbeat(state_redis()).ran_at is not None, 20, "the heartbeat")
+    wait_for(lambda: armed_for(state_redis()) > 0, 20, "the flush tick")
+
+    def deliveries() -> int:
+        return sum(task["name"] == "notifier.deliver" and task["state"] == "SUCCESS"
+                   for task in flower.get_json("/api/tasks").values())
+
+    before = deliveries()
+    client.notify("flower-later", "flower_check", "After the housekeeping", priority="critical")
+    wait_for(lambda: deliveries() > before, STARTUP_TIMEOUT, "Flower to show the delivery")
+    names = {task["name"] for task in flower.get_json("/api/tasks").values()}
+    assert {"notifier.ingest", "notifier.deliver"} <= names
+    assert not names & HOUSEKEEPING, names
+    types = set(flower.get_json("/api/task/types")["task-types"])
+    assert not types & HOUSEKEEPING, types
+
+
 def test_metrics_and_healthcheck_answer_without_a_login(flower: Flower) -> None:
     """By Flower's design, not ours: the reason it listens on 127.0.0.1 by default."""
     with flower.client(auth=None) as client:
