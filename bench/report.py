@@ -325,8 +325,8 @@ def _print_aggregation(outcomes: dict[str, Outcome], reached: dict[str, dict[str
         print(f"  {_promise_text(efficiency)}")
     if flush:
         extra, lag = flush.extra, flush.extra["flush_latency_ms"]
-        print("\nFlush latency (window close -> digest delivery queued; real worker + beat,"
-              f" flush every {extra['flush_interval_s']:g} s)")
+        print("\nFlush latency (window close -> digest delivery queued; a real worker's flush"
+              f" loop, armed by a real beat ticking every {extra['flush_interval_s']:g} s)")
         print(f"  {flush.label}: {extra['digests_queued']:,} digests queued,"
               f" {flush.committed:,} notifications digested, last window flushed"
               f" {flush.seconds:.1f} s after the first closed"
@@ -626,7 +626,7 @@ def _markdown_aggregation(outcomes: dict[str, Outcome]) -> list[str]:
         left = extra["windows_left"]
         lines += [
             "", "## Flush latency (window close -> digest delivery queued)", "",
-            f"{flush.label}; a real worker and a real beat (flush every"
+            f"{flush.label}; a real worker's flush loop armed by a real beat (tick every"
             f" {extra['flush_interval_s']:g} s, {extra['flush_batch_size']} windows per"
             f" transaction). {extra['digests_queued']:,} digests queued; the last window"
             f" was flushed {flush.seconds:.1f} s after the first closed"
