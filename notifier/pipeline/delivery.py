@@ -8,9 +8,10 @@ The life of a delivery row (``deliveries.status``)::
 
 Postgres is the record: a task only carries ids. Claiming is one ``UPDATE … FOR UPDATE
 SKIP LOCKED`` that only takes rows that are due, so a task published twice (the sweeper
-republished it, Redis handed it to a second worker) sends nothing twice. Each result is
-written the moment the channel reports it, so a worker killed mid-batch leaves only the
-message it was sending in doubt, and the one in doubt is resent with the same
+republished it, Redis handed it to a second worker) sends nothing twice. Results are
+written in bulk, one statement for all that came in over the last few milliseconds
+(``RECORD_EVERY_SECONDS``), so a worker killed mid-batch leaves in doubt the message it
+was sending and those few outcomes; whatever is in doubt is resent with the same
 idempotency key.
 
 Whose problem a failure is decides what it costs (see ``channels.base.DeliveryError``):
