@@ -404,6 +404,8 @@ class EmailChannel(Channel):
         worker's time per e-mail. Only for headers that are ASCII and short enough
         that nothing is encoded or folded; None for any other message (the classic
         path then builds it)."""
+        if not to.addr_spec.isascii():  # SMTPUTF8: the classic path's stand-in
+            return None
         headers = [
             f"Subject: {_header_text(message.title)}", f"From: {self._from_header}",
             f"To: {formataddr((to.display_name, to.addr_spec), 'utf-8')}",

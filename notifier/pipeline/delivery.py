@@ -514,7 +514,7 @@ def _never() -> bool:
 #: as before. What a killed worker leaves in doubt is the message in hand plus the
 #: outcomes of at most this long (and at most this many): resent, with the same
 #: idempotency key, once their claim's lease runs out.
-RECORD_EVERY_SECONDS = 0.01
+RECORD_EVERY_SECONDS = 0.05
 RECORD_AT_MOST = 50
 
 #: One write of many outcomes: each row's new status, attempts (added, or set for a
@@ -523,7 +523,9 @@ RECORD_AT_MOST = 50
 #: was not ours any more). ``synchronous_commit`` is off for this transaction alone
 #: (never for the session: a pooler such as PgBouncer would hand that on to others):
 #: a commit then costs no disk flush, and all it risks is losing the last few outcomes
-#: if Postgres itself crashes, which means a resend, never a loss.
+#: if Postgres itself crashes, which means a resend, never a loss. (The status is tested
+#: through ``coalesce`` so that the planner finds each row by its id: the index on
+#: status would walk every row in flight whenever the statistics think them few.)
 _RECORD = """
 WITH async_commit AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
 UPDATE deliveries d SET
@@ -538,7 +540,7 @@ FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(adds)s::int[], %(sets)s::in
             %(dues)s::timestamptz[], %(errors)s::text[], %(agos)s::float8[])
          AS v(id, status, attempts_add, attempts_set, due, error, ago),
      async_commit
-WHERE d.id = v.id AND d.status = 'sending'
+WHERE d.id = v.id AND coalesce(d.status, '') = 'sending'
 RETURNING d.id, extract(epoch FROM d.sent_at - d.created_at)
 """
 

@@ -61,6 +61,7 @@ def test_what_would_be_encoded_or_folded_goes_through_the_mime_classes():
     for outgoing in (
         message("Café fermé", "body"),  # an encoded word
         message("word " * 20, "body"),  # folded
+        message("title", "body", address="jürgen@example.com"),  # SMTPUTF8
     ):
         direct, classic = both(outgoing)
         assert direct is None and classic
