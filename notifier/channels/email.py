@@ -17,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import email.errors
 import html
+import random
 import re
 import smtplib
 import ssl
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -364,6 +366,14 @@ class EmailChannel(Channel):
                 f"email: recipient {message.recipient_id!r} has no e-mail address"
             )
         to = _recipient(message.address, message.recipient_name or "")
+        html_body = message.html or _text_to_html(message.body)
+        plain = self._compose_plain(message, to, html_body)
+        if plain is None:
+            plain = self._compose_classic(message, to, html_body)
+        return plain, to.addr_spec
+
+    def _compose_classic(self, message: OutgoingMessage, to: Mailbox, html_body: str) -> bytes:
+        """Any message, through the MIME classes (encoded words, folded headers)."""
         # A non-ASCII local part (sent only with SMTPUTF8) goes into the To header as raw
         # UTF-8, which the classic generator would turn into an encoded word: it writes
         # a unique ASCII stand-in that is swapped for the address in the bytes.
@@ -379,13 +389,63 @@ class EmailChannel(Channel):
         # The delivery id is the idempotency key: a resend carries the same Message-ID.
         mail["Message-ID"] = f"<{message.delivery_id}@notifier>"
         mail["X-Notifier-Delivery-Id"] = str(message.delivery_id)
-        html_body = message.html or _text_to_html(message.body)
         mail.attach(_utf8_part(message.body, "plain"))
         mail.attach(_utf8_part(html_body, "html"))
         data = mail.as_bytes(policy=_WIRE)
         if shown != to.addr_spec:
             data = data.replace(shown.encode(), to.addr_spec.encode(), 1)
-        return data, to.addr_spec
+        return data
+
+    def _compose_plain(
+        self, message: OutgoingMessage, to: Mailbox, html_body: str
+    ) -> bytes | None:
+        """The common case written out directly: the same bytes the MIME classes give
+        (a test holds them equal), at a tenth of their cost, which was most of the
+        worker's time per e-mail. Only for headers that are ASCII and short enough
+        that nothing is encoded or folded; None for any other message (the classic
+        path then builds it)."""
+        if not to.addr_spec.isascii():  # SMTPUTF8: the classic path's stand-in
+            return None
+        headers = [
+            f"Subject: {_header_text(message.title)}", f"From: {self._from_header}",
+            f"To: {formataddr((to.display_name, to.addr_spec), 'utf-8')}",
+        ]
+        if any(len(line) > _PLAIN_HEADER_MAX or not line.isascii() for line in headers):
+            return None
+        try:
+            parts = [_qp_part(message.body, "plain"), _qp_part(html_body, "html")]
+        except UnicodeError:  # a lone surrogate: the classic path says what is wrong
+            return None
+        boundary = _boundary()
+        if any(boundary in part for part in parts):
+            return None
+        delimiter = f"\r\n--{boundary}"
+        return "".join((
+            f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"\r\n'
+            "MIME-Version: 1.0\r\n", "\r\n".join(headers),
+            f"\r\nDate: {formatdate(localtime=True)}\r\n"
+            f"Message-ID: <{message.delivery_id}@notifier>\r\n"
+            f"X-Notifier-Delivery-Id: {message.delivery_id}\r\n\r\n--{boundary}\r\n",
+            parts[0], delimiter, "\r\n", parts[1], delimiter, "--\r\n",
+        )).encode("ascii")
+
+
+#: Longest header line the generator leaves unfolded (``compat32``'s 78).
+_PLAIN_HEADER_MAX = 78
+#: The generator's boundary: 15 "=", a random 19-digit number, "==".
+_BOUNDARY_DIGITS = len(repr(sys.maxsize - 1))
+
+
+def _boundary() -> str:
+    return f"{'=' * 15}{random.randrange(sys.maxsize):0{_BOUNDARY_DIGITS}d}=="
+
+
+def _qp_part(text: str, subtype: str) -> str:
+    """A text part as ``_utf8_part`` and the generator write it: its headers, then the
+    text in UTF-8 quoted-printable (which holds no bare CR or LF), ending in CRLF."""
+    body = _UTF8_QP.body_encode(_ending_in_newline(text)).replace("\n", "\r\n")
+    return (f'Content-Type: text/{subtype}; charset="utf-8"\r\nMIME-Version: 1.0\r\n'
+            f"Content-Transfer-Encoding: quoted-printable\r\n\r\n{body}")
 
 
 def _recipient(address: str, display_name: str) -> Mailbox:

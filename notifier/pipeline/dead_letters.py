@@ -180,23 +180,31 @@ class FailedDelivery:
         return payload
 
 
-def write_delivery_dead_letter(cursor: Cursor[Any], failed: FailedDelivery) -> None:
-    """Park a delivery that gave up, with its content; in the caller's transaction, which
-    also marks the delivery dead. Each dead letter of a delivery is a row of its own (a
-    replayed delivery that dies again adds one)."""
-    message = failed.message
+def write_delivery_dead_letters(cursor: Cursor[Any], failed: Sequence[FailedDelivery]) -> None:
+    """Park deliveries that gave up, with their content, in one statement; in the
+    caller's transaction, which also marks them dead. Each dead letter of a delivery is
+    a row of its own (a replayed delivery that dies again adds one). Texts are made
+    storable (``jsonb_safe``): nothing a channel quoted may make the insert fail."""
+    if not failed:
+        return
+    rows = [
+        (
+            f"deliver:{one.id}:{uuid7()}", jsonb_safe(one.reason), one.error_class, one.channel,
+            one.message.type if one.message else None,
+            one.message.notification_id if one.message else None, one.id, one.attempts,
+            Jsonb(jsonb_safe(one.payload())),
+        )
+        for one in failed
+    ]
     cursor.execute(
         """
         INSERT INTO dead_letters (dedup_key, stage, reason, error_class, channel, type,
             notification_id, delivery_id, attempts, payload)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+        SELECT k, %s, r, e, c, t, n, d, a, p
+        FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::uuid[],
+                    %s::uuid[], %s::int[], %s::jsonb[]) AS u(k, r, e, c, t, n, d, a, p)
         """,
-        (
-            f"deliver:{failed.id}:{uuid7()}", Stage.DELIVER.value, failed.reason,
-            failed.error_class, failed.channel, message.type if message else None,
-            message.notification_id if message else None, failed.id, failed.attempts,
-            Jsonb(failed.payload()),
-        ),
+        (Stage.DELIVER.value, *(list(column) for column in zip(*rows, strict=True))),
     )
 
 

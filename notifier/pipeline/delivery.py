@@ -8,9 +8,10 @@ The life of a delivery row (``deliveries.status``)::
 
 Postgres is the record: a task only carries ids. Claiming is one ``UPDATE … FOR UPDATE
 SKIP LOCKED`` that only takes rows that are due, so a task published twice (the sweeper
-republished it, Redis handed it to a second worker) sends nothing twice. Each result is
-written the moment the channel reports it, so a worker killed mid-batch leaves only the
-message it was sending in doubt, and the one in doubt is resent with the same
+republished it, Redis handed it to a second worker) sends nothing twice. Results are
+written in bulk, one statement for all that came in over the last few milliseconds
+(``RECORD_EVERY_SECONDS``), so a worker killed mid-batch leaves in doubt the message it
+was sending and those few outcomes; whatever is in doubt is resent with the same
 idempotency key.
 
 Whose problem a failure is decides what it costs (see ``channels.base.DeliveryError``):
@@ -27,7 +28,8 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -46,7 +48,11 @@ from notifier.channels.base import (
     SendResult,
 )
 from notifier.pipeline.breaker import CircuitBreaker, EndpointBreakers, EndpointTally
-from notifier.pipeline.dead_letters import FailedDelivery, write_delivery_dead_letter
+from notifier.pipeline.dead_letters import (
+    FailedDelivery,
+    jsonb_safe,
+    write_delivery_dead_letters,
+)
 from notifier.pipeline.outbox import BatchSize, DeliveryTask, queue_deliveries
 from notifier.pipeline.ratelimit import RateLimiter, RateRequest
 from notifier.pipeline.retry import RetryPolicy, countdown_second, next_attempt
@@ -115,7 +121,8 @@ def deliver_batch(
     """
     outcome = BatchOutcome()
     with _Recorder(channel_name, settings, outcome, batch_size, stopping) as recorder:
-        claimed = claim_deliveries(recorder.cursor, channel_name, delivery_ids, settings)
+        with recorder.transaction() as cursor:
+            claimed = claim_deliveries(cursor, channel_name, delivery_ids, settings)
         if not claimed:
             return outcome
         try:
@@ -500,15 +507,64 @@ def _never() -> bool:
 
 # --- Recording ----------------------------------------------------------------------
 
+#: Outcomes are written in bulk, one statement for all that came in since the last
+#: write, as soon as this long has passed since it (or this many wait): a fast channel's
+#: outcomes then cost a share of a statement each, while a slow channel's (each result
+#: arriving later than this after the previous write) are written one by one, at once,
+#: as before. What a killed worker leaves in doubt is the message in hand plus the
+#: outcomes of at most this long (and at most this many): resent, with the same
+#: idempotency key, once their claim's lease runs out.
+RECORD_EVERY_SECONDS = 0.05
+RECORD_AT_MOST = 50
+
+#: One write of many outcomes: each row's new status, attempts (added, or set for a
+#: dead one), due time, error and how long before the write it was sent. Only rows
+#: still ``sending`` change (a row whose lease ran out and was claimed again elsewhere
+#: was not ours any more). ``synchronous_commit`` is off for this transaction alone
+#: (never for the session: a pooler such as PgBouncer would hand that on to others):
+#: a commit then costs no disk flush, and all it risks is losing the last few outcomes
+#: if Postgres itself crashes, which means a resend, never a loss. (The status is tested
+#: through ``coalesce`` so that the planner finds each row by its id: the index on
+#: status would walk every row in flight whenever the statistics think them few.)
+_RECORD = """
+WITH async_commit AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
+UPDATE deliveries d SET
+    status = v.status,
+    attempts = coalesce(v.attempts_set, d.attempts + v.attempts_add),
+    next_attempt_at = coalesce(v.due, d.next_attempt_at),
+    last_error = v.error,
+    sent_at = CASE WHEN v.status = 'sent' THEN now() - make_interval(secs => v.ago)
+                   ELSE d.sent_at END,
+    updated_at = now()
+FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(adds)s::int[], %(sets)s::int[],
+            %(dues)s::timestamptz[], %(errors)s::text[], %(agos)s::float8[])
+         AS v(id, status, attempts_add, attempts_set, due, error, ago),
+     async_commit
+WHERE d.id = v.id AND coalesce(d.status, '') = 'sending'
+RETURNING d.id, extract(epoch FROM d.sent_at - d.created_at)
+"""
+
+
+@dataclass
+class _Pending:
+    """One outcome waiting to be written (see ``RECORD_EVERY_SECONDS``)."""
+
+    delivery: ClaimedDelivery
+    status: str
+    #: When it was known (``time.time()``): a sent row's ``sent_at``.
+    at: float
+    attempts_add: int = 0
+    #: A dead delivery's attempts, set rather than added.
+    attempts_set: int | None = None
+    due: datetime | None = None
+    error: str | None = None
+    dead_letter: FailedDelivery | None = None
+
 
 class _Recorder:
-    """Writes each outcome at once, on a connection of its own in autocommit mode.
-
-    ``synchronous_commit`` is off for these small writes: a commit then costs no disk
-    flush, and what it risks is only losing the last few outcomes if Postgres itself
-    crashes, which means a resend, never a loss. A killed worker loses nothing already
-    committed.
-    """
+    """Records each outcome in bulk (see ``RECORD_EVERY_SECONDS``), on a connection of
+    its own in autocommit mode; whatever is still waiting is written when the batch
+    ends, also when it ends by an exception (each outcome is a fact: a message sent)."""
 
     def __init__(
         self, channel: str, settings: Settings, outcome: BatchOutcome,
@@ -520,11 +576,12 @@ class _Recorder:
         self.batch_size = batch_size
         self.stopping = stopping or _never
         self.policy = RetryPolicy.for_channel(settings, {})
+        self._pending: list[_Pending] = []
         self._short_retries: dict[datetime, list[uuid.UUID]] = defaultdict(list)
         self._sent_notifications: list[uuid.UUID] = []
         self._failed_notifications: list[uuid.UUID] = []
         self._configuration_errors: dict[str, list[str]] = defaultdict(list)
-        self._lease_renewed = self._started = time.monotonic()
+        self._lease_renewed = self._started = self._written = time.monotonic()
 
     def should_stop(self) -> bool:
         """Return the rest of the batch: the worker is stopping, or the batch has run
@@ -544,17 +601,25 @@ class _Recorder:
         self.driver = cast("psycopg.Connection[Any]", self.connection.driver_connection)
         self.driver.autocommit = True
         self.cursor = self.driver.cursor()
-        self.cursor.execute("SET synchronous_commit = off")
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         try:
             if exc_info[0] is None:
                 self._finish()
-            self.cursor.execute("RESET synchronous_commit")
+            else:
+                self._write_quietly()
         finally:
             self.driver.autocommit = False
             self.connection.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Cursor[Any]]:
+        """A transaction on the recorder's connection whose commit flushes nothing to
+        disk (``SET LOCAL``: the session keeps its setting; see ``_RECORD``)."""
+        with self.driver.transaction():
+            self.cursor.execute("SET LOCAL synchronous_commit = off")
+            yield self.cursor
 
     def renew_lease(self, remaining: dict[uuid.UUID, ClaimedDelivery]) -> None:
         """Keep a long batch's unsent rows claimed, so the sweeper does not take them
@@ -579,15 +644,7 @@ class _Recorder:
             self.dead(delivery, result.error or PermanentError("unknown failure"))
 
     def sent(self, delivery: ClaimedDelivery) -> None:
-        self.cursor.execute(
-            "UPDATE deliveries SET status = 'sent', sent_at = now(), updated_at = now(),"
-            " attempts = attempts + 1, last_error = NULL WHERE id = %s AND status = 'sending'"
-            " RETURNING extract(epoch FROM clock_timestamp() - created_at)",
-            (delivery.id,),
-        )
-        row = self.cursor.fetchone()
-        if row:
-            self.outcome.latencies.append(max(float(row[0]), 0.0))
+        self._add(_Pending(delivery, "sent", time.time(), attempts_add=1))
         self.outcome.sent += 1
         if delivery.notification_id:
             self._sent_notifications.append(delivery.notification_id)
@@ -598,7 +655,7 @@ class _Recorder:
         if retry is None:
             self.dead(delivery, error, f"gave up after {attempts} attempts: {error}")
             return
-        self._hold(delivery.id, retry.due, str(error), counts_attempt=True)
+        self._hold(delivery, retry.due, str(error), counts_attempt=True)
         self.outcome.retrying += 1
         log.info("delivery %s (%s) failed, attempt %d, retrying in %.1fs: %s", delivery.id,
                  self.channel, attempts, retry.delay, error, extra=self.about(delivery))
@@ -609,7 +666,7 @@ class _Recorder:
         attempts (nor be dead-lettered) over a mistake only the operator can fix. The
         error is logged once per batch and reason (``_finish``)."""
         due = datetime.now(UTC) + timedelta(seconds=self.settings.breaker_open_seconds)
-        self._hold(delivery.id, due, str(error), counts_attempt=False)
+        self._hold(delivery, due, str(error), counts_attempt=False)
         self.outcome.rescheduled += 1
         self._configuration_errors[str(error)].append(str(delivery.id))
 
@@ -618,7 +675,7 @@ class _Recorder:
         due = datetime.fromtimestamp(max(until, 0), UTC)
         held = []
         for delivery in deliveries:
-            self._hold(delivery.id, due, why, counts_attempt=False)
+            self._hold(delivery, due, why, counts_attempt=False)
             self.outcome.rescheduled += 1
             held.append(str(delivery.id))
         if held:
@@ -627,33 +684,26 @@ class _Recorder:
                      extra={"channel": self.channel, "delivery_ids": held})
 
     def _hold(
-        self, delivery_id: uuid.UUID, due: datetime, why: str, *, counts_attempt: bool
+        self, delivery: ClaimedDelivery, due: datetime, why: str, *, counts_attempt: bool
     ) -> None:
-        self.cursor.execute(
-            "UPDATE deliveries SET status = 'retrying', next_attempt_at = %s, last_error = %s,"
-            " updated_at = now(), attempts = attempts + %s WHERE id = %s AND status = 'sending'",
-            (due, why, 1 if counts_attempt else 0, delivery_id),
-        )
+        self._add(_Pending(delivery, "retrying", time.time(), due=due, error=why,
+                           attempts_add=1 if counts_attempt else 0))
         second = countdown_second(due, datetime.now(UTC), self.settings.retry_countdown_max)
         if second is not None:
-            self._short_retries[second].append(delivery_id)
+            self._short_retries[second].append(delivery.id)
 
     def dead(
         self, delivery: ClaimedDelivery, error: DeliveryError, reason: str | None = None
     ) -> None:
-        """Park the delivery in dead_letters with its content, in one transaction."""
+        """Park the delivery in dead_letters with its content, written in the same
+        transaction as its status."""
         attempts = delivery.attempts + (0 if delivery.message is None else 1)
-        with self.driver.transaction():
-            self.cursor.execute(
-                "UPDATE deliveries SET status = 'dead', attempts = %s, last_error = %s,"
-                " updated_at = now() WHERE id = %s AND status = 'sending'",
-                (attempts, str(error), delivery.id),
-            )
-            if self.cursor.rowcount:
-                write_delivery_dead_letter(self.cursor, FailedDelivery(
-                    delivery.id, self.channel, delivery.recipient_id, delivery.priority,
-                    attempts, reason or str(error), type(error).__name__, delivery.message,
-                ))
+        letter = FailedDelivery(
+            delivery.id, self.channel, delivery.recipient_id, delivery.priority, attempts,
+            reason or str(error), type(error).__name__, delivery.message,
+        )
+        self._add(_Pending(delivery, "dead", time.time(), attempts_set=attempts,
+                           error=str(error), dead_letter=letter))
         self.outcome.dead += 1
         if delivery.notification_id:
             self._failed_notifications.append(delivery.notification_id)
@@ -669,30 +719,117 @@ class _Recorder:
             about["digest_id"] = str(delivery.message.digest_id)
         return about
 
+    # --- writing the outcomes ---------------------------------------------------------
+
+    def _add(self, pending: _Pending) -> None:
+        """Keep the outcome; write every waiting one if the last write is
+        ``RECORD_EVERY_SECONDS`` old or ``RECORD_AT_MOST`` wait."""
+        self._pending.append(pending)
+        if (len(self._pending) >= RECORD_AT_MOST
+                or time.monotonic() - self._written >= RECORD_EVERY_SECONDS):
+            self.write()
+
+    def write(self) -> None:
+        """Write every waiting outcome: one statement (with the dead letters, if any,
+        in its transaction). Should the batch's statement fail for a reason that is not
+        Postgres being away (a value it refuses), each is written alone, so that one
+        bad outcome costs itself alone (it stays ``sending``: resent after its lease)."""
+        pending, self._pending = self._pending, []
+        self._written = time.monotonic()
+        if not pending:
+            return
+        try:
+            self._write(pending)
+        except psycopg.OperationalError:
+            raise
+        except Exception:
+            if len(pending) == 1:
+                raise
+            log.exception("%d outcomes (%s) could not be written together; writing each"
+                          " alone", len(pending), self.channel)
+            for one in pending:
+                try:
+                    self._write([one])
+                except psycopg.OperationalError:
+                    raise
+                except Exception:
+                    log.exception("the outcome of delivery %s (%s) could not be written",
+                                  one.delivery.id, self.channel, extra=self.about(one.delivery))
+
+    def _write(self, pending: list[_Pending]) -> None:
+        letters = [p.dead_letter for p in pending if p.dead_letter is not None]
+        now = time.time()
+        parameters = {
+            "ids": [p.delivery.id for p in pending],
+            "statuses": [p.status for p in pending],
+            "adds": [p.attempts_add for p in pending],
+            "sets": [p.attempts_set for p in pending],
+            "dues": [p.due for p in pending],
+            "errors": [None if p.error is None else _storable(p.error) for p in pending],
+            "agos": [max(now - p.at, 0.0) for p in pending],
+        }
+        if letters:
+            with self.transaction() as cursor:
+                written = self._update(cursor, parameters, pending)
+                write_delivery_dead_letters(
+                    cursor, [letter for letter in letters if letter.id in written])
+        else:
+            self._update(self.cursor, parameters, pending)
+
+    def _update(
+        self, cursor: Cursor[Any], parameters: dict[str, Any], pending: list[_Pending]
+    ) -> set[uuid.UUID]:
+        """The statement itself; the sent rows' latencies go to the outcome."""
+        cursor.execute(_RECORD, parameters)
+        written: dict[uuid.UUID, Any] = dict(cursor.fetchall())
+        sent = (written.get(p.delivery.id) for p in pending if p.status == "sent")
+        self.outcome.latencies += [max(float(s), 0.0) for s in sent if s is not None]
+        return set(written)
+
+    def _write_quietly(self) -> None:
+        """The batch failed: still write what is known, if Postgres takes it."""
+        try:
+            self.write()
+        except Exception:
+            log.exception("outcomes of a failed %s batch not written; their deliveries"
+                          " are resent once their lease runs out", self.channel)
+
     def _finish(self) -> None:
-        """The notifications' own status, the short retries to publish, and one error
-        line per configuration problem that held deliveries."""
+        """Every outcome still waiting, the notifications' own status, the short retries
+        to publish, and one error line per configuration problem that held deliveries."""
+        self.write()
         for reason, held in self._configuration_errors.items():
             log.error("%d deliveries (%s) held: our configuration is wrong: %s", len(held),
                       self.channel, reason, extra={"channel": self.channel,
                                                    "delivery_ids": held})
-        if self._sent_notifications:
-            self.cursor.execute(
-                "UPDATE notifications SET status = 'delivered', updated_at = clock_timestamp()"
-                " WHERE id = ANY(%s) AND status IN ('dispatched', 'failed')",
-                (self._sent_notifications,),
-            )
-        if self._failed_notifications:
-            self.cursor.execute(
-                "UPDATE notifications SET status = 'failed', updated_at = clock_timestamp()"
-                " WHERE id = ANY(%s) AND status = 'dispatched'",
-                (self._failed_notifications,),
-            )
-        for due, ids in sorted(self._short_retries.items()):
-            self.outcome.tasks += queue_deliveries(
-                self.cursor, ids, self.settings, from_status="retrying", due_at=due,
-                batch_size=self.batch_size,
-            )
+        if not (self._sent_notifications or self._failed_notifications
+                or self._short_retries):
+            return
+        with self.transaction() as cursor:
+            if self._sent_notifications:
+                cursor.execute(
+                    "UPDATE notifications SET status = 'delivered',"
+                    " updated_at = clock_timestamp()"
+                    " WHERE id = ANY(%s) AND status IN ('dispatched', 'failed')",
+                    (self._sent_notifications,),
+                )
+            if self._failed_notifications:
+                cursor.execute(
+                    "UPDATE notifications SET status = 'failed', updated_at = clock_timestamp()"
+                    " WHERE id = ANY(%s) AND status = 'dispatched'",
+                    (self._failed_notifications,),
+                )
+            for due, ids in sorted(self._short_retries.items()):
+                self.outcome.tasks += queue_deliveries(
+                    cursor, ids, self.settings, from_status="retrying", due_at=due,
+                    batch_size=self.batch_size,
+                )
+
+
+def _storable(text: str) -> str:
+    """Error text as a text column holds it (no NUL, no lone surrogate): a channel may
+    quote anything a server answered."""
+    return cast(str, jsonb_safe(text))
 
 
 def circuit_states() -> dict[str, dict[str, Any]]:
