@@ -11,6 +11,7 @@ from celery import Celery, signals
 
 from notifier.settings import ConfigError
 from notifier.worker import shutdown
+from notifier.worker.lane import CriticalLane
 
 
 def _load_celeryconfig() -> ModuleType:
@@ -37,6 +38,8 @@ except ConfigError as exc:
 
 app = Celery("notifier", include=["notifier.worker.tasks"])
 app.config_from_object(_config)
+# One pool process more than -c, kept for critical ingest batches (notifier/worker/lane.py).
+app.steps["worker"].add(CriticalLane)
 
 
 @signals.setup_logging.connect

@@ -15,6 +15,11 @@ subclass keeps its message handling and replaces the rest:
   them first-in-first-out inside the pool, where a critical batch waits behind all of
   them. Batches wait in this process instead, and when a pool process frees up the
   critical ones ("urgent") go first.
+* **A lane for critical batches.** Under the prefork pool the worker runs one process
+  more than ``-c`` (:mod:`notifier.worker.lane`): bulk batches take a slot of the
+  worker's semaphore like any Celery task, so bulk batches and deliveries together
+  hold at most ``-c`` processes, and an urgent batch goes at once to the one left
+  free, never behind a bulk batch.
 * **Back-pressure.** While a pool's worth of batches is already waiting, or the
   messages held weigh more than ``worker_held_bytes``, the worker stops taking messages
   from its bulk queues, so the backlog stays in the broker, where the queue order still
@@ -47,6 +52,7 @@ from celery_batches.trace import apply_batches_task
 from kombu.message import Message
 
 from notifier.settings import PRIORITIES, get_settings, queue_name
+from notifier.worker.lane import SlotLedger
 
 if TYPE_CHECKING:
     from notifier.worker.batch_sizing import AdaptiveBatchSize
@@ -163,6 +169,11 @@ class CommittedBatches(Batches):
         self._alone: set[str] = set()
         self._in_flight_bytes = 0
         self._urgent_paused: list[str] = []
+        #: Pool processes kept for urgent batches (0: no lane), and those busy.
+        self._lane = 0
+        self._lane_in_flight = 0
+        #: The worker's semaphore, when there is a lane (bulk batches take its slots).
+        self._ledger: SlotLedger | None = None
 
     # --- receiving ----------------------------------------------------------------------
 
@@ -171,7 +182,12 @@ class CommittedBatches(Batches):
         handle = super().Strategy(task, app, consumer)
         _refuse_compressed_bodies()
         self._consumer = consumer
-        self._slots = max(1, getattr(consumer.pool, "limit", None) or 1)
+        controller: Any = getattr(consumer, "controller", None)
+        self._lane = getattr(controller, "critical_lane", 0) or 0
+        pool_size = getattr(consumer.pool, "limit", None) or 1
+        self._slots = max(1, pool_size - self._lane)
+        if self._lane:
+            self._ledger = SlotLedger(controller.semaphore)
 
         def handle_message(message: Message, *args: Any, **kwargs: Any) -> None:
             refused = self._refusal(message)
@@ -282,20 +298,36 @@ class CommittedBatches(Batches):
             while self._flush_again:
                 self._flush_again = False
                 self._take_incoming()
-                while self._in_flight < self._slots and (batch := self._next_batch()):
-                    self.flush(batch)
+                while self._lane_in_flight < self._lane and self._urgent.held:
+                    self._send(self._urgent.take(self.flush_items), lane=True)
+                while (self._in_flight < self._slots and self._batch_ready()
+                       and self._slot_free()):
+                    self._send(self._next_batch(), lane=False)
+            if self._ledger is not None:
+                self._ledger.give_back()
             self._apply_back_pressure()
         finally:
             self._flushing = False
 
+    def _batch_ready(self) -> bool:
+        """An urgent batch, or a bulk one that is full or waited ``flush_interval``."""
+        if self._urgent.held:
+            return True
+        if not self._bulk.held:
+            return False
+        full = self._bulk.items >= self._bulk_batch_size()
+        return full or self._bulk.oldest_age(time.monotonic()) >= self.flush_interval
+
     def _next_batch(self) -> list[Any]:
+        """The batch :meth:`_batch_ready` saw: urgent first."""
         if self._urgent.held:
             return self._urgent.take(self.flush_items)
-        size = self._bulk_batch_size()
-        full = self._bulk.items >= size
-        if full or self._bulk.oldest_age(time.monotonic()) >= self.flush_interval:
-            return self._bulk.take(size)
-        return []
+        return self._bulk.take(self._bulk_batch_size())
+
+    def _slot_free(self) -> bool:
+        """Whether a batch may take a pool process now; with a lane, a slot of the
+        worker's semaphore (else :meth:`_do_flush` runs again once one is free)."""
+        return self._ledger is None or self._ledger.take(self._do_flush)
 
     def _bulk_batch_size(self) -> int:
         """Bulk batches follow the backlog (``flush_items`` is the most); critical ones
@@ -311,10 +343,23 @@ class CommittedBatches(Batches):
         return self._bulk.items / held if held else 1.0
 
     def flush(self, requests: Collection[Any]) -> Any:
+        """celery-batches' entry point: a batch on one of the ``-c`` processes."""
+        return self._send(requests, lane=False)
+
+    def _send(self, requests: Collection[Any], lane: bool) -> Any:
+        """Hand a batch to the pool: on the lane (an urgent batch, no semaphore slot),
+        or on one of the ``-c`` processes (with the slot :meth:`_slot_free` took)."""
         requests = list(requests)
         batch = ([_simple(request) for request in requests],)
         size = sum(_request_size(request) for request in requests)
-        self._in_flight += 1
+        if lane:
+            self._lane_in_flight += 1
+            if self._ledger is not None:
+                self._ledger.lane_started()
+        else:
+            self._in_flight += 1
+            if self._ledger is not None:
+                self._ledger.spend()
         self._in_flight_bytes += size
         event = self._batch_events(requests)
 
@@ -330,7 +375,7 @@ class CommittedBatches(Batches):
                 for request in requests:
                     request.acknowledge()
                 event("task-succeeded", result=repr(result))
-            self._batch_done(size)
+            self._batch_done(size, lane)
 
         def on_error(exc_info: Any) -> None:
             exc = _unwrap(exc_info)
@@ -338,7 +383,7 @@ class CommittedBatches(Batches):
                             f"the worker process failed: {_describe(exc)}")
             self._requeue(requests, f"the worker process failed ({exc_info!r})")
             event("task-failed", exception=repr(exc_info))
-            self._batch_done(size)
+            self._batch_done(size, lane)
 
         return self._pool.apply_async(
             apply_batches_task, (self, batch, 0, None),
@@ -364,8 +409,13 @@ class CommittedBatches(Batches):
 
         return send
 
-    def _batch_done(self, size: int) -> None:
-        self._in_flight -= 1
+    def _batch_done(self, size: int, lane: bool) -> None:
+        if lane:
+            self._lane_in_flight -= 1
+            if self._ledger is not None:
+                self._ledger.lane_ended()
+        else:
+            self._in_flight -= 1
         self._in_flight_bytes -= size
         self._do_flush()
 
