@@ -151,6 +151,9 @@ class CommittedBatches(Batches):
     #: On Redis a resumed queue is read only after the pending BRPOP returns (up to one
     #: second), so half of this must keep the pool busy for about that long.
     pause_batches: int = 20
+    #: Seconds after an urgent message during which bulk batches leave the lane's
+    #: process to it (see :meth:`_bulk_slots`).
+    urgent_linger: float = 1.0
     #: Routing keys whose messages go first and whose queues are never paused.
     urgent_routing_keys: frozenset[str] = frozenset({queue_name("critical")})
 
@@ -172,6 +175,7 @@ class CommittedBatches(Batches):
         #: Pool processes kept for urgent batches (0: no lane), and those busy.
         self._lane = 0
         self._lane_in_flight = 0
+        self._urgent_seen = float("-inf")
         #: The worker's semaphore, when there is a lane (bulk batches take its slots).
         self._ledger: SlotLedger | None = None
 
@@ -271,6 +275,8 @@ class CommittedBatches(Batches):
         while not self._buffer.empty():
             request = self._buffer.get_nowait()
             urgent = request.delivery_info.get("routing_key") in self.urgent_routing_keys
+            if urgent:
+                self._urgent_seen = now
             items = self.items_in(request)
             if self._alone and _request_id(request) in self._alone:
                 self._alone.discard(_request_id(request))
@@ -300,7 +306,7 @@ class CommittedBatches(Batches):
                 self._take_incoming()
                 while self._lane_in_flight < self._lane and self._urgent.held:
                     self._send(self._urgent.take(self.flush_items), lane=True)
-                while (self._in_flight < self._slots and self._batch_ready()
+                while (self._in_flight < self._bulk_slots() and self._batch_ready()
                        and self._slot_free()):
                     self._send(self._next_batch(), lane=False)
             if self._ledger is not None:
@@ -309,9 +315,31 @@ class CommittedBatches(Batches):
         finally:
             self._flushing = False
 
+    def _bulk_slots(self) -> int:
+        """Processes batches other than the lane's may hold: ``-c``, one less for
+        ``urgent_linger`` seconds after an urgent message arrived. On a machine whose
+        cores are all busy (Postgres on the same host), the lane running beside ``-c``
+        bulk batches would have to share their cores; while criticals flow, the lane
+        takes one bulk batch's place instead (what critical-first dispatch did before
+        the lane, but without waiting for that batch to end first)."""
+        lingering = time.monotonic() - self._urgent_seen < self.urgent_linger
+        return max(1, self._slots - self._lane) if self._lane and lingering else self._slots
+
+    def _urgent_overflows(self) -> bool:
+        """Whether urgent work takes one of the ``-c`` processes: always without a lane;
+        with one, once the lane falls behind (a full batch, or one that waited
+        ``flush_interval``). Until then criticals arriving while the lane is busy gather
+        for its next batch: split into small batches on every process, each batch's
+        fixed cost (commit, publishing, a delivery task, its events) made criticals
+        under load slower, and took processes from bulk work."""
+        if not self._urgent.held:
+            return False
+        return (not self._lane or self._urgent.items >= self.flush_items
+                or self._urgent.oldest_age(time.monotonic()) >= self.flush_interval)
+
     def _batch_ready(self) -> bool:
         """An urgent batch, or a bulk one that is full or waited ``flush_interval``."""
-        if self._urgent.held:
+        if self._urgent_overflows():
             return True
         if not self._bulk.held:
             return False
@@ -320,7 +348,7 @@ class CommittedBatches(Batches):
 
     def _next_batch(self) -> list[Any]:
         """The batch :meth:`_batch_ready` saw: urgent first."""
-        if self._urgent.held:
+        if self._urgent_overflows():
             return self._urgent.take(self.flush_items)
         return self._bulk.take(self._bulk_batch_size())
 
