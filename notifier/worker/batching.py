@@ -19,7 +19,9 @@ subclass keeps its message handling and replaces the rest:
   more than ``-c`` (:mod:`notifier.worker.lane`): bulk batches take a slot of the
   worker's semaphore like any Celery task, so bulk batches and deliveries together
   hold at most ``-c`` processes, and an urgent batch goes at once to the one left
-  free, never behind a bulk batch.
+  free, never behind a bulk batch. Urgent work takes one of the ``-c`` processes
+  too once the lane falls behind, and bulk leaves the lane's core to it while
+  criticals flow.
 * **Back-pressure.** While a pool's worth of batches is already waiting, or the
   messages held weigh more than ``worker_held_bytes``, the worker stops taking messages
   from its bulk queues, so the backlog stays in the broker, where the queue order still

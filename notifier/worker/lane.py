@@ -14,7 +14,9 @@ leaves everything else at ``-c``:
   together never occupy more than ``-c`` processes;
 * one critical batch at a time runs on the spare process without a slot
   (:class:`SlotLedger` keeps the semaphore's count right, since the pool releases a
-  slot whenever any job ends).
+  slot whenever any job ends); criticals arriving meanwhile gather for its next batch,
+  and while they flow bulk batches hold one process fewer (``CommittedBatches``
+  ``_urgent_overflows`` and ``_bulk_slots`` say why).
 
 Only for the prefork pool on an event loop (what ``celery -A notifier worker`` runs);
 with ``--pool solo``/``threads`` or ``--autoscale`` there is no lane and critical
