@@ -11,6 +11,7 @@ from celery import Celery, signals
 
 from notifier.settings import ConfigError
 from notifier.worker import shutdown
+from notifier.worker.lane import CriticalLane
 
 
 def _load_celeryconfig() -> ModuleType:
@@ -40,6 +41,8 @@ app.config_from_object(_config)
 # Each worker consuming beat's queue runs a flush loop beside its pool (by name: the
 # module imports this one).
 app.steps["worker"].add("notifier.worker.flush_loop:FlushLoopStep")
+# One pool process more than -c, kept for critical ingest batches (notifier/worker/lane.py).
+app.steps["worker"].add(CriticalLane)
 
 
 @signals.setup_logging.connect

@@ -15,6 +15,13 @@ subclass keeps its message handling and replaces the rest:
   them first-in-first-out inside the pool, where a critical batch waits behind all of
   them. Batches wait in this process instead, and when a pool process frees up the
   critical ones ("urgent") go first.
+* **A lane for critical batches.** Under the prefork pool the worker runs one process
+  more than ``-c`` (:mod:`notifier.worker.lane`): bulk batches take a slot of the
+  worker's semaphore like any Celery task, so bulk batches and deliveries together
+  hold at most ``-c`` processes, and an urgent batch goes at once to the one left
+  free, never behind a bulk batch. Urgent work takes one of the ``-c`` processes
+  too once the lane falls behind, and bulk leaves the lane's core to it while
+  criticals flow.
 * **Back-pressure.** While a pool's worth of batches is already waiting, or the
   messages held weigh more than ``worker_held_bytes``, the worker stops taking messages
   from its bulk queues, so the backlog stays in the broker, where the queue order still
@@ -47,6 +54,7 @@ from celery_batches.trace import apply_batches_task
 from kombu.message import Message
 
 from notifier.settings import PRIORITIES, get_settings, queue_name
+from notifier.worker.lane import SlotLedger
 
 if TYPE_CHECKING:
     from notifier.worker.batch_sizing import AdaptiveBatchSize
@@ -145,6 +153,9 @@ class CommittedBatches(Batches):
     #: On Redis a resumed queue is read only after the pending BRPOP returns (up to one
     #: second), so half of this must keep the pool busy for about that long.
     pause_batches: int = 20
+    #: Seconds after an urgent message during which bulk batches leave the lane's
+    #: process to it (see :meth:`_bulk_slots`).
+    urgent_linger: float = 1.0
     #: Routing keys whose messages go first and whose queues are never paused.
     urgent_routing_keys: frozenset[str] = frozenset({queue_name("critical")})
 
@@ -163,6 +174,12 @@ class CommittedBatches(Batches):
         self._alone: set[str] = set()
         self._in_flight_bytes = 0
         self._urgent_paused: list[str] = []
+        #: Pool processes kept for urgent batches (0: no lane), and those busy.
+        self._lane = 0
+        self._lane_in_flight = 0
+        self._urgent_seen = float("-inf")
+        #: The worker's semaphore, when there is a lane (bulk batches take its slots).
+        self._ledger: SlotLedger | None = None
 
     # --- receiving ----------------------------------------------------------------------
 
@@ -171,7 +188,12 @@ class CommittedBatches(Batches):
         handle = super().Strategy(task, app, consumer)
         _refuse_compressed_bodies()
         self._consumer = consumer
-        self._slots = max(1, getattr(consumer.pool, "limit", None) or 1)
+        controller: Any = getattr(consumer, "controller", None)
+        self._lane = getattr(controller, "critical_lane", 0) or 0
+        pool_size = getattr(consumer.pool, "limit", None) or 1
+        self._slots = max(1, pool_size - self._lane)
+        if self._lane:
+            self._ledger = SlotLedger(controller.semaphore)
 
         def handle_message(message: Message, *args: Any, **kwargs: Any) -> None:
             refused = self._refusal(message)
@@ -255,6 +277,8 @@ class CommittedBatches(Batches):
         while not self._buffer.empty():
             request = self._buffer.get_nowait()
             urgent = request.delivery_info.get("routing_key") in self.urgent_routing_keys
+            if urgent:
+                self._urgent_seen = now
             items = self.items_in(request)
             if self._alone and _request_id(request) in self._alone:
                 self._alone.discard(_request_id(request))
@@ -282,20 +306,58 @@ class CommittedBatches(Batches):
             while self._flush_again:
                 self._flush_again = False
                 self._take_incoming()
-                while self._in_flight < self._slots and (batch := self._next_batch()):
-                    self.flush(batch)
+                while self._lane_in_flight < self._lane and self._urgent.held:
+                    self._send(self._urgent.take(self.flush_items), lane=True)
+                while (self._in_flight < self._bulk_slots() and self._batch_ready()
+                       and self._slot_free()):
+                    self._send(self._next_batch(), lane=False)
+            if self._ledger is not None:
+                self._ledger.give_back()
             self._apply_back_pressure()
         finally:
             self._flushing = False
 
+    def _bulk_slots(self) -> int:
+        """Processes batches other than the lane's may hold: ``-c``, one less for
+        ``urgent_linger`` seconds after an urgent message arrived. On a machine whose
+        cores are all busy (Postgres on the same host), the lane running beside ``-c``
+        bulk batches would have to share their cores; while criticals flow, the lane
+        takes one bulk batch's place instead (what critical-first dispatch did before
+        the lane, but without waiting for that batch to end first)."""
+        lingering = time.monotonic() - self._urgent_seen < self.urgent_linger
+        return max(1, self._slots - self._lane) if self._lane and lingering else self._slots
+
+    def _urgent_overflows(self) -> bool:
+        """Whether urgent work takes one of the ``-c`` processes: always without a lane;
+        with one, once the lane falls behind (a full batch, or one that waited
+        ``flush_interval``). Until then criticals arriving while the lane is busy gather
+        for its next batch: split into small batches on every process, each batch's
+        fixed cost (commit, publishing, a delivery task, its events) made criticals
+        under load slower, and took processes from bulk work."""
+        if not self._urgent.held:
+            return False
+        return (not self._lane or self._urgent.items >= self.flush_items
+                or self._urgent.oldest_age(time.monotonic()) >= self.flush_interval)
+
+    def _batch_ready(self) -> bool:
+        """An urgent batch, or a bulk one that is full or waited ``flush_interval``."""
+        if self._urgent_overflows():
+            return True
+        if not self._bulk.held:
+            return False
+        full = self._bulk.items >= self._bulk_batch_size()
+        return full or self._bulk.oldest_age(time.monotonic()) >= self.flush_interval
+
     def _next_batch(self) -> list[Any]:
-        if self._urgent.held:
+        """The batch :meth:`_batch_ready` saw: urgent first."""
+        if self._urgent_overflows():
             return self._urgent.take(self.flush_items)
-        size = self._bulk_batch_size()
-        full = self._bulk.items >= size
-        if full or self._bulk.oldest_age(time.monotonic()) >= self.flush_interval:
-            return self._bulk.take(size)
-        return []
+        return self._bulk.take(self._bulk_batch_size())
+
+    def _slot_free(self) -> bool:
+        """Whether a batch may take a pool process now; with a lane, a slot of the
+        worker's semaphore (else :meth:`_do_flush` runs again once one is free)."""
+        return self._ledger is None or self._ledger.take(self._do_flush)
 
     def _bulk_batch_size(self) -> int:
         """Bulk batches follow the backlog (``flush_items`` is the most); critical ones
@@ -311,10 +373,23 @@ class CommittedBatches(Batches):
         return self._bulk.items / held if held else 1.0
 
     def flush(self, requests: Collection[Any]) -> Any:
+        """celery-batches' entry point: a batch on one of the ``-c`` processes."""
+        return self._send(requests, lane=False)
+
+    def _send(self, requests: Collection[Any], lane: bool) -> Any:
+        """Hand a batch to the pool: on the lane (an urgent batch, no semaphore slot),
+        or on one of the ``-c`` processes (with the slot :meth:`_slot_free` took)."""
         requests = list(requests)
         batch = ([_simple(request) for request in requests],)
         size = sum(_request_size(request) for request in requests)
-        self._in_flight += 1
+        if lane:
+            self._lane_in_flight += 1
+            if self._ledger is not None:
+                self._ledger.lane_started()
+        else:
+            self._in_flight += 1
+            if self._ledger is not None:
+                self._ledger.spend()
         self._in_flight_bytes += size
         event = self._batch_events(requests)
 
@@ -330,7 +405,7 @@ class CommittedBatches(Batches):
                 for request in requests:
                     request.acknowledge()
                 event("task-succeeded", result=repr(result))
-            self._batch_done(size)
+            self._batch_done(size, lane)
 
         def on_error(exc_info: Any) -> None:
             exc = _unwrap(exc_info)
@@ -338,7 +413,7 @@ class CommittedBatches(Batches):
                             f"the worker process failed: {_describe(exc)}")
             self._requeue(requests, f"the worker process failed ({exc_info!r})")
             event("task-failed", exception=repr(exc_info))
-            self._batch_done(size)
+            self._batch_done(size, lane)
 
         return self._pool.apply_async(
             apply_batches_task, (self, batch, 0, None),
@@ -364,8 +439,13 @@ class CommittedBatches(Batches):
 
         return send
 
-    def _batch_done(self, size: int) -> None:
-        self._in_flight -= 1
+    def _batch_done(self, size: int, lane: bool) -> None:
+        if lane:
+            self._lane_in_flight -= 1
+            if self._ledger is not None:
+                self._ledger.lane_ended()
+        else:
+            self._in_flight -= 1
         self._in_flight_bytes -= size
         self._do_flush()
 

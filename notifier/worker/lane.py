@@ -1,0 +1,119 @@
+"""The critical lane: one pool process more than ``-c`` asks for, kept free for
+critical ingest batches, so a critical notification never waits for a bulk batch.
+
+Celery's prefork pool writes a job to any idle process (``-O fair``, the default) and
+queues it first-in-first-out when none is idle: with ``-c 2`` and two bulk batches of
+500 notifications in progress, a critical batch waited for one of them to finish
+(100-300 ms under load). This bootstep starts the pool with ``-c`` + 1 processes and
+leaves everything else at ``-c``:
+
+* Celery's own tasks (deliveries, flushes, sweeps) take a slot of the worker's
+  semaphore as always, and that semaphore keeps its ``-c`` slots;
+* bulk ingest batches take a slot of the same semaphore
+  (:class:`notifier.worker.batching.CommittedBatches`), so deliveries and bulk batches
+  together never occupy more than ``-c`` processes;
+* one critical batch at a time runs on the spare process without a slot
+  (:class:`SlotLedger` keeps the semaphore's count right, since the pool releases a
+  slot whenever any job ends); criticals arriving meanwhile gather for its next batch,
+  and while they flow bulk batches hold one process fewer (``CommittedBatches``
+  ``_urgent_overflows`` and ``_bulk_slots`` say why).
+
+Only for the prefork pool on an event loop (what ``celery -A notifier worker`` runs);
+with ``--pool solo``/``threads`` or ``--autoscale`` there is no lane and critical
+batches simply go first among the batches waiting for a process, as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import bootsteps
+
+#: Pool processes added for critical ingest batches.
+LANE_PROCESSES = 1
+
+
+class CriticalLane(bootsteps.Step):
+    """Grow the pool by :data:`LANE_PROCESSES` before it starts, leaving the worker's
+    semaphore (the slots of Celery's own tasks) as ``-c`` made it."""
+
+    label = "critical lane"
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        parent.critical_lane = 0
+        super().__init__(parent, **kwargs)
+
+    def create(self, parent: Any) -> None:
+        if lane_possible(parent):
+            parent.pool.limit += LANE_PROCESSES  # read when the pool starts its processes
+            parent.critical_lane = LANE_PROCESSES
+
+
+def lane_possible(worker: Any) -> bool:
+    """A prefork pool guarded by the worker's semaphore, on an event loop, fixed size."""
+    pool = getattr(worker, "pool", None)
+    return bool(
+        worker.use_eventloop and not worker.autoscale and pool is not None
+        and getattr(worker, "semaphore", None) is not None
+        and worker.process_task == worker._process_task_sem
+        and getattr(pool, "uses_semaphore", False)
+    )
+
+
+class SlotLedger:
+    """The worker's semaphore, shared by Celery's tasks and bulk ingest batches, with
+    the critical lane's jobs accounted for.
+
+    The pool releases a slot whenever *any* job ends, the lane's included, so a lane
+    job holds one while it runs: the semaphore grows by one when it starts and, when
+    it ends (after the pool's release), shrinks by one and takes a slot back at once,
+    or, if a waiting task got the released slot first, the next slot to come free.
+    """
+
+    def __init__(self, semaphore: Any) -> None:
+        self.semaphore = semaphore
+        self.held = 0  # slots taken for batches not yet sent to the pool
+        self.waiting = False
+
+    def take(self, on_granted: Any) -> bool:
+        """A slot now (True), or ``on_granted()`` once one is free, after the tasks
+        already waiting (False). At most one wait at a time."""
+        if self.held:
+            return True
+        if self.waiting and self.semaphore.value > 0:
+            self.waiting = False  # a semaphore cleared on reconnect dropped our wait
+        if self.waiting:
+            return False
+        self.waiting = True
+        self.semaphore.acquire(self._granted, on_granted)
+        return self.held > 0
+
+    def _granted(self, on_granted: Any) -> None:
+        if not self.waiting:  # a stale wait: give the slot back
+            self.semaphore.release()
+            return
+        self.waiting = False
+        self.held += 1
+        on_granted()
+
+    def spend(self) -> None:
+        """A held slot goes with a batch to the pool (which releases it at the end)."""
+        self.held -= 1
+
+    def give_back(self) -> None:
+        """Return a held slot nothing needs any more."""
+        while self.held:
+            self.held -= 1
+            self.semaphore.release()
+
+    def lane_started(self) -> None:
+        self.semaphore.initial_value += 1
+
+    def lane_ended(self) -> None:
+        self.semaphore.initial_value -= 1
+        self.semaphore.acquire(_keep)
+
+
+def _keep() -> None:
+    """The slot taken back after a lane job: kept, i.e. the semaphore shrinks."""

@@ -1,0 +1,141 @@
+"""The critical lane: a critical notification never waits for a bulk batch.
+
+The bulk batches are made slow deterministically: the test holds a lock on the open
+aggregation window every bulk item joins, so each bulk batch blocks inside Postgres for
+as long as the test wants, while a critical notification touches no window.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from kombu.asynchronous.semaphore import LaxBoundedSemaphore
+from sqlalchemy import Connection, text
+
+from notifier import client
+from notifier.storage.db import get_engine
+from notifier.worker.lane import SlotLedger
+from tests.workers import WorkerProcess, count_rows, wait_for
+
+BULK_TYPE = "lane_test"  # the default rule: a 15-minute window of up to 10 items
+
+
+def _bulk(recipient: str, count: int) -> list[dict[str, object]]:
+    return [{"recipient": recipient, "type": BULK_TYPE, "title": f"bulk {i}"}
+            for i in range(count)]
+
+
+@contextmanager
+def _window_locked(recipient: str) -> Iterator[Connection]:
+    """Hold the group's open window FOR UPDATE (as a bulk batch would) until the block
+    ends: every batch with an item of that group waits for it inside Postgres."""
+    with get_engine().connect() as connection:
+        transaction = connection.begin()
+        locked = connection.execute(text(
+            "SELECT id FROM aggregation_windows WHERE recipient_id = :r AND type = :t"
+            " AND NOT closed FOR UPDATE"), {"r": recipient, "t": BULK_TYPE}).all()
+        assert len(locked) == 1
+        try:
+            yield connection
+        finally:
+            transaction.rollback()
+
+
+def _batches_waiting_on_locks() -> int:
+    return count_rows(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'notifier'"
+        " AND wait_event_type = 'Lock' AND datname = current_database()")
+
+
+def _stored(notification_id: str) -> bool:
+    return count_rows("SELECT count(*) FROM notifications WHERE id = :id",
+                      id=notification_id) == 1
+
+
+@pytest.mark.slow
+def test_critical_is_committed_while_bulk_batches_hold_every_pool_process():
+    """With -c 2, two bulk batches blocked in Postgres and more bulk waiting behind
+    them, a critical notification is still stored (and its delivery row written)."""
+    recipient = f"lane-{uuid.uuid4().hex[:8]}"
+    # Long enough that Redis never hands the held messages out again meanwhile.
+    worker = WorkerProcess.start(env={"NOTIFIER_VISIBILITY_TIMEOUT": "120"})
+    try:
+        client.notify_many(_bulk(recipient, 1))  # opens the group's window
+        wait_for(lambda: count_rows("SELECT count(*) FROM aggregation_windows"
+                                    " WHERE recipient_id = :r", r=recipient) == 1,
+                 what="the window")
+        with _window_locked(recipient):
+            for _ in range(20):  # a backlog: two batches blocked, the rest held
+                client.notify_many(_bulk(recipient, 50))
+            wait_for(lambda: _batches_waiting_on_locks() == 2, timeout=30,
+                     what="both pool processes blocked on the window")
+            critical = client.notify(f"{recipient}-ops", "alert", "disk full",
+                                     priority="critical")
+            wait_for(lambda: _stored(critical), timeout=30, what="the critical notification")
+            # The bulk batches are still where they were: blocked, nothing of theirs stored.
+            assert _batches_waiting_on_locks() == 2
+            assert count_rows("SELECT count(*) FROM notifications WHERE recipient_id = :r",
+                              r=recipient) == 1
+            assert count_rows("SELECT count(*) FROM deliveries WHERE notification_id = :id",
+                              id=critical) == 1
+        wait_for(lambda: count_rows("SELECT count(*) FROM notifications WHERE"
+                                    " recipient_id = :r", r=recipient) == 1001,
+                 timeout=60, what="the backlog, once the window is free")
+    finally:
+        worker.stop()
+
+
+# --- the slot accounting the lane relies on ---------------------------------------------
+
+
+def _pool_releases(semaphore: LaxBoundedSemaphore, jobs: int) -> None:
+    """What the pool does when ``jobs`` jobs end: one release each, whoever took them."""
+    for _ in range(jobs):
+        semaphore.release()
+
+
+def test_a_lane_job_ending_while_a_task_waits_costs_no_slot():
+    """Two slots held by bulk batches, a task waiting for one, a lane job ends: the
+    pool's release for the lane job goes to the waiting task, and the ledger takes the
+    next slot to come free back, so the slots never exceed two for long."""
+    semaphore = LaxBoundedSemaphore(2)
+    ledger = SlotLedger(semaphore)
+    granted: list[str] = []
+    for _ in range(2):
+        assert ledger.take(lambda: granted.append("bulk"))
+        ledger.spend()
+    semaphore.acquire(granted.append, "task")  # a delivery task waits
+    ledger.lane_started()
+    _pool_releases(semaphore, 1)  # the lane job ends...
+    ledger.lane_ended()
+    assert granted == ["bulk", "bulk", "task"]  # ...its release went to the waiting task
+    assert semaphore.initial_value == 2
+    _pool_releases(semaphore, 3)  # both bulk batches and the task end
+    assert semaphore.value == 2  # one release was taken back: two slots, as before
+
+
+def test_a_lane_job_ending_on_an_idle_worker_leaves_every_slot():
+    semaphore = LaxBoundedSemaphore(2)
+    ledger = SlotLedger(semaphore)
+    ledger.lane_started()
+    _pool_releases(semaphore, 1)
+    ledger.lane_ended()
+    assert (semaphore.value, semaphore.initial_value) == (2, 2)
+
+
+def test_a_bulk_batch_waits_for_a_slot_behind_the_tasks_already_waiting():
+    semaphore = LaxBoundedSemaphore(1)
+    ledger = SlotLedger(semaphore)
+    order: list[str] = []
+    semaphore.acquire(order.append, "running task")
+    semaphore.acquire(order.append, "waiting task")
+    assert not ledger.take(lambda: order.append("bulk"))
+    assert not ledger.take(lambda: order.append("bulk again"))  # one wait at a time
+    _pool_releases(semaphore, 2)
+    assert order == ["running task", "waiting task", "bulk"]
+    ledger.spend()
+    _pool_releases(semaphore, 1)
+    assert semaphore.value == 1
