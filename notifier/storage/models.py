@@ -204,14 +204,17 @@ class AggregationWindow(Base):
 
     Groups are (recipient, type, digest key); the digest key comes from a data field the
     type's rule names ("" when none). A window is ``closed`` once it holds its rule's
-    maximum count: it is then due at once and new items open the next window.
+    maximum count (or found past its due time by ingest): it is then due, and new items
+    open the next window. At most one window per group is not closed.
     """
 
     __tablename__ = "aggregation_windows"
     __table_args__ = (
         Index("ix_aggregation_windows_due_at", "due_at"),
-        Index("ix_aggregation_windows_open", "recipient_id", "type", "digest_key",
-              postgresql_where=text("NOT closed")),
+        # One open window per group: concurrent batches meet here (migration 0008).
+        Index("uq_aggregation_windows_open", "recipient_id", "type", "digest_key",
+              unique=True, postgresql_where=text("NOT closed")),
+        # The table is made with fillfactor 50 (migration 0008): upserts stay HOT.
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
