@@ -13,6 +13,7 @@ is decided here too, for ingest and for the flush alike.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,81 @@ def load_recipient_states(
     }
 
 
+class RecipientStates:
+    """Recipients' routing state kept by one process across batches (ingest's cache).
+
+    The statement that reads the states it lacks also reads the preferences generation,
+    which triggers bump in the transaction of every change to a recipient's preferences,
+    time zone or name (migration 0009). A state is used only while the generation read
+    with it is still the one Postgres shows, so a change committed before a batch's
+    statement ran is always seen: never stale after ``set_preferences`` returns.
+    Recipients missing from the table are never kept (ingest creates them first).
+    """
+
+    def __init__(self, limit: int = 100_000) -> None:
+        #: Past this many recipients the cache starts over (a bound on its memory).
+        self.limit = limit
+        self._database: tuple[str, ...] | None = None
+        self._generation: int | None = None
+        self._states: dict[str, RecipientState] = {}
+
+    def get(self, cursor: Cursor[Any], recipient_ids: Iterable[str]) -> dict[str, RecipientState]:
+        """The states of the recipients that exist, as of this statement."""
+        wanted = set(recipient_ids)
+        database = _database_of(cursor)
+        if database != self._database:  # a process may talk to more than one database
+            self._database, self._generation, self._states = database, None, {}
+        missing = wanted.difference(self._states)
+        generation, loaded = _read_states(cursor, missing)
+        if generation != self._generation:
+            if len(missing) < len(wanted):  # what we kept may have changed: read it all
+                generation, loaded = _read_states(cursor, wanted)
+            self._generation, self._states = generation, {}
+        if len(self._states) + len(loaded) > self.limit:
+            self._states = {}
+        self._states.update(loaded)
+        states = self._states
+        return {key: states[key] for key in wanted if key in states}
+
+
+    def get_cached(self, recipient_id: str) -> RecipientState | None:
+        """What the cache holds for the recipient (checked only at the next ``get``)."""
+        return self._states.get(recipient_id)
+
+
+def _database_of(cursor: Cursor[Any]) -> tuple[str, ...]:
+    info = cursor.connection.info
+    return (info.host, str(info.port), info.dbname)
+
+
+def _read_states(
+    cursor: Cursor[Any], recipient_ids: Iterable[str]
+) -> tuple[int, dict[str, RecipientState]]:
+    """(the preferences generation, the recipients' states), read by one statement: one
+    snapshot. The ids travel as one JSON text (psycopg dumps a list in Python)."""
+    cursor.execute(
+        """
+        SELECT generation, NULL, NULL, NULL, NULL FROM preferences_generation
+        UNION ALL
+        SELECT NULL, r.id, r.timezone, r.preferences, r.name
+        FROM json_array_elements_text(%s::json) AS i(id) JOIN recipients r ON r.id = i.id
+        """,
+        (json.dumps(sorted(recipient_ids)),), prepare=False,  # see already_stored
+    )
+    generation, states = 0, {}
+    for gen, key, timezone, preferences, name in cursor:
+        if key is None:
+            generation = gen
+        else:
+            states[key] = RecipientState(_preferences(preferences), timezone or "UTC", name)
+    return generation, states
+
+
+#: Ingest's cache of this process (a forked pool process starts from its parent's copy,
+#: checked against the generation like any other).
+recipient_states = RecipientStates()
+
+
 def _preferences(raw: dict[str, Any] | None) -> Preferences:
     """Stored preferences; ones that no longer validate (an old version's) are ignored
     rather than stopping every notification of the recipient."""
@@ -110,7 +186,7 @@ def route_notifications(
     cursor: Cursor[Any], candidates: Sequence[Any], rules: Rules, settings: Settings, now: datetime
 ) -> dict[uuid.UUID, Routed]:
     """Decide, for each candidate (``.id``, ``.notification``), what happens to it."""
-    states = load_recipient_states(cursor, (c.notification.recipient_id for c in candidates))
+    states = recipient_states.get(cursor, (c.notification.recipient_id for c in candidates))
     stored = already_stored(cursor, [c.id for c in candidates])
     routed: dict[uuid.UUID, Routed] = {}
     waiting: list[tuple[Waiting, tuple[str, ...]]] = []
@@ -146,7 +222,10 @@ def route_notifications(
 def already_stored(cursor: Cursor[Any], ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
     if not ids:
         return set()
-    cursor.execute("SELECT id FROM notifications WHERE id = ANY(%s)", (list(ids),))
+    # A uuid[] literal: psycopg would dump a list element by element in Python. Never
+    # prepared: a generic plan made while the table was small scans it for ever after.
+    cursor.execute("SELECT id FROM notifications WHERE id = ANY(%s::uuid[])",
+                   ("{" + ",".join(map(str, ids)) + "}",), prepare=False)
     return {row[0] for row in cursor.fetchall()}
 
 
@@ -158,7 +237,7 @@ def dispatch_now(
     routed)`` pairs); returns the ids to publish now."""
     if not items:
         return []
-    states = load_recipient_states(cursor, (c.notification.recipient_id for c, _ in items))
+    states = recipient_states.get(cursor, (c.notification.recipient_id for c, _ in items))
     deliveries = []
     for candidate, routed in items:
         n = candidate.notification

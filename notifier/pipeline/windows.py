@@ -224,6 +224,7 @@ def load_open_windows(
         FOR UPDATE OF w
         """,
         (now, json.dumps([{"r": r, "t": t, "k": k} for r, t, k in keys])),
+        prepare=False,  # planned for the table as it is now, never a stale generic plan
     )
     return {
         (row[1], row[2], row[3]): Window(row[0], (row[1], row[2], row[3]), *row[4:])

@@ -231,6 +231,18 @@ class AggregationWindow(Base):
     closed: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
 
 
+class PreferencesGeneration(Base):
+    """One row: bumped by triggers (migration 0009) in the transaction of any change to
+    a recipient's preferences, time zone or name, so a worker's cached copy of them
+    (``notifier.pipeline.routing.RecipientStates``) knows when to read them again."""
+
+    __tablename__ = "preferences_generation"
+    __table_args__ = (CheckConstraint("id", name="one_row"),)
+
+    id: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"))
+    generation: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
 class Delivery(Base):
     __tablename__ = "deliveries"
     __table_args__ = (
