@@ -183,11 +183,17 @@ def hold_until(
 
 
 def route_notifications(
-    cursor: Cursor[Any], candidates: Sequence[Any], rules: Rules, settings: Settings, now: datetime
+    cursor: Cursor[Any], candidates: Sequence[Any], rules: Rules, settings: Settings,
+    now: datetime, *, stored: set[uuid.UUID] | None = None,
 ) -> dict[uuid.UUID, Routed]:
-    """Decide, for each candidate (``.id``, ``.notification``), what happens to it."""
+    """Decide, for each candidate (``.id``, ``.notification``), what happens to it.
+
+    ``stored``: the candidates' ids already in ``notifications`` (:func:`already_stored`),
+    if the caller has read them.
+    """
     states = recipient_states.get(cursor, (c.notification.recipient_id for c in candidates))
-    stored = already_stored(cursor, [c.id for c in candidates])
+    if stored is None:
+        stored = already_stored(cursor, [c.id for c in candidates])
     routed: dict[uuid.UUID, Routed] = {}
     waiting: list[tuple[Waiting, tuple[str, ...]]] = []
     for candidate in candidates:
