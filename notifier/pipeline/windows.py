@@ -234,7 +234,8 @@ def load_open_windows(
 
 def open_window(item: Waiting, now: datetime) -> Window:
     """A new window: the rule's, or the recipient's hourly/daily/weekly digest slot."""
-    digest_at = next_digest_at(item.preferences, item.timezone, now)
+    digest_at = (None if item.preferences.digest_mode == "immediate"  # most: skip the zone
+                 else next_digest_at(item.preferences, item.timezone, now))
     if digest_at is not None:
         return Window(uuid7(), item.key, "digest", now, digest_at, digest_at, max_count=0)
     rule = item.rule
