@@ -264,12 +264,14 @@ class NotificationIn(BaseModel):
             ) from None
         if size > limit:
             raise ValueError(f"data: is {size} bytes of JSON, more than the limit of {limit}")
-        self._data_json = encoded
+        # Straight into the private attributes' dict: pydantic's __setattr__ and
+        # __getattr__ for a private attribute cost more than the rest of the row.
+        self.__pydantic_private__["_data_json"] = encoded  # type: ignore[index]
         return self
 
     @property
     def data_json(self) -> str:
-        return self._data_json
+        return self.__pydantic_private__["_data_json"]  # type: ignore[index,no-any-return]
 
     @field_validator("send_at")
     @classmethod

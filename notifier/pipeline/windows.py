@@ -110,10 +110,10 @@ def _settles(window: Window, items: int) -> bool:
 _UPSERT_WINDOWS = """
 INSERT INTO aggregation_windows AS w (id, recipient_id, type, digest_key, mode, opened_at,
     due_at, latest_due_at, item_count, max_count, closed)
-SELECT g.id, g.r, g.t, g.k, g.mode, %(now)s, g.due, g.latest, g.n, g.max, g.closed
-FROM json_to_recordset(%(groups)s::json) AS g(id uuid, r text, t text, k text, mode text,
-    due timestamptz, latest timestamptz, n int, max int, closed bool)
-ORDER BY g.r, g.t, g.k
+SELECT (g->>0)::uuid, g->>1, g->>2, g->>3, g->>4, %(now)s, (g->>5)::timestamptz,
+    (g->>6)::timestamptz, (g->>7)::int, (g->>8)::int, (g->>9)::bool
+FROM json_array_elements(%(groups)s::json) AS g
+ORDER BY 2, 3, 4
 ON CONFLICT (recipient_id, type, digest_key) WHERE NOT closed DO UPDATE SET
     item_count = w.item_count + {joining},
     due_at = CASE WHEN w.max_count > 0 AND w.item_count + {joining} >= w.max_count
@@ -150,16 +150,20 @@ def upsert_windows(
     the window the first left open (or opens the next if the first closed it).
     """
     rows = []
+    stamps: dict[datetime, str] = {}  # most groups share their times: format each once
     for key, items in groups.items():
         window = fresh[key]
         count = _fresh_count(window, len(items))
         closed = _settles(window, len(items)) and 0 < window.max_count <= count
-        rows.append({
-            "id": str(window.id), "r": key[0], "t": key[1], "k": key[2], "mode": window.mode,
-            "due": (min(window.due_at, now) if closed else window.due_at).isoformat(),
-            "latest": window.latest_due_at.isoformat(), "n": count,
-            "max": window.max_count, "closed": closed,
-        })
+        due = min(window.due_at, now) if closed else window.due_at
+        rows.append((
+            str(window.id), *key, window.mode,
+            stamps.get(due) or stamps.setdefault(due, due.isoformat()),
+            stamps.get(window.latest_due_at)
+            or stamps.setdefault(window.latest_due_at, window.latest_due_at.isoformat()),
+            count, window.max_count, closed,
+        ))
+    # One JSON text of row arrays: psycopg would dump ten lists element by element.
     cursor.execute(_UPSERT_WINDOWS, {"groups": json.dumps(rows), "now": now})
     return [((r, t, k), window_id, inserted) for r, t, k, window_id, inserted in cursor]
 
