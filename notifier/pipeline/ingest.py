@@ -384,22 +384,46 @@ def claim_idempotency_keys(
 def copy_notifications(
     cursor: Cursor[Any], candidates: Sequence[Candidate], routed: dict[uuid.UUID, Routed]
 ) -> list[uuid.UUID]:
-    """COPY the candidates straight into ``notifications``; returns their ids.
+    """COPY the candidates straight into ``notifications``; returns the ids stored.
 
     The caller passes only ids not stored before (``already_stored``, in this
     transaction). Should another transaction be storing one of them right now (the same
     message redelivered to a second worker), COPY waits for it and then fails on the
-    primary key: the batch is stored again message by message, and finds it stored.
+    primary key: that batch alone goes the slower way, through a temporary table and
+    ``INSERT ... ON CONFLICT DO NOTHING``, inside a savepoint so nothing else is undone.
     """
     if not candidates:
         return []
-    with cursor.copy(_COPY_NOTIFICATIONS) as copy:
-        for candidate in candidates:
-            copy.write_row(_notification_row(candidate, routed[candidate.id]))
+    rows = [_notification_row(candidate, routed[candidate.id]) for candidate in candidates]
+    try:
+        # A savepoint within the batch's transaction, then the COPY.
+        with cursor.connection.transaction(), cursor.copy(_COPY_NOTIFICATIONS) as copy:
+            for row in rows:
+                copy.write_row(row)
+    except psycopg.errors.UniqueViolation:
+        return _insert_new_only(cursor, rows)
     return [candidate.id for candidate in candidates]
 
 
-_COPY_NOTIFICATIONS = f"COPY notifications ({', '.join(_NOTIFICATION_COLUMNS)}) FROM STDIN"
+_COLUMNS = ", ".join(_NOTIFICATION_COLUMNS)
+_COPY_NOTIFICATIONS = f"COPY notifications ({_COLUMNS}) FROM STDIN"
+
+
+def _insert_new_only(cursor: Cursor[Any], rows: list[tuple[Any, ...]]) -> list[uuid.UUID]:
+    """The rows whose id no transaction has stored, through a temporary table (emptied at
+    commit, made inside the transaction so a rollback cannot leave it missing)."""
+    cursor.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS ingest_staging"
+        " (LIKE notifications INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    )
+    with cursor.copy(f"COPY ingest_staging ({_COLUMNS}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+    cursor.execute(
+        f"INSERT INTO notifications ({_COLUMNS}) SELECT {_COLUMNS} FROM ingest_staging"
+        " ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id"
+    )
+    return [row[0] for row in cursor.fetchall()]
 
 
 def _notification_row(candidate: Candidate, routed: Routed) -> tuple[Any, ...]:

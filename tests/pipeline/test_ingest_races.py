@@ -101,6 +101,31 @@ def test_many_groups_opened_by_two_batches_at_once_in_opposite_orders():
         ids(batches[0] + batches[1]))
 
 
+def test_one_message_stored_by_two_batches_at_once_is_stored_once():
+    """The same message redelivered to a second worker while the first still holds it:
+    the second's COPY waits for the first, meets its ids, and stores nothing, without a
+    dead letter and without undoing the rest of its transaction."""
+    _create("twice")
+    message = IngestMessage("m-twice", [note("alert", "twice", priority="critical")])
+    with ThreadPoolExecutor(1) as pool:
+        with session_scope() as session:
+            first = ingest_batch(session, [message], rules=BUILTIN_RULES, now=T0)
+
+            def again() -> tuple[list, int]:
+                with session_scope() as other:
+                    result = ingest_batch(other, [message], rules=BUILTIN_RULES, now=T0)
+                return result.stored, result.rejected
+
+            arriving = pool.submit(again)
+            wait_for(_waiting_for_a_transaction, timeout=10,
+                     what="the second batch waiting for the first's rows")
+        assert arriving.result(timeout=30) == ([], 0)
+    assert len(first.stored) == 1
+    assert query("SELECT count(*) FROM notifications")[0][0] == 1
+    assert query("SELECT count(*) FROM deliveries")[0][0] == 1
+    assert query("SELECT count(*) FROM dead_letters")[0][0] == 0
+
+
 def test_a_preference_changed_between_two_batches_is_seen_by_the_second():
     """The first batch fills this process's cache; set_preferences commits an opt-out;
     the next batch routes by it."""
