@@ -239,13 +239,14 @@ def ingest_batch(
 
     candidates, result.repeated_ids = _first_of_each_id(candidates)
     existing = recipient_states.get(cursor, {c.notification.recipient_id for c in candidates})
-    upsert_recipients(cursor, candidates, existing=existing.keys())
+    # New or changed recipients: routing reads them again (None), else it uses these.
+    states = None if upsert_recipients(cursor, candidates, existing=existing.keys()) else existing
     candidates, result.duplicates = claim_idempotency_keys(
         cursor, candidates, timedelta(seconds=settings.dedup_window)
     )
     before = already_stored(cursor, [c.id for c in candidates])
     routed = route_notifications(cursor, candidates, rules or get_rules(), settings, now,
-                                 stored=before)
+                                 stored=before, states=states)
     result.stored = copy_notifications(
         cursor, [c for c in candidates if c.id not in before], routed)
     stored = set(result.stored)
@@ -253,7 +254,7 @@ def ingest_batch(
         (c, routed[c.id]) for c in candidates
         if c.id in stored and routed[c.id].status == NotificationStatus.DISPATCHED
     ]
-    result.delivery_ids = dispatch_now(cursor, dispatched, now)
+    result.delivery_ids = dispatch_now(cursor, dispatched, now, states=states)
     for c in candidates:
         if c.id in stored:
             result.kinds[(c.notification.priority, c.notification.type)] += 1
@@ -271,8 +272,9 @@ def _first_of_each_id(candidates: list[Candidate]) -> tuple[list[Candidate], int
 
 def upsert_recipients(
     cursor: Cursor[Any], candidates: Iterable[Candidate], *, existing: Collection[str] = (),
-) -> None:
+) -> bool:
     """Make sure every recipient exists; inline recipient objects update their row.
+    Returns whether any row was written (a recipient new, or given inline).
 
     Recipients named by id alone and in ``existing`` (read in this transaction) are
     skipped: most batches name only recipients that exist. Rows are locked in id order
@@ -321,6 +323,7 @@ def upsert_recipients(
                 [Jsonb(row.get("addresses") or {}) for row in rows],
             ),
         )
+    return bool(named or inline)
 
 
 def claim_idempotency_keys(

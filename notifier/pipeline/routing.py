@@ -185,13 +185,16 @@ def hold_until(
 def route_notifications(
     cursor: Cursor[Any], candidates: Sequence[Any], rules: Rules, settings: Settings,
     now: datetime, *, stored: set[uuid.UUID] | None = None,
+    states: dict[str, RecipientState] | None = None,
 ) -> dict[uuid.UUID, Routed]:
     """Decide, for each candidate (``.id``, ``.notification``), what happens to it.
 
     ``stored``: the candidates' ids already in ``notifications`` (:func:`already_stored`),
-    if the caller has read them.
+    and ``states``: their recipients' (``recipient_states.get``), if the caller has read
+    them in this transaction.
     """
-    states = recipient_states.get(cursor, (c.notification.recipient_id for c in candidates))
+    if states is None:
+        states = recipient_states.get(cursor, (c.notification.recipient_id for c in candidates))
     if stored is None:
         stored = already_stored(cursor, [c.id for c in candidates])
     routed: dict[uuid.UUID, Routed] = {}
@@ -237,13 +240,15 @@ def already_stored(cursor: Cursor[Any], ids: Sequence[uuid.UUID]) -> set[uuid.UU
 
 
 def dispatch_now(
-    cursor: Cursor[Any], items: Sequence[tuple[Any, Routed]], now: datetime
+    cursor: Cursor[Any], items: Sequence[tuple[Any, Routed]], now: datetime,
+    *, states: dict[str, RecipientState] | None = None,
 ) -> list[uuid.UUID]:
     """Delivery rows for notifications that do not wait for a window (``(candidate,
-    routed)`` pairs); returns the ids to publish now."""
+    routed)`` pairs); returns the ids to publish now. ``states`` as for routing."""
     if not items:
         return []
-    states = recipient_states.get(cursor, (c.notification.recipient_id for c, _ in items))
+    if states is None:
+        states = recipient_states.get(cursor, (c.notification.recipient_id for c, _ in items))
     deliveries = []
     for candidate, routed in items:
         n = candidate.notification
