@@ -115,13 +115,15 @@ def _read_states(
     cursor: Cursor[Any], recipient_ids: Iterable[str]
 ) -> tuple[int, dict[str, RecipientState]]:
     """(the preferences generation, the recipients' states), read by one statement: one
-    snapshot. The ids travel as one JSON text (psycopg dumps a list in Python)."""
+    snapshot. The ids travel as one JSON text (psycopg dumps a list in Python); one
+    index probe each (see :func:`already_stored`)."""
     cursor.execute(
         """
         SELECT generation, NULL, NULL, NULL, NULL FROM preferences_generation
         UNION ALL
         SELECT NULL, r.id, r.timezone, r.preferences, r.name
-        FROM json_array_elements_text(%s::json) AS i(id) JOIN recipients r ON r.id = i.id
+        FROM json_array_elements_text(%s::json) AS i(id),
+            LATERAL (SELECT * FROM recipients WHERE id = i.id LIMIT 1) AS r
         """,
         (json.dumps(sorted(recipient_ids)),), prepare=False,  # see already_stored
     )
@@ -231,10 +233,15 @@ def route_notifications(
 def already_stored(cursor: Cursor[Any], ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
     if not ids:
         return set()
-    # A uuid[] literal: psycopg would dump a list element by element in Python. Never
-    # prepared: a generic plan made while the table was small scans it for ever after.
-    cursor.execute("SELECT id FROM notifications WHERE id = ANY(%s::uuid[])",
-                   ("{" + ",".join(map(str, ids)) + "}",), prepare=False)
+    # One index probe per id, whatever the statistics say: `id = ANY(...)` is planned as
+    # a scan of the whole table while it is small or not yet analysed (the benchmark's
+    # table, growing from empty, cost 23 ms a batch at 50,000 rows; this, 0.4 ms). A
+    # uuid[] literal: psycopg would dump a list element by element in Python.
+    cursor.execute(
+        "SELECT n.id FROM unnest(%s::uuid[]) AS i(id),"
+        " LATERAL (SELECT id FROM notifications WHERE id = i.id LIMIT 1) AS n",
+        ("{" + ",".join(map(str, ids)) + "}",), prepare=False,
+    )
     return {row[0] for row in cursor.fetchall()}
 
 
