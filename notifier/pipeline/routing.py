@@ -89,16 +89,19 @@ class RecipientStates:
         if database != self._database:  # a process may talk to more than one database
             self._database, self._generation, self._states = database, None, {}
         missing = wanted.difference(self._states)
-        generation, loaded = _read_states(cursor, missing)
+        generation, loaded, own = _read_states(cursor, missing)
         if generation != self._generation:
             if len(missing) < len(wanted):  # what we kept may have changed: read it all
-                generation, loaded = _read_states(cursor, wanted)
+                generation, loaded, own = _read_states(cursor, wanted)
             self._generation, self._states = generation, {}
         if len(self._states) + len(loaded) > self.limit:
             self._states = {}
-        self._states.update(loaded)
+        # Rows this transaction wrote are used, never kept: it may yet roll back.
+        self._states.update((key, state) for key, state in loaded.items() if key not in own)
         states = self._states
-        return {key: states[key] for key in wanted if key in states}
+        found = {key: states[key] for key in wanted if key in states}
+        found.update(loaded)
+        return found
 
 
     def get_cached(self, recipient_id: str) -> RecipientState | None:
@@ -113,27 +116,31 @@ def _database_of(cursor: Cursor[Any]) -> tuple[str, ...]:
 
 def _read_states(
     cursor: Cursor[Any], recipient_ids: Iterable[str]
-) -> tuple[int, dict[str, RecipientState]]:
-    """(the preferences generation, the recipients' states), read by one statement: one
-    snapshot. The ids travel as one JSON text (psycopg dumps a list in Python); one
-    index probe each (see :func:`already_stored`)."""
+) -> tuple[int, dict[str, RecipientState], set[str]]:
+    """(the preferences generation, the recipients' states, the ids of rows this
+    transaction wrote), read by one statement: one snapshot. The ids travel as one JSON
+    text (psycopg dumps a list in Python); one index probe each (see
+    :func:`already_stored`). A row's ``xmin`` of age 0 is this transaction's own write
+    (or, before it wrote anything, the latest commit's: then it is merely not kept)."""
     cursor.execute(
         """
-        SELECT generation, NULL, NULL, NULL, NULL FROM preferences_generation
+        SELECT generation, NULL, NULL, NULL, NULL, NULL FROM preferences_generation
         UNION ALL
-        SELECT NULL, r.id, r.timezone, r.preferences, r.name
+        SELECT NULL, r.id, r.timezone, r.preferences, r.name, age(r.xmin) = 0
         FROM json_array_elements_text(%s::json) AS i(id),
-            LATERAL (SELECT * FROM recipients WHERE id = i.id LIMIT 1) AS r
+            LATERAL (SELECT *, xmin FROM recipients WHERE id = i.id LIMIT 1) AS r
         """,
         (json.dumps(sorted(recipient_ids)),), prepare=False,  # see already_stored
     )
-    generation, states = 0, {}
-    for gen, key, timezone, preferences, name in cursor:
+    generation, states, own = 0, {}, set()
+    for gen, key, timezone, preferences, name, written_here in cursor:
         if key is None:
             generation = gen
-        else:
-            states[key] = RecipientState(_preferences(preferences), timezone or "UTC", name)
-    return generation, states
+            continue
+        states[key] = RecipientState(_preferences(preferences), timezone or "UTC", name)
+        if written_here:
+            own.add(key)
+    return generation, states, own
 
 
 #: Ingest's cache of this process (a forked pool process starts from its parent's copy,

@@ -28,6 +28,7 @@ from tests.pipeline.helpers import (
     note,
     prefs,
     query,
+    raw_cursor,
     status,
     windows,
 )
@@ -129,6 +130,7 @@ def test_one_message_stored_by_two_batches_at_once_is_stored_once():
 def test_a_preference_changed_between_two_batches_is_seen_by_the_second():
     """The first batch fills this process's cache; set_preferences commits an opt-out;
     the next batch routes by it."""
+    _create("fickle")
     before = note("alert", "fickle")
     ingest([before], now=T0)
     assert status(before) == "pending"
@@ -168,18 +170,37 @@ def test_a_change_made_by_hand_in_sql_is_seen_too():
 
 def test_a_change_rolled_back_is_never_taken_for_the_current_one():
     """A batch that changed a recipient inline and rolled back leaves nothing behind in
-    the cache: the generation it read is never seen again."""
+    the cache: what the transaction wrote is used by it, never kept."""
+    _create("zoned")
     ingest([note("alert", {"id": "zoned", "timezone": "Europe/Berlin"})], now=T0)
     try:
         with session_scope() as session:
             ingest_batch(session, [IngestMessage(str(uuid.uuid4()), [
                 note("alert", {"id": "zoned", "timezone": "Asia/Tokyo"})])],
                 rules=BUILTIN_RULES, now=T0)
-            assert recipient_states.get_cached("zoned").timezone == "Asia/Tokyo"
+            seen = recipient_states.get(raw_cursor(session), ["zoned"])["zoned"]
+            assert seen.timezone == "Asia/Tokyo"  # its own write, inside the transaction
             raise RuntimeError("roll back")
     except RuntimeError:
         pass
-    # Another change commits meanwhile: the generation moves on past the rolled-back one.
-    prefs("someone-else", min_priority="high")
-    ingest([note("alert", "zoned")], now=T0 + MINUTE)
-    assert recipient_states.get_cached("zoned").timezone == "Europe/Berlin"
+    prefs("fickle-neighbour", min_priority="high")  # another change commits meanwhile
+    with session_scope() as session:
+        after = recipient_states.get(raw_cursor(session), ["zoned"])["zoned"]
+    assert after.timezone == "Europe/Berlin"
+
+
+def test_a_recipient_created_by_a_rolled_back_batch_is_created_again():
+    """The first batch made the recipient and rolled back (another message refused): the
+    cache must not remember a row that never committed, or the next batch would skip
+    the recipient's insert and fail on the foreign key."""
+    try:
+        with session_scope() as session:
+            ingest_batch(session, [IngestMessage(str(uuid.uuid4()), [note("alert", "newbie")])],
+                         rules=BUILTIN_RULES, now=T0)
+            raise RuntimeError("roll back")
+    except RuntimeError:
+        pass
+    assert query("SELECT count(*) FROM recipients WHERE id = 'newbie'")[0][0] == 0
+    again = note("alert", "newbie")
+    assert len(ingest([again], now=T0 + MINUTE).stored) == 1
+    assert status(again) == "pending"
