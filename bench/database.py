@@ -11,7 +11,10 @@ from typing import Any
 
 import psycopg
 
-TABLES = "notifications, deliveries, idempotency_keys, dead_letters, recipients"
+#: Every table a scenario fills: windows and digests too, or a run would add to the
+#: windows the last one left open (their notifications gone) and close them early.
+TABLES = ("notifications, deliveries, idempotency_keys, dead_letters, recipients,"
+          " aggregation_windows, digests")
 
 
 def connect(libpq_url: str) -> psycopg.Connection[Any]:

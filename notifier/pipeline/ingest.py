@@ -14,7 +14,7 @@ import logging
 import re
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -25,7 +25,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from notifier.pipeline.dead_letters import Rejection, cut, jsonb_safe, write_dead_letters
-from notifier.pipeline.routing import Routed, dispatch_now, route_notifications
+from notifier.pipeline.routing import (
+    Routed,
+    already_stored,
+    dispatch_now,
+    recipient_states,
+    route_notifications,
+)
 from notifier.pipeline.rules import Rules, get_rules
 from notifier.schemas import NotificationError, NotificationIn, parse_notification
 from notifier.settings import Settings, get_settings
@@ -232,18 +238,23 @@ def ingest_batch(
     result = IngestResult(rejected=len(rejections))
 
     candidates, result.repeated_ids = _first_of_each_id(candidates)
-    upsert_recipients(cursor, candidates)
+    existing = recipient_states.get(cursor, {c.notification.recipient_id for c in candidates})
+    # New or changed recipients: routing reads them again (None), else it uses these.
+    states = None if upsert_recipients(cursor, candidates, existing=existing.keys()) else existing
     candidates, result.duplicates = claim_idempotency_keys(
         cursor, candidates, timedelta(seconds=settings.dedup_window)
     )
-    routed = route_notifications(cursor, candidates, rules or get_rules(), settings, now)
-    result.stored = copy_notifications(cursor, candidates, routed)
+    before = already_stored(cursor, [c.id for c in candidates])
+    routed = route_notifications(cursor, candidates, rules or get_rules(), settings, now,
+                                 stored=before, states=states)
+    result.stored = copy_notifications(
+        cursor, [c for c in candidates if c.id not in before], routed)
     stored = set(result.stored)
     dispatched = [
         (c, routed[c.id]) for c in candidates
         if c.id in stored and routed[c.id].status == NotificationStatus.DISPATCHED
     ]
-    result.delivery_ids = dispatch_now(cursor, dispatched, now)
+    result.delivery_ids = dispatch_now(cursor, dispatched, now, states=states)
     for c in candidates:
         if c.id in stored:
             result.kinds[(c.notification.priority, c.notification.type)] += 1
@@ -259,10 +270,15 @@ def _first_of_each_id(candidates: list[Candidate]) -> tuple[list[Candidate], int
     return first, len(candidates) - len(first)
 
 
-def upsert_recipients(cursor: Cursor[Any], candidates: Iterable[Candidate]) -> None:
+def upsert_recipients(
+    cursor: Cursor[Any], candidates: Iterable[Candidate], *, existing: Collection[str] = (),
+) -> bool:
     """Make sure every recipient exists; inline recipient objects update their row.
+    Returns whether any row was written (a recipient new, or given inline).
 
-    Rows are locked in id order so that concurrent batches cannot deadlock.
+    Recipients named by id alone and in ``existing`` (read in this transaction) are
+    skipped: most batches name only recipients that exist. Rows are locked in id order
+    so that concurrent batches cannot deadlock.
     """
     inline: dict[str, dict[str, Any]] = {}
     named: set[str] = set()
@@ -273,6 +289,7 @@ def upsert_recipients(cursor: Cursor[Any], candidates: Iterable[Candidate]) -> N
         else:
             inline[recipient.id] = recipient.model_dump(exclude_unset=True)
     named -= inline.keys()
+    named.difference_update(existing)
     if named:
         cursor.execute(
             "INSERT INTO recipients (id) SELECT unnest(%s::text[]) ORDER BY 1"
@@ -306,6 +323,7 @@ def upsert_recipients(cursor: Cursor[Any], candidates: Iterable[Candidate]) -> N
                 [Jsonb(row.get("addresses") or {}) for row in rows],
             ),
         )
+    return bool(named or inline)
 
 
 def claim_idempotency_keys(
@@ -369,24 +387,43 @@ def claim_idempotency_keys(
 def copy_notifications(
     cursor: Cursor[Any], candidates: Sequence[Candidate], routed: dict[uuid.UUID, Routed]
 ) -> list[uuid.UUID]:
-    """COPY the candidates in and return the ids that were not stored before.
+    """COPY the candidates straight into ``notifications``; returns the ids stored.
 
-    COPY lands in a temporary table of the connection, emptied at every commit; one
-    INSERT ... SELECT moves the rows on, skipping ids that are already stored. The table
-    is (re)made inside the transaction, so a rolled-back batch cannot leave it missing.
+    The caller passes only ids not stored before (``already_stored``, in this
+    transaction). Should another transaction be storing one of them right now (the same
+    message redelivered to a second worker), COPY waits for it and then fails on the
+    primary key: that batch alone goes the slower way, through a temporary table and
+    ``INSERT ... ON CONFLICT DO NOTHING``, inside a savepoint so nothing else is undone.
     """
     if not candidates:
         return []
+    rows = [_notification_row(candidate, routed[candidate.id]) for candidate in candidates]
+    try:
+        # A savepoint within the batch's transaction, then the COPY.
+        with cursor.connection.transaction(), cursor.copy(_COPY_NOTIFICATIONS) as copy:
+            for row in rows:
+                copy.write_row(row)
+    except psycopg.errors.UniqueViolation:
+        return _insert_new_only(cursor, rows)
+    return [candidate.id for candidate in candidates]
+
+
+_COLUMNS = ", ".join(_NOTIFICATION_COLUMNS)
+_COPY_NOTIFICATIONS = f"COPY notifications ({_COLUMNS}) FROM STDIN"
+
+
+def _insert_new_only(cursor: Cursor[Any], rows: list[tuple[Any, ...]]) -> list[uuid.UUID]:
+    """The rows whose id no transaction has stored, through a temporary table (emptied at
+    commit, made inside the transaction so a rollback cannot leave it missing)."""
     cursor.execute(
         "CREATE TEMP TABLE IF NOT EXISTS ingest_staging"
         " (LIKE notifications INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
     )
-    columns = ", ".join(_NOTIFICATION_COLUMNS)
-    with cursor.copy(f"COPY ingest_staging ({columns}) FROM STDIN") as copy:
-        for candidate in candidates:
-            copy.write_row(_notification_row(candidate, routed[candidate.id]))
+    with cursor.copy(f"COPY ingest_staging ({_COLUMNS}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
     cursor.execute(
-        f"INSERT INTO notifications ({columns}) SELECT {columns} FROM ingest_staging"
+        f"INSERT INTO notifications ({_COLUMNS}) SELECT {_COLUMNS} FROM ingest_staging"
         " ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id"
     )
     return [row[0] for row in cursor.fetchall()]

@@ -1,9 +1,9 @@
 """Aggregation windows: the open window of each group, opened, filled and closed.
 
 Windows live in ``aggregation_windows`` with their due time, so the flush finds due
-groups with one indexed query (``notifier.pipeline.flush``). Ingest serialises on a
-transaction-scoped advisory lock per group, so two batches never open two windows for
-one group.
+groups with one indexed query (``notifier.pipeline.flush``). A partial unique index
+allows one open (not ``closed``) window per group, so two batches that open a group's
+window at once meet on it: the second waits for the first, then adds to its window.
 """
 
 from __future__ import annotations
@@ -61,22 +61,137 @@ def assign_windows(
 ) -> dict[uuid.UUID, uuid.UUID | None]:
     """Put each waiting notification in its group's open window (opening windows as
     needed) and write the windows. Returns each one's window id, or None for the first
-    of a new ``leading`` window: that one goes at once, the rest of its group waits."""
+    of a new ``leading`` window: that one goes at once, the rest of its group waits.
+
+    One statement upserts the open window of every group of the batch
+    (:func:`upsert_windows`); the few groups it cannot settle (a window past its due
+    time, one that overflows its maximum, a leading window that fills) are then worked
+    out one item at a time (:func:`assign_rest`) on rows the upsert has already locked.
+    """
     if not waiting:
         return {}
-    keys = sorted({item.key for item in waiting})
-    lock_groups(cursor, keys)
-    open_windows = load_open_windows(cursor, keys, now)
-    touched: dict[uuid.UUID, Window] = {}
-    opened: set[uuid.UUID] = set()
+    groups: dict[GroupKey, list[Waiting]] = {}
+    for item in waiting:
+        groups.setdefault(item.key, []).append(item)
+    fresh = {key: open_window(items[0], now) for key, items in groups.items()}
+    placed: dict[uuid.UUID, uuid.UUID | None] = {}
+    reserved: dict[GroupKey, Window] = {}
+    for key, window_id, inserted in upsert_windows(cursor, groups, fresh, now):
+        items = groups.pop(key)
+        if inserted and not _settles(fresh[key], len(items)):
+            reserved[key] = fresh[key]  # holds the group's slot; assign_rest fills it
+            groups[key] = items
+            continue
+        leads = inserted and fresh[key].mode == "leading"
+        for index, item in enumerate(items):
+            placed[item.id] = None if leads and index == 0 else window_id
+    if groups:
+        rest = [item for item in waiting if item.key in groups]
+        placed.update(assign_rest(cursor, rest, reserved, now))
+    return placed
+
+
+def _fresh_count(window: Window, items: int) -> int:
+    """Items a new window of ``items`` holds: a leading window's first one goes at once."""
+    return items - 1 if window.mode == "leading" else items
+
+
+def _settles(window: Window, items: int) -> bool:
+    """Whether a new window taking all ``items`` is the whole story: it does not
+    overflow its maximum, and a leading one does not fill (that needs a continuation)."""
+    count = _fresh_count(window, items)
+    return (not window.max_count or count < window.max_count
+            or (count == window.max_count and window.mode != "leading"))
+
+
+#: Upsert every group's open window at once (see :func:`upsert_windows`). ``n`` is the
+#: count of items joining: as a new window's count, or added to the open one (for a
+#: would-be leading window, one more: its first item joins an existing window).
+_UPSERT_WINDOWS = """
+INSERT INTO aggregation_windows AS w (id, recipient_id, type, digest_key, mode, opened_at,
+    due_at, latest_due_at, item_count, max_count, closed)
+SELECT (g->>0)::uuid, g->>1, g->>2, g->>3, g->>4, %(now)s, (g->>5)::timestamptz,
+    (g->>6)::timestamptz, (g->>7)::int, (g->>8)::int, (g->>9)::bool
+FROM json_array_elements(%(groups)s::json) AS g
+ORDER BY 2, 3, 4
+ON CONFLICT (recipient_id, type, digest_key) WHERE NOT closed DO UPDATE SET
+    item_count = w.item_count + {joining},
+    due_at = CASE WHEN w.max_count > 0 AND w.item_count + {joining} >= w.max_count
+                  THEN least({due}, %(now)s) ELSE {due} END,
+    closed = w.max_count > 0 AND w.item_count + {joining} >= w.max_count
+WHERE w.due_at > %(now)s
+  AND (w.max_count = 0 OR w.item_count + {joining} < w.max_count
+       OR (w.item_count + {joining} = w.max_count AND w.mode <> 'leading'))
+  AND (w.mode <> 'sliding' OR (excluded.mode = 'sliding' AND NOT excluded.closed))
+RETURNING w.recipient_id, w.type, w.digest_key, w.id, (w.xmax = 0) AS inserted
+""".format(
+    joining="(excluded.item_count + (excluded.mode = 'leading')::int)",
+    # A sliding window moves to the new items' window end, never past its latest.
+    due="(CASE WHEN w.mode = 'sliding' THEN least(excluded.due_at, w.latest_due_at)"
+        " ELSE w.due_at END)",
+)
+
+
+def upsert_windows(
+    cursor: Cursor[Any], groups: dict[GroupKey, list[Waiting]], fresh: dict[GroupKey, Window],
+    now: datetime,
+) -> list[tuple[GroupKey, uuid.UUID, bool]]:
+    """Add each group's items to its open window, or open one, in one statement.
+
+    Returns (group, window id, opened here) for each group settled; a group left out
+    has an open window it cannot simply add to (past due, overflowing, a leading one
+    filling, a sliding one meeting a digest slot): its row is locked all the same
+    (``ON CONFLICT DO UPDATE`` locks the rows its ``WHERE`` refuses). A group opened
+    here whose items do not settle in one new window (:func:`_settles`) is written open,
+    holding the group's place in the unique index until :func:`assign_rest` fixes it.
+
+    The partial unique index on the open window of a group is what makes two batches
+    safe: the second's insert meets the first's row, waits for its commit, then adds to
+    the window the first left open (or opens the next if the first closed it).
+    """
+    rows = []
+    stamps: dict[datetime, str] = {}  # most groups share their times: format each once
+    for key, items in groups.items():
+        window = fresh[key]
+        count = _fresh_count(window, len(items))
+        closed = _settles(window, len(items)) and 0 < window.max_count <= count
+        due = min(window.due_at, now) if closed else window.due_at
+        rows.append((
+            str(window.id), *key, window.mode,
+            stamps.get(due) or stamps.setdefault(due, due.isoformat()),
+            stamps.get(window.latest_due_at)
+            or stamps.setdefault(window.latest_due_at, window.latest_due_at.isoformat()),
+            count, window.max_count, closed,
+        ))
+    # One JSON text of row arrays: psycopg would dump ten lists element by element.
+    cursor.execute(_UPSERT_WINDOWS, {"groups": json.dumps(rows), "now": now})
+    return [((r, t, k), window_id, inserted) for r, t, k, window_id, inserted in cursor]
+
+
+def assign_rest(
+    cursor: Cursor[Any], waiting: Sequence[Waiting], reserved: dict[GroupKey, Window],
+    now: datetime,
+) -> dict[uuid.UUID, uuid.UUID | None]:
+    """Place items one at a time, for the groups the upsert left: their open windows
+    (or the fresh ones in ``reserved``, already inserted) are locked by this transaction.
+
+    A window past its due time is closed here (still due: the flush takes it) and the
+    group's next window opened, as for a window that reaches its maximum.
+    """
+    open_windows = load_open_windows(
+        cursor, sorted({item.key for item in waiting} - reserved.keys()), now
+    )
+    touched = {w.id: w for w in open_windows.values() if w.closed}  # past due: close
+    open_windows = {key: w for key, w in open_windows.items() if not w.closed}
+    kept = {w.id for w in reserved.values()} | set(touched) | {
+        w.id for w in open_windows.values()}
     placed: dict[uuid.UUID, uuid.UUID | None] = {}
     for item in waiting:
         key = item.key
         window = open_windows.get(key)
         if window is None:
-            window = open_window(item, now)
+            window = reserved.pop(key, None) or open_window(item, now)
             open_windows[key] = touched[window.id] = window
-            opened.add(window.id)
             if window.mode == "leading":  # the first goes at once, the rest wait
                 placed[item.id] = None
                 continue
@@ -88,49 +203,43 @@ def assign_windows(
             follower = continuation(window, now)
             if follower:
                 open_windows[key] = touched[follower.id] = follower
-                opened.add(follower.id)
-    insert_windows(cursor, [w for w in touched.values() if w.id in opened])
-    update_windows(cursor, [w for w in touched.values() if w.id not in opened])
+    # Close before opening: the unique index allows one open window per group.
+    update_windows(cursor, [w for w in touched.values() if w.id in kept])
+    insert_windows(cursor, [w for w in touched.values() if w.id not in kept])
     return placed
-
-
-def lock_groups(cursor: Cursor[Any], keys: Sequence[GroupKey]) -> None:
-    """Serialise batches that touch the same groups (in one global order: no deadlock)."""
-    cursor.execute(
-        "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(g, 0) AS h"
-        " FROM unnest(%s::text[]) AS g ORDER BY h) AS locks",
-        (["\x1f".join(key) for key in keys],),
-    )
 
 
 def load_open_windows(
     cursor: Cursor[Any], keys: Sequence[GroupKey], now: datetime
 ) -> dict[GroupKey, Window]:
-    """The groups' windows still open at ``now``, locked. A window whose due time has
-    passed is over even if no flush has taken it yet: a later item opens the next one."""
+    """The groups' open windows, locked; one past its due time comes back ``closed``
+    (and due), to be written so: it is over even if no flush has taken it yet."""
+    if not keys:
+        return {}
     cursor.execute(
         """
         SELECT w.id, w.recipient_id, w.type, w.digest_key, w.mode, w.opened_at, w.due_at,
-               w.latest_due_at, w.max_count, w.item_count
+               w.latest_due_at, w.max_count, w.item_count, w.due_at <= %s
         FROM aggregation_windows w
-        JOIN unnest(%s::text[], %s::text[], %s::text[]) AS g(r, t, k)
+        JOIN json_to_recordset(%s::json) AS g(r text, t text, k text)
           ON w.recipient_id = g.r AND w.type = g.t AND w.digest_key = g.k
-        WHERE NOT w.closed AND w.due_at > %s
+        WHERE NOT w.closed
         ORDER BY w.id
         FOR UPDATE OF w
         """,
-        [*(list(column) for column in zip(*keys, strict=True)), now],
+        (now, json.dumps([{"r": r, "t": t, "k": k} for r, t, k in keys])),
+        prepare=False,  # planned for the table as it is now, never a stale generic plan
     )
     return {
-        (row[1], row[2], row[3]): Window(row[0], (row[1], row[2], row[3]), row[4], row[5],
-                                         row[6], row[7], row[8], row[9])
+        (row[1], row[2], row[3]): Window(row[0], (row[1], row[2], row[3]), *row[4:])
         for row in cursor.fetchall()
     }
 
 
 def open_window(item: Waiting, now: datetime) -> Window:
     """A new window: the rule's, or the recipient's hourly/daily/weekly digest slot."""
-    digest_at = next_digest_at(item.preferences, item.timezone, now)
+    digest_at = (None if item.preferences.digest_mode == "immediate"  # most: skip the zone
+                 else next_digest_at(item.preferences, item.timezone, now))
     if digest_at is not None:
         return Window(uuid7(), item.key, "digest", now, digest_at, digest_at, max_count=0)
     rule = item.rule

@@ -204,14 +204,17 @@ class AggregationWindow(Base):
 
     Groups are (recipient, type, digest key); the digest key comes from a data field the
     type's rule names ("" when none). A window is ``closed`` once it holds its rule's
-    maximum count: it is then due at once and new items open the next window.
+    maximum count (or found past its due time by ingest): it is then due, and new items
+    open the next window. At most one window per group is not closed.
     """
 
     __tablename__ = "aggregation_windows"
     __table_args__ = (
         Index("ix_aggregation_windows_due_at", "due_at"),
-        Index("ix_aggregation_windows_open", "recipient_id", "type", "digest_key",
-              postgresql_where=text("NOT closed")),
+        # One open window per group: concurrent batches meet here (migration 0008).
+        Index("uq_aggregation_windows_open", "recipient_id", "type", "digest_key",
+              unique=True, postgresql_where=text("NOT closed")),
+        # The table is made with fillfactor 50 (migration 0008): upserts stay HOT.
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -226,6 +229,18 @@ class AggregationWindow(Base):
     item_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     max_count: Mapped[int] = mapped_column(Integer, nullable=False)
     closed: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+
+
+class PreferencesGeneration(Base):
+    """One row: bumped by triggers (migration 0009) in the transaction of any change to
+    a recipient's preferences, time zone or name, so a worker's cached copy of them
+    (``notifier.pipeline.routing.RecipientStates``) knows when to read them again."""
+
+    __tablename__ = "preferences_generation"
+    __table_args__ = (CheckConstraint("id", name="one_row"),)
+
+    id: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"))
+    generation: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
 class Delivery(Base):

@@ -133,7 +133,8 @@ def test_an_item_arriving_while_its_window_is_flushed_goes_to_the_next_window():
 
 
 def test_two_ingests_of_one_group_at_once_share_one_window():
-    """The advisory lock per group serialises batches: one window, not two."""
+    """The open-window unique index serialises batches: one window, not two (the second
+    waits for the first's transaction, then adds to its window)."""
     first, second = note("alert", "pair"), note("alert", "pair")
     with session_scope() as session:  # an existing recipient: its upsert takes no lock
         raw_cursor(session).execute("INSERT INTO recipients (id) VALUES ('pair')")
@@ -142,7 +143,7 @@ def test_two_ingests_of_one_group_at_once_share_one_window():
             message = IngestMessage(str(uuid.uuid4()), [first])
             ingest_batch(session, [message], rules=BUILTIN_RULES, now=T0)
             arriving = pool.submit(ingest, [second], now=T0 + MINUTE)
-            wait_for(lambda: _waiting_for_a_lock("advisory"), timeout=10,
+            wait_for(lambda: _waiting_for_a_lock("transactionid"), timeout=10,
                      what="the second ingest waiting for the group's lock")
         arriving.result(timeout=30)
     [window] = windows()
