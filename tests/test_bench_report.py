@@ -142,7 +142,9 @@ def test_the_real_ingest_pass_is_profiled(
     assert own, found
     assert any(name.startswith("store_messages ") for name in own)
     shares = [share for _, share in found["self_share"]]
-    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0
+    # Each share is rounded to four places, so their sum may pass 1 by half a unit each.
+    assert shares == sorted(shares, reverse=True)
+    assert 0 < sum(shares) <= 1.0 + 0.00005 * len(shares)
     assert (tmp_path / found["raw"]).read_text().strip()
 
 
