@@ -65,10 +65,13 @@ class SlotLedger:
     """The worker's semaphore, shared by Celery's tasks and bulk ingest batches, with
     the critical lane's jobs accounted for.
 
-    The pool releases a slot whenever *any* job ends, the lane's included, so a lane
-    job holds one while it runs: the semaphore grows by one when it starts and, when
-    it ends (after the pool's release), shrinks by one and takes a slot back at once,
-    or, if a waiting task got the released slot first, the next slot to come free.
+    The pool releases a slot whenever *any* job ends, the lane's included (billiard
+    releases before it calls the job's callback), though a lane job took none. So a
+    lane job puts a waiter first in the semaphore's line when it starts: the next
+    release goes to that waiter and is kept, never to a waiting task. Slots never
+    exceed ``-c``, not even for a moment (a ``-c 1`` worker never sends two deliveries
+    at once); when another job ends first, its slot is kept instead and the lane job's
+    own release frees one, so the count is right either way.
     """
 
     def __init__(self, semaphore: Any) -> None:
@@ -108,12 +111,14 @@ class SlotLedger:
             self.semaphore.release()
 
     def lane_started(self) -> None:
-        self.semaphore.initial_value += 1
+        # kombu's semaphore has no public way to wait ahead of the line; its waiters are
+        # (callback, args, kwargs) in a deque served from the left.
+        self.semaphore._waiting.appendleft((_keep, (), {}))
 
     def lane_ended(self) -> None:
-        self.semaphore.initial_value -= 1
-        self.semaphore.acquire(_keep)
+        """Nothing to do: the waiter placed at the start took (or takes) the release."""
 
 
 def _keep() -> None:
-    """The slot taken back after a lane job: kept, i.e. the semaphore shrinks."""
+    """The release of a lane job (or of a job that ended before it): kept, no task
+    gets it."""

@@ -99,8 +99,9 @@ def _pool_releases(semaphore: LaxBoundedSemaphore, jobs: int) -> None:
 
 def test_a_lane_job_ending_while_a_task_waits_costs_no_slot():
     """Two slots held by bulk batches, a task waiting for one, a lane job ends: the
-    pool's release for the lane job goes to the waiting task, and the ledger takes the
-    next slot to come free back, so the slots never exceed two for long."""
+    pool's release for the lane job is kept, the task waits for a bulk batch to end,
+    so the slots never exceed two, not even for a moment (a -c 1 worker whose lane
+    ended while a delivery waited sent two deliveries at once)."""
     semaphore = LaxBoundedSemaphore(2)
     ledger = SlotLedger(semaphore)
     granted: list[str] = []
@@ -111,10 +112,29 @@ def test_a_lane_job_ending_while_a_task_waits_costs_no_slot():
     ledger.lane_started()
     _pool_releases(semaphore, 1)  # the lane job ends...
     ledger.lane_ended()
-    assert granted == ["bulk", "bulk", "task"]  # ...its release went to the waiting task
-    assert semaphore.initial_value == 2
-    _pool_releases(semaphore, 3)  # both bulk batches and the task end
-    assert semaphore.value == 2  # one release was taken back: two slots, as before
+    assert granted == ["bulk", "bulk"]  # ...and its release went to no task
+    _pool_releases(semaphore, 1)  # a bulk batch ends: the task takes its slot
+    assert granted == ["bulk", "bulk", "task"]
+    _pool_releases(semaphore, 2)  # the other bulk batch and the task end
+    assert (semaphore.value, semaphore.initial_value) == (2, 2)
+
+
+def test_a_task_ending_before_the_lane_job_leaves_the_count_right():
+    """The release of a job that ends while the lane runs is kept instead; the lane
+    job's own release then frees that slot."""
+    semaphore = LaxBoundedSemaphore(1)
+    ledger = SlotLedger(semaphore)
+    granted: list[str] = []
+    semaphore.acquire(granted.append, "running task")
+    semaphore.acquire(granted.append, "waiting task")
+    ledger.lane_started()
+    _pool_releases(semaphore, 1)  # the running task ends: kept, nobody runs
+    assert granted == ["running task"]
+    _pool_releases(semaphore, 1)  # the lane job ends: the waiting task runs
+    ledger.lane_ended()
+    assert granted == ["running task", "waiting task"]
+    _pool_releases(semaphore, 1)
+    assert (semaphore.value, semaphore.initial_value) == (1, 1)
 
 
 def test_a_lane_job_ending_on_an_idle_worker_leaves_every_slot():
