@@ -63,7 +63,7 @@ def _storable(value: str) -> str:
     # field's name, instead of failing the whole batch's COPY.
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
-    if _SURROGATES.search(value):
+    if not value.isascii() and _SURROGATES.search(value):  # isascii: O(1), most text
         raise ValueError("must be valid Unicode text (it holds a lone surrogate)")
     return value
 
