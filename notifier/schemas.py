@@ -342,9 +342,9 @@ def _finish(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-_NOTIFICATION_DATA: TypeAdapter[Any] = TypeAdapter(
-    Annotated[_NotificationFields, AfterValidator(_finish)]
-)
+_Checked = Annotated[_NotificationFields, AfterValidator(_finish)]
+_NOTIFICATION_DATA: TypeAdapter[Any] = TypeAdapter(_Checked)
+_NOTIFICATION_LIST: TypeAdapter[Any] = TypeAdapter(list[_Checked])
 
 
 def encoded_data(data: dict[str, Any]) -> str:
@@ -413,6 +413,18 @@ def parse_notification(raw: Any) -> NotificationIn:
 def validate_notification(raw: Any) -> Notification:
     """:func:`parse_notification`'s checks and rejections, into plain data (no model)."""
     return cast(Notification, _checked(_NOTIFICATION_DATA.validate_python, raw))
+
+
+def validate_notifications(raws: list[Any]) -> list[Notification] | None:
+    """Every item of a message checked in one call (the common case: all are good), or
+    None if any is not an object, is refused or fails: then :func:`validate_notification`
+    checks each alone, so each gets its own reason and the good ones still pass."""
+    if not all(isinstance(raw, dict) for raw in raws):
+        return None
+    try:
+        return cast(list[Notification], _NOTIFICATION_LIST.validate_python(raws))
+    except Exception:  # whatever it was, each item alone tells (and costs only itself)
+        return None
 
 
 def _checked(validate: Callable[[Any], _T], raw: Any) -> _T:

@@ -14,6 +14,7 @@ from notifier.schemas import (
     NotificationIn,
     parse_notification,
     validate_notification,
+    validate_notifications,
 )
 
 GOOD = {"recipient": "u1", "type": "task_deadline", "title": "Due"}
@@ -80,3 +81,12 @@ def test_the_same_values_pass_with_the_same_fields_and_defaults(change):
     )
     assert plain == dict(model)
     assert list(plain) == list(NotificationIn.model_fields)
+
+
+def test_a_message_is_checked_in_one_call_when_every_item_passes():
+    """All good: the items as each alone gives them; any item bad or not an object: None,
+    and ingest checks each alone, so the good ones still pass with their own reasons."""
+    good = [GOOD, GOOD | {"priority": "high", "data": {"k": [1]}}]
+    assert validate_notifications(good) == [validate_notification(raw) for raw in good]
+    assert validate_notifications([*good, GOOD | {"id": "42"}]) is None
+    assert validate_notifications([*good, "not an object"]) is None

@@ -33,7 +33,12 @@ from notifier.pipeline.routing import (
     route_notifications,
 )
 from notifier.pipeline.rules import Rules, get_rules
-from notifier.schemas import Notification, NotificationError, validate_notification
+from notifier.schemas import (
+    Notification,
+    NotificationError,
+    validate_notification,
+    validate_notifications,
+)
 from notifier.settings import Settings, get_settings
 from notifier.storage.db import describe_db_error, raw_cursor
 from notifier.storage.models import NotificationStatus, Stage
@@ -129,9 +134,11 @@ def split_messages(
             ))
             continue
         items = message.payload if isinstance(message.payload, list) else [message.payload]
+        checked = validate_notifications(items)
         for index, raw in enumerate(items):
             try:
-                notification = validate_notification(raw)
+                notification = (validate_notification(raw) if checked is None
+                                else checked[index])
                 note_id = notification["id"] or id_for_unnamed(message.message_id, index)
             except NotificationError as exc:
                 rejections.append(Rejection(
