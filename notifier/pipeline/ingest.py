@@ -441,6 +441,5 @@ def _notification_row(candidate: Candidate, routed: Routed) -> tuple[Any, ...]:
     return (
         candidate.id, n["recipient_id"], n["type"], n["priority"], n["channels"], n["title"],
         n["body"], n["data_json"], n["idempotency_key"], n["send_at"], routed.status,
-        candidate.enqueued_at,
-        routed.reason, routed.window_id,
+        candidate.enqueued_at, routed.reason, routed.window_id,
     )
