@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired, TypeVar, cast
 from urllib.parse import urlsplit
 
 import idna
@@ -24,13 +24,18 @@ from pydantic import (
     Field,
     PrivateAttr,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
+    with_config,
 )
 from pydantic_core import ErrorDetails
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from notifier.settings import CHANNEL_NAMES, PRIORITIES, get_settings
+
+_T = TypeVar("_T")
 
 #: The message header our producers stamp with the time of ``notify()`` (epoch seconds).
 ENQUEUED_AT_HEADER = "notifier_enqueued_at"
@@ -58,7 +63,7 @@ def _storable(value: str) -> str:
     # field's name, instead of failing the whole batch's COPY.
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
-    if _SURROGATES.search(value):
+    if not value.isascii() and _SURROGATES.search(value):  # isascii: O(1), most text
         raise ValueError("must be valid Unicode text (it holds a lone surrogate)")
     return value
 
@@ -208,6 +213,53 @@ class RecipientIn(BaseModel):
         return value
 
 
+def known_channel_list(value: list[str] | None) -> list[str] | None:
+    """A list of channels (None: left out) without repeats; refuses empty and unknown."""
+    if value is None:
+        return None
+    if not value:
+        raise ValueError("must name at least one channel, or be left out")
+    check_channel_names(value)
+    return list(dict.fromkeys(value))
+
+
+def check_channel_names(names: list[str]) -> None:
+    unknown = [name for name in names if name not in CHANNEL_NAMES]
+    if unknown:
+        raise ValueError(
+            f"unknown channel {quote(unknown[0])}; known: {', '.join(sorted(CHANNEL_NAMES))}"
+        )
+
+
+def _type_is_a_slug(value: str) -> str:
+    if not TYPE_PATTERN.match(value):
+        raise ValueError(
+            "must start with a lowercase letter and hold only lowercase letters, digits,"
+            f" '_', '.' or '-', at most 64 characters (got {quote(value)})"
+        )
+    return value
+
+
+def _send_at_has_zone(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        raise ValueError("needs a time zone (e.g. 2026-01-31T09:00:00+00:00)")
+    return value
+
+
+# Each field's type and checks, shared by the model (the client's) and the plain-data
+# form (ingest's): both refuse the same values with the same words.
+TypeSlug = Annotated[str, AfterValidator(_type_is_a_slug)]
+Channels = Annotated[
+    Annotated[list[str], Field(max_length=32)] | None, AfterValidator(known_channel_list)
+]
+Title = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255),
+    AfterValidator(_storable),
+]
+Body = Annotated[str, StringConstraints(max_length=65536), AfterValidator(_storable)]
+SendAt = Annotated[datetime | None, AfterValidator(_send_at_has_zone)]
+
+
 class NotificationIn(BaseModel):
     """One notification as a producer sends it (the public contract's fields)."""
 
@@ -215,55 +267,21 @@ class NotificationIn(BaseModel):
 
     id: uuid.UUID | None = None
     recipient: Identifier | RecipientIn
-    type: str
+    type: TypeSlug
     priority: Priority = "normal"
-    channels: Annotated[list[str], Field(max_length=32)] | None = None
-    title: Annotated[
-        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255),
-        AfterValidator(_storable),
-    ]
-    body: Annotated[str, StringConstraints(max_length=65536), AfterValidator(_storable)] = ""
+    channels: Channels = None
+    title: Title
+    body: Body = ""
     data: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: Identifier | None = None
-    send_at: datetime | None = None
-
-    @field_validator("type")
-    @classmethod
-    def _type_is_a_slug(cls, value: str) -> str:
-        if not TYPE_PATTERN.match(value):
-            raise ValueError(
-                "must start with a lowercase letter and hold only lowercase letters, digits,"
-                f" '_', '.' or '-', at most 64 characters (got {quote(value)})"
-            )
-        return value
-
-    @field_validator("channels")
-    @classmethod
-    def _channels_known(cls, value: list[str] | None) -> list[str] | None:
-        return known_channel_list(value)
+    send_at: SendAt = None
 
     #: ``data`` as JSON text, encoded once: checked here and written as is by ingest.
     _data_json: str = PrivateAttr(default="{}")
 
     @model_validator(mode="after")
     def _data_small_enough(self) -> NotificationIn:
-        if not _flat(self.data) and _nesting(self.data) > MAX_DATA_DEPTH:
-            raise ValueError(f"data: nested deeper than {MAX_DATA_DEPTH} levels")
-        try:
-            encoded = _encode_json(self.data)
-        except ValueError:
-            raise ValueError("data: NaN and Infinity are not JSON numbers") from None
-        if "\\u0000" in encoded:
-            raise ValueError("data: must not contain NUL characters (Postgres cannot hold them)")
-        limit = get_settings().max_data_bytes
-        try:
-            size = len(encoded) if encoded.isascii() else len(encoded.encode())
-        except UnicodeEncodeError:
-            raise ValueError(
-                "data: must be valid Unicode text (it holds a lone surrogate)"
-            ) from None
-        if size > limit:
-            raise ValueError(f"data: is {size} bytes of JSON, more than the limit of {limit}")
+        encoded = encoded_data(self.data)
         # Straight into the private attributes' dict: pydantic's __setattr__ and
         # __getattr__ for a private attribute cost more than the rest of the row.
         self.__pydantic_private__["_data_json"] = encoded  # type: ignore[index]
@@ -273,16 +291,81 @@ class NotificationIn(BaseModel):
     def data_json(self) -> str:
         return self.__pydantic_private__["_data_json"]  # type: ignore[index,no-any-return]
 
-    @field_validator("send_at")
-    @classmethod
-    def _send_at_has_zone(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            raise ValueError("needs a time zone (e.g. 2026-01-31T09:00:00+00:00)")
-        return value
-
     @property
     def recipient_id(self) -> str:
         return self.recipient if isinstance(self.recipient, str) else self.recipient.id
+
+
+@with_config(ConfigDict(extra="forbid"))
+class _NotificationFields(TypedDict):
+    """:class:`NotificationIn`'s fields and defaults, validated into a plain dict: ingest
+    checks a whole batch without building a model (and its private attributes) per
+    notification. A test holds the two to the same fields and defaults."""
+
+    id: NotRequired[Annotated[uuid.UUID | None, Field(default=None)]]
+    recipient: Identifier | RecipientIn
+    type: TypeSlug
+    priority: NotRequired[Annotated[Priority, Field(default="normal")]]
+    channels: NotRequired[Annotated[Channels, Field(default=None)]]
+    title: Title
+    body: NotRequired[Annotated[Body, Field(default="")]]
+    data: NotRequired[Annotated[dict[str, Any], Field(default_factory=dict)]]
+    idempotency_key: NotRequired[Annotated[Identifier | None, Field(default=None)]]
+    send_at: NotRequired[Annotated[SendAt, Field(default=None)]]
+
+
+class Notification(TypedDict):
+    """A notification that passed the checks, as plain data (:func:`validate_notification`):
+    every field of :class:`NotificationIn` with its default filled in, plus the recipient's
+    id and ``data`` as the JSON text that was checked and is written as is."""
+
+    id: uuid.UUID | None
+    recipient: str | RecipientIn
+    type: str
+    priority: Priority
+    channels: list[str] | None
+    title: str
+    body: str
+    data: dict[str, Any]
+    idempotency_key: str | None
+    send_at: datetime | None
+    recipient_id: str
+    data_json: str
+
+
+def _finish(fields: dict[str, Any]) -> dict[str, Any]:
+    # The whole-notification check, as NotificationIn's model validator makes it; its
+    # error has no field in its location, like the model's ("Value error, data: ...").
+    fields["data_json"] = encoded_data(fields["data"])
+    recipient = fields["recipient"]
+    fields["recipient_id"] = recipient if isinstance(recipient, str) else recipient.id
+    return fields
+
+
+_Checked = Annotated[_NotificationFields, AfterValidator(_finish)]
+_NOTIFICATION_DATA: TypeAdapter[Any] = TypeAdapter(_Checked)
+_NOTIFICATION_LIST: TypeAdapter[Any] = TypeAdapter(list[_Checked])
+
+
+def encoded_data(data: dict[str, Any]) -> str:
+    """``data`` as compact JSON text, or ValueError("data: ...") if too deep, not JSON
+    (NaN), holding NUL or a lone surrogate, or bigger than ``max_data_bytes``."""
+    if not _flat(data) and _nesting(data) > MAX_DATA_DEPTH:
+        raise ValueError(f"data: nested deeper than {MAX_DATA_DEPTH} levels")
+    try:
+        encoded = _encode_json(data)
+    except ValueError:
+        raise ValueError("data: NaN and Infinity are not JSON numbers") from None
+    if "\\u0000" in encoded:
+        raise ValueError("data: must not contain NUL characters (Postgres cannot hold them)")
+    limit = get_settings().max_data_bytes
+    try:
+        size = len(encoded) if encoded.isascii() else len(encoded.encode())
+    except UnicodeEncodeError:
+        raise ValueError("data: must be valid Unicode text (it holds a lone surrogate)") from None
+    if size > limit:
+        raise ValueError(f"data: is {size} bytes of JSON, more than the limit of {limit}")
+    return encoded
 
 
 #: Deeper data is refused: nothing real nests this far, and a few hundred levels break
@@ -314,24 +397,6 @@ def _nesting(value: Any) -> int:
     return deepest
 
 
-def known_channel_list(value: list[str] | None) -> list[str] | None:
-    """A list of channels (None: left out) without repeats; refuses empty and unknown."""
-    if value is None:
-        return None
-    if not value:
-        raise ValueError("must name at least one channel, or be left out")
-    check_channel_names(value)
-    return list(dict.fromkeys(value))
-
-
-def check_channel_names(names: list[str]) -> None:
-    unknown = [name for name in names if name not in CHANNEL_NAMES]
-    if unknown:
-        raise ValueError(
-            f"unknown channel {quote(unknown[0])}; known: {', '.join(sorted(CHANNEL_NAMES))}"
-        )
-
-
 class NotificationError(ValueError):
     """A notification failed validation; ``str()`` is one line naming each bad field."""
 
@@ -342,12 +407,33 @@ class NotificationError(ValueError):
 
 def parse_notification(raw: Any) -> NotificationIn:
     """Validate one notification as received, or raise :class:`NotificationError`."""
+    return _checked(NotificationIn.model_validate, raw)
+
+
+def validate_notification(raw: Any) -> Notification:
+    """:func:`parse_notification`'s checks and rejections, into plain data (no model)."""
+    return cast(Notification, _checked(_NOTIFICATION_DATA.validate_python, raw))
+
+
+def validate_notifications(raws: list[Any]) -> list[Notification] | None:
+    """Every item of a message checked in one call (the common case: all are good), or
+    None if any is not an object, is refused or fails: then :func:`validate_notification`
+    checks each alone, so each gets its own reason and the good ones still pass."""
+    if not all(isinstance(raw, dict) for raw in raws):
+        return None
+    try:
+        return cast(list[Notification], _NOTIFICATION_LIST.validate_python(raws))
+    except Exception:  # whatever it was, each item alone tells (and costs only itself)
+        return None
+
+
+def _checked(validate: Callable[[Any], _T], raw: Any) -> _T:
     if not isinstance(raw, dict):
         raise NotificationError(
             [f"notification: expected a JSON object, got {type(raw).__name__}"]
         )
     try:
-        return NotificationIn.model_validate(raw)
+        return validate(raw)
     except ValidationError as exc:
         errors = _drop_other_recipient_branch(exc.errors(), raw.get("recipient"))
         raise NotificationError([_describe(error) for error in errors]) from None

@@ -33,7 +33,12 @@ from notifier.pipeline.routing import (
     route_notifications,
 )
 from notifier.pipeline.rules import Rules, get_rules
-from notifier.schemas import NotificationError, NotificationIn, parse_notification
+from notifier.schemas import (
+    Notification,
+    NotificationError,
+    validate_notification,
+    validate_notifications,
+)
 from notifier.settings import Settings, get_settings
 from notifier.storage.db import describe_db_error, raw_cursor
 from notifier.storage.models import NotificationStatus, Stage
@@ -69,7 +74,7 @@ class IngestMessage:
 class Candidate:
     """A notification that passed validation, with the id it will be stored under."""
 
-    notification: NotificationIn
+    notification: Notification
     id: uuid.UUID
     enqueued_at: datetime | None
 
@@ -129,10 +134,12 @@ def split_messages(
             ))
             continue
         items = message.payload if isinstance(message.payload, list) else [message.payload]
+        checked = validate_notifications(items)
         for index, raw in enumerate(items):
             try:
-                notification = parse_notification(raw)
-                note_id = notification.id or id_for_unnamed(message.message_id, index)
+                notification = (validate_notification(raw) if checked is None
+                                else checked[index])
+                note_id = notification["id"] or id_for_unnamed(message.message_id, index)
             except NotificationError as exc:
                 rejections.append(Rejection(
                     dedup_key=dedup_key(message.message_id, index), reason=str(exc),
@@ -238,7 +245,7 @@ def ingest_batch(
     result = IngestResult(rejected=len(rejections))
 
     candidates, result.repeated_ids = _first_of_each_id(candidates)
-    existing = recipient_states.get(cursor, {c.notification.recipient_id for c in candidates})
+    existing = recipient_states.get(cursor, {c.notification["recipient_id"] for c in candidates})
     # New or changed recipients: routing reads them again (None), else it uses these.
     states = None if upsert_recipients(cursor, candidates, existing=existing.keys()) else existing
     candidates, result.duplicates = claim_idempotency_keys(
@@ -257,7 +264,7 @@ def ingest_batch(
     result.delivery_ids = dispatch_now(cursor, dispatched, now, states=states)
     for c in candidates:
         if c.id in stored:
-            result.kinds[(c.notification.priority, c.notification.type)] += 1
+            result.kinds[(c.notification["priority"], c.notification["type"])] += 1
             result.routed[routed[c.id].status] += 1
     result.suppressed = result.routed["suppressed"]
     result.dead_lettered = write_dead_letters(cursor, Stage.INGEST, rejections, settings)
@@ -283,7 +290,7 @@ def upsert_recipients(
     inline: dict[str, dict[str, Any]] = {}
     named: set[str] = set()
     for candidate in candidates:
-        recipient = candidate.notification.recipient
+        recipient = candidate.notification["recipient"]
         if isinstance(recipient, str):
             named.add(recipient)
         else:
@@ -338,7 +345,7 @@ def claim_idempotency_keys(
     first_by_key: dict[str, Candidate] = {}
     repeats_in_batch: dict[str, int] = {}
     for candidate in candidates:
-        key = candidate.notification.idempotency_key
+        key = candidate.notification["idempotency_key"]
         if key is None:
             continue
         if key in first_by_key:
@@ -374,9 +381,9 @@ def claim_idempotency_keys(
     owner = dict(cursor.fetchall())
     kept = [
         c for c in candidates
-        if c.notification.idempotency_key is None
-        or (first_by_key[c.notification.idempotency_key] is c
-            and owner[c.notification.idempotency_key] == c.id)
+        if c.notification["idempotency_key"] is None
+        or (first_by_key[c.notification["idempotency_key"]] is c
+            and owner[c.notification["idempotency_key"]] == c.id)
     ]
     dropped = len(candidates) - len(kept)
     if dropped:
@@ -432,7 +439,7 @@ def _insert_new_only(cursor: Cursor[Any], rows: list[tuple[Any, ...]]) -> list[u
 def _notification_row(candidate: Candidate, routed: Routed) -> tuple[Any, ...]:
     n = candidate.notification
     return (
-        candidate.id, n.recipient_id, n.type, n.priority, n.channels, n.title, n.body,
-        n.data_json, n.idempotency_key, n.send_at, routed.status, candidate.enqueued_at,
-        routed.reason, routed.window_id,
+        candidate.id, n["recipient_id"], n["type"], n["priority"], n["channels"], n["title"],
+        n["body"], n["data_json"], n["idempotency_key"], n["send_at"], routed.status,
+        candidate.enqueued_at, routed.reason, routed.window_id,
     )

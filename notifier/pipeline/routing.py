@@ -203,7 +203,7 @@ def route_notifications(
     them in this transaction.
     """
     if states is None:
-        states = recipient_states.get(cursor, (c.notification.recipient_id for c in candidates))
+        states = recipient_states.get(cursor, (c.notification["recipient_id"] for c in candidates))
     if stored is None:
         stored = already_stored(cursor, [c.id for c in candidates])
     routed: dict[uuid.UUID, Routed] = {}
@@ -215,13 +215,14 @@ def route_notifications(
             routed[candidate.id] = Routed("pending")
             continue
         n = candidate.notification
-        state = states.get(n.recipient_id, NO_PREFERENCES)
-        rule = rules.for_type(n.type)
-        channels, opted_out = channels_for(n.channels, state, n.type, settings)
-        reason = state.preferences.suppression_reason(n.type, n.priority, channels + opted_out)
+        state = states.get(n["recipient_id"], NO_PREFERENCES)
+        rule = rules.for_type(n["type"])
+        channels, opted_out = channels_for(n["channels"], state, n["type"], settings)
+        reason = state.preferences.suppression_reason(
+            n["type"], n["priority"], channels + opted_out)
         if reason:
             routed[candidate.id] = Routed("suppressed", reason)
-        elif n.priority == "critical" or not rule.aggregate or n.send_at is not None:
+        elif n["priority"] == "critical" or not rule.aggregate or n["send_at"] is not None:
             routed[candidate.id] = Routed("dispatched", channels=tuple(channels))
         else:
             item = Waiting(candidate.id, group_key(n, rule), rule, state.preferences,
@@ -262,13 +263,14 @@ def dispatch_now(
     if not items:
         return []
     if states is None:
-        states = recipient_states.get(cursor, (c.notification.recipient_id for c, _ in items))
+        states = recipient_states.get(cursor, (c.notification["recipient_id"] for c, _ in items))
     deliveries = []
     for candidate, routed in items:
         n = candidate.notification
-        held = hold_until(n.priority, states.get(n.recipient_id, NO_PREFERENCES), now, n.send_at)
+        recipient = n["recipient_id"]
+        held = hold_until(n["priority"], states.get(recipient, NO_PREFERENCES), now, n["send_at"])
         deliveries += [
-            NewDelivery(n.recipient_id, channel, n.priority, notification_id=candidate.id,
+            NewDelivery(recipient, channel, n["priority"], notification_id=candidate.id,
                         hold_until=held)
             for channel in routed.channels
         ]

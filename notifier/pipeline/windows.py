@@ -22,6 +22,8 @@ from notifier.pipeline.rules import Rule
 if TYPE_CHECKING:
     from psycopg import Cursor
 
+    from notifier.schemas import Notification
+
 GroupKey = tuple[str, str, str]  # recipient, type, digest key
 
 
@@ -50,10 +52,10 @@ class Waiting:
     timezone: str
 
 
-def group_key(notification: Any, rule: Rule) -> GroupKey:
-    value = notification.data.get(rule.digest_key) if rule.digest_key else None
+def group_key(notification: Notification, rule: Rule) -> GroupKey:
+    value = notification["data"].get(rule.digest_key) if rule.digest_key else None
     key = "" if value is None else (value if isinstance(value, str) else json.dumps(value))
-    return (notification.recipient_id, notification.type, key[:255])
+    return (notification["recipient_id"], notification["type"], key[:255])
 
 
 def assign_windows(

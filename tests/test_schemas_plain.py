@@ -1,0 +1,92 @@
+"""Ingest's plain-data validation (``validate_notification``) against the client's model
+(``parse_notification``): the same values pass with the same fields and defaults, and
+the same values are refused with the same words, problem for problem."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from notifier.schemas import (
+    NotificationError,
+    NotificationIn,
+    parse_notification,
+    validate_notification,
+    validate_notifications,
+)
+
+GOOD = {"recipient": "u1", "type": "task_deadline", "title": "Due"}
+_DEEP: dict[str, Any] = {}
+_node = _DEEP
+for _ in range(70):
+    _node["x"] = {}
+    _node = _node["x"]
+
+BAD = [
+    {"priority": "urgent"}, {"type": "Task Deadline"}, {"type": 7}, {"title": ""},
+    {"title": "t" * 300}, {"titel": "x"}, {"x" * 1000: 1}, {"id": "42"}, {"id": 42},
+    {"channels": ["fax"]}, {"channels": []}, {"channels": ["inapp"] * 33},
+    {"channels": "inapp"}, {"data": [1, 2]}, {"data": {"x": "\x00"}},
+    {"data": {"x": "\ud800"}}, {"data": {"x": math.nan}}, {"data": _DEEP},
+    {"data": {"x": "y" * 70_000}}, {"body": "b\x00"}, {"body": "\udfff"},
+    {"title": "\ud800"}, {"send_at": "2026-01-01T09:00:00"}, {"send_at": "soon"},
+    {"idempotency_key": ""}, {"idempotency_key": "a\nb"}, {"idempotency_key": "k" * 300},
+    {"recipient": {"id": "u1", "email": "not-an-address"}},
+    {"recipient": {"email": "a@example.org"}},
+    {"recipient": {"id": "u1", "timezone": "Mars/Olympus"}},
+    {"recipient": {"id": "u1", "email": "user@" + "ü" * 70 + ".de"}},
+    {"recipient": {"id": "u1", "addresses": {"webhook": "http://example.com:99999/"}}},
+    {"recipient": {"id": "u1", "addresses": {f"k{i}": "x" for i in range(17)}}},
+    {"recipient": {"id": "u1", "addresses": {"fax": "x"}}},
+    {"recipient": {"id": "u1", "surname": "x"}},
+    {"recipient": 7}, {"recipient": ["u1"]}, {"recipient": None}, {"recipient": ""},
+    {"recipient": "u1\r\nBcc: x"}, {"recipient": "u\x00"},
+    {"priority": "p", "type": "X", "title": "", "extra": 1, "data": {"x": math.inf}},
+]
+
+
+def _problems(parse: Any, raw: Any) -> list[str]:
+    with pytest.raises(NotificationError) as error:
+        parse(raw)
+    return error.value.problems
+
+
+@pytest.mark.parametrize("change", BAD)
+def test_the_same_values_are_refused_with_the_same_words(change):
+    raw = GOOD | change
+    assert _problems(validate_notification, raw) == _problems(parse_notification, raw)
+
+
+@pytest.mark.parametrize("raw", [None, [], "x", 3])
+def test_a_notification_that_is_not_an_object_is_refused_alike(raw):
+    assert _problems(validate_notification, raw) == _problems(parse_notification, raw)
+
+
+@pytest.mark.parametrize("change", [
+    {}, {"priority": "critical", "channels": ["email", "inapp", "email"], "body": "b"},
+    {"id": "01a24e6b-4744-7153-b937-e0ec98d1ff20", "idempotency_key": " k ", "title": " t "},
+    {"data": {"n": 1, "s": "ü", "deep": {"a": [1, {"b": None}]}},
+     "send_at": "2026-01-01T09:00:00+02:00"},
+    {"recipient": {"id": " u2 ", "email": "user@bücher.de", "timezone": "Europe/Paris",
+                   "addresses": {"webhook": "https://example.com/h"}}},
+])
+def test_the_same_values_pass_with_the_same_fields_and_defaults(change):
+    raw = GOOD | change
+    plain = dict(validate_notification(raw))
+    model = parse_notification(raw)
+    assert (plain.pop("data_json"), plain.pop("recipient_id")) == (
+        model.data_json, model.recipient_id
+    )
+    assert plain == dict(model)
+    assert list(plain) == list(NotificationIn.model_fields)
+
+
+def test_a_message_is_checked_in_one_call_when_every_item_passes():
+    """All good: the items as each alone gives them; any item bad or not an object: None,
+    and ingest checks each alone, so the good ones still pass with their own reasons."""
+    good = [GOOD, GOOD | {"priority": "high", "data": {"k": [1]}}]
+    assert validate_notifications(good) == [validate_notification(raw) for raw in good]
+    assert validate_notifications([*good, GOOD | {"id": "42"}]) is None
+    assert validate_notifications([*good, "not an object"]) is None
