@@ -91,6 +91,19 @@ class Settings(BaseSettings):
     to the queue, e.g. while Postgres restarts."""
     max_data_bytes: int = Field(65536, ge=1)
     """Largest accepted ``data`` object, in bytes of JSON."""
+    database_pool_size: int = Field(4, ge=1)
+    """Most Postgres connections one process opens (a worker's pool process, its flush
+    loop, a CLI command), kept open once opened. A prefork pool process uses at most
+    two at once (a delivery batch's claim and its recorder); ``-P threads`` or gevent
+    needs two per concurrent task. At the limit a task waits for a free connection
+    (30 s, then its batch fails and is retried). Budget: ``docs/scaling.md``."""
+    database_prepared_statements: bool = True
+    """Let psycopg prepare statements a connection runs often (server-side, from their
+    fifth run). Turn off (``0``) behind a pooler in transaction mode that does not
+    carry prepared statements between server connections: PgBouncer before 1.21
+    (Debian 12 ships 1.18), or later ones without ``max_prepared_statements``; there the
+    next transaction may run on a server that lacks the statement (``prepared
+    statement "_pg3_0" does not exist``)."""
 
     # --- Limits ---------------------------------------------------------------------
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024)

@@ -255,12 +255,13 @@ def _engine(settings: Settings, thresholds: Thresholds) -> Any:
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
+    from notifier.storage.db import connect_args
+
     return create_engine(
         settings.database_url, poolclass=NullPool,
         connect_args={
+            **connect_args(settings, "notifier health"),
             "connect_timeout": max(2, math.ceil(thresholds.timeout)),  # libpq's minimum
-            "application_name": "notifier health",
-            "options": f"-c statement_timeout={int(thresholds.timeout * 1000)}",
         },
     )
 
@@ -277,6 +278,7 @@ def _query_database(
     settings: Settings, thresholds: Thresholds, query: Callable[[Any], Any]
 ) -> tuple[Any, str | None]:
     """(the query's result, None) or (None, one line saying what failed)."""
+    from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
 
     engine = _engine(settings, thresholds)
@@ -284,6 +286,9 @@ def _query_database(
     try:
         with engine.connect() as connection:
             connected = True
+            # For this transaction alone (a startup ``options`` would not pass PgBouncer).
+            connection.execute(text("SELECT set_config('statement_timeout', :ms, true)"),
+                               {"ms": f"{int(thresholds.timeout * 1000)}ms"})
             return query(connection), None
     except DBAPIError as exc:
         return None, _database_error(settings, exc, connected)

@@ -420,11 +420,13 @@ _COPY_NOTIFICATIONS = f"COPY notifications ({_COLUMNS}) FROM STDIN"
 
 
 def _insert_new_only(cursor: Cursor[Any], rows: list[tuple[Any, ...]]) -> list[uuid.UUID]:
-    """The rows whose id no transaction has stored, through a temporary table (emptied at
-    commit, made inside the transaction so a rollback cannot leave it missing)."""
+    """The rows whose id no transaction has stored, through a temporary table made for
+    this transaction and dropped at its end: behind PgBouncer the server connection
+    goes to other clients next, so nothing may outlive the transaction (and one left by
+    an older notifier, of another shape, is dropped first)."""
+    cursor.execute("DROP TABLE IF EXISTS pg_temp.ingest_staging")
     cursor.execute(
-        "CREATE TEMP TABLE IF NOT EXISTS ingest_staging"
-        " (LIKE notifications INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        "CREATE TEMP TABLE ingest_staging (LIKE notifications INCLUDING DEFAULTS) ON COMMIT DROP"
     )
     with cursor.copy(f"COPY ingest_staging ({_COLUMNS}) FROM STDIN") as copy:
         for row in rows:

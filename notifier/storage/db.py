@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import psycopg
 from psycopg.rows import TupleRow
@@ -15,23 +15,37 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from notifier.settings import ConfigError, get_settings, mask_url
+from notifier.settings import ConfigError, Settings, get_settings, mask_url
 
 Cursor: TypeAlias = psycopg.Cursor[TupleRow]
 """A psycopg cursor inside a session's transaction: the bulk statements (``unnest`` over
 arrays of thousands of rows) run on it, without the ORM's per-row cost."""
 
-_engines: dict[tuple[int, str], Engine] = {}
+_engines: dict[tuple[int, str, int, bool], Engine] = {}
 
 
-def get_engine(url: str | None = None) -> Engine:
-    """The engine of this process: prefork children must never share a parent's pool."""
-    url = url or get_settings().database_url
-    key = (os.getpid(), url)
+def connect_args(settings: Settings, application_name: str = "notifier") -> dict[str, Any]:
+    """What psycopg is told on each connect. Only what a pooler in transaction mode
+    passes on: PgBouncer refuses an ``options`` startup parameter, and forgets a
+    prepared statement once the transaction ends (``database_prepared_statements``)."""
+    args: dict[str, Any] = {"connect_timeout": 5, "application_name": application_name}
+    if not settings.database_prepared_statements:
+        args["prepare_threshold"] = None  # never prepare; psycopg's default is 5 runs
+    return args
+
+
+def get_engine(url: str | None = None, settings: Settings | None = None) -> Engine:
+    """The engine of this process: prefork children must never share a parent's pool.
+
+    At most ``database_pool_size`` connections, none beyond it (no overflow), so that
+    processes x pool size is a bound on the Postgres connections of a fleet."""
+    settings = settings or get_settings()
+    url = url or settings.database_url
+    key = (os.getpid(), url, settings.database_pool_size, settings.database_prepared_statements)
     if key not in _engines:
         _engines[key] = create_engine(
-            url, pool_pre_ping=True, pool_size=5, max_overflow=5,
-            connect_args={"connect_timeout": 5, "application_name": "notifier"},
+            url, pool_pre_ping=True, pool_size=settings.database_pool_size, max_overflow=0,
+            connect_args=connect_args(settings),
         )
     return _engines[key]
 
