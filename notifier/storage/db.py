@@ -101,10 +101,11 @@ def describe_db_error(exc: BaseException) -> str:
 
 def check_database(url: str | None = None) -> None:
     """Fail with one line naming ``NOTIFIER_DATABASE_URL`` if Postgres does not answer."""
-    url = url or get_settings().database_url
+    settings = get_settings()
+    url = url or settings.database_url
     # A throwaway connection: the worker checks before it forks, and its pool processes
     # must not inherit an open socket.
-    engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 5})
+    engine = create_engine(url, poolclass=NullPool, connect_args=connect_args(settings))
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))

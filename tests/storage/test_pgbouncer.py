@@ -51,10 +51,9 @@ def pgbouncer() -> Iterator[PgBouncer]:
 
 
 def behind(bouncer: PgBouncer, database: str | None = None) -> dict[str, str]:
-    """The environment of a process whose Postgres is PgBouncer (Debian 12's 1.18 keeps
-    no prepared statements across server connections: preparing is turned off)."""
-    return {"NOTIFIER_DATABASE_URL": bouncer.url(database),
-            "NOTIFIER_DATABASE_PREPARED_STATEMENTS": "0"}
+    """The environment of a process whose Postgres is PgBouncer: the URL alone (by
+    default psycopg prepares nothing, which Debian 12's PgBouncer 1.18 needs)."""
+    return {"NOTIFIER_DATABASE_URL": bouncer.url(database)}
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -219,7 +218,7 @@ def _store_a_message_a_second_transaction_is_storing(bouncer: PgBouncer) -> None
     from notifier.pipeline.routing import Routed
     from notifier.storage.db import get_engine, raw_cursor
 
-    settings = get_settings().model_copy(update={"database_prepared_statements": False})
+    settings = get_settings()  # prepares nothing (the default)
     engine = get_engine(bouncer.url(ONE_SERVER), settings)
     with _one_server(bouncer) as other:  # as an older notifier would have left it
         other.execute("CREATE TEMP TABLE IF NOT EXISTS ingest_staging (id uuid)"
@@ -240,28 +239,29 @@ def _store_a_message_a_second_transaction_is_storing(bouncer: PgBouncer) -> None
                       ) == 2
 
 
-def test_psycopgs_prepared_statements_need_the_setting_off_behind_pgbouncer(pgbouncer):
-    """Two clients on one server connection: psycopg prepares a statement run five times
-    under a name of its own numbering, which the other client's psycopg picks too (or
-    looks for on a server that never had it). With the setting off it never prepares."""
+def test_psycopg_prepares_nothing_unless_told_to_which_pgbouncer_1_18_needs(pgbouncer):
+    """Two clients on one server connection: a psycopg told to prepare does so for a
+    statement run five times, under a name of its own numbering, which the other
+    client's psycopg picks too (or looks for on a server that never had it). By
+    default (``NOTIFIER_DATABASE_PREPARED_STATEMENTS`` off) it never prepares."""
     from notifier.storage.db import connect_args
 
-    def five_times_each(**options: Any) -> None:
+    def six_times_each(settings: Any) -> None:
+        options = {k: v for k, v in connect_args(settings).items() if k == "prepare_threshold"}
         with _one_server(pgbouncer, **options) as first, \
                 _one_server(pgbouncer, **options) as second:
             for _ in range(6):
                 for connection in (first, second):
                     connection.execute("SELECT count(*) FROM recipients WHERE id = %s", ("x",))
 
+    told = get_settings().model_copy(update={"database_prepared_statements": True})
     with pytest.raises(psycopg.errors.DuplicatePreparedStatement):
-        five_times_each()  # psycopg's default, prepare_threshold=5
+        six_times_each(told)  # psycopg's own default: prepare_threshold=5
     with _one_server(pgbouncer) as cleanup:
         cleanup.execute("DEALLOCATE ALL")
 
-    off = get_settings().model_copy(update={"database_prepared_statements": False})
-    options = {k: v for k, v in connect_args(off).items() if k == "prepare_threshold"}
-    assert options == {"prepare_threshold": None}
-    five_times_each(**options)
+    assert not get_settings().database_prepared_statements
+    six_times_each(get_settings())
     with _one_server(pgbouncer) as after, after.cursor() as cursor:
         assert _session_state(cursor)["prepared statements"] == []
 
