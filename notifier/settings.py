@@ -94,9 +94,10 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(4, ge=1)
     """Most Postgres connections one process opens (a worker's pool process, its flush
     loop, a CLI command), kept open once opened. A prefork pool process uses at most
-    two at once (a delivery batch's claim and its recorder); ``-P threads`` or gevent
-    needs two per concurrent task. At the limit a task waits for a free connection
-    (30 s, then its batch fails and is retried). Budget: ``docs/scaling.md``."""
+    two at once (a delivery batch's recorder and the in-app or webhook channel's
+    session); ``-P threads`` or gevent needs two per concurrent task. At the limit a
+    task waits for a free connection (30 s, then its batch fails and is retried).
+    The budget of a fleet: ``docs/scaling.md``."""
     database_prepared_statements: bool = False
     """Let psycopg prepare statements a connection runs often (server-side, from their
     fifth run). Off: it saved no measurable CPU here (a batch is a few large statements:
