@@ -171,10 +171,10 @@ def _one_server(bouncer: PgBouncer, **options: Any) -> psycopg.Connection[Any]:
 
 def test_nothing_is_left_on_the_one_server_connection_all_clients_share(pgbouncer,
                                                                         smtp_server):
-    """Ingest, flush, delivery (its recorder's transactions), the CLI and the health
-    check, all on one server connection; what they leave on it is what every later
-    client meets. A temporary table of another shape (left by an older notifier whose
-    transaction ran there before) must not reach ingest's staging either."""
+    """Ingest, flush, delivery (its recorder's transactions), the CLI, the health check
+    and retention, all on one server connection; what they leave on it is what every
+    later client meets. A temporary table of another shape (left by an older notifier
+    whose transaction ran there before) must not reach ingest's staging either."""
     env = behind(pgbouncer, ONE_SERVER)
     cli(env, "recipients", "set", "one-user", "--email", "one@example.com")
     worker = start_worker(env, smtp_server)
@@ -191,6 +191,7 @@ def test_nothing_is_left_on_the_one_server_connection_all_clients_share(pgbounce
     finally:
         worker.stop()
     _store_a_message_a_second_transaction_is_storing(pgbouncer)
+    _purge_every_table_once(pgbouncer)
 
     with _one_server(pgbouncer) as after, after.cursor() as cursor:
         assert _session_state(cursor) == {
@@ -237,6 +238,22 @@ def _store_a_message_a_second_transaction_is_storing(bouncer: PgBouncer) -> None
     assert stored == [candidates[1].id]
     assert count_rows("SELECT count(*) FROM notifications WHERE recipient_id = 'staging-user'"
                       ) == 2
+
+
+def _purge_every_table_once(bouncer: PgBouncer) -> None:
+    """A retention batch per table (each sets its lock timeout for its transaction)."""
+    from sqlalchemy.orm import Session
+
+    from notifier.pipeline.retention import PURGES, purge_batch
+    from notifier.storage.db import get_engine
+
+    settings = get_settings()
+    with Session(get_engine(bouncer.url(ONE_SERVER), settings)) as session:
+        for purge in PURGES:
+            age = purge.age(settings)
+            if age is not None:
+                with session.begin():
+                    purge_batch(session, purge, age, 100, settings.retention_lock_timeout)
 
 
 def test_psycopg_prepares_nothing_unless_told_to_which_pgbouncer_1_18_needs(pgbouncer):
