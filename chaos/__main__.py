@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> ChaosConfig:
     parser.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout,
                         help="longest wait for the pipeline to finish after the faults")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--hosts", type=int, default=defaults.hosts,
+                        help="worker hosts (network namespaces) of the hosts scenario")
+    parser.add_argument("--beats", type=int, default=defaults.beats,
+                        help="beats running at once in the hosts scenario")
+    parser.add_argument("--host-cut", type=float, default=defaults.host_cut,
+                        help="seconds host 1 is cut off in the hosts scenario")
     parser.add_argument("--no-restarts", action="store_true",
                         help="skip the scenarios that restart Redis or Postgres")
     parser.add_argument("--restart-wait", type=float, default=defaults.restart_wait,
@@ -60,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> ChaosConfig:
         redis_down=args.redis_down, postgres_down=args.postgres_down, kills=args.kills,
         rate=args.rate, drain_timeout=args.drain_timeout, seed=args.seed,
         only=tuple(args.only), restart_services=not args.no_restarts,
-        restart_wait=args.restart_wait,
+        restart_wait=args.restart_wait, hosts=args.hosts, beats=args.beats,
+        host_cut=args.host_cut,
     )
 
 

@@ -70,6 +70,11 @@ class ChaosConfig:
     drain_timeout: float = 300.0
     #: Seconds each e-mail takes at the SMTP server (so a kill lands mid-batch).
     smtp_delay: float = 0.005
+    #: The ``hosts`` scenario: worker hosts (network namespaces), beats running at
+    #: once, and seconds host 1 stays cut off.
+    hosts: int = 3
+    beats: int = 2
+    host_cut: float = 30.0
     #: Seed of the traffic mix and of the fuzz payloads.
     seed: int = 20261123
     #: Scenarios to run (names from ``chaos.scenarios.SCENARIOS``); empty: all.
