@@ -75,6 +75,11 @@ class ChaosConfig:
     hosts: int = 3
     beats: int = 2
     host_cut: float = 30.0
+    #: Hosts whose wall clock is off, "host2=+2s" each (libfaketime): what clock skew
+    #: does to windows (opened by one host's clock, flushed by another's).
+    host_clocks: tuple[str, ...] = ()
+    #: More Postgres session settings for the hosts' sessions ("-c name=value ...").
+    host_pg_options: str = ""
     #: Seed of the traffic mix and of the fuzz payloads.
     seed: int = 20261123
     #: Scenarios to run (names from ``chaos.scenarios.SCENARIOS``); empty: all.

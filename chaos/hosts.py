@@ -25,6 +25,7 @@ two hosts (must be none), and what each beat sent and each host ran of it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -127,6 +128,12 @@ class HostPipeline(Pipeline):
     metrics_dirs: dict[str, str] = field(default_factory=dict)
     #: Problems met while tearing the network down (empty: clean).
     teardown: list[str] = field(default_factory=list)
+    #: Hosts whose clock is off, and by how much (libfaketime's ``FAKETIME``: "+2s").
+    clocks: dict[str, str] = field(default_factory=dict)
+    #: More ``-c name=value`` for every host's Postgres sessions (libpq's PGOPTIONS), e.g.
+    #: ``-c idle_in_transaction_session_timeout=5s``: session settings, the server's
+    #: configuration is left alone.
+    pg_options: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -156,14 +163,16 @@ class HostPipeline(Pipeline):
         env, _ = over_network(self.env, self.network.gateway)
         metrics = self.metrics_dirs.setdefault(
             host_name, tempfile.mkdtemp(prefix=f"chaos-{host_name}-metrics-"))
-        env.update({"PGOPTIONS": f"-c notifier.host={host_name}",
+        env.update({"PGOPTIONS": f"-c notifier.host={host_name} {self.pg_options}".strip(),
                     "NOTIFIER_METRICS_DIR": metrics})
+        if host_name in self.clocks:
+            env.update(skewed_clock(self.clocks[host_name]))
         if kind.startswith("beat"):
-            return _start_beat(host.command, env, f"{kind}-{host_name}")
+            return start_beat(host.command, env, f"{kind}-{host_name}")
         if kind == "ingest":
-            return _start_worker(host.command, env, f"ingest@{host_name}", INGEST_QUEUES,
+            return start_worker(host.command, env, f"ingest@{host_name}", INGEST_QUEUES,
                                  self.ingest_concurrency)
-        return _start_worker(host.command, env, f"deliver@{host_name}", DELIVERY_QUEUES,
+        return start_worker(host.command, env, f"deliver@{host_name}", DELIVERY_QUEUES,
                              self.deliver_concurrency, "--prefetch-multiplier", "1")
 
     def stop(self) -> None:
@@ -182,12 +191,26 @@ class HostPipeline(Pipeline):
         return host_figures(self, db)
 
 
+#: libfaketime (Debian's ``faketime`` package), preloaded into a host's processes.
+FAKETIME_LIBRARY = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+
+
+def skewed_clock(offset: str) -> dict[str, str]:
+    """The environment that sets a host's wall clock ``offset`` off (e.g. "+2s"): a
+    fleet's clocks disagree by that much when NTP is off or slow to correct."""
+    if not Path(FAKETIME_LIBRARY).exists():
+        raise RuntimeError(f"a skewed clock needs libfaketime ({FAKETIME_LIBRARY}):"
+                           " apt-get install -y faketime")
+    return {"LD_PRELOAD": FAKETIME_LIBRARY, "FAKETIME": offset,
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
 def _libpq(url: str) -> str:
     scheme, rest = url.split("://", 1)
     return "postgresql://" + rest if scheme.startswith("postgres") else url
 
 
-def _start_worker(wrap: Any, env: dict[str, str], node: str, queues: tuple[str, ...],
+def start_worker(wrap: Any, env: dict[str, str], node: str, queues: tuple[str, ...],
                   concurrency: int, *extra: str) -> WorkerProcess:
     """``celery worker`` inside a host, as ``tests.workers.WorkerProcess.start`` does."""
     log_fd, log_name = tempfile.mkstemp(prefix=f"{node.replace('@', '-')}-", suffix=".log")
@@ -202,7 +225,7 @@ def _start_worker(wrap: Any, env: dict[str, str], node: str, queues: tuple[str, 
     return worker
 
 
-def _start_beat(wrap: Any, env: dict[str, str], name: str) -> BeatProcess:
+def start_beat(wrap: Any, env: dict[str, str], name: str) -> BeatProcess:
     log_fd, log_name = tempfile.mkstemp(prefix=f"{name}-", suffix=".log")
     schedule = tempfile.mktemp(prefix=f"chaos-{name}-schedule-")
     process = subprocess.Popen(
@@ -264,11 +287,17 @@ def host_figures(pipeline: HostPipeline, db: Any) -> dict[str, Any]:
         if times > 1:
             repeated[kind] += 1
     lags: dict[str, list[float]] = defaultdict(list)
-    for lag, at in db.execute(
-            f"SELECT extract(epoch FROM at - due_at) * 1000, extract(epoch FROM at)"
+    by_host: dict[str, list[float]] = defaultdict(list)
+    for lag, at, host in db.execute(
+            f"SELECT extract(epoch FROM at - due_at) * 1000, extract(epoch FROM at), host"
             f" FROM {EVENTS_TABLE} WHERE kind = 'window' ORDER BY 1"):
         lags["all"].append(float(lag))
         lags[_phase(float(at), cut, back)].append(float(lag))
+        by_host[host].append(float(lag))
+    stored_at = [float(row[0]) for row in db.execute(
+        f"SELECT extract(epoch FROM at) FROM {EVENTS_TABLE} WHERE kind = 'stored' ORDER BY 1")]
+    gaps = [(b - a, a) for a, b in itertools.pairwise(stored_at) if cut is None or a >= cut]
+    longest_gap = max(gaps, default=(0.0, 0.0))
     beats: dict[str, Counter[str]] = defaultdict(Counter)
     ran: dict[str, Counter[str]] = defaultdict(Counter)
     loops: Counter[str] = Counter()
@@ -306,6 +335,9 @@ def host_figures(pipeline: HostPipeline, db: Any) -> dict[str, Any]:
     if len(beats) > 1:
         notes.append(f"{len(beats)} beats sent {sum(sent_by_beats.values()):,} housekeeping"
                      f" messages ({dict(sent_by_beats)}); workers ran {dict(ran_total)}")
+    if longest_gap[0] > 2:
+        notes.append(f"nothing stored by any host for {longest_gap[0]:.1f} s, from"
+                     f" {longest_gap[1] - (cut or longest_gap[1]):.1f} s after the cut")
     if repeated:
         notes.append(f"recorded by more than one event (must be none): {dict(repeated)}")
     if pipeline.teardown:
@@ -313,7 +345,11 @@ def host_figures(pipeline: HostPipeline, db: Any) -> dict[str, Any]:
     return {
         "hosts": hosts,
         "repeated_events": dict(repeated),
+        "longest_ingest_gap_s": round(longest_gap[0], 2),
+        "pg_options": pipeline.pg_options,
         "flush_lag_ms": {phase: summary(values) for phase, values in lags.items()},
+        "flush_lag_ms_by_host": {host: summary(values)
+                                 for host, values in sorted(by_host.items())},
         "beats_sent": {role: dict(counts) for role, counts in beats.items()},
         "housekeeping_sent": dict(sent_by_beats),
         "housekeeping_ran": dict(ran_total),

@@ -230,7 +230,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("hosts", "worker hosts in network namespaces, two beats; cut one host off and"
              " back", hosts.cut_host, pipeline=lambda run: hosts.HostPipeline(
                  run.config.pipeline_environment(run.smtp.url()), run.smtp,
-                 deliver_concurrency=2, hosts=run.config.hosts, beats=run.config.beats),
+                 deliver_concurrency=2, hosts=run.config.hosts, beats=run.config.beats,
+                 clocks=dict(spec.split("=", 1) for spec in run.config.host_clocks),
+                 pg_options=run.config.host_pg_options),
              unavailable=hosts.unavailable),
     Scenario("fuzz", "bad (and some good) payloads from a foreign producer", None),
     Scenario("fuzz_poison", "the fuzzed payloads that stall ingest, among good ones", None,
