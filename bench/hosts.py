@@ -109,6 +109,13 @@ def _cpu(pid: int) -> tuple[float, int] | None:
     return (int(fields[11]) + int(fields[12])) / _TICK, int(fields[2])
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _group_members(groups: set[int]) -> list[int]:
     found = []
     for entry in os.scandir("/proc"):
@@ -129,12 +136,14 @@ class CpuParties:
 
     def pids(self) -> dict[str, list[int]]:
         hosts = [pid for host in self.network.hosts for pid in self.network.processes_in(host)]
+        loops = [pid for pid in hosts if b"flush_loop" in _cmdline(pid)]
         with psycopg.connect(self.libpq_url, autocommit=True) as conn:
             backends = [row[0] for row in conn.execute(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
                 " AND pid <> pg_backend_pid()")]
         forwarders = _group_members({p.pid for p in self.network.forwarders.values()})
-        parties = {"workers": hosts, "postgres": backends, "forwarders": forwarders}
+        parties = {"workers": [pid for pid in hosts if pid not in loops], "flush_loops": loops,
+                   "postgres": backends, "forwarders": forwarders}
         if self.producer_pid:
             parties["producer"] = [self.producer_pid]
         return parties
@@ -189,6 +198,13 @@ def reset(config: HostsConfig) -> None:
             atomic.execute()
     finally:
         client.close()
+
+
+def _transactions(conn: psycopg.Connection[Any]) -> int:
+    """Transactions of the run's database so far (committed and rolled back)."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    return _scalar(conn, "SELECT xact_commit + xact_rollback FROM pg_stat_database"
+                         " WHERE datname = current_database()")
 
 
 def _scalar(conn: psycopg.Connection[Any], sql: str) -> int:
@@ -254,6 +270,7 @@ def _measure(config: HostsConfig, hosts: int, network: Any, conn: psycopg.Connec
     producer.stdin.close()
     began = float(producer.stdout.readline())  # imports and payloads read: not counted
     before = parties.snapshot()
+    transactions_before = _transactions(conn)
     deadline = time.monotonic() + config.timeout
     stored_at = None
     while time.monotonic() < deadline:
@@ -268,6 +285,8 @@ def _measure(config: HostsConfig, hosts: int, network: Any, conn: psycopg.Connec
     done_at = time.time()
     sent_at = float(producer.stdout.readline() or "nan")
     after = parties.snapshot()
+    time.sleep(1.0)  # Postgres reports a backend's transactions to its statistics within 1 s
+    transactions = _transactions(conn) - transactions_before
     _, status, usage = os.wait4(producer.pid, 0)  # its CPU, read as it is reaped
     producer.returncode = os.waitstatus_to_exitcode(status)
     after["producer"] = {producer.pid: usage.ru_utime + usage.ru_stime}
@@ -295,6 +314,7 @@ def _measure(config: HostsConfig, hosts: int, network: Any, conn: psycopg.Connec
         "windows": len(lags),
         "windows_per_host": dict(sorted(windows.items())),
         "digests": _scalar(conn, "SELECT count(*) FROM digests"),
+        "transactions_per_100": round(transactions * 100 / config.count, 1),
         "cpu_seconds": cpu,
         "cpu_ms_per_notification": {party: round(seconds * 1000 / config.count, 3)
                                     for party, seconds in cpu.items()}
@@ -324,18 +344,18 @@ def run_all(config: HostsConfig) -> list[dict[str, Any]]:
 def table(results: list[dict[str, Any]]) -> str:
     """The figures as a Markdown table."""
     lines = ["| hosts | stored/s | flush p50 / p99 ms | windows per host | stored per host"
-             " | CPU ms/notification: workers, postgres, forwarders, producer, total"
-             " | less idle | idle cores |",
-             "|---:|---:|---:|---|---|---|---:|---:|"]
+             " | CPU ms/notification: workers, flush loops, postgres, forwarders, producer,"
+             " total | less idle | idle cores | transactions per 100 |",
+             "|---:|---:|---:|---|---|---|---:|---:|---:|"]
     for r in results:
         cpu = r["cpu_ms_per_notification"]
         lines.append(
             f"| {r['hosts']} | {r['ingest_rate']:,} | {r['flush_lag_ms']['p50']} /"
             f" {r['flush_lag_ms']['p99']} | {_shares(r['windows_per_host'])}"
             f" | {_shares(r.get('stored_per_host', {}))} | {cpu.get('workers')},"
-            f" {cpu.get('postgres')}, {cpu.get('forwarders')}, {cpu.get('producer')},"
-            f" **{cpu['total']}** | {cpu['total_less_idle']}"
-            f" | {sum(r['idle_cpu_cores'].values()):.2f} |")
+            f" {cpu.get('flush_loops')}, {cpu.get('postgres')}, {cpu.get('forwarders')},"
+            f" {cpu.get('producer')}, **{cpu['total']}** | {cpu['total_less_idle']}"
+            f" | {sum(r['idle_cpu_cores'].values()):.2f} | {r['transactions_per_100']} |")
     return "\n".join(lines)
 
 
