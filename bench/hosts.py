@@ -64,6 +64,7 @@ _TICK = os.sysconf("SC_CLK_TCK")
 #: consumers, flush loops polling, heartbeats), to tell it from the cost per notification.
 IDLE_SECONDS = 5.0
 _STORED = re.compile(r"stored (\d+) notifications")
+_DELIVER_TASK = re.compile(r"Task notifier\.deliver\[[^\]]+\] received")
 TABLES = ("notifications, deliveries, digests, dead_letters, idempotency_keys, recipients,"
           " inbox_messages, aggregation_windows")
 
@@ -247,9 +248,11 @@ def run_hosts(config: HostsConfig, hosts: int) -> dict[str, Any]:
             for _, process in processes:
                 process.stop()
             drop_triggers(conn)
+        workers = [(name, process.log()) for name, process in processes if name != "beat"]
         figures["stored_per_host"] = {
-            name: sum(int(n) for n in _STORED.findall(process.log()))
-            for name, process in processes if name != "beat"}
+            name: sum(int(n) for n in _STORED.findall(log)) for name, log in workers}
+        figures["ingest_batches"] = sum(len(_STORED.findall(log)) for _, log in workers)
+        figures["deliver_tasks"] = sum(len(_DELIVER_TASK.findall(log)) for _, log in workers)
         for _, process in processes:
             process.log_path.unlink(missing_ok=True)
     return figures
@@ -315,6 +318,10 @@ def _measure(config: HostsConfig, hosts: int, network: Any, conn: psycopg.Connec
         "windows_per_host": dict(sorted(windows.items())),
         "digests": _scalar(conn, "SELECT count(*) FROM digests"),
         "transactions_per_100": round(transactions * 100 / config.count, 1),
+        "transactions": transactions,
+        # One DELETE per flushed chunk: its rows share the trigger's clock_timestamp().
+        "flush_chunks": _scalar(conn, "SELECT count(DISTINCT (host, at)) FROM"
+                                      " chaos_host_events WHERE kind = 'window'"),
         "cpu_seconds": cpu,
         "cpu_ms_per_notification": {party: round(seconds * 1000 / config.count, 3)
                                     for party, seconds in cpu.items()}
@@ -345,8 +352,9 @@ def table(results: list[dict[str, Any]]) -> str:
     """The figures as a Markdown table."""
     lines = ["| hosts | stored/s | flush p50 / p99 ms | windows per host | stored per host"
              " | CPU ms/notification: workers, flush loops, postgres, forwarders, producer,"
-             " total | less idle | idle cores | transactions per 100 |",
-             "|---:|---:|---:|---|---|---|---:|---:|---:|"]
+             " total | less idle | idle cores | transactions per 100 notifications |"
+             " ingest batches, flush chunks, deliver tasks |",
+             "|---:|---:|---:|---|---|---|---:|---:|---:|---|"]
     for r in results:
         cpu = r["cpu_ms_per_notification"]
         lines.append(
@@ -355,7 +363,9 @@ def table(results: list[dict[str, Any]]) -> str:
             f" | {_shares(r.get('stored_per_host', {}))} | {cpu.get('workers')},"
             f" {cpu.get('flush_loops')}, {cpu.get('postgres')}, {cpu.get('forwarders')},"
             f" {cpu.get('producer')}, **{cpu['total']}** | {cpu['total_less_idle']}"
-            f" | {sum(r['idle_cpu_cores'].values()):.2f} | {r['transactions_per_100']} |")
+            f" | {sum(r['idle_cpu_cores'].values()):.2f} | {r['transactions_per_100']}"
+            f" | {r.get('ingest_batches', '?')}, {r['flush_chunks']},"
+            f" {r.get('deliver_tasks', '?')} |")
     return "\n".join(lines)
 
 
