@@ -203,15 +203,24 @@ def reset(config: HostsConfig) -> None:
         client.close()
 
 
-def _transactions(conn: psycopg.Connection[Any]) -> int:
-    """Transactions of the run's database so far (committed and rolled back)."""
-    conn.execute("SELECT pg_stat_clear_snapshot()")
-    return _scalar(conn, "SELECT xact_commit + xact_rollback FROM pg_stat_database"
-                         " WHERE datname = current_database()")
+def _transactions(libpq_url: str, timeout: float = 30.0) -> int:
+    """Transactions of the run's database so far (committed and rolled back), read
+    once no session but ours is connected to it: a backend reports what it did when it
+    ends, so the count is complete only then. Asked over a connection to the server's
+    ``postgres`` database, which adds nothing to the count."""
+    server, _, database = libpq_url.rpartition("/")
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _scalar(
+                admin, "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", database) > 1:
+            time.sleep(0.2)
+        time.sleep(0.5)  # the last one's report lands as it exits
+        return _scalar(admin, "SELECT xact_commit + xact_rollback FROM pg_stat_database"
+                              " WHERE datname = %s", database)
 
 
-def _scalar(conn: psycopg.Connection[Any], sql: str) -> int:
-    row = conn.execute(sql).fetchone()
+def _scalar(conn: psycopg.Connection[Any], sql: str, *params: Any) -> int:
+    row = conn.execute(sql, params or None).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -235,7 +244,7 @@ def run_hosts(config: HostsConfig, hosts: int) -> dict[str, Any]:
     with HostNetwork(hosts, ports) as network, \
             psycopg.connect(config.libpq_url, autocommit=True) as conn:
         install_triggers(conn, tables=("aggregation_windows",))
-        transactions = _transactions(conn)
+        transactions = _transactions(config.libpq_url)
         try:
             host_env, _ = over_network(env, network.gateway)
             for host in network.hosts:
@@ -251,10 +260,8 @@ def run_hosts(config: HostsConfig, hosts: int) -> dict[str, Any]:
             for _, process in processes:
                 process.stop()
             drop_triggers(conn)
-        # Read once every worker has exited: a backend reports all it did when it ends
-        # (before that, up to a second's worth or more may be pending).
-        time.sleep(1.0)
-        transactions = _transactions(conn) - transactions - figures["our_queries"]
+        transactions = (_transactions(config.libpq_url) - transactions
+                        - figures["our_queries"])
         figures["transactions"] = transactions
         figures["transactions_per_100"] = round(transactions * 100 / config.count, 1)
         workers = [(name, process.log()) for name, process in processes if name != "beat"]
