@@ -76,7 +76,10 @@ def install_triggers(conn: psycopg.Connection[Any], tables: tuple[str, ...] | No
     if given: the benchmark counts flushed windows alone)."""
     conn.execute(f"CREATE TABLE IF NOT EXISTS {EVENTS_TABLE} (kind text NOT NULL,"
                  " host text NOT NULL, id uuid NOT NULL, due_at timestamptz,"
-                 " at timestamptz NOT NULL DEFAULT clock_timestamp())")
+                 " at timestamptz NOT NULL DEFAULT clock_timestamp(),"
+                 " tx bigint NOT NULL DEFAULT txid_current())")
+    conn.execute(f"ALTER TABLE {EVENTS_TABLE} ADD COLUMN IF NOT EXISTS"
+                 " tx bigint NOT NULL DEFAULT txid_current()")  # tables of older runs
     conn.execute(f"TRUNCATE {EVENTS_TABLE}")
     for name, table, event, transitions, rows in _TRIGGERS:
         if tables is not None and table not in tables:
