@@ -180,6 +180,15 @@ class HostPipeline(Pipeline):
                              self.deliver_concurrency, "--prefetch-multiplier", "1")
 
     def stop(self) -> None:
+        # A host still cut off (Ctrl-C during the cut) comes back first: its workers
+        # then stop warm in seconds, instead of each waiting out its stop timeout.
+        network = self.network
+        for host in network.hosts if network is not None else []:
+            if host.cut and network is not None:
+                try:
+                    network.restore(host)
+                except (RuntimeError, subprocess.SubprocessError) as exc:
+                    self.teardown.append(f"could not restore {host.name}: {exc}")
         super().stop()
         url = _libpq(self.env["NOTIFIER_DATABASE_URL"])
         try:
