@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Embedded servers chosen by `make run` (empty when the real ones answer).
 ENV    := if [ -f .notifier-data/env ]; then . ./.notifier-data/env; fi;
 
-.PHONY: help install run stop worker worker-critical worker-deliver beat flower migrate status test bench chaos lint docs clean
+.PHONY: help install run stop worker worker-critical worker-deliver beat flower migrate status test bench chaos chaos-hosts lint docs clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -66,6 +66,10 @@ bench: install  ## Benchmark against a naive baseline and bench/baseline.json: b
 
 chaos: install  ## Kill workers, restart Redis and Postgres, stop SMTP, fuzz; account for it all
 	$(BIN)/python -m chaos
+
+# Root only (network namespaces): 3 worker hosts, 2 beats, host 1 cut off for 30 s.
+chaos-hosts: install  ## Worker hosts in network namespaces + two beats; cut one off; account for it all
+	$(BIN)/python -m chaos --only hosts --rate 100
 
 lint: install  ## ruff, the import contracts (lint-imports), mypy on notifier/
 	$(BIN)/ruff check .

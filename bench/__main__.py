@@ -129,6 +129,7 @@ STEP_NAMES = (
     "buffered", "notify_many", "critical_under_backlog",
     "aggregation_efficiency", "flush_latency",
     "email_naive", "email_reused", "email_pooled", "webhook_naive", "webhook_pooled",
+    "hosts",
 )
 
 
@@ -136,6 +137,7 @@ def plan(config: BenchConfig) -> dict[str, Step]:
     """The scenarios in the order they run (cheapest and worker-less first)."""
     from bench import aggregation as a
     from bench import delivery as d
+    from bench import hosts as h
     from bench import scenarios as s
 
     def with_worker(spec: WorkerSpec, body: Callable[..., Outcome]) -> Step:
@@ -176,7 +178,11 @@ def plan(config: BenchConfig) -> dict[str, Step]:
         "email_pooled": lambda b: d.email_pooled(b, config.emails),
         "webhook_naive": lambda b: d.webhook_naive(b, config.naive_webhooks),
         "webhook_pooled": lambda b: d.webhook_pooled(b, config.webhooks),
+        # 1, 2 and 4 worker hosts (network namespaces; root only, else left out).
+        "hosts": lambda b: h.hosts_scaling(b),
     }
+    if h.unavailable():
+        del steps["hosts"]
     if threads < 2:
         del steps["notify_threads"]
     if config.only:

@@ -10,6 +10,7 @@ worker crash, or failed to run.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 
@@ -42,6 +43,18 @@ def parse_args(argv: list[str] | None = None) -> ChaosConfig:
     parser.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout,
                         help="longest wait for the pipeline to finish after the faults")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--hosts", type=int, default=defaults.hosts,
+                        help="worker hosts (network namespaces) of the hosts scenario")
+    parser.add_argument("--beats", type=int, default=defaults.beats,
+                        help="beats running at once in the hosts scenario")
+    parser.add_argument("--host-cut", type=float, default=defaults.host_cut,
+                        help="seconds host 1 is cut off in the hosts scenario")
+    parser.add_argument("--host-clock", nargs="+", default=[], metavar="HOST=OFFSET",
+                        help="set a host's clock off in the hosts scenario (host2=+2s)")
+    parser.add_argument("--host-pg-options", default=defaults.host_pg_options,
+                        metavar="'-c NAME=VALUE ...'",
+                        help="Postgres session settings of the hosts' sessions (PGOPTIONS),"
+                             " e.g. '-c idle_in_transaction_session_timeout=5s'")
     parser.add_argument("--no-restarts", action="store_true",
                         help="skip the scenarios that restart Redis or Postgres")
     parser.add_argument("--restart-wait", type=float, default=defaults.restart_wait,
@@ -50,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> ChaosConfig:
     parser.add_argument("--database-url", default=defaults.database_url)
     parser.add_argument("--broker-url", default=defaults.broker_url)
     args = parser.parse_args(argv)
+    for spec in args.host_clock:
+        if not re.fullmatch(r"host\d+=[+-]\d+(\.\d+)?[smhd]?", spec):
+            parser.error(f"--host-clock: expected HOST=OFFSET such as host2=+2s, got {spec!r}")
     unknown = set(args.only) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
@@ -60,7 +76,9 @@ def parse_args(argv: list[str] | None = None) -> ChaosConfig:
         redis_down=args.redis_down, postgres_down=args.postgres_down, kills=args.kills,
         rate=args.rate, drain_timeout=args.drain_timeout, seed=args.seed,
         only=tuple(args.only), restart_services=not args.no_restarts,
-        restart_wait=args.restart_wait,
+        restart_wait=args.restart_wait, hosts=args.hosts, beats=args.beats,
+        host_cut=args.host_cut, host_clocks=tuple(args.host_clock),
+        host_pg_options=args.host_pg_options,
     )
 
 

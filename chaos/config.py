@@ -70,6 +70,16 @@ class ChaosConfig:
     drain_timeout: float = 300.0
     #: Seconds each e-mail takes at the SMTP server (so a kill lands mid-batch).
     smtp_delay: float = 0.005
+    #: The ``hosts`` scenario: worker hosts (network namespaces), beats running at
+    #: once, and seconds host 1 stays cut off.
+    hosts: int = 3
+    beats: int = 2
+    host_cut: float = 30.0
+    #: Hosts whose wall clock is off, "host2=+2s" each (libfaketime): what clock skew
+    #: does to windows (opened by one host's clock, flushed by another's).
+    host_clocks: tuple[str, ...] = ()
+    #: More Postgres session settings for the hosts' sessions ("-c name=value ...").
+    host_pg_options: str = ""
     #: Seed of the traffic mix and of the fuzz payloads.
     seed: int = 20261123
     #: Scenarios to run (names from ``chaos.scenarios.SCENARIOS``); empty: all.

@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from notifier.worker.queues import DELIVERY_QUEUES as DELIVER_QUEUES
 from notifier.worker.queues import INGEST_QUEUES
@@ -97,6 +98,8 @@ class Pipeline:
     crashes: list[Crash] = field(default_factory=list)
     kills: list[dict[str, object]] = field(default_factory=list)
     failed_starts: int = 0
+    #: What runs (``chaos.hosts`` runs each on several hosts).
+    roles: tuple[str, ...] = ROLES
 
     def __post_init__(self) -> None:
         self._lock = threading.RLock()
@@ -145,7 +148,7 @@ class Pipeline:
             except BaseException as exc:  # reported below, in this thread
                 errors.append(exc)
 
-        threads = [threading.Thread(target=start, args=(role,)) for role in ROLES]
+        threads = [threading.Thread(target=start, args=(role,)) for role in self.roles]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -160,7 +163,7 @@ class Pipeline:
 
     def _supervise(self) -> None:
         while not self._stopping.wait(0.2):
-            for role in ROLES:
+            for role in self.roles:
                 with self._lock:
                     process = self.processes.get(role)
                     if process is None or role in self._expected_down:
@@ -218,6 +221,11 @@ class Pipeline:
             for name, pattern in _LOG_COUNTERS.items():
                 counts[name] += len(pattern.findall(text))
         return counts
+
+    def figures(self, db: Any) -> dict[str, Any]:
+        """Figures of this way of running the pipeline, for the result's details (and
+        ``notes``); read before the logs are moved away."""
+        return {}
 
     def worker_crashes(self) -> int:
         """Processes that exited without being killed by us, plus pool processes that

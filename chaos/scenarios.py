@@ -21,12 +21,14 @@ from typing import Any
 import psycopg
 import redis
 
-from chaos import faults, fuzz, ledger
+from chaos import faults, fuzz, hosts, ledger
 from chaos.config import ChaosConfig
 from chaos.pipeline import Pipeline
 from chaos.traffic import Producer, Recipients, ResendingProducer, plan
 from tests.smtp_server import SmtpServer
 
+#: Keeps the chaos run's Redis db from looking free to a test run (see ``reset``).
+CLAIM_KEY = "notifier-chaos-claim"
 TABLES = ("notifications, deliveries, digests, dead_letters, idempotency_keys, recipients,"
           " inbox_messages, aggregation_windows")
 
@@ -204,6 +206,10 @@ class Scenario:
     restarts_service: bool = False
     #: Fuzz scenarios: the payloads that stall ingest (``fuzz.STALLS_INGEST``) instead.
     poison: bool = False
+    #: The workers some other way than on this machine alone (``chaos.hosts``).
+    pipeline: Callable[[Run], Pipeline] | None = None
+    #: Why the scenario cannot run here (one line), or None.
+    unavailable: Callable[[], str | None] | None = None
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -221,6 +227,13 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("postgres_restart", "restart Postgres (immediate stop)", restart_postgres,
              restarts_service=True),
     Scenario("smtp_outage", "stop the SMTP server", smtp_outage),
+    Scenario("hosts", "worker hosts in network namespaces, two beats; cut one host off and"
+             " back", hosts.cut_host, pipeline=lambda run: hosts.HostPipeline(
+                 run.config.pipeline_environment(run.smtp.url()), run.smtp,
+                 deliver_concurrency=2, hosts=run.config.hosts, beats=run.config.beats,
+                 clocks=dict(spec.split("=", 1) for spec in run.config.host_clocks),
+                 pg_options=run.config.host_pg_options),
+             unavailable=hosts.unavailable),
     Scenario("fuzz", "bad (and some good) payloads from a foreign producer", None),
     Scenario("fuzz_poison", "the fuzzed payloads that stall ingest, among good ones", None,
              poison=True),
@@ -229,13 +242,18 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
 
 def reset(run: Run) -> None:
     """Empty tables and an empty Redis db, before any worker starts (flushing under a
-    running worker would delete kombu's bindings). Claim keys of the tests survive."""
+    running worker would delete kombu's bindings). Claim keys of the tests survive, and
+    the db is never empty, not even for an instant: a test run starting meanwhile takes
+    an empty db as free (tests/conftest.py), and its workers would consume our queues."""
     run.db.execute(f"TRUNCATE {TABLES} CASCADE")
     claims = {key: run.broker.get(key) for key in run.broker.scan_iter("*claim*")}
-    run.broker.flushdb()
-    for key, value in claims.items():
-        if value is not None:
-            run.broker.set(key, value, ex=3600)
+    claims[CLAIM_KEY] = b"chaos"
+    with run.broker.pipeline(transaction=True) as atomic:
+        atomic.flushdb()
+        for key, value in claims.items():
+            if value is not None:
+                atomic.set(key, value, ex=3600)
+        atomic.execute()
 
 
 def run_scenario(config: ChaosConfig, name: str) -> Result:
@@ -243,6 +261,10 @@ def run_scenario(config: ChaosConfig, name: str) -> Result:
     result = Result(name, scenario.description)
     if scenario.restarts_service and not config.restart_services:
         result.skipped = "restarting shared services is off (--no-restarts)"
+        return result
+    why = scenario.unavailable() if scenario.unavailable else None
+    if why:
+        result.skipped = why
         return result
     smtp = SmtpServer()
     smtp.delay = config.smtp_delay
@@ -282,7 +304,10 @@ def _traffic(run: Run, scenario: Scenario) -> None:
         still = faults.wait_for_quiet_servers(url, url.rsplit("/", 1)[-1],
                                               _redis_db(config.broker_url), config.restart_wait)
         result.details["others_after_waiting"] = still
-    run.pipeline = Pipeline(config.pipeline_environment(run.smtp.url()), run.smtp).start()
+    if scenario.pipeline is not None:
+        run.pipeline = scenario.pipeline(run).start()
+    else:
+        run.pipeline = Pipeline(config.pipeline_environment(run.smtp.url()), run.smtp).start()
 
     producer = scenario.producer(items, config.rate).start()
     began = time.monotonic()
@@ -428,5 +453,8 @@ def _pipeline_figures(run: Run) -> None:
     result.details["logs"] = run.pipeline.log_counts()
     result.details["crashes"] = [crash.__dict__ for crash in run.pipeline.crashes]
     result.details["failed_starts"] = run.pipeline.failed_starts
+    figures = run.pipeline.figures(run.db)
+    result.notes += figures.pop("notes", [])
+    result.details.update(figures)
     result.details["log_files"] = run.pipeline.keep_logs(
         run.config.results_dir / "logs", run.name)
