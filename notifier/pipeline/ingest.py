@@ -252,28 +252,31 @@ def ingest_batch(
         cursor, candidates, timedelta(seconds=settings.dedup_window)
     )
     before = already_stored(cursor, [c.id for c in candidates])
-    routed = route_notifications(cursor, candidates, rules or get_rules(), settings, now,
+    routes = route_notifications(cursor, candidates, rules or get_rules(), settings, now,
                                  stored=before, states=states)
-    result.stored = copy_notifications(
-        cursor, [c for c in candidates if c.id not in before], routed)
-    stored = set(result.stored)
-    dispatched = [
-        (c, routed[c.id]) for c in candidates
-        if c.id in stored and routed[c.id].status == NotificationStatus.DISPATCHED
-    ]
+    new = list(zip(candidates, routes, strict=True))
+    if before:
+        new = [(c, routed) for c, routed in new if c.id not in before]
+    result.stored = copy_notifications(cursor, new)
+    if len(result.stored) < len(new):  # another transaction stored some meanwhile
+        kept = set(result.stored)
+        new = [(c, routed) for c, routed in new if c.id in kept]
+    dispatched = [(c, routed) for c, routed in new
+                  if routed.status == NotificationStatus.DISPATCHED]
     result.delivery_ids = dispatch_now(cursor, dispatched, now, states=states)
-    for c in candidates:
-        if c.id in stored:
-            result.kinds[(c.notification["priority"], c.notification["type"])] += 1
-            result.routed[routed[c.id].status] += 1
+    result.kinds.update((c.notification["priority"], c.notification["type"]) for c, _ in new)
+    result.routed.update(routed.status for _, routed in new)
     result.suppressed = result.routed["suppressed"]
     result.dead_lettered = write_dead_letters(cursor, Stage.INGEST, rejections, settings)
     return result
 
 
 def _first_of_each_id(candidates: list[Candidate]) -> tuple[list[Candidate], int]:
-    unique = {c.id: c for c in reversed(candidates)}
-    first = [c for c in candidates if unique.get(c.id) is c]
+    # Keyed by the id's int: a UUID's own hash is computed in Python, each time.
+    unique = {c.id.int: c for c in reversed(candidates)}
+    if len(unique) == len(candidates):
+        return candidates, 0
+    first = [c for c in candidates if unique.get(c.id.int) is c]
     return first, len(candidates) - len(first)
 
 
@@ -392,9 +395,10 @@ def claim_idempotency_keys(
 
 
 def copy_notifications(
-    cursor: Cursor[Any], candidates: Sequence[Candidate], routed: dict[uuid.UUID, Routed]
+    cursor: Cursor[Any], candidates: Sequence[tuple[Candidate, Routed]],
 ) -> list[uuid.UUID]:
-    """COPY the candidates straight into ``notifications``; returns the ids stored.
+    """COPY the candidates (each with its routing decision) straight into
+    ``notifications``; returns the ids stored.
 
     The caller passes only ids not stored before (``already_stored``, in this
     transaction). Should another transaction be storing one of them right now (the same
@@ -404,7 +408,7 @@ def copy_notifications(
     """
     if not candidates:
         return []
-    rows = [_notification_row(candidate, routed[candidate.id]) for candidate in candidates]
+    rows = [_notification_row(candidate, routed) for candidate, routed in candidates]
     try:
         # A savepoint within the batch's transaction, then the COPY.
         with cursor.connection.transaction(), cursor.copy(_COPY_NOTIFICATIONS) as copy:
@@ -412,7 +416,7 @@ def copy_notifications(
                 copy.write_row(row)
     except psycopg.errors.UniqueViolation:
         return _insert_new_only(cursor, rows)
-    return [candidate.id for candidate in candidates]
+    return [candidate.id for candidate, _ in candidates]
 
 
 _COLUMNS = ", ".join(_NOTIFICATION_COLUMNS)
