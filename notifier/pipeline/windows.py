@@ -200,7 +200,7 @@ def upsert_windows(
         "closed": _array(closed), "now": now,
     })
     return [((r, t, k), fresh[(r, t, k)], window_id, inserted)
-            for r, t, k, window_id, inserted in cursor]
+            for r, t, k, window_id, inserted in cursor.fetchall()]
 
 
 def _fresh_shape(group: WaitingGroup, now: datetime, shapes: dict[tuple[Any, ...], Fresh]) -> Fresh:
