@@ -28,8 +28,9 @@ from sqlalchemy.orm import Session
 
 from notifier.pipeline.dead_letters import Rejection, cut, jsonb_safe, write_dead_letters
 from notifier.pipeline.routing import (
+    RecipientState,
     Routed,
-    already_stored,
+    ask_already_stored,
     dispatch_now,
     recipient_states,
     route_notifications,
@@ -253,16 +254,8 @@ def ingest_batch(
     candidates, result.duplicates = claim_idempotency_keys(
         cursor, candidates, timedelta(seconds=settings.dedup_window)
     )
-    before = already_stored(cursor, [c.id for c in candidates])
-    routes = route_notifications(cursor, candidates, rules or get_rules(), settings, now,
-                                 stored=before, states=states)
-    new = list(zip(candidates, routes, strict=True))
-    if before:
-        new = [(c, routed) for c, routed in new if c.id not in before]
-    result.stored = copy_notifications(cursor, new)
-    if len(result.stored) < len(new):  # another transaction stored some meanwhile
-        kept = set(result.stored)
-        new = [(c, routed) for c, routed in new if c.id in kept]
+    new, result.stored = route_and_store(cursor, candidates, rules or get_rules(), settings,
+                                         now, states)
     dispatched = [(c, routed) for c, routed in new
                   if routed.status == NotificationStatus.DISPATCHED]
     result.delivery_ids = dispatch_now(cursor, dispatched, now, states=states)
@@ -396,27 +389,76 @@ def claim_idempotency_keys(
     return kept, dropped
 
 
+def route_and_store(
+    cursor: Cursor[Any], candidates: list[Candidate], rules: Rules, settings: Settings,
+    now: datetime, states: dict[str, RecipientState] | None,
+) -> tuple[list[tuple[Candidate, Routed]], list[uuid.UUID]]:
+    """Route the candidates not stored yet (windows counted) and COPY them; returns the
+    ones stored, with their decisions, and their ids.
+
+    All of it runs inside a savepoint. Should another transaction be storing some of
+    the same ids right now (the same message redelivered to a second worker), COPY waits
+    for it and then fails on the primary key: everything since the savepoint is undone,
+    the windows' counts too, and done again once, now seeing the other's rows, with
+    ``INSERT ... ON CONFLICT DO NOTHING`` in place of the COPY (which nothing can fail).
+    """
+    if not candidates:
+        return [], []
+    ids = [c.id for c in candidates]
+    careful = False
+    while True:
+        before = _savepoint_and_already_stored(cursor, ids)
+        routes = route_notifications(cursor, candidates, rules, settings, now,
+                                     stored=before, states=states)
+        new = list(zip(candidates, routes, strict=True))
+        if before:
+            new = [(c, routed) for c, routed in new if c.id not in before]
+        try:
+            stored = copy_notifications(cursor, new, careful=careful)
+        except psycopg.errors.UniqueViolation:
+            if careful:
+                raise
+            cursor.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            careful = True
+            continue
+        if len(stored) < len(new):  # stored meanwhile by another (careful only)
+            kept = set(stored)
+            new = [(c, routed) for c, routed in new if c.id in kept]
+        return new, stored
+
+
+_SAVEPOINT = "ingest_routing"
+
+
+def _savepoint_and_already_stored(cursor: Cursor[Any], ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Set the savepoint and read which ids are stored, in one round trip (pipelined;
+    never released: the transaction's commit takes it along)."""
+    with cursor.connection.pipeline():
+        cursor.execute(f"SAVEPOINT {_SAVEPOINT}")
+        if ids:
+            ask_already_stored(cursor, ids)
+    # Read after the pipeline ends: reading inside it would wait for a round trip more.
+    return {row[0] for row in cursor.fetchall()} if ids else set()
+
+
 def copy_notifications(
-    cursor: Cursor[Any], candidates: Sequence[tuple[Candidate, Routed]],
+    cursor: Cursor[Any], candidates: Sequence[tuple[Candidate, Routed]], *,
+    careful: bool = False,
 ) -> list[uuid.UUID]:
     """COPY the candidates (each with its routing decision) straight into
     ``notifications``; returns the ids stored.
 
     The caller passes only ids not stored before (``already_stored``, in this
-    transaction). Should another transaction be storing one of them right now (the same
-    message redelivered to a second worker), COPY waits for it and then fails on the
-    primary key: that batch alone goes the slower way, through a temporary table and
-    ``INSERT ... ON CONFLICT DO NOTHING``, inside a savepoint so nothing else is undone.
+    transaction); COPY fails (UniqueViolation) if another transaction stored one since.
+    ``careful``: through a temporary table and ``INSERT ... ON CONFLICT DO NOTHING``
+    instead, which stores only the ids no transaction has stored.
     """
     if not candidates:
         return []
     rows = [_notification_row(candidate, routed) for candidate, routed in candidates]
-    try:
-        # A savepoint within the batch's transaction, then the COPY.
-        with cursor.connection.transaction():
-            _copy_rows(cursor, "notifications", rows)
-    except psycopg.errors.UniqueViolation:
+    if careful:
         return _insert_new_only(cursor, rows)
+    _copy_rows(cursor, "notifications", rows)
     return [candidate.id for candidate, _ in candidates]
 
 
