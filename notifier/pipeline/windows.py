@@ -172,23 +172,18 @@ def upsert_windows(
     the window the first left open (or opens the next if the first closed it).
     """
     shapes: dict[tuple[Any, ...], Fresh] = {}  # most groups share one: worked out once
-    fresh: dict[GroupKey, Fresh] = {}
-    stamps: dict[datetime, str] = {}
-    modes, dues, latests, counts, maxima, closed = [], [], [], [], [], []
-    for key, group in groups.items():
+    columns: dict[tuple[Any, ...], tuple[str, str, str, str, str, str]] = {}
+    fresh: list[Fresh] = []
+    rows = []
+    for group in groups.values():
         shape = _fresh_shape(group, now, shapes)
-        fresh[key] = shape
-        count = _fresh_count(shape.mode, len(group.members))
-        full = (0 < shape.max_count <= count
-                and _settles(shape.mode, shape.max_count, len(group.members)))
-        due = min(shape.due_at, now) if full else shape.due_at
-        modes.append(shape.mode)
-        dues.append(stamps.get(due) or stamps.setdefault(due, _timestamp(due)))
-        latests.append(stamps.get(shape.latest_due_at)
-                       or stamps.setdefault(shape.latest_due_at, _timestamp(shape.latest_due_at)))
-        counts.append(count)
-        maxima.append(shape.max_count)
-        closed.append("t" if full else "f")
+        fresh.append(shape)
+        items = len(group.members)
+        row = columns.get((id(shape), items))
+        if row is None:  # this shape with this many items: the row's other columns
+            row = columns[(id(shape), items)] = _fresh_columns(shape, items, now)
+        rows.append(row)
+    modes, dues, latests, counts, maxima, closed = zip(*rows, strict=True)
     keys = list(groups)
     cursor.execute(_UPSERT_WINDOWS, {
         "id": _array(uuid7_texts(len(keys))),
@@ -196,11 +191,23 @@ def upsert_windows(
         "t": text_array([key[1] for key in keys]),
         "k": text_array([key[2] for key in keys]),
         "mode": _array(modes), "due": _array(dues), "latest": _array(latests),
-        "n": _array(map(str, counts)), "max": _array(map(str, maxima)),
-        "closed": _array(closed), "now": now,
+        "n": _array(counts), "max": _array(maxima), "closed": _array(closed), "now": now,
     })
-    return [((r, t, k), fresh[(r, t, k)], window_id, inserted)
+    shape_of = dict(zip(keys, fresh, strict=True))
+    return [((r, t, k), shape_of[(r, t, k)], window_id, inserted)
             for r, t, k, window_id, inserted in cursor.fetchall()]
+
+
+def _fresh_columns(
+    shape: Fresh, items: int, now: datetime,
+) -> tuple[str, str, str, str, str, str]:
+    """A new window's mode, due time, latest due time, count, maximum and closed, as
+    array elements, for ``items`` items (closed and due now if they fill it)."""
+    count = _fresh_count(shape.mode, items)
+    full = 0 < shape.max_count <= count and _settles(shape.mode, shape.max_count, items)
+    due = min(shape.due_at, now) if full else shape.due_at
+    return (shape.mode, _timestamp(due), _timestamp(shape.latest_due_at), str(count),
+            str(shape.max_count), "t" if full else "f")
 
 
 def _fresh_shape(group: WaitingGroup, now: datetime, shapes: dict[tuple[Any, ...], Fresh]) -> Fresh:
