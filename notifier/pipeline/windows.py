@@ -118,13 +118,17 @@ def _settles(mode: str, max_count: int, items: int) -> bool:
 #: would-be leading window, one more: its first item joins an existing window). The rows
 #: come as one array literal per column: Postgres reads those several times faster than
 #: JSON (whose every ``->>`` parses the element again), and Python writes them in a join.
+#: What a group's new window would be (``v``) is one of a few kinds: sent once each, and
+#: named by its number (``new``) in the groups' rows (a time, parsed, costs microseconds).
 _UPSERT_WINDOWS = """
 INSERT INTO aggregation_windows AS w (id, recipient_id, type, digest_key, mode, opened_at,
     due_at, latest_due_at, item_count, max_count, closed)
-SELECT g.id, g.r, g.t, g.k, g.mode, %(now)s, g.due, g.latest, g.n, g.max, g.closed
-FROM unnest(%(id)s::uuid[], %(r)s::text[], %(t)s::text[], %(k)s::text[], %(mode)s::text[],
-            %(due)s::timestamptz[], %(latest)s::timestamptz[], %(n)s::int[], %(max)s::int[],
-            %(closed)s::bool[]) AS g(id, r, t, k, mode, due, latest, n, max, closed)
+SELECT g.id, g.r, g.t, g.k, v.mode, %(now)s, v.due, v.latest, v.n, v.max, v.closed
+FROM unnest(%(id)s::uuid[], %(r)s::text[], %(t)s::text[], %(k)s::text[], %(new)s::int[])
+    AS g(id, r, t, k, new)
+JOIN unnest(%(mode)s::text[], %(due)s::timestamptz[], %(latest)s::timestamptz[], %(n)s::int[],
+            %(max)s::int[], %(closed)s::bool[])
+    WITH ORDINALITY AS v(mode, due, latest, n, max, closed, new) USING (new)
 ORDER BY 2, 3, 4
 ON CONFLICT (recipient_id, type, digest_key) WHERE NOT closed DO UPDATE SET
     item_count = w.item_count + {joining},
@@ -172,24 +176,27 @@ def upsert_windows(
     the window the first left open (or opens the next if the first closed it).
     """
     shapes: dict[tuple[Any, ...], Fresh] = {}  # most groups share one: worked out once
-    columns: dict[tuple[Any, ...], tuple[str, str, str, str, str, str]] = {}
+    kinds: dict[tuple[int, int], str] = {}  # (shape, items) -> its number in the new windows
+    new_windows: list[tuple[str, str, str, str, str, str]] = []
     fresh: list[Fresh] = []
-    rows = []
+    numbers = []
     for group in groups.values():
         shape = _fresh_shape(group, now, shapes)
         fresh.append(shape)
         items = len(group.members)
-        row = columns.get((id(shape), items))
-        if row is None:  # this shape with this many items: the row's other columns
-            row = columns[(id(shape), items)] = _fresh_columns(shape, items, now)
-        rows.append(row)
-    modes, dues, latests, counts, maxima, closed = zip(*rows, strict=True)
+        number = kinds.get((id(shape), items))
+        if number is None:
+            new_windows.append(_fresh_columns(shape, items, now))
+            number = kinds[(id(shape), items)] = str(len(new_windows))
+        numbers.append(number)
+    modes, dues, latests, counts, maxima, closed = zip(*new_windows, strict=True)
     keys = list(groups)
     cursor.execute(_UPSERT_WINDOWS, {
         "id": _array(uuid7_texts(len(keys))),
         "r": text_array([key[0] for key in keys]),
         "t": text_array([key[1] for key in keys]),
         "k": text_array([key[2] for key in keys]),
+        "new": _array(numbers),
         "mode": _array(modes), "due": _array(dues), "latest": _array(latests),
         "n": _array(counts), "max": _array(maxima), "closed": _array(closed), "now": now,
     })
