@@ -30,7 +30,7 @@ from notifier.pipeline.dead_letters import Rejection, cut, jsonb_safe, write_dea
 from notifier.pipeline.routing import (
     RecipientState,
     Routed,
-    ask_already_stored,
+    already_stored,
     dispatch_now,
     recipient_states,
     route_notifications,
@@ -396,18 +396,20 @@ def route_and_store(
     """Route the candidates not stored yet (windows counted) and COPY them; returns the
     ones stored, with their decisions, and their ids.
 
-    All of it runs inside a savepoint. Should another transaction be storing some of
-    the same ids right now (the same message redelivered to a second worker), COPY waits
-    for it and then fails on the primary key: everything since the savepoint is undone,
-    the windows' counts too, and done again once, now seeing the other's rows, with
+    All of it runs inside a savepoint, and first as if none were stored: most batches
+    hold no id stored before, and a COPY that meets one fails on the primary key (after
+    waiting for the transaction storing it, if it is still at work: the same message
+    redelivered to a second worker). Then everything since the savepoint is undone, the
+    windows' counts too, and done again once, reading which ids are stored now, with
     ``INSERT ... ON CONFLICT DO NOTHING`` in place of the COPY (which nothing can fail).
     """
     if not candidates:
         return [], []
-    ids = [c.id for c in candidates]
     careful = False
+    before: set[uuid.UUID] = set()
+    # Never released: the transaction's commit takes it along.
+    cursor.execute(f"SAVEPOINT {_SAVEPOINT}")
     while True:
-        before = _savepoint_and_already_stored(cursor, ids)
         routes = route_notifications(cursor, candidates, rules, settings, now,
                                      stored=before, states=states)
         new = list(zip(candidates, routes, strict=True))
@@ -420,6 +422,7 @@ def route_and_store(
                 raise
             cursor.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
             careful = True
+            before = already_stored(cursor, [c.id for c in candidates])
             continue
         if len(stored) < len(new):  # stored meanwhile by another (careful only)
             kept = set(stored)
@@ -428,17 +431,6 @@ def route_and_store(
 
 
 _SAVEPOINT = "ingest_routing"
-
-
-def _savepoint_and_already_stored(cursor: Cursor[Any], ids: list[uuid.UUID]) -> set[uuid.UUID]:
-    """Set the savepoint and read which ids are stored, in one round trip (pipelined;
-    never released: the transaction's commit takes it along)."""
-    with cursor.connection.pipeline():
-        cursor.execute(f"SAVEPOINT {_SAVEPOINT}")
-        if ids:
-            ask_already_stored(cursor, ids)
-    # Read after the pipeline ends: reading inside it would wait for a round trip more.
-    return {row[0] for row in cursor.fetchall()} if ids else set()
 
 
 def copy_notifications(

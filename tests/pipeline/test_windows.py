@@ -13,7 +13,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from notifier.pipeline.rules import Rule
+from notifier.pipeline.ingest import IngestMessage, ingest_batch
+from notifier.pipeline.rules import BUILTIN_RULES, Rule
+from notifier.storage.db import session_scope
 from tests.pipeline.helpers import (
     MINUTE,
     T0,
@@ -122,6 +124,26 @@ def test_a_redelivered_message_does_not_count_twice_in_a_window():
     assert (window.item_count, window.closed) == (2, False)
     assert flush(T0 + MINUTE).windows == 0
     assert status(notes[0]) == status(notes[1]) == "pending"
+
+
+def test_a_redelivered_message_batched_with_a_new_one_counts_only_the_new():
+    """Ingest first routes and COPYs as if nothing were stored; the redelivered message's
+    rows make the COPY fail, and the batch is routed again knowing them: the new
+    message's items are stored and counted, the old ones neither stored nor counted
+    again (the two in the window plus one would close it: alert's maximum is 3)."""
+    old = [note(), note()]
+    ingest(old, now=T0, message_id="m-old")
+    new = note()
+    critical = note(priority="critical")
+    messages = [IngestMessage("m-old", list(old)), IngestMessage("m-new", [new, critical])]
+    with session_scope() as session:
+        result = ingest_batch(session, messages, rules=BUILTIN_RULES, now=T0 + MINUTE)
+    assert sorted(result.stored) == sorted(ids([new, critical]))
+    assert len(result.delivery_ids) == 1  # the critical one's, once
+    full, = windows()
+    assert (full.item_count, full.closed, full.due_at) == (3, True, T0 + MINUTE)
+    assert status(new) == "pending" and status(critical) == "dispatched"
+    assert len(deliveries_of(critical["id"])) == 1
 
 
 # --- Leading and sliding windows ------------------------------------------------------
