@@ -222,7 +222,8 @@ def _fresh_shape(group: WaitingGroup, now: datetime, shapes: dict[tuple[Any, ...
     (or digest slot) already worked it out in this batch."""
     immediate = group.preferences.digest_mode == "immediate"
     # Identities: the rules and preferences objects outlive the batch's call.
-    cache_key = (id(group.rule),) if immediate else (id(group.preferences), group.timezone)
+    cache_key = ((id(group.rule),) if immediate
+                 else (id(group.rule), id(group.preferences), group.timezone))
     shape = shapes.get(cache_key)
     if shape is None:
         window = open_window(group, now, window_id=_NO_ID)
@@ -235,6 +236,7 @@ _NO_ID = uuid.UUID(int=0)
 
 
 def _timestamp(value: datetime) -> str:
+    """A time as a quoted array element (ISO 8601 with its offset: what Postgres reads)."""
     return '"' + value.isoformat() + '"'
 
 
