@@ -47,6 +47,15 @@ _EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _encode_json = json.JSONEncoder(
     separators=(",", ":"), ensure_ascii=False, allow_nan=False
 ).encode
+#: What ``_encode_json`` does for a dict, without building its encoder again at each
+#: call as ``JSONEncoder.encode`` does (half the time of encoding small data).
+_iterencode = (
+    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None, json.JSONEncoder().default, json.encoder.encode_basestring, None, ":", ",",
+        False, False, False,
+    ) if json.encoder.c_make_encoder is not None  # type: ignore[attr-defined]
+    else None
+)
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -344,16 +353,92 @@ def _finish(fields: dict[str, Any]) -> dict[str, Any]:
 
 _Checked = Annotated[_NotificationFields, AfterValidator(_finish)]
 _NOTIFICATION_DATA: TypeAdapter[Any] = TypeAdapter(_Checked)
-_NOTIFICATION_LIST: TypeAdapter[Any] = TypeAdapter(list[_Checked])
+
+_LooseIdentifier = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)
+]
+
+
+@with_config(ConfigDict(extra="forbid"))
+class _LooseFields(TypedDict):
+    """:class:`_NotificationFields` with only the checks pydantic makes by itself (types,
+    lengths, literals, stripping): :func:`_check_items` makes the rest over a whole
+    message at once, instead of calling Python for each field of each item."""
+
+    id: NotRequired[Annotated[uuid.UUID | None, Field(default=None)]]
+    recipient: _LooseIdentifier | RecipientIn
+    type: str
+    priority: NotRequired[Annotated[Priority, Field(default="normal")]]
+    channels: NotRequired[Annotated[
+        Annotated[list[str], Field(max_length=32)] | None, Field(default=None)]]
+    title: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
+    body: NotRequired[Annotated[
+        Annotated[str, StringConstraints(max_length=65536)], Field(default="")]]
+    data: NotRequired[Annotated[dict[str, Any], Field(default_factory=dict)]]
+    idempotency_key: NotRequired[Annotated[_LooseIdentifier | None, Field(default=None)]]
+    send_at: NotRequired[Annotated[datetime | None, Field(default=None)]]
+
+
+_LOOSE_LIST: TypeAdapter[Any] = TypeAdapter(list[_LooseFields])
+
+
+def _check_items(items: list[dict[str, Any]]) -> None:
+    """The checks :class:`_NotificationFields` makes in Python, and its ``_finish``, over
+    a message's items (validated by ``_LOOSE_LIST``) at once. ValueError at the first
+    problem, in any words: each item is then checked alone, for its own reason."""
+    lines: list[str] = []  # single-line fields: recipient ids, idempotency keys
+    texts: list[str] = []  # storable text: titles, bodies
+    types: set[str] = set()
+    for item in items:
+        types.add(item["type"])
+        recipient = item["recipient"]
+        if isinstance(recipient, str):
+            lines.append(recipient)
+        if item["idempotency_key"] is not None:
+            lines.append(item["idempotency_key"])
+        texts.append(item["title"])
+        texts.append(item["body"])
+        if item["channels"] is not None:
+            item["channels"] = known_channel_list(item["channels"])
+        _send_at_has_zone(item["send_at"])
+        item["data_json"] = encoded_data(item["data"])
+        item["recipient_id"] = recipient if isinstance(recipient, str) else recipient.id
+    for type_ in types:
+        _type_is_a_slug(type_)
+    _single_line("".join(lines))
+    _storable("".join(texts))
+
+
+def validate_notifications(raws: list[Any]) -> list[Notification] | None:
+    """Every item of a message checked in one call (the common case: all are good), or
+    None if any is not an object, is refused or fails: then :func:`validate_notification`
+    checks each alone, so each gets its own reason and the good ones still pass.
+
+    The one call makes the checks pydantic can by itself, then the rest over all the
+    items at once (:func:`_check_items`): the same checks as each alone, with far fewer
+    calls into Python.
+    """
+    if not all(isinstance(raw, dict) for raw in raws):
+        return None
+    try:
+        items = _LOOSE_LIST.validate_python(raws)
+        _check_items(items)
+    except Exception:  # whatever it was, each item alone tells (and costs only itself)
+        return None
+    return cast(list[Notification], items)
 
 
 def encoded_data(data: dict[str, Any]) -> str:
     """``data`` as compact JSON text, or ValueError("data: ...") if too deep, not JSON
     (NaN), holding NUL or a lone surrogate, or bigger than ``max_data_bytes``."""
-    if not _flat(data) and _nesting(data) > MAX_DATA_DEPTH:
-        raise ValueError(f"data: nested deeper than {MAX_DATA_DEPTH} levels")
+    for value in data.values():  # most data holds no container: no need to walk it
+        if isinstance(value, _CONTAINERS):
+            if _nesting(data) > MAX_DATA_DEPTH:
+                raise ValueError(f"data: nested deeper than {MAX_DATA_DEPTH} levels")
+            break
     try:
-        encoded = _encode_json(data)
+        encoded = "".join(_iterencode(data, 0)) if _iterencode else _encode_json(data)
     except ValueError:
         raise ValueError("data: NaN and Infinity are not JSON numbers") from None
     if "\\u0000" in encoded:
@@ -373,9 +458,7 @@ def encoded_data(data: dict[str, Any]) -> str:
 MAX_DATA_DEPTH = 64
 
 
-def _flat(data: dict[str, Any]) -> bool:
-    """No container among the values (most data): one level, no need to walk it."""
-    return not any(isinstance(value, dict | list) for value in data.values())
+_CONTAINERS = (dict, list)
 
 
 def _nesting(value: Any) -> int:
@@ -413,18 +496,6 @@ def parse_notification(raw: Any) -> NotificationIn:
 def validate_notification(raw: Any) -> Notification:
     """:func:`parse_notification`'s checks and rejections, into plain data (no model)."""
     return cast(Notification, _checked(_NOTIFICATION_DATA.validate_python, raw))
-
-
-def validate_notifications(raws: list[Any]) -> list[Notification] | None:
-    """Every item of a message checked in one call (the common case: all are good), or
-    None if any is not an object, is refused or fails: then :func:`validate_notification`
-    checks each alone, so each gets its own reason and the good ones still pass."""
-    if not all(isinstance(raw, dict) for raw in raws):
-        return None
-    try:
-        return cast(list[Notification], _NOTIFICATION_LIST.validate_python(raws))
-    except Exception:  # whatever it was, each item alone tells (and costs only itself)
-        return None
 
 
 def _checked(validate: Callable[[Any], _T], raw: Any) -> _T:

@@ -90,3 +90,25 @@ def test_a_message_is_checked_in_one_call_when_every_item_passes():
     assert validate_notifications(good) == [validate_notification(raw) for raw in good]
     assert validate_notifications([*good, GOOD | {"id": "42"}]) is None
     assert validate_notifications([*good, "not an object"]) is None
+
+
+@pytest.mark.parametrize("change", BAD)
+def test_a_message_holding_any_refused_item_goes_item_by_item(change):
+    """The one call checks the message's items together (most checks once for all of
+    them): whatever an item alone is refused for, the one call refuses too."""
+    assert validate_notifications([GOOD, GOOD | change, GOOD]) is None
+
+
+@pytest.mark.parametrize("change", [
+    {}, {"priority": "critical", "channels": ["email", "inapp", "email"], "body": "b"},
+    {"id": "01a24e6b-4744-7153-b937-e0ec98d1ff20", "idempotency_key": " k ", "title": " t "},
+    {"data": {"n": 1, "s": "ü", "deep": {"a": [1, {"b": None}]}, "f": 1e16},
+     "send_at": "2026-01-01T09:00:00+02:00"},
+    {"recipient": {"id": " u2 ", "email": "user@bücher.de", "timezone": "Europe/Paris",
+                   "addresses": {"webhook": "https://example.com/h"}}},
+])
+def test_the_one_call_gives_what_each_alone_gives(change):
+    raws = [GOOD | change, GOOD]
+    together = validate_notifications(raws)
+    assert together == [validate_notification(raw) for raw in raws]
+    assert [list(item) for item in together] == [list(validate_notification(raw)) for raw in raws]

@@ -20,12 +20,15 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg import postgres, pq
+from psycopg.adapt import Dumper
 from psycopg.types.json import Jsonb
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from notifier.pipeline.dead_letters import Rejection, cut, jsonb_safe, write_dead_letters
 from notifier.pipeline.routing import (
+    RecipientState,
     Routed,
     already_stored,
     dispatch_now,
@@ -251,29 +254,24 @@ def ingest_batch(
     candidates, result.duplicates = claim_idempotency_keys(
         cursor, candidates, timedelta(seconds=settings.dedup_window)
     )
-    before = already_stored(cursor, [c.id for c in candidates])
-    routed = route_notifications(cursor, candidates, rules or get_rules(), settings, now,
-                                 stored=before, states=states)
-    result.stored = copy_notifications(
-        cursor, [c for c in candidates if c.id not in before], routed)
-    stored = set(result.stored)
-    dispatched = [
-        (c, routed[c.id]) for c in candidates
-        if c.id in stored and routed[c.id].status == NotificationStatus.DISPATCHED
-    ]
+    new, result.stored = route_and_store(cursor, candidates, rules or get_rules(), settings,
+                                         now, states)
+    dispatched = [(c, routed) for c, routed in new
+                  if routed.status == NotificationStatus.DISPATCHED]
     result.delivery_ids = dispatch_now(cursor, dispatched, now, states=states)
-    for c in candidates:
-        if c.id in stored:
-            result.kinds[(c.notification["priority"], c.notification["type"])] += 1
-            result.routed[routed[c.id].status] += 1
+    result.kinds.update((c.notification["priority"], c.notification["type"]) for c, _ in new)
+    result.routed.update(routed.status for _, routed in new)
     result.suppressed = result.routed["suppressed"]
     result.dead_lettered = write_dead_letters(cursor, Stage.INGEST, rejections, settings)
     return result
 
 
 def _first_of_each_id(candidates: list[Candidate]) -> tuple[list[Candidate], int]:
-    unique = {c.id: c for c in reversed(candidates)}
-    first = [c for c in candidates if unique.get(c.id) is c]
+    # Keyed by the id's int: a UUID's own hash is computed in Python, each time.
+    unique = {c.id.int: c for c in reversed(candidates)}
+    if len(unique) == len(candidates):
+        return candidates, 0
+    first = [c for c in candidates if unique.get(c.id.int) is c]
     return first, len(candidates) - len(first)
 
 
@@ -391,32 +389,97 @@ def claim_idempotency_keys(
     return kept, dropped
 
 
+def route_and_store(
+    cursor: Cursor[Any], candidates: list[Candidate], rules: Rules, settings: Settings,
+    now: datetime, states: dict[str, RecipientState] | None,
+) -> tuple[list[tuple[Candidate, Routed]], list[uuid.UUID]]:
+    """Route the candidates not stored yet (windows counted) and COPY them; returns the
+    ones stored, with their decisions, and their ids.
+
+    All of it runs inside a savepoint, and first as if none were stored: most batches
+    hold no id stored before, and a COPY that meets one fails on the primary key (after
+    waiting for the transaction storing it, if it is still at work: the same message
+    redelivered to a second worker). Then everything since the savepoint is undone, the
+    windows' counts too, and done again once, reading which ids are stored now, with
+    ``INSERT ... ON CONFLICT DO NOTHING`` in place of the COPY (which nothing can fail).
+    """
+    if not candidates:
+        return [], []
+    careful = False
+    before: set[uuid.UUID] = set()
+    # Never released: the transaction's commit takes it along.
+    cursor.execute(f"SAVEPOINT {_SAVEPOINT}")
+    while True:
+        routes = route_notifications(cursor, candidates, rules, settings, now,
+                                     stored=before, states=states)
+        new = list(zip(candidates, routes, strict=True))
+        if before:
+            new = [(c, routed) for c, routed in new if c.id not in before]
+        try:
+            stored = copy_notifications(cursor, new, careful=careful)
+        except psycopg.errors.UniqueViolation:
+            if careful:
+                raise
+            cursor.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            careful = True
+            before = already_stored(cursor, [c.id for c in candidates])
+            continue
+        if len(stored) < len(new):  # stored meanwhile by another (careful only)
+            kept = set(stored)
+            new = [(c, routed) for c, routed in new if c.id in kept]
+        return new, stored
+
+
+_SAVEPOINT = "ingest_routing"
+
+
 def copy_notifications(
-    cursor: Cursor[Any], candidates: Sequence[Candidate], routed: dict[uuid.UUID, Routed]
+    cursor: Cursor[Any], candidates: Sequence[tuple[Candidate, Routed]], *,
+    careful: bool = False,
 ) -> list[uuid.UUID]:
-    """COPY the candidates straight into ``notifications``; returns the ids stored.
+    """COPY the candidates (each with its routing decision) straight into
+    ``notifications``; returns the ids stored.
 
     The caller passes only ids not stored before (``already_stored``, in this
-    transaction). Should another transaction be storing one of them right now (the same
-    message redelivered to a second worker), COPY waits for it and then fails on the
-    primary key: that batch alone goes the slower way, through a temporary table and
-    ``INSERT ... ON CONFLICT DO NOTHING``, inside a savepoint so nothing else is undone.
+    transaction); COPY fails (UniqueViolation) if another transaction stored one since.
+    ``careful``: through a temporary table and ``INSERT ... ON CONFLICT DO NOTHING``
+    instead, which stores only the ids no transaction has stored.
     """
     if not candidates:
         return []
-    rows = [_notification_row(candidate, routed[candidate.id]) for candidate in candidates]
-    try:
-        # A savepoint within the batch's transaction, then the COPY.
-        with cursor.connection.transaction(), cursor.copy(_COPY_NOTIFICATIONS) as copy:
-            for row in rows:
-                copy.write_row(row)
-    except psycopg.errors.UniqueViolation:
+    rows = [_notification_row(candidate, routed) for candidate, routed in candidates]
+    if careful:
         return _insert_new_only(cursor, rows)
-    return [candidate.id for candidate in candidates]
+    _copy_rows(cursor, "notifications", rows)
+    return [candidate.id for candidate, _ in candidates]
 
 
 _COLUMNS = ", ".join(_NOTIFICATION_COLUMNS)
-_COPY_NOTIFICATIONS = f"COPY notifications ({_COLUMNS}) FROM STDIN"
+#: The COPY's column types: it goes in Postgres' binary format, which spares Postgres
+#: parsing text (uuids, times) and this process writing it. ``data`` arrives as JSON text
+#: (``data_json``, encoded once by validation) and is sent as is (see _JsonbText).
+_COPY_TYPES = ("uuid", "text", "text", "text", "varchar[]", "text", "text", "jsonb", "text",
+               "timestamptz", "text", "timestamptz", "text", "uuid")
+
+
+class _JsonbText(Dumper):
+    """``jsonb`` in binary format from JSON text: a version byte, then the text (psycopg's
+    own dumper would encode the text again, as a JSON string)."""
+
+    format = pq.Format.BINARY
+    oid = postgres.types["jsonb"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return b"\x01" + str(obj).encode()
+
+
+def _copy_rows(cursor: Cursor[Any], table: str, rows: list[tuple[Any, ...]]) -> None:
+    # Used by oid only (COPY after set_types): no other value of the cursor's changes.
+    cursor.adapters.register_dumper(None, _JsonbText)
+    with cursor.copy(f"COPY {table} ({_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(_COPY_TYPES)
+        for row in rows:
+            copy.write_row(row)
 
 
 def _insert_new_only(cursor: Cursor[Any], rows: list[tuple[Any, ...]]) -> list[uuid.UUID]:
@@ -428,9 +491,7 @@ def _insert_new_only(cursor: Cursor[Any], rows: list[tuple[Any, ...]]) -> list[u
     cursor.execute(
         "CREATE TEMP TABLE ingest_staging (LIKE notifications INCLUDING DEFAULTS) ON COMMIT DROP"
     )
-    with cursor.copy(f"COPY ingest_staging ({_COLUMNS}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row(row)
+    _copy_rows(cursor, "ingest_staging", rows)
     cursor.execute(
         f"INSERT INTO notifications ({_COLUMNS}) SELECT {_COLUMNS} FROM ingest_staging"
         " ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id"

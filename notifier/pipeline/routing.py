@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from notifier.pipeline.outbox import NewDelivery, insert_deliveries
 from notifier.pipeline.preferences import Preferences, parse_preferences, quiet_until
-from notifier.pipeline.rules import Rules
-from notifier.pipeline.windows import Waiting, assign_windows, group_key
+from notifier.pipeline.rules import Rule, Rules
+from notifier.pipeline.windows import GroupKey, WaitingGroup, assign_windows, group_key
 from notifier.settings import Settings
 
 if TYPE_CHECKING:
@@ -37,9 +37,8 @@ class RecipientState:
     name: str | None = None
 
 
-@dataclass(frozen=True)
-class Routed:
-    """The decision for one notification at ingest."""
+class Routed(NamedTuple):
+    """The decision for one notification at ingest (a tuple: a batch makes hundreds)."""
 
     status: str  # pending | dispatched | suppressed
     reason: str | None = None
@@ -193,49 +192,75 @@ def hold_until(
 
 def route_notifications(
     cursor: Cursor[Any], candidates: Sequence[Any], rules: Rules, settings: Settings,
-    now: datetime, *, stored: set[uuid.UUID] | None = None,
+    now: datetime, *, stored: Collection[uuid.UUID] = (),
     states: dict[str, RecipientState] | None = None,
-) -> dict[uuid.UUID, Routed]:
-    """Decide, for each candidate (``.id``, ``.notification``), what happens to it.
+) -> list[Routed]:
+    """Decide, for each candidate (``.id``, ``.notification``), what happens to it: the
+    decisions in the candidates' order.
 
     ``stored``: the candidates' ids already in ``notifications`` (:func:`already_stored`),
-    and ``states``: their recipients' (``recipient_states.get``), if the caller has read
-    them in this transaction.
+    and ``states``: their recipients' (``recipient_states.get``, read if not given).
     """
     if states is None:
         states = recipient_states.get(cursor, (c.notification["recipient_id"] for c in candidates))
-    if stored is None:
-        stored = already_stored(cursor, [c.id for c in candidates])
-    routed: dict[uuid.UUID, Routed] = {}
-    waiting: list[tuple[Waiting, tuple[str, ...]]] = []
-    for candidate in candidates:
-        if candidate.id in stored:
+    routes = [_REDELIVERED] * len(candidates)
+    groups: dict[GroupKey, WaitingGroup] = {}
+    # Notifications alike (the same preferences, type, priority, channels asked, with or
+    # without send_at) are decided alike: each kind once per batch.
+    decided: dict[tuple[Any, ...], tuple[Routed, Rule | None]] = {}
+    for position, candidate in enumerate(candidates):
+        if stored and candidate.id in stored:
             # A redelivered message: the insert skips it, and it must not be counted in
             # a window (or open one) a second time.
-            routed[candidate.id] = Routed("pending")
             continue
         n = candidate.notification
         state = states.get(n["recipient_id"], NO_PREFERENCES)
-        rule = rules.for_type(n["type"])
-        channels, opted_out = channels_for(n["channels"], state, n["type"], settings)
-        reason = state.preferences.suppression_reason(
-            n["type"], n["priority"], channels + opted_out)
-        if reason:
-            routed[candidate.id] = Routed("suppressed", reason)
-        elif n["priority"] == "critical" or not rule.aggregate or n["send_at"] is not None:
-            routed[candidate.id] = Routed("dispatched", channels=tuple(channels))
-        else:
-            item = Waiting(candidate.id, group_key(n, rule), rule, state.preferences,
-                           state.timezone)
-            waiting.append((item, tuple(channels)))
-    windows = assign_windows(cursor, [item for item, _ in waiting], now)
-    for item, on in waiting:
-        window_id = windows[item.id]
-        routed[item.id] = (
-            Routed("dispatched", channels=on) if window_id is None  # leads its window
-            else Routed("pending", window_id=window_id)
-        )
-    return routed
+        asked = n["channels"]
+        kind = (id(state.preferences), n["type"], n["priority"], n["send_at"] is None,
+                tuple(asked) if asked else None)
+        decision = decided.get(kind)
+        if decision is None:
+            decision = decided[kind] = _decide(n, state, rules, settings)
+        routed, rule = decision
+        routes[position] = routed
+        if rule is None:
+            continue
+        key = ((n["recipient_id"], n["type"], "") if rule.digest_key is None
+               else group_key(n, rule))
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = WaitingGroup(key, rule, state.preferences, state.timezone)
+        group.members.append(position)
+    last_id: uuid.UUID | None = None
+    pending = _REDELIVERED
+    for key, placed in assign_windows(cursor, groups, now).items():
+        for position, window_id in zip(groups[key].members, placed, strict=True):
+            if window_id is None:  # leads its window: goes now, on its channels
+                routes[position] = Routed("dispatched", channels=routes[position].channels)
+                continue
+            if window_id is not last_id:  # a group's members share one window
+                last_id, pending = window_id, Routed("pending", window_id=window_id)
+            routes[position] = pending
+    return routes
+
+
+#: The decision for a notification already stored (a redelivered message's).
+_REDELIVERED = Routed("pending")
+
+
+def _decide(
+    n: Any, state: RecipientState, rules: Rules, settings: Settings,
+) -> tuple[Routed, Rule | None]:
+    """One kind of notification's decision, and its rule if it waits for a window (then
+    the decision is ``pending`` with the channels a leading item would go on)."""
+    rule = rules.for_type(n["type"])
+    channels, opted_out = channels_for(n["channels"], state, n["type"], settings)
+    reason = state.preferences.suppression_reason(n["type"], n["priority"], channels + opted_out)
+    if reason:
+        return Routed("suppressed", reason), None
+    if n["priority"] == "critical" or not rule.aggregate or n["send_at"] is not None:
+        return Routed("dispatched", channels=tuple(channels)), None
+    return Routed("pending", channels=tuple(channels)), rule
 
 
 def already_stored(cursor: Cursor[Any], ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
@@ -244,11 +269,12 @@ def already_stored(cursor: Cursor[Any], ids: Sequence[uuid.UUID]) -> set[uuid.UU
     # One index probe per id, whatever the statistics say: `id = ANY(...)` is planned as
     # a scan of the whole table while it is small or not yet analysed (the benchmark's
     # table, growing from empty, cost 23 ms a batch at 50,000 rows; this, 0.4 ms). A
-    # uuid[] literal: psycopg would dump a list element by element in Python.
+    # uuid[] literal: psycopg would dump a list element by element in Python (and
+    # 32 hex digits, which Postgres reads as a uuid, cost less than str(uuid)).
     cursor.execute(
         "SELECT n.id FROM unnest(%s::uuid[]) AS i(id),"
         " LATERAL (SELECT id FROM notifications WHERE id = i.id LIMIT 1) AS n",
-        ("{" + ",".join(map(str, ids)) + "}",), prepare=False,
+        ("{" + ",".join([f"{i.int:032x}" for i in ids]) + "}",), prepare=False,
     )
     return {row[0] for row in cursor.fetchall()}
 

@@ -43,6 +43,46 @@ def test_data_survives_copy_exactly():
     assert stored == data
 
 
+def test_every_column_survives_the_binary_copy():
+    """The COPY goes in Postgres' binary format: each column of each kind of row (waiting
+    in a window, held by send_at with channels and a key, suppressed with a reason) reads
+    back as sent."""
+    from datetime import UTC, datetime
+
+    with session_scope() as session:
+        session.execute(text(
+            "INSERT INTO recipients (id, preferences)"
+            " VALUES ('quiet', '{\"opt_out\": {\"task_deadline\": [\"*\"]}}')"
+        ))
+    sent = datetime(2026, 5, 1, 12, 30, 15, 123456, tzinfo=UTC)
+    waiting = _note(id=str(uuid.uuid4()), title="Zoë ✓ \"q\"\t\\", body="line\nnext",
+                    data={"k": "v ✓"})
+    held = _note(id=str(uuid.uuid4()), channels=["email", "webhook"], idempotency_key="k-1",
+                 send_at="2031-01-01T08:00:00+00:00")
+    quiet = _note(id=str(uuid.uuid4()), recipient="quiet")
+    message = IngestMessage(str(uuid.uuid4()), [waiting, held, quiet], enqueued_at=sent)
+    with session_scope() as session:
+        ingest_batch(session, [message])
+        rows = {str(r.id): r for r in session.execute(text(
+            "SELECT id, recipient_id, type, priority, channels, title, body, data,"
+            " idempotency_key, send_at, status, enqueued_at, status_reason, window_id"
+            " FROM notifications"
+        ))}
+        window = session.execute(text("SELECT id FROM aggregation_windows")).scalar_one()
+    row = rows[waiting["id"]]
+    assert (row.recipient_id, row.type, row.priority, row.channels, row.title, row.body,
+            row.data, row.idempotency_key, row.send_at, row.status, row.enqueued_at,
+            row.status_reason, row.window_id) == (
+        "user-1", "task_deadline", "normal", None, waiting["title"], "line\nnext",
+        {"k": "v ✓"}, None, None, "pending", sent, None, window)
+    row = rows[held["id"]]
+    assert (row.channels, row.idempotency_key, row.send_at, row.status, row.window_id) == (
+        ["email", "webhook"], "k-1", datetime(2031, 1, 1, 8, tzinfo=UTC), "dispatched", None)
+    row = rows[quiet["id"]]
+    assert (row.status, row.status_reason) == (
+        "suppressed", "opted out of task_deadline on inapp")
+
+
 def test_bad_items_are_dead_lettered_and_good_ones_land():
     """An invalid item becomes a dead letter naming the field; the rest of the batch lands."""
     good = _note()

@@ -127,6 +127,36 @@ def test_one_message_stored_by_two_batches_at_once_is_stored_once():
     assert query("SELECT count(*) FROM dead_letters")[0][0] == 0
 
 
+def test_a_message_stored_meanwhile_is_counted_in_its_window_once():
+    """The same message, whose items wait in a window, redelivered to a second worker
+    while the first still holds it: the second waits on the first's new window, adds its
+    items to it, then its COPY meets the first's rows. Everything since its savepoint is
+    undone and done again, now seeing those rows: each item is counted once."""
+    _create("again")
+    message = IngestMessage("m-again", [note("alert", "again") for _ in range(2)])
+    with ThreadPoolExecutor(1) as pool:
+        with session_scope() as session:
+            first = ingest_batch(session, [message], rules=BUILTIN_RULES, now=T0)
+
+            def again() -> tuple[list, int]:
+                with session_scope() as other:
+                    result = ingest_batch(other, [message], rules=BUILTIN_RULES,
+                                          now=T0 + MINUTE)
+                return result.stored, result.rejected
+
+            arriving = pool.submit(again)
+            wait_for(_waiting_for_a_transaction, timeout=10,
+                     what="the second batch waiting for the first's window")
+        assert arriving.result(timeout=30) == ([], 0)
+    assert len(first.stored) == 2
+    [window] = windows()
+    assert (window.item_count, window.closed, window.due_at) == (2, False, DUE)
+    assert query("SELECT count(*) FROM notifications")[0][0] == 2
+    assert query("SELECT count(*) FROM dead_letters")[0][0] == 0
+    result = flush(DUE)
+    assert (result.windows, result.digests, result.notifications) == (1, 1, 2)
+
+
 def test_a_preference_changed_between_two_batches_is_seen_by_the_second():
     """The first batch fills this process's cache; set_preferences commits an opt-out;
     the next batch routes by it."""

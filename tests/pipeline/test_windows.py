@@ -13,7 +13,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from notifier.pipeline.rules import Rule
+from notifier.pipeline.ingest import IngestMessage, ingest_batch
+from notifier.pipeline.rules import BUILTIN_RULES, Rule
+from notifier.storage.db import session_scope
 from tests.pipeline.helpers import (
     MINUTE,
     T0,
@@ -24,6 +26,7 @@ from tests.pipeline.helpers import (
     ingest,
     note,
     prefs,
+    query,
     status,
     windows,
     with_rules,
@@ -121,6 +124,26 @@ def test_a_redelivered_message_does_not_count_twice_in_a_window():
     assert (window.item_count, window.closed) == (2, False)
     assert flush(T0 + MINUTE).windows == 0
     assert status(notes[0]) == status(notes[1]) == "pending"
+
+
+def test_a_redelivered_message_batched_with_a_new_one_counts_only_the_new():
+    """Ingest first routes and COPYs as if nothing were stored; the redelivered message's
+    rows make the COPY fail, and the batch is routed again knowing them: the new
+    message's items are stored and counted, the old ones neither stored nor counted
+    again (the two in the window plus one would close it: alert's maximum is 3)."""
+    old = [note(), note()]
+    ingest(old, now=T0, message_id="m-old")
+    new = note()
+    critical = note(priority="critical")
+    messages = [IngestMessage("m-old", list(old)), IngestMessage("m-new", [new, critical])]
+    with session_scope() as session:
+        result = ingest_batch(session, messages, rules=BUILTIN_RULES, now=T0 + MINUTE)
+    assert sorted(result.stored) == sorted(ids([new, critical]))
+    assert len(result.delivery_ids) == 1  # the critical one's, once
+    full, = windows()
+    assert (full.item_count, full.closed, full.due_at) == (3, True, T0 + MINUTE)
+    assert status(new) == "pending" and status(critical) == "dispatched"
+    assert len(deliveries_of(critical["id"])) == 1
 
 
 # --- Leading and sliding windows ------------------------------------------------------
@@ -307,3 +330,35 @@ def test_a_daily_digest_holds_more_than_max_count_items_uncapped():
     for i in range(25):
         assert f"- Build {i} finished\n" in digest.body + "\n"
         assert f"<strong>Build {i} finished</strong>" in digest.html
+
+
+def test_one_batch_opening_every_kind_of_window_gives_each_group_its_own():
+    """One message opens windows of every kind at once (the upsert sends each kind of new
+    window once, each group names its kind), for ids and digest keys holding the
+    characters an array literal quotes: each group gets its own window, as it would alone."""
+    rules = with_rules(LEADING, SLIDING, Rule("task_deadline", timedelta(minutes=30), 10,
+                                              digest_key="project"))
+    prefs("daily-reader", digest_mode="daily", digest_time="08:00")
+    odd, key = 'we"ird\\,{id} NULL', 'p"\\{x},'
+    batch = ([note("alert", "user-1")] + [note("alert", odd) for _ in range(2)]
+             + [note("build", "user-1") for _ in range(2)] + [note("chat", "user-1")]
+             + [note("system_update", "daily-reader")]
+             + [note("task_deadline", "user-1", data={"project": key}) for _ in range(2)]
+             + [note("alert", "user-2") for _ in range(4)])
+    random.Random(7).shuffle(batch)
+    ingest(batch, now=T0, rules=rules)
+    found = {(w.recipient_id, w.type, w.digest_key, w.closed): (w.mode, w.item_count, w.due_at)
+             for w in windows()}
+    assert found == {
+        ("user-1", "alert", "", False): ("fixed", 1, T0 + 5 * MINUTE),
+        (odd, "alert", "", False): ("fixed", 2, T0 + 5 * MINUTE),
+        ("user-1", "build", "", False): ("leading", 1, T0 + 10 * MINUTE),
+        ("user-1", "chat", "", False): ("sliding", 1, T0 + 10 * MINUTE),
+        ("daily-reader", "system_update", "", False): (
+            "digest", 1, datetime(2031, 1, 15, 8, 0, tzinfo=UTC)),
+        ("user-1", "task_deadline", key, False): ("fixed", 2, T0 + 30 * MINUTE),
+        ("user-2", "alert", "", True): ("fixed", 3, T0),  # full: due at once
+        ("user-2", "alert", "", False): ("fixed", 1, T0 + 5 * MINUTE),
+    }
+    assert query("SELECT count(*) FROM notifications WHERE status = 'pending'"
+                 " AND window_id IS NOT NULL")[0][0] == len(batch) - 1  # one build leads
