@@ -21,12 +21,12 @@ from typing import Any
 
 import psutil
 import pytest
-import redis
 from celery import Celery
 from sqlalchemy import text
 
 from notifier.storage.db import session_scope
 from notifier.worker.queues import INGEST_QUEUES
+from tests.brokers import connect, foreign_producer
 from tests.conftest import BROKER_URL
 from tests.workers import WorkerProcess, count_rows, wait_for
 
@@ -40,7 +40,7 @@ def _note(**fields: object) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def producer() -> Iterator[Celery]:
-    app = Celery("hostile", broker=BROKER_URL)
+    app = foreign_producer("hostile", BROKER_URL)
     yield app
     app.close()
 
@@ -55,10 +55,9 @@ def send(producer: Celery, args: list[Any], *, task_id: str | None = None,
 
 def broker_is_drained() -> bool:
     """No message waits in a queue and none is held unacknowledged."""
-    broker = redis.Redis.from_url(BROKER_URL)
+    broker = connect(BROKER_URL)
     try:
-        waiting = sum(broker.llen(queue) for queue in QUEUES)
-        return waiting == 0 and broker.hlen("unacked") == 0
+        return broker.drained(QUEUES)
     finally:
         broker.close()
 
@@ -321,13 +320,10 @@ def test_client_splits_a_batch_that_would_exceed_the_message_limit():
     limit = get_settings().max_message_bytes
     notes = [_note(body="é" * 60_000) for _ in range(60)]  # ~7 MB of JSON, escaped more
     client.notify_many(notes)
-    broker = redis.Redis.from_url(BROKER_URL)
+    broker = connect(BROKER_URL)
     try:
-        bodies = [json.loads(raw)["body"] for raw in broker.lrange("notifier.normal", 0, -1)]
+        sizes = [len(envelope.body) for envelope in broker.peek("notifier.normal")]
     finally:
-        broker.delete("notifier.normal")  # no worker here: leave nothing for the next test
+        broker.empty_queues()  # no worker here: leave nothing for the next test
         broker.close()
-    import base64
-
-    sizes = [len(base64.b64decode(body)) for body in bodies]
     assert len(sizes) > 1 and max(sizes) < limit, sizes

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import redis
 from celery import Celery
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,6 +20,7 @@ from sqlalchemy import text
 
 from notifier.pipeline.ingest import dedup_key, id_for_unnamed, message_id_of
 from notifier.storage.db import session_scope
+from tests.brokers import connect, foreign_producer
 from tests.conftest import BROKER_URL
 from tests.worker.test_hostile_input import QUEUES, broker_is_drained
 from tests.workers import WorkerProcess, count_rows, wait_for
@@ -129,9 +129,8 @@ def message(draw: Any, number: int) -> Sent:
 def hostile_worker() -> Iterator[WorkerProcess]:
     # Module-scoped, so it starts before the per-test clean-up: empty the broker first,
     # or it would take what an earlier test left there for one of our examples.
-    broker = redis.Redis.from_url(BROKER_URL)
-    for key in [*broker.scan_iter("notifier.*"), "unacked", "unacked_index"]:
-        broker.delete(key)
+    broker = connect(BROKER_URL)
+    broker.empty_queues()
     broker.close()
     # Ingest queues only: the good items' recipients have webhook addresses on a name
     # that does not resolve here, and how fast a resolver says so (and whether it says
@@ -146,7 +145,7 @@ def hostile_worker() -> Iterator[WorkerProcess]:
 
 @pytest.fixture(scope="module")
 def producer() -> Iterator[Celery]:
-    app = Celery("hostile-property", broker=BROKER_URL)
+    app = foreign_producer("hostile-property", BROKER_URL)
     yield app
     app.close()
 
