@@ -9,12 +9,13 @@ second declaration).
   broker confirms a publish, with ``x-delivery-limit`` (``NOTIFIER_BROKER_DELIVERY_LIMIT``)
   so a message that keeps coming back (its worker is killed by it, or it is returned
   again and again) cannot loop: past the limit RabbitMQ moves it to the quorum queue
-  :data:`DEAD_LETTER_QUEUE`, which no worker consumes, ``notifier status`` and
-  ``notifier health`` count, and ``notifier broker dead-lettered --requeue`` hands back
-  once its cause is fixed. Each queue's exchange is a topic exchange of the queue's
-  name: Celery's native delayed delivery (countdowns on quorum queues, which cannot
-  hold a message back themselves) routes a delayed message through its
-  ``celery_delayed_*`` exchanges and finds the queue by a binding that direct
+  :data:`DEAD_LETTER_QUEUE`, which no worker consumes and which ``notifier status``, the
+  health check's queue depths and /metrics show. Its messages keep their headers
+  (``x-death`` names the queue they came from), so an operator moves them back (a
+  shovel, ``rabbitmqadmin``) once the cause is fixed. Each queue's exchange is a topic
+  exchange of the queue's name: Celery's native delayed delivery (countdowns on quorum
+  queues, which cannot hold a message back themselves) routes a delayed message through
+  its ``celery_delayed_*`` exchanges and finds the queue by a binding that direct
   exchanges cannot express.
 
 Priorities are kept by queue order on both: a worker consumes its queues most urgent
