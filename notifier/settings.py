@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     max_data_bytes: int = Field(65536, ge=1)
     """Largest accepted ``data`` object, in bytes of JSON."""
 
-    # --- Broker (RabbitMQ; ``notifier/broker_topology.py``) ---------------------------
+    # --- RabbitMQ broker (``notifier/broker_topology.py``) ---------------------------
     broker_queue_type: Literal["quorum", "classic"] = "quorum"
     """On RabbitMQ: ``quorum`` queues (replicated, on disk before a publish is confirmed,
     a delivery limit, countdowns through Celery's native delayed delivery on topic

@@ -156,7 +156,8 @@ class RabbitBroker(TestBroker):
         return counts
 
     def held(self) -> int:
-        return sum(unacked for _, unacked in self.messages().values())
+        ours = set(our_queues())
+        return sum(unacked for name, (_, unacked) in self.messages().items() if name in ours)
 
     def peek(self, queue: str) -> list[Envelope]:
         """Got without acknowledging, on a channel closed after: RabbitMQ puts them back

@@ -138,6 +138,8 @@ def clean_state(database: str, broker: TestBroker) -> Iterator[None]:
         )
     broker.empty_queues()
     state = redis.Redis.from_url(STATE_REDIS_URL)
+    for key in state.scan_iter("notifier.*"):  # breakers, heartbeats (and Redis's queues)
+        state.delete(key)
     state.set("notifier-test-claim", _RUN_ID, ex=3600)
     state.close()
     yield

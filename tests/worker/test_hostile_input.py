@@ -27,7 +27,7 @@ from sqlalchemy import text
 from notifier.storage.db import session_scope
 from notifier.worker.queues import INGEST_QUEUES
 from tests.brokers import connect, foreign_producer
-from tests.conftest import BROKER_URL
+from tests.conftest import BROKER, BROKER_URL
 from tests.workers import WorkerProcess, count_rows, wait_for
 
 QUEUES = INGEST_QUEUES
@@ -98,14 +98,21 @@ def test_type_that_breaks_url_masking_costs_only_its_item(worker, producer):
 
 def test_enqueued_at_header_of_any_value_is_ignored(worker, producer):
     """A header ``notifier_enqueued_at`` of 1e20 (OverflowError), NaN, a string or a
-    list is not a time: the notifications are stored without it."""
-    good = [_note() for _ in range(5)]
-    for note, stamp in zip(good, [1e20, -1e20, float("nan"), "yesterday", [1, 2]], strict=True):
+    list is not a time: the notifications are stored without it. (RabbitMQ closes the
+    connection of a publisher whose header holds a NaN, INTERNAL_ERROR: Erlang has no
+    NaN, so there that message never reaches a worker.)"""
+    stamps: list[object] = [1e20, -1e20, "yesterday", [1, 2]]
+    if BROKER == "redis":
+        stamps.append(float("nan"))
+    good = [_note() for _ in stamps]
+    for note, stamp in zip(good, stamps, strict=True):
         send(producer, [note], headers={"notifier_enqueued_at": stamp})
     wait_until_settled(good, dead=0)
     assert count_rows("SELECT count(*) FROM notifications WHERE enqueued_at IS NOT NULL") == 0
 
 
+@pytest.mark.skipif(BROKER == "rabbitmq", reason="AMQP carries the task id in correlation_id, a"
+                    " short string: RabbitMQ takes no message with a 300-character task id")
 def test_task_id_longer_than_a_column_still_dead_letters(worker, producer):
     """A 300-character task id beside a bad item: the dead letter's key is a hash of
     it (the 255-character column once refused even the dead letter)."""
