@@ -10,6 +10,11 @@ instead of surfacing later as a dead letter. Each goes to the queue of its prior
   process and publishes them many per message, by size or after a short delay.
 * :class:`ConfirmingProducer` also keeps what it sent until Postgres holds it.
 
+On RabbitMQ every publish waits for the broker's confirm (``NOTIFIER_BROKER_CONFIRM_PUBLISH``):
+a call that returned an id has its message on the broker's disk (quorum queues), and a
+message the broker refused raises instead. On Redis a publish returns once Redis has it
+in memory.
+
 This module needs the broker alone: it sends through a Celery app of its own (below),
 not the workers' app, so a producer service imports neither the database layer nor the
 channels and installs only the base dependencies. The calls that read or change stored
