@@ -54,8 +54,21 @@ migrate: install  ## Create the database if missing and migrate it to head
 status: install  ## Counts by status, queue depths, oldest pending
 	$(ENV) $(BIN)/notifier status
 
-test: install  ## The test suite (needs Postgres and Redis; see README)
-	$(BIN)/pytest
+# Two passes at once, each with its own database, Redis db and virtual host
+# (tests/conftest.py): the whole suite on Redis, and every test that touches a broker
+# (the `broker` mark) on RabbitMQ, whose output goes to .run/test-rabbitmq.log and is
+# shown when both have ended.
+test: install  ## The suite on Redis and its broker tests on RabbitMQ (needs Postgres, Redis, RabbitMQ; see README)
+	@mkdir -p .run
+	@NOTIFIER_TEST_BROKER=rabbitmq $(BIN)/pytest -m broker -p no:cacheprovider \
+		> .run/test-rabbitmq.log 2>&1 & rabbitmq=$$!; \
+	trap 'kill $$rabbitmq 2>/dev/null' INT TERM; \
+	NOTIFIER_TEST_BROKER=redis $(BIN)/pytest; redis=$$?; \
+	wait $$rabbitmq; rabbitmq=$$?; \
+	echo "=== the broker tests on RabbitMQ (.run/test-rabbitmq.log) ==="; \
+	cat .run/test-rabbitmq.log; \
+	echo "=== Redis pass: exit $$redis; RabbitMQ pass: exit $$rabbitmq ==="; \
+	test $$redis -eq 0 && test $$rabbitmq -eq 0
 
 # The `bench` extra: matplotlib draws the report's PNG plots, py-spy profiles the hot
 # paths; installed when either is missing. The report compares with bench/baseline.json.

@@ -95,7 +95,11 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                         help="after the report, write this run's figures as the baseline"
                              " (bench/baseline.json) later runs are compared with")
     parser.add_argument("--database-url", default=defaults.database_url)
-    parser.add_argument("--broker-url", default=defaults.broker_url)
+    parser.add_argument("--broker-url", default=defaults.broker_url,
+                        help="redis://... or amqp://... (RabbitMQ: quorum queues)")
+    parser.add_argument("--redis-url", default=defaults.redis_url,
+                        help="the state Redis; default: the broker if Redis, else"
+                             f" {defaults.state_redis_url}")
     parser.add_argument("--only", nargs="+", metavar="SCENARIO", default=[],
                         help=f"run only these: {', '.join(STEP_NAMES)}")
     args = parser.parse_args(argv)
@@ -105,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     return BenchConfig(
-        database_url=args.database_url, broker_url=args.broker_url, count=args.count,
+        database_url=args.database_url, broker_url=args.broker_url, redis_url=args.redis_url,
+        count=args.count,
         naive_count=args.naive_count, empty_count=args.empty_count,
         notify_threads=args.notify_threads, criticals=args.criticals,
         critical_spacing=args.critical_spacing_ms / 1000, emails=args.emails,
@@ -212,7 +217,8 @@ def run(config: BenchConfig) -> int:
     outcomes: dict[str, Outcome] = {}
     failed = False
     with database.connect(config.libpq_url) as conn:
-        redis_version = redis.Redis.from_url(config.broker_url).info("server")["redis_version"]
+        redis_version = redis.Redis.from_url(config.state_redis_url).info("server")[
+            "redis_version"]
         machine = report.machine_info(database.server_version(conn), redis_version)
         clock_offset = database.clock_offset_ms(conn)
         bench = scenarios.Bench(config, conn)
@@ -299,7 +305,7 @@ def server_lives(bench: Bench) -> dict[str, str | None]:
     except Exception:
         pass
     try:
-        client = redis.Redis.from_url(bench.config.broker_url, socket_timeout=5)
+        client = redis.Redis.from_url(bench.config.state_redis_url, socket_timeout=5)
         lives["Redis"] = str(client.info("server")["run_id"])
         client.close()
     except Exception:
@@ -317,7 +323,7 @@ def wait_for_servers(config: BenchConfig, timeout: float = 180.0) -> None:
         try:
             with psycopg.connect(config.libpq_url, connect_timeout=5) as conn:
                 conn.execute("SELECT 1")
-            client = redis.Redis.from_url(config.broker_url, socket_timeout=5)
+            client = redis.Redis.from_url(config.state_redis_url, socket_timeout=5)
             client.ping()
             client.close()
             return

@@ -25,6 +25,9 @@ CONCURRENCY = 2
 class BenchConfig:
     database_url: str = DEFAULT_DATABASE_URL
     broker_url: str = DEFAULT_BROKER_URL
+    #: The state Redis (breakers, rate limits, the empty task's counter); empty: the
+    #: broker when it is Redis, else the default broker's Redis db.
+    redis_url: str = ""
     #: Notifications per pipeline scenario (and in the backlog of the latency scenario).
     count: int = 50_000
     #: Notifications of the naive baseline; it is slow, and its rate is per second anyway.
@@ -83,6 +86,12 @@ class BenchConfig:
     only: tuple[str, ...] = field(default_factory=tuple)
 
     @property
+    def state_redis_url(self) -> str:
+        if self.redis_url:
+            return self.redis_url
+        return self.broker_url if self.broker_url.startswith("redis") else DEFAULT_BROKER_URL
+
+    @property
     def libpq_url(self) -> str:
         """The database URL as psycopg wants it, without SQLAlchemy's driver suffix."""
         scheme, rest = self.database_url.split("://", 1)
@@ -96,6 +105,7 @@ class BenchConfig:
         """Point this process (and the workers it starts) at the benchmark's servers."""
         os.environ["NOTIFIER_DATABASE_URL"] = self.database_url
         os.environ["NOTIFIER_BROKER_URL"] = self.broker_url
+        os.environ["NOTIFIER_REDIS_URL"] = self.state_redis_url
         if self.flush_interval > 0:
             os.environ["NOTIFIER_FLUSH_INTERVAL"] = str(self.flush_interval)
 
@@ -104,6 +114,7 @@ class BenchConfig:
         env = dict(os.environ)
         env["NOTIFIER_DATABASE_URL"] = self.database_url
         env["NOTIFIER_BROKER_URL"] = self.broker_url
+        env["NOTIFIER_REDIS_URL"] = self.state_redis_url
         env["PYTHONPATH"] = os.pathsep.join(
             part for part in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if part
         )

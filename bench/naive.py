@@ -23,10 +23,11 @@ from psycopg.types.json import Jsonb
 QUEUE = "bench.naive"
 STORE_TASK = "bench.naive.store"
 EMPTY_TASK = "bench.naive.empty"
-#: Redis key the empty task increments, in the broker's db.
+#: Redis key the empty task increments, in the state Redis (the broker's db on Redis).
 EMPTY_COUNTER = "bench:empty:done"
 
 _BROKER_URL = os.environ.get("NOTIFIER_BROKER_URL", "redis://127.0.0.1:6379/12")
+_STATE_REDIS_URL = os.environ.get("NOTIFIER_REDIS_URL") or _BROKER_URL
 
 app = Celery("bench_naive", broker=_BROKER_URL)
 app.conf.update(
@@ -56,7 +57,7 @@ def _connection(kind: str) -> Any:
                                                              "postgresql://", 1)
             _connections[key] = psycopg.connect(url)
         else:
-            _connections[key] = redis.Redis.from_url(_BROKER_URL)
+            _connections[key] = redis.Redis.from_url(_STATE_REDIS_URL)
     return _connections[key]
 
 

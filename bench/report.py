@@ -295,9 +295,11 @@ def _print_latency(outcomes: dict[str, Outcome], reached: dict[str, dict[str, An
           f" apart, over {extra['criticals_send_seconds']:.2f} s, after the backlog was sent")
     for moment in ("first", "last"):
         state = extra[f"at_{moment}_critical"]
+        held = state["messages_in_worker"]
         print(f"  backlog at {moment} critical: {state['rows_pending']:,} rows to commit,"
-              f" {state['messages_in_redis']:,} messages in Redis,"
-              f" {state['messages_in_worker']:,} held unacknowledged by the worker")
+              f" {state['messages_in_broker']:,} messages in the broker,"
+              + (" held by the worker: not readable over AMQP" if held is None else
+                 f" {held:,} held unacknowledged by the worker"))
     print(f"  critical latency ms: p50 {critical['p50']:.1f}  p99 {critical['p99']:.1f}  max "
           f"{critical['max']:.1f}  (n={critical['count']})   aim "
           f"{_aim_text(reached.get('critical_under_backlog'), ' ms')}")

@@ -24,6 +24,7 @@ import redis
 from psycopg.types.json import Jsonb
 
 from bench import cpu, database, naive, profile
+from bench.broker import BacklogReader
 from bench.config import RESULTS_DIR, BenchConfig
 from bench.series import Sampler, Samples, relative, row_counter
 from bench.workers import Worker
@@ -199,7 +200,7 @@ def pipeline(
 
 def empty_tasks(bench: Bench, worker: Worker, count: int) -> Outcome:
     """The rate of a task that does nothing: one message per item, no database."""
-    client = redis.Redis.from_url(bench.config.broker_url)
+    client = redis.Redis.from_url(bench.config.state_redis_url)
 
     def send(n: int) -> None:
         for _ in range(n):
@@ -219,7 +220,7 @@ def empty_tasks(bench: Bench, worker: Worker, count: int) -> Outcome:
     send(WARM_UP)
     wait(WARM_UP)
     client.delete(naive.EMPTY_COUNTER)
-    sampler_client = redis.Redis.from_url(bench.config.broker_url)
+    sampler_client = redis.Redis.from_url(bench.config.state_redis_url)
     run = _timed(bench, worker, lambda: send(count), lambda samples: wait(count, samples),
                  nullcontext(lambda: int(sampler_client.get(naive.EMPTY_COUNTER) or 0)))
     client.close()
@@ -299,7 +300,7 @@ def critical_under_backlog(bench: Bench, worker: Worker) -> Outcome:
     backlog = make_notifications(config.count)
     criticals = make_notifications(config.criticals, "critical", first=config.count)
     database.reset(bench.conn, RECIPIENTS)
-    broker = redis.Redis.from_url(config.broker_url)
+    broker = BacklogReader(config.broker_url)
     samples: Samples = []
     with bench.counting_rows("normal") as read:
         before = cpu.snapshot(worker.pid)
@@ -339,14 +340,16 @@ def critical_under_backlog(bench: Bench, worker: Worker) -> Outcome:
     )
 
 
-def backlog_state(bench: Bench, broker: redis.Redis) -> dict[str, int]:
-    """Where the backlog is: rows still to commit, messages still in Redis, and messages
-    the worker has taken but not acknowledged (prefetched, batched or being written).
+def backlog_state(bench: Bench, broker: BacklogReader) -> dict[str, int | None]:
+    """Where the backlog is: rows still to commit, messages still in the broker, and
+    messages the worker has taken but not acknowledged (prefetched, batched or being
+    written; None on RabbitMQ, which does not say over AMQP).
 
-    Redis can only put critical messages first among those still in Redis.
+    The broker's queue order can only put critical messages first among those still in
+    the broker; on RabbitMQ the critical queue has a prefetch window of its own.
     """
     return {
         "rows_pending": bench.config.count - database.count_rows(bench.conn, "normal"),
-        "messages_in_redis": int(broker.llen(queue_name("normal"))),
-        "messages_in_worker": int(broker.hlen("unacked")),
+        "messages_in_broker": broker.waiting(queue_name("normal")),
+        "messages_in_worker": broker.held(),
     }

@@ -19,7 +19,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis
 from celery import Celery
 
 from bench.config import CONCURRENCY, REPO_ROOT, RESULTS_DIR, BenchConfig
@@ -99,12 +98,14 @@ class Worker:
 
 
 def flush_broker(broker_url: str) -> None:
-    """Empty the benchmark's Redis db: no queue, unacked message or binding survives."""
-    client = redis.Redis.from_url(broker_url)
-    try:
-        client.flushdb()
-    finally:
-        client.close()
+    """Empty the benchmark's broker: no queue, unacked message or binding survives (on
+    RabbitMQ: no message in our queues or the baseline's)."""
+    from bench import naive
+    from bench.broker import empty
+    from notifier.broker_topology import DEAD_LETTER_QUEUE
+    from notifier.worker.queues import ALL_QUEUES
+
+    empty(broker_url, [*ALL_QUEUES, DEAD_LETTER_QUEUE, naive.QUEUE])
 
 
 @contextmanager

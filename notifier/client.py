@@ -10,6 +10,11 @@ instead of surfacing later as a dead letter. Each goes to the queue of its prior
   process and publishes them many per message, by size or after a short delay.
 * :class:`ConfirmingProducer` also keeps what it sent until Postgres holds it.
 
+On RabbitMQ every publish waits for the broker's confirm (``NOTIFIER_BROKER_CONFIRM_PUBLISH``):
+a call that returned an id has its message on the broker's disk (quorum queues), and a
+message the broker refused raises instead. On Redis a publish returns once Redis has it
+in memory.
+
 This module needs the broker alone: it sends through a Celery app of its own (below),
 not the workers' app, so a producer service imports neither the database layer nor the
 channels and installs only the base dependencies. The calls that read or change stored
@@ -28,8 +33,8 @@ from datetime import datetime
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
 
+from notifier.broker_topology import celery_settings, declare_queue, publish_options
 from notifier.ids import uuid7
 from notifier.schemas import (
     ENQUEUED_AT_HEADER,
@@ -45,18 +50,19 @@ INGEST_TASK = "notifier.ingest"
 
 def _producer_settings() -> dict[str, Any]:
     """The client's Celery settings: the workers' values (``celeryconfig``) of all that
-    shapes a published message. The broker, JSON, the priority queues declared alike (an
-    exchange and routing key of the queue's name), message priority 0, no task-sent
-    event; ``tests/test_client.py`` checks that both apps agree and send the same message.
+    shapes a published message. The broker and how its queues are declared
+    (``notifier.broker_topology``: on RabbitMQ quorum queues and publisher confirms),
+    JSON, message priority 0, no task-sent event; ``tests/test_client.py`` checks that
+    both apps agree and send the same message.
     """
+    settings = get_settings()
     return {
-        "broker_url": get_settings().broker_url,
+        **celery_settings(settings),
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,
         "result_backend": None,
-        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name)
-                        for name in map(queue_name, PRIORITIES)],
+        "task_queues": [declare_queue(name, settings) for name in map(queue_name, PRIORITIES)],
         "task_default_queue": queue_name("normal"),
         "task_default_priority": 0,
         "task_create_missing_queues": True,
@@ -122,6 +128,9 @@ def _publish(messages: list[dict[str, Any]] | dict[str, Any], priority: str) -> 
         # What Flower and logs show of the arguments: a count, never the contents
         # (addresses, personal data), and no repr of 500 items on every publish.
         argsrepr=f"[<{count} notification{'s' if count != 1 else ''}>]",
+        # On RabbitMQ: wait this long for the broker's confirm (the message is on its
+        # disk when this returns), raising if it refuses or does not answer.
+        **publish_options(get_settings()),
     )
 
 

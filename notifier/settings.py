@@ -349,6 +349,29 @@ class Settings(BaseSettings):
     too (``--overlap`` overrides it), so a receiver can switch without losing messages
     (``docs/secrets.md``)."""
 
+    # --- RabbitMQ broker (``notifier/broker_topology.py``) ---------------------------
+    broker_queue_type: Literal["quorum", "classic"] = "quorum"
+    """On RabbitMQ: ``quorum`` queues (replicated, on disk before a publish is confirmed,
+    a delivery limit, countdowns through Celery's native delayed delivery on topic
+    exchanges) or ``classic`` ones on direct exchanges, as before. A queue keeps the
+    type it was declared with: switching an existing virtual host means draining and
+    deleting our queues and exchanges first (``docs/operating.md``). Ignored on Redis."""
+    broker_delivery_limit: int = Field(100, ge=1)
+    """On RabbitMQ quorum queues: deliveries of one message (``x-delivery-limit``) after
+    which RabbitMQ moves it to ``notifier.dead-lettered`` instead of handing it out
+    again, so a message that kills its worker cannot loop. Well above
+    ``message_max_failures``: ingest counts failures itself and dead-letters a message
+    into Postgres long before this, but a batch returned while Postgres is away
+    (every ~1.5 s, see ``ingest_commit_attempts``) also spends a delivery. Changing it
+    means re-declaring the queues."""
+    broker_confirm_publish: bool = True
+    """On RabbitMQ: publisher confirms for every publish (``notify``, the producers,
+    workers' delivery tasks): a publish returns once the broker has the message (on
+    disk, for quorum queues), and raises if it refused or lost it. One round trip per
+    publish."""
+    broker_confirm_timeout: float = Field(10.0, gt=0)
+    """Seconds a publish waits for RabbitMQ's confirm before it raises."""
+
     @model_validator(mode="after")
     def _beat_max_age_above_heartbeat_interval(self) -> Settings:
         if self.health_beat_max_age <= self.heartbeat_interval:

@@ -12,7 +12,7 @@ def test_notifications_lost_with_the_broker_are_sent_again(broker):
     producer = ConfirmingProducer(resend_after=0.5)
     ids = [producer.notify(f"c-{i}", "reminder", f"Reminder {i}") for i in range(40)]
     assert producer.confirm() == 40  # nothing stored yet, nothing overdue
-    broker.flushdb()
+    broker.lose_everything()
     worker = WorkerProcess.start()
     try:
         assert producer.wait(timeout=60, interval=0.5)
@@ -27,8 +27,8 @@ def test_notifications_lost_with_the_broker_are_sent_again(broker):
 def test_a_notification_never_stored_is_given_up_after_max_sends(broker):
     producer = ConfirmingProducer(resend_after=0, max_sends=2)
     note_id = producer.notify("c-1", "reminder", "Never arrives")
-    broker.flushdb()
+    broker.lose_everything()
     assert producer.confirm() == 1  # second send
-    broker.flushdb()
+    broker.lose_everything()
     assert producer.confirm() == 0  # two sends were the most: given up
     assert producer.given_up == [note_id]

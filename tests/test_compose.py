@@ -27,13 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 NOTIFIER = str(Path(sys.executable).with_name("notifier"))
 EXPECTED_SERVICES = {
-    "postgres", "redis", "mailpit", "migrate", "worker-critical", "worker", "worker-deliver",
-    "beat", "flower",
+    "postgres", "rabbitmq", "redis", "mailpit", "migrate", "worker-critical", "worker",
+    "worker-deliver", "beat", "flower",
 }
-INFRASTRUCTURE = {"postgres", "redis", "mailpit"}
+INFRASTRUCTURE = {"postgres", "rabbitmq", "redis", "mailpit"}
 CELERY_SUBCOMMANDS = {"worker", "beat", "flower"}
 #: Read by compose itself (interpolation), not by notifier: no Settings field.
-COMPOSE_ONLY_VARIABLES = {"NOTIFIER_FLOWER_BASIC_AUTH"}
+COMPOSE_ONLY_VARIABLES = {"NOTIFIER_FLOWER_BASIC_AUTH", "NOTIFIER_RABBITMQ_PASSWORD"}
 #: Variables for a program other than notifier, per service.
 FOREIGN_VARIABLES = {"flower": {"FLOWER_BASIC_AUTH"}}
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)([^}]*)\}")
@@ -77,7 +77,8 @@ def option_names(args: list[str]) -> list[str]:
 
 
 def test_expected_services_exist(services: dict[str, dict[str, Any]]) -> None:
-    """The databases, a mail server, the migration job, three workers, beat and Flower."""
+    """The databases, the broker, a mail server, the migration job, three workers, beat
+    and Flower."""
     assert set(services) == EXPECTED_SERVICES
 
 
@@ -203,30 +204,68 @@ def test_environment_names_real_settings(app_services: dict[str, dict[str, Any]]
     assert notifier_vars <= fields | COMPOSE_ONLY_VARIABLES
 
 
+def _interpolated(value: str) -> str:
+    """``value`` as compose makes it with no variable set (each ``${VAR:-default}``)."""
+    return _INTERPOLATION.sub(lambda m: m[2][2:] if m[2].startswith(":-") else "", value)
+
+
 def test_urls_are_valid_and_point_at_the_compose_services(
     app_services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The URLs pass Settings validation and name the postgres and redis services."""
+    """The URLs pass Settings validation and name the compose services: Postgres, RabbitMQ
+    as the broker (quorum queues: the production setup), Redis as the state store."""
     from urllib.parse import urlsplit
+
+    from notifier.broker_topology import uses_quorum_queues
 
     for spec in app_services.values():
         for variable, value in environment(spec).items():
-            monkeypatch.setenv(variable, value)
+            monkeypatch.setenv(variable, _interpolated(value))
         settings = Settings()
         assert urlsplit(settings.database_url).hostname == "postgres"
-        assert urlsplit(settings.broker_url).hostname == "redis"
+        assert urlsplit(settings.broker_url).scheme == "amqp"
+        assert urlsplit(settings.broker_url).hostname == "rabbitmq"
+        assert uses_quorum_queues(settings)
+        assert urlsplit(settings.state_redis_url).hostname == "redis"
+
+
+def test_the_broker_url_is_the_rabbitmq_service_login(
+    services: dict[str, dict[str, Any]], app_services: dict[str, dict[str, Any]],
+) -> None:
+    """Every app service logs in to the user and virtual host the RabbitMQ service
+    creates, with the same password variable (and the same development default)."""
+    from urllib.parse import unquote, urlsplit
+
+    rabbit = environment(services["rabbitmq"])
+    for name, spec in app_services.items():
+        url = urlsplit(environment(spec)["NOTIFIER_BROKER_URL"])
+        assert url.username == rabbit["RABBITMQ_DEFAULT_USER"], name
+        assert url.password == rabbit["RABBITMQ_DEFAULT_PASS"], name
+        assert unquote(url.path.lstrip("/")) == rabbit["RABBITMQ_DEFAULT_VHOST"], name
+
+
+def test_rabbitmq_keeps_its_queues_across_restarts(compose: dict[str, Any]) -> None:
+    """Quorum queues live in the data directory under the node's name: a named volume
+    there, and a fixed hostname so a recreated container is the same node and finds them."""
+    rabbit = compose["services"]["rabbitmq"]
+    assert rabbit["hostname"]
+    [volume] = [v for v in rabbit["volumes"] if v.split(":")[1] == "/var/lib/rabbitmq"]
+    assert volume.split(":")[0] in compose["volumes"]
+    assert "rabbitmq-diagnostics" in rabbit["healthcheck"]["test"]
 
 
 def test_app_services_wait_for_healthy_dependencies(
     services: dict[str, dict[str, Any]], app_services: dict[str, dict[str, Any]],
 ) -> None:
-    """Postgres and Redis have healthchecks; workers and beat start after a finished migrate."""
+    """Postgres, RabbitMQ and Redis have healthchecks; workers and beat start after a
+    finished migrate."""
     for name in INFRASTRUCTURE:
         assert services[name].get("healthcheck", {}).get("test"), name
     for name, spec in app_services.items():
         depends = spec["depends_on"]
         if name != "migrate":  # the migration needs Postgres only
             assert depends["redis"]["condition"] == "service_healthy", name
+            assert depends["rabbitmq"]["condition"] == "service_healthy", name
         if name in {"migrate", "worker-critical", "worker", "worker-deliver", "beat"}:
             assert depends["postgres"]["condition"] == "service_healthy", name
         if name in {"worker-critical", "worker", "worker-deliver", "beat"}:

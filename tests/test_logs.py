@@ -6,12 +6,12 @@ import json
 import logging
 
 import pytest
-from celery import Celery
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from notifier.client import notify
 from notifier.logs import ITEM_FIELDS, JsonFormatter, TaskContext, TextFormatter, mask_urls
+from tests.brokers import foreign_producer
 from tests.conftest import BROKER_URL
 from tests.http_server import HttpServer, http_server_fixture  # noqa: F401
 from tests.ops.test_cli import run
@@ -169,7 +169,7 @@ def test_secrets_never_reach_the_worker_log_nor_the_cli(http_server: HttpServer)
     try:
         recipient = {"id": "leaky", "addresses": {
             "webhook": hook, "apprise": f"mailto://ops:{PASSWORD}@mail.example.com"}}
-        Celery("hostile", broker=BROKER_URL).send_task("notifier.ingest", args=[[
+        foreign_producer("hostile", BROKER_URL).send_task("notifier.ingest", args=[[
             {"recipient": recipient, "type": f"smtp://u:{PASSWORD}@h", "title": "t"},
             {"recipient": "leaky", "type": "x://[", "title": "t"},
             {"recipient": recipient, "type": "alert", "title": "t", "channels": ["webhook"],

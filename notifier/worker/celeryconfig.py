@@ -15,26 +15,27 @@ Why each choice (docs/architecture.md, "Ingest"; docs/operating.md, "Recovery af
   is several batches; critical batches go to the pool first, and the worker pauses its
   bulk queues while enough is waiting (``notifier/worker/batching.py``).
 * Only JSON crosses the broker.
+* On RabbitMQ: quorum queues with a delivery limit, publisher confirms, countdowns by
+  native delayed delivery (``notifier/broker_topology.py``). Quorum queues make Celery
+  apply the prefetch count per consumer (``worker_detect_quorum_queues``), one window
+  per queue, so bulk messages never hold the window critical ones need.
 """
 
-from kombu import Exchange, Queue
-
+from notifier.broker_topology import celery_settings, declare_queue
 from notifier.settings import get_settings, queue_name
 from notifier.worker.queues import ALL_QUEUES, BEAT_QUEUE
 
 _settings = get_settings()
 
-broker_url = _settings.broker_url
+# The broker, its transport options (Redis: visibility timeout, queue order, restore
+# scans; RabbitMQ: publisher confirms) and how queues are made: notifier/broker_topology.py.
+_broker = celery_settings(_settings)
+broker_url = _broker["broker_url"]
+broker_transport_options = _broker["broker_transport_options"]
+task_create_missing_queue_type = _broker["task_create_missing_queue_type"]
+task_create_missing_queue_exchange_type = _broker["task_create_missing_queue_exchange_type"]
+broker_native_delayed_delivery_queue_type = _broker["broker_native_delayed_delivery_queue_type"]
 broker_connection_retry_on_startup = True
-broker_transport_options = {
-    "visibility_timeout": _settings.visibility_timeout,
-    "queue_order_strategy": "priority",
-    "unacked_restore_interval": _settings.unacked_restore_interval,
-    "unacked_restore_throttle": 1,
-    # The lock around that scan; kombu's default (300 s) means a worker killed while
-    # holding it stops every other worker from restoring messages for five minutes.
-    "unacked_mutex_expire": 10,
-}
 
 task_serializer = "json"
 result_serializer = "json"
@@ -42,15 +43,12 @@ accept_content = ["json"]
 task_ignore_result = True
 result_backend = None
 
-# Declared exactly as a plain Celery app declares ``queue="notifier.<priority>"`` (an
-# exchange and routing key of the queue's name), so foreign producers and we agree.
-# A worker without ``-Q`` consumes them in this order: critical ingest, critical
-# deliveries, then the bulk ingest queues, then each channel's delivery queue.
-def _queue(name: str) -> Queue:
-    return Queue(name, Exchange(name, type="direct"), routing_key=name)
-
-
-task_queues = [_queue(name) for name in ALL_QUEUES]
+# Declared by notifier/broker_topology.py: on Redis exactly as a plain Celery app declares
+# ``queue="notifier.<priority>"`` (so foreign producers and we agree), on RabbitMQ as
+# quorum queues with a delivery limit on topic exchanges. A worker without ``-Q``
+# consumes them in this order: critical ingest, critical deliveries, then the bulk
+# ingest queues, then each channel's delivery queue.
+task_queues = [declare_queue(name, _settings) for name in ALL_QUEUES]
 task_default_queue = queue_name("normal")
 task_default_priority = 0
 task_create_missing_queues = True

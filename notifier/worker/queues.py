@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from kombu import Connection
 
+from notifier.broker_topology import DEAD_LETTER_QUEUE, uses_quorum_queues
 from notifier.channels import CHANNEL_NAMES
 from notifier.settings import PRIORITIES, delivery_queue, get_settings, queue_name
 
@@ -49,12 +50,16 @@ _CONNECT_TIMEOUT = 4.0
 
 def queue_depths(names: Iterable[str] | None = None) -> dict[str, int | None]:
     """Messages waiting in each of our queues, or in ``names`` (None where the broker
-    cannot tell)."""
+    cannot tell). On RabbitMQ's quorum queues ours include ``notifier.dead-lettered``,
+    the messages past their delivery limit, so ``notifier status``, the health check
+    and /metrics show them."""
+    settings = get_settings()
+    ours = (*ALL_QUEUES, DEAD_LETTER_QUEUE) if uses_quorum_queues(settings) else ALL_QUEUES
     depths: dict[str, int | None] = {}
-    with Connection(get_settings().broker_url, connect_timeout=_CONNECT_TIMEOUT) as connection:
+    with Connection(settings.broker_url, connect_timeout=_CONNECT_TIMEOUT) as connection:
         connection.ensure_connection(max_retries=1)
         channel = connection.default_channel
-        for name in list(names or ()) or ALL_QUEUES:
+        for name in list(names or ()) or ours:
             if hasattr(channel, "_size"):  # kombu's virtual transports (Redis)
                 depths[name] = channel._size(name)
                 continue

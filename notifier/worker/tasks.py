@@ -13,6 +13,7 @@ import psycopg
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
+from notifier import broker_topology
 from notifier.pipeline.dead_letters import Rejection, without_payload, write_dead_letters
 from notifier.pipeline.delivery import deliver_batch
 from notifier.pipeline.ingest import (
@@ -138,8 +139,9 @@ def publish(tasks: Sequence[DeliveryTask]) -> None:
     for task in tasks:
         deliver.apply_async(
             (task.channel, task.delivery_ids), queue=task.queue,
-            countdown=task.countdown or None,
+            countdown=broker_topology.countdown(task.countdown, _settings),
             argsrepr=f"({task.channel!r}, <{len(task.delivery_ids)} deliveries>)",
+            **broker_topology.publish_options(_settings),
         )
 
 

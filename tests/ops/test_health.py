@@ -149,6 +149,7 @@ def test_unreachable_broker_and_database_fail_fast():
     started = time.monotonic()
     code, lines = health_lines(env={
         "NOTIFIER_BROKER_URL": "redis://:secret@127.0.0.1:1/0",
+        "NOTIFIER_REDIS_URL": "redis://:secret@127.0.0.1:1/0",  # set in RabbitMQ runs
         "NOTIFIER_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:1/x",
     })
     assert time.monotonic() - started < 15

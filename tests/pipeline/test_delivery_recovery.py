@@ -17,7 +17,7 @@ from pathlib import Path
 import redis
 
 from notifier.client import notify
-from tests.conftest import BROKER_URL
+from tests.conftest import STATE_REDIS_URL
 from tests.smtp_server import SmtpServer
 from tests.workers import ROOT, WorkerProcess, count_rows, wait_for, wait_for_count
 
@@ -73,14 +73,14 @@ def test_a_worker_killed_mid_batch_leaves_every_delivery_sent_once(smtp_server):
     assert_each_sent_once(smtp_server, 30)
 
 
-def test_a_flushed_broker_is_recovered_by_the_sweeper(smtp_server):
+def test_a_flushed_broker_is_recovered_by_the_sweeper(smtp_server, broker):
     ingest_only = start_worker(smtp_server, "notifier.critical", beat=False)
     try:
         send_critical(20)
         wait_for_count("SELECT count(*) FROM deliveries WHERE status = 'queued'", 20, timeout=30)
     finally:
         ingest_only.stop()
-    redis.Redis.from_url(BROKER_URL).flushdb()  # Redis restarted: it keeps nothing on disk
+    broker.lose_everything()  # a broker restarted that keeps nothing on disk
 
     worker = start_worker(smtp_server)
     try:
@@ -95,7 +95,7 @@ def test_the_circuit_opens_while_smtp_is_down_and_everything_is_sent_once_after(
     worker = start_worker(smtp_server)
     try:
         send_critical(12)
-        state = redis.Redis.from_url(BROKER_URL)
+        state = redis.Redis.from_url(STATE_REDIS_URL)
         wait_for(lambda: state.hget("notifier.breaker.email", "state") == b"open", 30,
                  "the e-mail circuit to open")
         status = _cli("status")

@@ -13,13 +13,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
-from celery import Celery
-
 from notifier.pipeline.flush import FlushResult, flush_due_windows
 from notifier.pipeline.ingest import IngestMessage, ingest_batch
 from notifier.pipeline.rules import BUILTIN_RULES
 from notifier.settings import get_settings
 from notifier.storage.db import session_scope
+from tests.brokers import foreign_producer
 from tests.conftest import BROKER_URL
 from tests.pipeline.helpers import (
     MINUTE,
@@ -161,7 +160,7 @@ def test_beat_flushes_a_full_group_at_once_not_at_the_end_of_its_window(tmp_path
         recipient = {"id": "beat-user", "name": "Beat"}
         full = [note("alert", recipient) for _ in range(3)]
         waiting = [note("alert", "other-user"), note("reminder", recipient)]
-        producer = Celery("producer", broker=BROKER_URL)
+        producer = foreign_producer("producer", BROKER_URL)
         producer.send_task("notifier.ingest", args=[full + waiting], queue="notifier.normal")
 
         def digest_sent() -> bool:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 
 import pytest
-import redis
 
 from notifier.pipeline.outbox import group_into_tasks
 from notifier.settings import get_settings
 from notifier.worker import batch_sizing
 from notifier.worker.batch_sizing import AdaptiveBatchSize, delivery_sizer, size_for_depth
-from tests.conftest import BROKER_URL
+from tests.brokers import TestBroker
 
 
 @pytest.mark.parametrize(("waiting", "expected"), [
@@ -42,14 +42,12 @@ def test_a_broker_that_cannot_answer_keeps_the_last_size():
 
 
 @pytest.fixture
-def console_queue():
-    """The console channel's delivery queue in the run's Redis db, emptied after."""
-    client = redis.Redis.from_url(BROKER_URL)
+def console_queue(broker: TestBroker) -> Iterator[TestBroker]:
+    """The console channel's delivery queue in the run's broker, emptied after."""
     batch_sizing._delivery_sizers.clear()
-    yield client
-    client.delete("notifier.deliver.console")
+    yield broker
+    broker.empty_queues()
     batch_sizing._delivery_sizers.clear()
-    client.close()
 
 
 def _rows(count: int) -> list[tuple[uuid.UUID, str, str]]:
@@ -64,7 +62,7 @@ def test_deliveries_spread_over_small_tasks_when_the_queue_is_empty(console_queu
 
 
 def test_deliveries_go_in_full_tasks_behind_a_backlog(console_queue):
-    console_queue.lpush("notifier.deliver.console", *[b"{}"] * 100)
+    console_queue.fill("notifier.deliver.console", 100)
     settings = get_settings()
     tasks = group_into_tasks(_rows(100), settings, batch_size=delivery_sizer(settings))
     assert [len(t.delivery_ids) for t in tasks] == [100]

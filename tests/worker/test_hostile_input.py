@@ -21,13 +21,13 @@ from typing import Any
 
 import psutil
 import pytest
-import redis
 from celery import Celery
 from sqlalchemy import text
 
 from notifier.storage.db import session_scope
 from notifier.worker.queues import INGEST_QUEUES
-from tests.conftest import BROKER_URL
+from tests.brokers import connect, foreign_producer
+from tests.conftest import BROKER, BROKER_URL
 from tests.workers import WorkerProcess, count_rows, wait_for
 
 QUEUES = INGEST_QUEUES
@@ -40,7 +40,7 @@ def _note(**fields: object) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def producer() -> Iterator[Celery]:
-    app = Celery("hostile", broker=BROKER_URL)
+    app = foreign_producer("hostile", BROKER_URL)
     yield app
     app.close()
 
@@ -55,10 +55,9 @@ def send(producer: Celery, args: list[Any], *, task_id: str | None = None,
 
 def broker_is_drained() -> bool:
     """No message waits in a queue and none is held unacknowledged."""
-    broker = redis.Redis.from_url(BROKER_URL)
+    broker = connect(BROKER_URL)
     try:
-        waiting = sum(broker.llen(queue) for queue in QUEUES)
-        return waiting == 0 and broker.hlen("unacked") == 0
+        return broker.drained(QUEUES)
     finally:
         broker.close()
 
@@ -99,14 +98,21 @@ def test_type_that_breaks_url_masking_costs_only_its_item(worker, producer):
 
 def test_enqueued_at_header_of_any_value_is_ignored(worker, producer):
     """A header ``notifier_enqueued_at`` of 1e20 (OverflowError), NaN, a string or a
-    list is not a time: the notifications are stored without it."""
-    good = [_note() for _ in range(5)]
-    for note, stamp in zip(good, [1e20, -1e20, float("nan"), "yesterday", [1, 2]], strict=True):
+    list is not a time: the notifications are stored without it. (RabbitMQ closes the
+    connection of a publisher whose header holds a NaN, INTERNAL_ERROR: Erlang has no
+    NaN, so there that message never reaches a worker.)"""
+    stamps: list[object] = [1e20, -1e20, "yesterday", [1, 2]]
+    if BROKER == "redis":
+        stamps.append(float("nan"))
+    good = [_note() for _ in stamps]
+    for note, stamp in zip(good, stamps, strict=True):
         send(producer, [note], headers={"notifier_enqueued_at": stamp})
     wait_until_settled(good, dead=0)
     assert count_rows("SELECT count(*) FROM notifications WHERE enqueued_at IS NOT NULL") == 0
 
 
+@pytest.mark.skipif(BROKER == "rabbitmq", reason="AMQP carries the task id in correlation_id, a"
+                    " short string: RabbitMQ takes no message with a 300-character task id")
 def test_task_id_longer_than_a_column_still_dead_letters(worker, producer):
     """A 300-character task id beside a bad item: the dead letter's key is a hash of
     it (the 255-character column once refused even the dead letter)."""
@@ -321,13 +327,10 @@ def test_client_splits_a_batch_that_would_exceed_the_message_limit():
     limit = get_settings().max_message_bytes
     notes = [_note(body="é" * 60_000) for _ in range(60)]  # ~7 MB of JSON, escaped more
     client.notify_many(notes)
-    broker = redis.Redis.from_url(BROKER_URL)
+    broker = connect(BROKER_URL)
     try:
-        bodies = [json.loads(raw)["body"] for raw in broker.lrange("notifier.normal", 0, -1)]
+        sizes = [len(envelope.body) for envelope in broker.peek("notifier.normal")]
     finally:
-        broker.delete("notifier.normal")  # no worker here: leave nothing for the next test
+        broker.empty_queues()  # no worker here: leave nothing for the next test
         broker.close()
-    import base64
-
-    sizes = [len(base64.b64decode(body)) for body in bodies]
     assert len(sizes) > 1 and max(sizes) < limit, sizes

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import redis
 from celery import Celery
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,7 +20,8 @@ from sqlalchemy import text
 
 from notifier.pipeline.ingest import dedup_key, id_for_unnamed, message_id_of
 from notifier.storage.db import session_scope
-from tests.conftest import BROKER_URL
+from tests.brokers import connect, foreign_producer
+from tests.conftest import BROKER, BROKER_URL
 from tests.worker.test_hostile_input import QUEUES, broker_is_drained
 from tests.workers import WorkerProcess, count_rows, wait_for
 
@@ -42,6 +42,24 @@ _finite_json = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
     max_leaves=8,
 )
+
+
+#: What a producer can put in headers and the task id. Over Redis anything JSON holds;
+#: over AMQP a header table (64-bit integers, no NaN or infinity: RabbitMQ closes the
+#: connection on those) and a task id that fits a short string (255 bytes): the rest
+#: cannot even be published to RabbitMQ, so it never reaches a worker there.
+if BROKER == "rabbitmq":
+    _header_json = st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
+        | st.floats(allow_nan=False, allow_infinity=False) | _text,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+        max_leaves=8,
+    )
+    _header_number = st.floats(allow_nan=False, allow_infinity=False)
+    _long_task_id = st.text(st.characters(max_codepoint=127), min_size=200, max_size=240)
+else:
+    _header_json, _header_number = _json, st.floats()
+    _long_task_id = st.text(min_size=256, max_size=400)
 
 
 def _note(**fields: Any) -> dict[str, Any]:
@@ -97,10 +115,11 @@ class Sent:
 
 @st.composite
 def message(draw: Any, number: int) -> Sent:
-    task_id = draw(st.one_of(st.uuids().map(str), _text, st.text(min_size=256, max_size=400)))
+    task_id = draw(st.one_of(st.uuids().map(str), _text, _long_task_id))
     task_id = f"{task_id}#{number}"  # unique within an example
-    headers = {"notifier_enqueued_at": draw(_json | st.floats() | st.just(1e20))}
-    headers |= draw(st.dictionaries(_text.map(lambda key: f"x_{key}"), _json, max_size=2))
+    headers = {"notifier_enqueued_at": draw(_header_json | _header_number | st.just(1e20))}
+    headers |= draw(st.dictionaries(_text.map(lambda key: f"x_{key}"), _header_json,
+                                    max_size=2))
     shape = draw(st.sampled_from(["items", "items", "items", "too_many", "too_big", "two_args"]))
     if shape == "too_many":
         items = [_note() for _ in range(MAX_ITEMS + 1)]
@@ -129,9 +148,8 @@ def message(draw: Any, number: int) -> Sent:
 def hostile_worker() -> Iterator[WorkerProcess]:
     # Module-scoped, so it starts before the per-test clean-up: empty the broker first,
     # or it would take what an earlier test left there for one of our examples.
-    broker = redis.Redis.from_url(BROKER_URL)
-    for key in [*broker.scan_iter("notifier.*"), "unacked", "unacked_index"]:
-        broker.delete(key)
+    broker = connect(BROKER_URL)
+    broker.empty_queues()
     broker.close()
     # Ingest queues only: the good items' recipients have webhook addresses on a name
     # that does not resolve here, and how fast a resolver says so (and whether it says
@@ -146,7 +164,7 @@ def hostile_worker() -> Iterator[WorkerProcess]:
 
 @pytest.fixture(scope="module")
 def producer() -> Iterator[Celery]:
-    app = Celery("hostile-property", broker=BROKER_URL)
+    app = foreign_producer("hostile-property", BROKER_URL)
     yield app
     app.close()
 

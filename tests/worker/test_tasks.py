@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from celery import Celery
 from sqlalchemy import text
 
 from notifier import client
 from notifier.storage.db import session_scope
+from tests.brokers import foreign_producer
 from tests.conftest import BROKER_URL
 from tests.workers import WorkerProcess, count_rows, wait_for, wait_for_rows
 
@@ -20,7 +20,7 @@ def _note(**fields: object) -> dict[str, object]:
 
 def test_foreign_producer_sends_by_task_name(worker):
     """A service with a plain Celery app sends notifier.ingest by name, one or a list."""
-    foreign = Celery("billing", broker=BROKER_URL)
+    foreign = foreign_producer("billing", BROKER_URL)
     single = _note(id=str(uuid.uuid4()), priority="critical")
     foreign.send_task("notifier.ingest", args=[single], queue="notifier.critical")
     foreign.send_task("notifier.ingest", args=[[_note(), _note()]], queue="notifier.normal")
@@ -39,7 +39,7 @@ def test_single_notify_calls_are_written_in_batches(worker):
 
 def test_bad_input_through_the_worker(worker):
     """Bad notifications from a foreign producer are dead-lettered; good ones still land."""
-    foreign = Celery("shop", broker=BROKER_URL)
+    foreign = foreign_producer("shop", BROKER_URL)
     foreign.send_task("notifier.ingest", args=[[_note(), _note(title=""), "not an object"]],
                       queue="notifier.high")
     foreign.send_task("notifier.ingest", args=[_note(), "extra"], queue="notifier.high")
