@@ -510,10 +510,11 @@ class Claim:
         if self._lost:
             return True
         try:
-            readable, _, _ = select.select([self.driver.fileno()], [], [], 0)
-            if readable:
+            poll = select.poll()  # not select(): a worker may hold more than 1024 files
+            poll.register(self.driver.fileno(), select.POLLIN)
+            if poll.poll(0):
                 self.driver.execute("SELECT 1")
-        except (psycopg.Error, OSError, ValueError):
+        except (psycopg.Error, OSError):
             self._lost = True
             log.warning("the claim's Postgres connection was lost mid-batch: the batch"
                         " stops after the message in hand and its deliveries are resumed"

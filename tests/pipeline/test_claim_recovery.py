@@ -20,12 +20,13 @@ import pytest
 from celery import Celery
 
 from notifier.client import build
-from notifier.pipeline.delivery import claim_deliveries
+from notifier.pipeline.delivery import BatchOutcome, Claim, _Recorder, claim_deliveries
 from notifier.pipeline.outbox import sweep_due_deliveries
 from notifier.schemas import to_message
 from notifier.settings import get_settings
 from notifier.storage.db import raw_cursor, session_scope
 from tests.conftest import DATABASE_URL
+from tests.pipeline.test_delivery import make_deliveries
 from tests.pipeline.test_delivery_recovery import SENT, assert_each_sent_once
 from tests.smtp_server import SmtpServer
 from tests.worker.test_recovery import rabbitmq_url  # noqa: F401  (a fixture)
@@ -184,3 +185,33 @@ def test_the_claims_connection_terminated_frees_the_claim_and_stops_the_batch(sm
         smtp_server.release()
         worker.stop()
     assert_each_sent_once(smtp_server, 5)
+
+
+def test_a_claim_holds_its_rows_while_its_connection_lives_and_not_after():
+    """In one process, the parts alone: rows claimed under a ``Claim`` are skipped by the
+    sweep and by a second claim, their outcome is written under it, and the rest are
+    swept at once when its connection closes without a word (as a killed worker's)."""
+    ids = make_deliveries(3)
+    settings = get_settings().model_copy(update={"sending_timeout": 600.0})
+    claim = Claim().__enter__()
+    with session_scope() as session:
+        claimed = claim_deliveries(raw_cursor(session), "email", ids, settings, claim.key)
+    assert len(claimed) == 3
+    with session_scope() as session:
+        assert sweep_due_deliveries(raw_cursor(session), settings) == []
+        assert claim_deliveries(raw_cursor(session), "email", ids, settings, 1) == []
+    recorder = _Recorder("email", settings, BatchOutcome(), claim)
+    with recorder:
+        recorder.sent(claimed[0])
+    assert not claim.lost()
+    claim.driver.pgconn.finish()  # the socket closes; no COMMIT, no ROLLBACK
+    wait_for(lambda: bool(_swept(settings)), 10, "the sweep to take the rows")
+    assert count_rows("SELECT count(*) FROM deliveries WHERE status = 'sent'") == 1
+    assert count_rows("SELECT count(*) FROM deliveries WHERE status = 'queued'") == 2
+    claim.connection.invalidate()
+
+
+def _swept(settings: Any) -> list[str]:
+    with session_scope() as session:
+        return [i for task in sweep_due_deliveries(raw_cursor(session), settings)
+                for i in task.delivery_ids]
