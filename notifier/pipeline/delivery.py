@@ -522,7 +522,6 @@ class Claim:
         return self._lost
 
 
-
 def claim_deliveries(
     cursor: Cursor[Any], channel_name: str, delivery_ids: Sequence[str], settings: Settings,
     claim_key: int,
