@@ -313,8 +313,12 @@ class Settings(BaseSettings):
     """A delivery queued this long past its due time without being started was lost by
     the broker and is published again (sending stays idempotent on its id)."""
     sending_timeout: float = Field(300.0, gt=0)
-    """A delivery claimed this long ago and still not recorded belonged to a worker that
-    died; it is sent again. Must exceed the longest batch."""
+    """The fallback for claims whose holder cannot be seen: a delivery claimed without a
+    claim lock (by a worker older than migration 0011, during an upgrade) this long ago
+    and still not recorded is sent again. Every other claim is freed by its worker's
+    death itself (the sweep resumes it within ``NOTIFIER_SWEEP_INTERVAL``) and is never
+    taken from a live worker however slow. Must exceed the longest batch. Also how long
+    a circuit's probe may take before another is let through."""
 
     # --- Health (``notifier health``) ------------------------------------------------
     heartbeat_interval: float = Field(5.0, gt=0)

@@ -50,6 +50,11 @@ class _State:
     refused_senders: dict[str, int] = field(default_factory=dict)
     delay: float = 0.0
     logins: int = 0
+    #: While set (``hold``), each DATA waits for it before it is answered.
+    gate: asyncio.Event | None = None
+    holding: bool = False
+    #: Delivery ids of the messages whose DATA waits at the gate now.
+    held: list[str] = field(default_factory=list)
 
 
 class _Handler:
@@ -105,6 +110,11 @@ class _Handler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         with self.state.lock:
             delay = self.state.delay
+            gate = None
+            if self.state.holding:
+                gate = self.state.gate = self.state.gate or asyncio.Event()
+        if gate is not None:
+            await self._wait_at(gate, envelope)
         if delay:
             await asyncio.sleep(delay)
         with self.state.lock:
@@ -125,6 +135,24 @@ class _Handler:
             self.state.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
             self.state.lock.notify_all()
         return "250 Message accepted for delivery"
+
+    async def _wait_at(self, gate: asyncio.Event, envelope: Envelope) -> None:
+        """Hold the answer to DATA until ``release``; a client that goes away meanwhile
+        (aiosmtpd then cancels this) leaves no message behind, as a real server keeps
+        none it has not acknowledged."""
+        content = envelope.original_content or envelope.content
+        assert isinstance(content, bytes)
+        parsed = email.message_from_bytes(content, policy=email.policy.default)
+        delivery_id = str(parsed[DELIVERY_ID_HEADER])
+        with self.state.lock:
+            self.state.held.append(delivery_id)
+            self.state.lock.notify_all()
+        try:
+            await gate.wait()
+        finally:
+            with self.state.lock:
+                self.state.held.remove(delivery_id)
+                self.state.lock.notify_all()
 
 
 class SmtpServer:
@@ -247,6 +275,39 @@ class SmtpServer:
     def delay(self, seconds: float) -> None:
         with self._state.lock:
             self._state.delay = seconds
+
+    def hold(self) -> None:
+        """Hold every DATA answer from now until ``release``: the client waits with its
+        message sent and not acknowledged (see ``wait_for_held``)."""
+        with self._state.lock:
+            self._state.holding = True
+
+    def release(self) -> None:
+        """Answer the held DATA commands (and stop holding new ones)."""
+        controller = self._controller
+        assert controller is not None, "not started"
+        with self._state.lock:
+            self._state.holding = False
+            gate, self._state.gate = self._state.gate, None
+        if gate is not None:
+            controller.loop.call_soon_threadsafe(gate.set)
+
+    def wait_for_held(self, count: int, timeout: float) -> list[str]:
+        """Block until ``count`` DATA commands wait at the gate; their delivery ids."""
+        with self._state.lock:
+            if not self._state.lock.wait_for(lambda: len(self._state.held) >= count, timeout):
+                raise AssertionError(f"SMTP server: {count} held messages expected within"
+                                     f" {timeout}s, {len(self._state.held)} held")
+            return list(self._state.held)
+
+    def wait_until_not_held(self, delivery_ids: list[str], timeout: float) -> None:
+        """Block until none of these messages waits at the gate (answered, or its
+        client went away: then the server keeps nothing of it)."""
+        with self._state.lock:
+            if not self._state.lock.wait_for(
+                lambda: not set(delivery_ids) & set(self._state.held), timeout
+            ):
+                raise AssertionError(f"SMTP server: {delivery_ids} still held")
 
     def fail_next(self, count: int, code: int = 451, text: str = "try again later") -> None:
         """Answer the next ``count`` DATA commands with ``code`` (nothing is recorded)."""

@@ -14,6 +14,12 @@ written in bulk, one statement for all that came in over the last few millisecon
 was sending and those few outcomes; whatever is in doubt is resent with the same
 idempotency key.
 
+A claim lives as long as its claimant (``Claim``): the batch holds an advisory lock in a
+transaction open on a connection of its own, and its rows carry the lock's key. A worker
+that dies loses that connection, Postgres ends the transaction, and the rows are free
+for the sweep or the next claim at once; a live worker's are never taken, however slow
+it is.
+
 Whose problem a failure is decides what it costs (see ``channels.base.DeliveryError``):
 a recipient's unusable address or failing endpoint costs that delivery alone, and an
 endpoint the recipient controls backs off on a circuit of its own; a provider's failure
@@ -25,6 +31,8 @@ exception, costs the one message it was sending.
 from __future__ import annotations
 
 import logging
+import secrets
+import select
 import time
 import uuid
 from collections import defaultdict
@@ -53,7 +61,7 @@ from notifier.pipeline.dead_letters import (
     jsonb_safe,
     write_delivery_dead_letters,
 )
-from notifier.pipeline.outbox import BatchSize, DeliveryTask, queue_deliveries
+from notifier.pipeline.outbox import CLAIMANT_GONE, BatchSize, DeliveryTask, queue_deliveries
 from notifier.pipeline.ratelimit import RateLimiter, RateRequest
 from notifier.pipeline.retry import RetryPolicy, countdown_second, next_attempt
 from notifier.settings import CHANNEL_NAMES, Settings, get_settings
@@ -120,9 +128,11 @@ def deliver_batch(
     retries (see ``outbox.BatchSize``).
     """
     outcome = BatchOutcome()
-    with _Recorder(channel_name, settings, outcome, batch_size, stopping) as recorder:
+    with Claim() as claim, _Recorder(
+        channel_name, settings, outcome, claim, batch_size, stopping,
+    ) as recorder:
         with recorder.transaction() as cursor:
-            claimed = claim_deliveries(cursor, channel_name, delivery_ids, settings)
+            claimed = claim_deliveries(cursor, channel_name, delivery_ids, settings, claim.key)
         if not claimed:
             return outcome
         try:
@@ -362,7 +372,6 @@ def _send_round(
             _count(tally, result)
             if endpoints is not None:
                 endpoints.count(delivery, result)
-            recorder.renew_lease(waiting)
             if waiting and recorder.should_stop():
                 recorder.release(waiting.values(), time.time(), recorder.stop_reason())
                 waiting.clear()
@@ -432,19 +441,105 @@ def circuit_breaker(state: redis.Redis, channel: str, settings: Settings) -> Cir
 # --- Claiming -----------------------------------------------------------------------
 
 
+class Claim:
+    """A batch's hold on the deliveries it claims, for as long as its worker lives.
+
+    One transaction, open on a connection of its own from before the claim until every
+    outcome is written, holds ``pg_advisory_xact_lock_shared(key)``; the claimed rows
+    carry the key (``claim_key``). Nothing else happens on that connection, so the lock
+    blocks no outcome write (advisory locks do not touch rows), and no session state is
+    left behind (the lock and the settings end with the transaction: PgBouncer's
+    transaction pooling keeps the connection for the transaction, then reuses it).
+
+    A worker that dies (SIGKILL, OOM) closes the connection; so does a host that
+    crashes, once Postgres's TCP keepalives notice; Postgres then ends the transaction
+    and the lock goes: the sweep and any claim take the rows (``CLAIMANT_GONE``). A
+    worker that is merely slow keeps its connection and so its rows, however slow: the
+    transaction has no idle timeout (``idle_in_transaction_session_timeout`` and, from
+    Postgres 17, ``transaction_timeout`` are off for it alone), since a timeout would
+    hand a live worker's rows to another and send them twice. If the connection is
+    lost while the worker lives (``pg_terminate_backend``, Postgres restarted), the
+    batch stops after the message in hand (``lost``): its rows are someone else's now.
+
+    The key is random (63 bits): a key shared by chance between two live claims costs
+    nothing (the lock is shared), and between a live claim and a dead one only delays
+    the dead one's rows until the live one ends.
+    """
+
+    def __init__(self) -> None:
+        self.key = secrets.randbits(63)
+        self._lost = False
+
+    def __enter__(self) -> Claim:
+        self.connection = get_engine().raw_connection()
+        self.driver = cast("psycopg.Connection[Any]", self.connection.driver_connection)
+        try:
+            self.driver.autocommit = True  # the transaction is ours: BEGIN in the same trip
+            timeouts = "SET LOCAL idle_in_transaction_session_timeout = 0;"
+            if self.driver.info.server_version >= 170000:
+                timeouts += " SET LOCAL transaction_timeout = 0;"
+            # No parameters: one simple-protocol message, so one round trip for it all.
+            self.driver.execute(
+                f"BEGIN; {timeouts} SELECT pg_advisory_xact_lock_shared({self.key})")
+        except BaseException:
+            self.connection.invalidate()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """End the transaction (the lock goes with it): every outcome is written."""
+        try:
+            if not self.lost():
+                self.driver.execute("COMMIT")
+        except psycopg.Error:
+            self._lost = True
+            log.info("the claim's connection was lost at the end of its batch", exc_info=True)
+        finally:
+            if self._lost:
+                self.connection.invalidate()
+            else:
+                self.driver.autocommit = False
+                self.connection.close()
+
+    def lost(self) -> bool:
+        """Whether the claim's connection is gone (its rows are free for others).
+
+        Costs no round trip: nothing is ever asked on the connection during the batch,
+        so anything it has to read (Postgres's farewell, the socket's end) means it has
+        ended; only then is it asked, to be sure."""
+        if self._lost:
+            return True
+        try:
+            poll = select.poll()  # not select(): a worker may hold more than 1024 files
+            poll.register(self.driver.fileno(), select.POLLIN)
+            if poll.poll(0):
+                self.driver.execute("SELECT 1")
+        except (psycopg.Error, OSError):
+            self._lost = True
+            log.warning("the claim's Postgres connection was lost mid-batch: the batch"
+                        " stops after the message in hand and its deliveries are resumed"
+                        " elsewhere")
+        return self._lost
+
+
 def claim_deliveries(
-    cursor: Cursor[Any], channel_name: str, delivery_ids: Sequence[str], settings: Settings
+    cursor: Cursor[Any], channel_name: str, delivery_ids: Sequence[str], settings: Settings,
+    claim_key: int,
 ) -> list[ClaimedDelivery]:
-    """Take the due, unsent deliveries among the ids, with what is needed to send them."""
+    """Take the due, unsent deliveries among the ids, with what is needed to send them,
+    for the claim whose lock has ``claim_key`` (see ``Claim``). A row a dead worker
+    claimed (its lock free) is taken again at once: on RabbitMQ its task comes back to
+    another worker as soon as the first one's connection drops."""
     cursor.execute(
-        """
+        f"""
         WITH claimed AS (
-            UPDATE deliveries d SET status = 'sending', updated_at = now()
+            UPDATE deliveries d SET status = 'sending', updated_at = now(),
+                claim_key = %(key)s
             WHERE d.id IN (
                 SELECT id FROM deliveries
                 WHERE id = ANY(%(ids)s::uuid[]) AND channel = %(channel)s
                   AND ((status = ANY(%(unsent)s) AND next_attempt_at <= now() + %(early)s)
-                       OR (status = 'sending' AND updated_at <= now() - %(lease)s))
+                       OR (status = 'sending' AND {CLAIMANT_GONE}))
                 ORDER BY id
                 FOR UPDATE SKIP LOCKED
             )
@@ -462,7 +557,7 @@ def claim_deliveries(
         """,
         {
             "ids": list(delivery_ids), "channel": channel_name, "unsent": list(UNSENT),
-            "early": timedelta(seconds=1),
+            "early": timedelta(seconds=1), "key": claim_key,
             "lease": timedelta(seconds=settings.sending_timeout),
         },
     )
@@ -513,15 +608,16 @@ def _never() -> bool:
 #: arriving later than this after the previous write) are written one by one, at once,
 #: as before. What a killed worker leaves in doubt is the message in hand plus the
 #: outcomes of at most this long (and at most this many): resent, with the same
-#: idempotency key, once their claim's lease runs out.
+#: idempotency key, as soon as the dead worker's claim is gone (``Claim``).
 RECORD_EVERY_SECONDS = 0.05
 RECORD_AT_MOST = 50
 
 #: One write of many outcomes: each row's new status, attempts (added, or set for a
 #: dead one), due time, error and how long before the write it was sent. Only rows
-#: still ``sending`` change (a row whose lease ran out and was claimed again elsewhere
-#: was not ours any more). ``synchronous_commit`` is off for this transaction alone
-#: (never for the session: a pooler such as PgBouncer would hand that on to others):
+#: still ``sending`` under this batch's claim change (a row resumed elsewhere after the
+#: claim's connection was lost is not ours any more). ``synchronous_commit`` is off for
+#: this transaction alone (never for the session: a pooler such as PgBouncer would hand
+#: that on to others):
 #: a commit then costs no disk flush, and all it risks is losing the last few outcomes
 #: if Postgres itself crashes, which means a resend, never a loss. (The status is tested
 #: through ``coalesce`` so that the planner finds each row by its id: the index on
@@ -540,7 +636,7 @@ FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(adds)s::int[], %(sets)s::in
             %(dues)s::timestamptz[], %(errors)s::text[], %(agos)s::float8[])
          AS v(id, status, attempts_add, attempts_set, due, error, ago),
      async_commit
-WHERE d.id = v.id AND coalesce(d.status, '') = 'sending'
+WHERE d.id = v.id AND coalesce(d.status, '') = 'sending' AND d.claim_key = %(key)s
 RETURNING d.id, extract(epoch FROM d.sent_at - d.created_at)
 """
 
@@ -567,10 +663,11 @@ class _Recorder:
     ends, also when it ends by an exception (each outcome is a fact: a message sent)."""
 
     def __init__(
-        self, channel: str, settings: Settings, outcome: BatchOutcome,
+        self, channel: str, settings: Settings, outcome: BatchOutcome, claim: Claim,
         batch_size: BatchSize | None = None, stopping: Callable[[], bool] | None = None,
     ) -> None:
         self.channel = channel
+        self.claim = claim
         self.settings = settings
         self.outcome = outcome
         self.batch_size = batch_size
@@ -581,16 +678,19 @@ class _Recorder:
         self._sent_notifications: list[uuid.UUID] = []
         self._failed_notifications: list[uuid.UUID] = []
         self._configuration_errors: dict[str, list[str]] = defaultdict(list)
-        self._lease_renewed = self._started = self._written = time.monotonic()
+        self._started = self._written = time.monotonic()
 
     def should_stop(self) -> bool:
-        """Return the rest of the batch: the worker is stopping, or the batch has run
-        past its time budget (a slow provider must not hold a worker's shutdown)."""
+        """Return the rest of the batch: the worker is stopping, the batch has run past
+        its time budget (a slow provider must not hold a worker's shutdown), or the
+        claim was lost (its rows may be resumed elsewhere already)."""
         return self.stopping() or (
             time.monotonic() - self._started > self.settings.delivery_batch_max_seconds
-        )
+        ) or self.claim.lost()
 
     def stop_reason(self) -> str:
+        if self.claim.lost():
+            return "returned unsent: the claim's Postgres connection was lost"
         if self.stopping():
             return "returned unsent: the worker is shutting down"
         budget = self.settings.delivery_batch_max_seconds
@@ -620,18 +720,6 @@ class _Recorder:
         with self.driver.transaction():
             self.cursor.execute("SET LOCAL synchronous_commit = off")
             yield self.cursor
-
-    def renew_lease(self, remaining: dict[uuid.UUID, ClaimedDelivery]) -> None:
-        """Keep a long batch's unsent rows claimed, so the sweeper does not take them
-        for a dead worker's while this one is still working through them."""
-        now = time.monotonic()
-        if not remaining or now - self._lease_renewed < self.settings.sending_timeout / 3:
-            return
-        self.cursor.execute(
-            "UPDATE deliveries SET updated_at = now() WHERE id = ANY(%s) AND status = 'sending'",
-            (list(remaining),),
-        )
-        self._lease_renewed = now
 
     def result(self, delivery: ClaimedDelivery, result: SendResult) -> None:
         if result.sent:
@@ -733,7 +821,7 @@ class _Recorder:
         """Write every waiting outcome: one statement (with the dead letters, if any,
         in its transaction). Should the batch's statement fail for a reason that is not
         Postgres being away (a value it refuses), each is written alone, so that one
-        bad outcome costs itself alone (it stays ``sending``: resent after its lease)."""
+        bad outcome costs itself alone (it stays ``sending``: resent once the batch ends)."""
         pending, self._pending = self._pending, []
         self._written = time.monotonic()
         if not pending:
@@ -767,6 +855,7 @@ class _Recorder:
             "dues": [p.due for p in pending],
             "errors": [None if p.error is None else _storable(p.error) for p in pending],
             "agos": [max(now - p.at, 0.0) for p in pending],
+            "key": self.claim.key,
         }
         if letters:
             with self.transaction() as cursor:
@@ -792,7 +881,7 @@ class _Recorder:
             self.write()
         except Exception:
             log.exception("outcomes of a failed %s batch not written; their deliveries"
-                          " are resent once their lease runs out", self.channel)
+                          " are resent once the batch's claim ends", self.channel)
 
     def _finish(self) -> None:
         """Every outcome still waiting, the notifications' own status, the short retries

@@ -115,6 +115,19 @@ def group_into_tasks(
     return tasks
 
 
+#: SQL, true when the claimant of a ``sending`` row is gone and the row may be taken
+#: again. A claimant holds an advisory lock on the row's ``claim_key`` for as long as it
+#: lives (``delivery.Claim``): a lock this transaction can take is nobody's any more, and
+#: taking it keeps it until this transaction ends (another sweep or claim fails to take
+#: it meanwhile, and the row lock skips the row too). A row without a key was claimed by
+#: a worker from before migration 0011 (during an upgrade): its holder cannot be seen, so
+#: it is taken once ``%(lease)s`` (``NOTIFIER_SENDING_TIMEOUT``) has passed since its
+#: claim. ``status = 'sending'`` comes first in the statements, so only such rows are
+#: tried.
+CLAIMANT_GONE = """CASE WHEN claim_key IS NULL THEN updated_at <= now() - %(lease)s
+                        ELSE pg_try_advisory_xact_lock(claim_key) END"""
+
+
 def sweep_due_deliveries(
     cursor: Cursor[Any], settings: Settings, limit: int = 10_000,
     *, batch_size: BatchSize | None = None,
@@ -125,10 +138,11 @@ def sweep_due_deliveries(
     * ``retrying`` and due: a retry kept in Postgres because its wait was long;
     * ``scheduled`` and due: held for quiet hours or the notification's ``send_at``;
     * ``queued`` long past due: the broker lost the task (Redis keeps nothing on disk);
-    * ``sending`` long ago: the worker that claimed it died mid-batch.
+    * ``sending`` with its claimant gone: the worker that claimed it died mid-batch
+      (``CLAIMANT_GONE``), found on the sweep after its death.
     """
     cursor.execute(
-        """
+        f"""
         UPDATE deliveries SET status = 'queued', queued_at = clock_timestamp(), updated_at = now(),
             next_attempt_at = now()
         WHERE id IN (
@@ -137,7 +151,7 @@ def sweep_due_deliveries(
                OR (status IN ('retrying', 'scheduled') AND next_attempt_at <= now())
                OR (status = 'queued' AND next_attempt_at <= now() - %(queued)s
                    AND queued_at <= now() - %(queued)s)
-               OR (status = 'sending' AND updated_at <= now() - %(sending)s)
+               OR (status = 'sending' AND {CLAIMANT_GONE})
             LIMIT %(limit)s
             -- A row a worker is claiming is skipped; one it claimed (or sent) since this
             -- statement began is checked again on its new version and left alone.
@@ -148,7 +162,7 @@ def sweep_due_deliveries(
         {
             "grace": timedelta(seconds=2 * settings.sweep_interval),
             "queued": timedelta(seconds=settings.queued_timeout),
-            "sending": timedelta(seconds=settings.sending_timeout),
+            "lease": timedelta(seconds=settings.sending_timeout),
             "limit": limit,
         },
     )

@@ -140,7 +140,8 @@ def test_a_notification_being_sent_cannot_be_cancelled():
     result = ingest([sending], now=T0)
     with session_scope() as session:
         inapp = [d.id for d in deliveries_of(sending["id"]) if d.channel == "inapp"]
-        assert len(claim_deliveries(raw_cursor(session), "inapp", inapp, get_settings())) == 1
+        claimed = claim_deliveries(raw_cursor(session), "inapp", inapp, get_settings(), 1)
+        assert len(claimed) == 1
     assert status(sending) == "dispatched"
     assert cancel_by(sending["id"], None) == CancelOutcome(sending["id"], False, "sending")
     assert {d.channel: d.status for d in deliveries_of(sending["id"])} == {
@@ -157,7 +158,7 @@ def test_cancel_waits_for_a_delivery_claim_in_progress_and_then_refuses():
     with ThreadPoolExecutor(1) as pool:
         with session_scope() as claiming:
             claimed = claim_deliveries(raw_cursor(claiming), "inapp", result.delivery_ids,
-                                       get_settings())
+                                       get_settings(), claim_key=1)
             assert len(claimed) == 1
             cancelling = pool.submit(cancel_by, racing["id"], None)
             wait_for(_blocked_on_a_lock, timeout=10, what="cancel waiting for the claim")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -61,8 +60,11 @@ def test_a_worker_killed_mid_batch_leaves_every_delivery_sent_once(smtp_server):
     try:
         send_critical(30)
         smtp_server.wait_for(5, timeout=30)
-        time.sleep(0.05)  # in the middle of the next message, before the server accepts it
+        smtp_server.hold()  # the next message: sent, not yet accepted
+        in_hand = smtp_server.wait_for_held(1, timeout=30)
         worker.kill()
+        smtp_server.wait_until_not_held(in_hand, timeout=10)
+        smtp_server.release()
         sent_before = len(smtp_server.message_ids())
         assert sent_before < 30
         smtp_server.delay = 0.0
