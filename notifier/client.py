@@ -71,6 +71,8 @@ def _producer_app() -> Celery:
     configuration, tasks, database and channels into every producer."""
     producer = Celery("notifier", set_as_current=False)
     producer.conf.update(_producer_settings())
+    # A broker behind Sentinel: its master's name (the producer needs no other option).
+    producer.conf.broker_transport_options = get_settings().broker_sentinel_options
     return producer
 
 

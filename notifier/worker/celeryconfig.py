@@ -34,6 +34,8 @@ broker_transport_options = {
     # The lock around that scan; kombu's default (300 s) means a worker killed while
     # holding it stops every other worker from restoring messages for five minutes.
     "unacked_mutex_expire": 10,
+    # Behind Sentinel: the master's name (and the Sentinels' password), from the settings.
+    **_settings.broker_sentinel_options,
 }
 
 task_serializer = "json"

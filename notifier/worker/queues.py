@@ -51,7 +51,9 @@ def queue_depths(names: Iterable[str] | None = None) -> dict[str, int | None]:
     """Messages waiting in each of our queues, or in ``names`` (None where the broker
     cannot tell)."""
     depths: dict[str, int | None] = {}
-    with Connection(get_settings().broker_url, connect_timeout=_CONNECT_TIMEOUT) as connection:
+    settings = get_settings()
+    with Connection(settings.broker_url, connect_timeout=_CONNECT_TIMEOUT,
+                    transport_options=settings.broker_sentinel_options) as connection:
         connection.ensure_connection(max_retries=1)
         channel = connection.default_channel
         for name in list(names or ()) or ALL_QUEUES:
