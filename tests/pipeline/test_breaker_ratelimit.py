@@ -152,3 +152,13 @@ def test_a_batch_over_its_limits_is_held_on_every_topology(state, smtp_server):
     assert (outcome.retrying, outcome.rescheduled) == (1, 1)  # user-0 is still over its limit
     assert CircuitBreaker(client, "email", threshold=1, window=60,
                           open_seconds=30).state() == "open"
+
+
+def test_health_pings_every_master_of_the_cluster(cluster):
+    from tests.ops.test_cli import run
+
+    result = run("health", "--check", "state", env={"NOTIFIER_REDIS_URL": cluster.url})
+    masters = ", ".join(sorted(f"127.0.0.1:{port}" for port in cluster.ports))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(
+        f"ok   state  {cluster.url}: cluster of 3 masters ({masters}), ")
