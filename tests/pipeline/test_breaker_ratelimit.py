@@ -98,37 +98,40 @@ def test_endpoint_circuits_of_many_hosts_go_in_one_call_each(state):
 
 
 def test_rate_windows_hold_per_recipient_then_globally_and_give_back_what_they_refuse(state):
-    """Per recipient 2 a minute, 5 a minute over all: of a, b and c's three each, the
+    """Per recipient 2 an hour, 5 a minute over all: of a, b and c's three each, the
     third of each waits for its recipient's window, and c's second for the global one;
-    c's window counts what went, not what the global limit refused."""
+    c's windows count what went, not what the global limit refused."""
     client, settings = state
     limiter = RateLimiter(client, settings.model_copy(update={
-        "rate_limit_per_minute": 2, "rate_limit_per_hour": 100, "rate_limit_per_day": 0,
+        "rate_limit_per_minute": 0, "rate_limit_per_hour": 2, "rate_limit_per_day": 100,
         "rate_limit_global_per_minute": 5,
     }))
     before = server_time(client)
     waits = limiter.take([RateRequest(r) for r in "aaabbbccc"])
-    resets = {(int(t // 60) + 1) * 60 for t in (before, server_time(client))}
+    after = server_time(client)
     assert [bool(w) for w in waits] == [False, False, True, False, False, True, False, True, True]
-    assert {w for w in waits if w} <= resets
-    assert int(client.get("notifier.rate.{c}.minute") or 0) == 1
+    hour_ends = {(int(t // 3600) + 1) * 3600 for t in (before, after)}
+    minute_ends = {(int(t // 60) + 1) * 60 for t in (before, after)}
+    assert {waits[2], waits[5], waits[8]} <= hour_ends and waits[7] in minute_ends
     assert int(client.get("notifier.rate.{c}.hour") or 0) == 1
-    assert int(client.get("notifier.rate.{global}.minute") or 0) == 5
+    assert int(client.get("notifier.rate.{c}.day") or 0) == 1
     assert limiter.take([RateRequest("d", critical=True)]) != [0.0]  # the global window is full
 
 
 def test_critical_deliveries_count_but_are_never_held_by_their_recipient(state):
     client, settings = state
     limiter = RateLimiter(client, settings.model_copy(update={
-        "rate_limit_per_minute": 1, "rate_limit_global_per_minute": 0}))
+        "rate_limit_per_minute": 0, "rate_limit_per_hour": 1, "rate_limit_per_day": 0,
+        "rate_limit_global_per_minute": 0}))
     assert limiter.take([RateRequest("ops", critical=True)] * 3) == [0.0, 0.0, 0.0]
-    assert int(client.get("notifier.rate.{ops}.minute") or 0) == 3
+    assert int(client.get("notifier.rate.{ops}.hour") or 0) == 3
     assert limiter.take([RateRequest("ops")]) != [0.0]
 
 
 def test_recipient_ids_with_braces_keep_their_windows_in_one_slot(state):
     client, settings = state
-    limiter = RateLimiter(client, settings.model_copy(update={"rate_limit_per_minute": 1}))
+    limiter = RateLimiter(client, settings.model_copy(update={
+        "rate_limit_per_minute": 0, "rate_limit_per_hour": 1, "rate_limit_per_day": 5}))
     for recipient in ("}x{", "{}", "a{b}c"):
         assert limiter.take([RateRequest(recipient), RateRequest(recipient)])[1] > 0
         slots = {key_slot(limit.key.encode()) for limit in limiter.limits_for(
@@ -142,7 +145,7 @@ def test_a_batch_over_its_limits_is_held_on_every_topology(state, smtp_server):
     client, settings = state
     settings = settings_for(smtp_server.url(), **{
         k: v for k, v in settings.model_dump().items() if k.startswith("redis")},
-        rate_limit_per_minute=2, breaker_failure_threshold=1)
+        rate_limit_per_minute=0, rate_limit_per_hour=2, breaker_failure_threshold=1)
     outcome = deliver_batch("email", make_deliveries(3, recipients=1, priority="high"),
                             settings, client)
     assert (outcome.sent, outcome.rescheduled) == (2, 1)

@@ -37,7 +37,7 @@ def test_circuits_and_rate_windows_survive_a_sentinel_failover(sentinel):
     open circuit and the full window, and its next writes land on the new master."""
     settings = get_settings().model_copy(update={
         "redis_url": sentinel.url, "redis_sentinel_master": MASTER_NAME,
-        "rate_limit_per_minute": 2, "rate_limit_per_hour": 0, "rate_limit_per_day": 0,
+        "rate_limit_per_minute": 0, "rate_limit_per_hour": 0, "rate_limit_per_day": 2,
     })
     client = connect(settings)
     assert describe(client) == f"master {MASTER_NAME} at 127.0.0.1:{sentinel.master}"
@@ -53,15 +53,15 @@ def test_circuits_and_rate_windows_survive_a_sentinel_failover(sentinel):
     assert promoted == sentinel.replica
     assert email.acquire() == opened
     [held] = limiter.take([RateRequest("r-1")])
-    assert held > 0 and held % 60 == 0  # held to the minute's end
+    assert held > 0 and held % 86400 == 0  # held to the day's end
     webhook = CircuitBreaker(client, "webhook", threshold=1, window=60, open_seconds=600)
     assert webhook.record(failures=1, successes=0, probing=False) == "open"
     assert limiter.take([RateRequest("r-2")]) == [0.0]
     new_master = sentinel.servers.client(promoted)
     assert new_master.hget(email.key, "state") == b"open"
     assert new_master.hget(webhook.key, "state") == b"open"
-    assert int(new_master.get("notifier.rate.{r-1}.minute") or 0) == 2
-    assert int(new_master.get("notifier.rate.{r-2}.minute") or 0) == 1
+    assert int(new_master.get("notifier.rate.{r-1}.day") or 0) == 2
+    assert int(new_master.get("notifier.rate.{r-2}.day") or 0) == 1
     assert describe(client) == f"master {MASTER_NAME} at 127.0.0.1:{promoted}"
     client.close()
 
@@ -84,7 +84,7 @@ def test_a_worker_producer_and_health_reach_broker_and_state_through_sentinel(se
     finally:
         worker.stop()
     master = sentinel.servers.client(sentinel.master_port())
-    assert int(master.get("notifier.rate.{ha-user}.minute") or 0) == 1
+    assert int(master.get("notifier.rate.{ha-user}.day") or 0) == 1
     report = json.loads(result.stdout)
     assert result.returncode == 0, report
     checks = {check["name"]: check for check in report["checks"]}
