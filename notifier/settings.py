@@ -12,7 +12,7 @@ from itertools import pairwise
 from typing import Annotated, Literal
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from notifier.masking import SECRET_OPTIONS as SECRET_OPTIONS
@@ -260,7 +260,7 @@ class Settings(BaseSettings):
     redis_sentinel_master: str | None = None
     """The master name for a ``sentinel://`` ``NOTIFIER_REDIS_URL``; default:
     ``NOTIFIER_BROKER_SENTINEL_MASTER`` (the broker's Sentinels watching one master)."""
-    sentinel_password: str | None = None
+    sentinel_password: SecretStr | None = None
     """Password of the Sentinels themselves (their ``requirepass``), for the broker's
     and the state Redis's; unset when they have none. The master's password is in the
     URL."""
@@ -478,7 +478,7 @@ class Settings(BaseSettings):
             return {}
         options: dict[str, object] = {"master_name": self.broker_sentinel_master}
         if self.sentinel_password:
-            options["sentinel_kwargs"] = {"password": self.sentinel_password}
+            options["sentinel_kwargs"] = {"password": self.sentinel_password.get_secret_value()}
         return options
 
     @property

@@ -53,7 +53,7 @@ def connect(settings: Settings, *, timeout: float = 5.0) -> StateRedis:
         found = parse_sentinel_url(url)
         sentinel_options: dict[str, Any] = dict(timeouts)
         if settings.sentinel_password:
-            sentinel_options["password"] = settings.sentinel_password
+            sentinel_options["password"] = settings.sentinel_password.get_secret_value()
         sentinel = Sentinel(list(found.sentinels), sentinel_kwargs=sentinel_options, **timeouts)
         assert settings.state_sentinel_master  # the settings refuse a sentinel:// without
         client: redis.Redis = sentinel.master_for(
