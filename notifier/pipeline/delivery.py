@@ -205,7 +205,8 @@ class _Endpoints:
     deliveries go where, which may go now, and what each endpoint did.
 
     Exists only for channels whose targets are recipients' own endpoints; costs two
-    script calls per batch (read every circuit, record the outcomes), none per message.
+    round trips per batch (read every circuit, record the outcomes: a script call per
+    endpoint, pipelined), none per message.
     """
 
     def __init__(self, breakers: EndpointBreakers, of: dict[uuid.UUID, str]) -> None:
@@ -267,7 +268,7 @@ class _Endpoints:
             tally.failures += 1
 
     def record(self) -> None:
-        """One script call for the batch. A probe that was never sent (the batch was
+        """One round trip for the batch. A probe that was never sent (the batch was
         returned first) counts as failed: the endpoint stays open for another period
         rather than being closed on no evidence."""
         for tally in self.tallies.values():
