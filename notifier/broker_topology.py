@@ -88,6 +88,8 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             # while holding it stops every other worker from restoring messages for
             # five minutes.
             "unacked_mutex_expire": 10,
+            # Behind Sentinel: the master's name (and the Sentinels' password).
+            **settings.broker_sentinel_options,
         }
     return {"confirm_publish": settings.broker_confirm_publish}
 

@@ -76,7 +76,7 @@ def _producer_app() -> Celery:
     """A Celery app that only publishes: the workers' app would bring their whole
     configuration, tasks, database and channels into every producer."""
     producer = Celery("notifier", set_as_current=False)
-    producer.conf.update(_producer_settings())
+    producer.conf.update(_producer_settings())  # behind Sentinel too: transport_options
     return producer
 
 

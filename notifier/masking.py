@@ -59,7 +59,8 @@ OTHER_SEGMENT_LENGTH = 8
 #: Schemes whose path is a database name, a db number or a socket path: never a secret.
 INFRASTRUCTURE_SCHEMES = frozenset({
     "postgresql", "postgres", "redis", "rediss", "amqp", "amqps", "pyamqp", "mysql",
-    "sqlite", "smtp", "smtps", "unix", "file",
+    "sqlite", "smtp", "smtps", "unix", "file", "sentinel", "redis+socket", "redis+cluster",
+    "rediss+cluster",
 })
 #: Schemes of web URLs: tokens in their paths follow the web hooks' conventions.
 WEB_SCHEMES = frozenset({

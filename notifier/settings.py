@@ -6,12 +6,13 @@ operators find them in one place and modules never grow constants of their own.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
 from typing import Annotated, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from notifier.masking import SECRET_OPTIONS as SECRET_OPTIONS
@@ -37,8 +38,11 @@ DEFAULT_CHANNEL_URLS: dict[str, str] = {
 }
 
 _DATABASE_SCHEMES = ("postgresql", "postgresql+psycopg", "postgres")
-_BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp")
-_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
+_BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel", "amqp", "amqps", "pyamqp")
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket", "sentinel", "redis+cluster",
+                  "rediss+cluster")
+#: Kombu's default port of a Sentinel, used where a ``sentinel://`` part names none.
+SENTINEL_PORT = 26379
 
 
 class ConfigError(Exception):
@@ -60,7 +64,10 @@ class Settings(BaseSettings):
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/notifier"
     """SQLAlchemy URL of the Postgres database (driver psycopg 3)."""
     broker_url: str = "redis://127.0.0.1:6379/0"
-    """Celery broker URL (Redis or RabbitMQ)."""
+    """Celery broker URL (Redis or RabbitMQ). Redis behind Sentinel: every Sentinel as
+    kombu writes it, ``sentinel://:password@host1:26379/0;sentinel://host2:26379/0``
+    (the master's password and db in the first part), with
+    ``NOTIFIER_BROKER_SENTINEL_MASTER`` (``docs/high-availability.md``)."""
     visibility_timeout: int = Field(300, ge=1)
     """Seconds before Redis hands an unacknowledged message to another worker. This is
     how long recovery from a killed worker takes; it must exceed the longest batch."""
@@ -226,7 +233,12 @@ class Settings(BaseSettings):
     (``?retry_max_attempts=3``) override the retry settings below for that channel.
     Each channel's URL and options: ``docs/channels.md``."""
     redis_url: str | None = None
-    """Redis for the circuit breakers and rate limits; default: the broker, if Redis."""
+    """Redis for the circuit breakers and rate limits (the state Redis); default: the
+    broker, if Redis (through its Sentinels, if it has them). Also
+    ``sentinel://host1:26379/0;sentinel://host2:26379/0`` (with
+    ``NOTIFIER_REDIS_SENTINEL_MASTER``) or a Redis Cluster,
+    ``redis+cluster://:password@host1:7000,host2:7000`` (``rediss+cluster://`` for TLS;
+    any reachable nodes, the rest are discovered; database 0 only)."""
     delivery_batch_size: int = Field(100, ge=1)
     """Deliveries of one channel carried by one delivery task (one connection)."""
     delivery_batch_min: int = Field(10, ge=1)
@@ -255,6 +267,18 @@ class Settings(BaseSettings):
     connect (desktop and OS notifiers, syslog, MQTT, XMPP, IRC, ...), comma-separated:
     ``NOTIFIER_APPRISE_ALLOWED_SCHEMES=dbus,syslog``. Every other scheme Apprise knows
     goes through the guard (``notifier.channels.egress``); these bypass it."""
+
+    # --- Redis Sentinel and Cluster (``docs/high-availability.md``) ------------------
+    broker_sentinel_master: str | None = None
+    """The master name the Sentinels of a ``sentinel://`` ``NOTIFIER_BROKER_URL`` watch
+    (their ``sentinel monitor <name> ...``); required with such a URL."""
+    redis_sentinel_master: str | None = None
+    """The master name for a ``sentinel://`` ``NOTIFIER_REDIS_URL``; default:
+    ``NOTIFIER_BROKER_SENTINEL_MASTER`` (the broker's Sentinels watching one master)."""
+    sentinel_password: SecretStr | None = None
+    """Password of the Sentinels themselves (their ``requirepass``), for the broker's
+    and the state Redis's; unset when they have none. The master's password is in the
+    URL."""
 
     # --- Retries and circuit breakers -----------------------------------------------
     retry_base: float = Field(2.0, gt=0)
@@ -395,7 +419,8 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _broker_url_is_supported(cls, url: str) -> str:
-        _scheme_among(url, _BROKER_SCHEMES, "a redis:// or amqp://")
+        if _scheme_among(url, _BROKER_SCHEMES, "a redis://, sentinel:// or amqp://") == "sentinel":
+            parse_sentinel_url(url)
         return url
 
     @field_validator("apprise_allowed_schemes", mode="before")
@@ -408,9 +433,25 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url_is_redis(cls, url: str | None) -> str | None:
-        if url is not None:
-            _scheme_among(url, _REDIS_SCHEMES, "a redis://, rediss://, unix:// or redis+socket://")
+        if url is None:
+            return url
+        scheme = _scheme_among(url, _REDIS_SCHEMES, "a redis://, rediss://, unix://,"
+                               " redis+socket://, sentinel:// or redis+cluster://")
+        if scheme == "sentinel":
+            parse_sentinel_url(url)
+        elif scheme.endswith("+cluster"):
+            parse_cluster_url(url)
         return url
+
+    @model_validator(mode="after")
+    def _sentinels_have_a_master_name(self) -> Settings:
+        if self.is_sentinel_broker and not self.broker_sentinel_master:
+            raise ValueError("broker_sentinel_master: required with a sentinel://"
+                             " NOTIFIER_BROKER_URL (the name the Sentinels monitor)")
+        if (self.redis_url or "").startswith("sentinel:") and not self.state_sentinel_master:
+            raise ValueError("redis_sentinel_master: required with a sentinel://"
+                             " NOTIFIER_REDIS_URL (the name the Sentinels monitor)")
+        return self
 
     @field_validator("channels")
     @classmethod
@@ -454,7 +495,8 @@ class Settings(BaseSettings):
 
     @property
     def state_redis_url(self) -> str:
-        """The state Redis as redis-py takes it (the broker's, if that is Redis)."""
+        """The state Redis as redis-py takes it (the broker's, if that is Redis); a
+        ``sentinel://`` or ``redis+cluster://`` URL is left for ``notifier.storage.state``."""
         if self.redis_url:
             return redis_client_url(self.redis_url)
         if self.is_redis_broker:
@@ -462,12 +504,33 @@ class Settings(BaseSettings):
         return "redis://127.0.0.1:6379/0"
 
     @property
+    def state_sentinel_master(self) -> str | None:
+        """The master name of a state Redis behind Sentinel."""
+        return self.redis_sentinel_master or self.broker_sentinel_master
+
+    @property
+    def is_sentinel_broker(self) -> bool:
+        return urlsplit(self.broker_url).scheme == "sentinel"
+
+    @property
+    def broker_sentinel_options(self) -> dict[str, object]:
+        """Kombu's transport options for a broker behind Sentinel (none otherwise): every
+        producer and consumer of the broker merges these into its own."""
+        if not self.is_sentinel_broker:
+            return {}
+        options: dict[str, object] = {"master_name": self.broker_sentinel_master}
+        if self.sentinel_password:
+            options["sentinel_kwargs"] = {"password": self.sentinel_password.get_secret_value()}
+        return options
+
+    @property
     def prefetch_multiplier(self) -> int:
         return self.worker_prefetch_multiplier or 4 * self.ingest_batch_size
 
     @property
     def is_redis_broker(self) -> bool:
-        return urlsplit(self.broker_url).scheme.startswith("redis")
+        scheme = urlsplit(self.broker_url).scheme
+        return scheme.startswith("redis") or scheme == "sentinel"
 
 
 def _scheme_among(url: str, schemes: tuple[str, ...], expected: str) -> str:
@@ -475,6 +538,77 @@ def _scheme_among(url: str, schemes: tuple[str, ...], expected: str) -> str:
     if scheme not in schemes:
         raise ValueError(f"expected {expected} URL, got scheme {scheme or 'none'!r}")
     return scheme
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A ``sentinel://`` URL, parsed: where the Sentinels listen, and the master's db and
+    credentials (given in any part; kombu reads them from its first)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+@dataclass(frozen=True)
+class ClusterUrl:
+    """A ``redis+cluster://`` URL, parsed: the nodes to start discovery from."""
+
+    nodes: tuple[tuple[str, int], ...]
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """Kombu's form, ``sentinel://[:password@]host:port[/db];sentinel://host:port...``;
+    a ValueError says which part is wrong (credentials hidden)."""
+    sentinels: list[tuple[str, int]] = []
+    db, username, password = 0, None, None
+    for part in url.split(";"):
+        parts = urlsplit(part.strip())
+        if parts.scheme != "sentinel":
+            raise ValueError(f"expected sentinel://host:port parts separated by ';',"
+                             f" got {mask_url(part.strip())!r}")
+        sentinels.append(_host_port(parts.netloc.rpartition("@")[2], SENTINEL_PORT, part))
+        if parts.path.strip("/"):
+            db = _database_number(parts.path, part)
+        if parts.username or parts.password:
+            username = unquote(parts.username) if parts.username else None
+            password = unquote(parts.password) if parts.password else None
+    return SentinelUrl(tuple(sentinels), db, username, password)
+
+
+def parse_cluster_url(url: str) -> ClusterUrl:
+    """``redis+cluster://[user:password@]host:port[,host:port...][/0]``."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    nodes = tuple(_host_port(node, 6379, url) for node in hosts.split(","))
+    if parts.path.strip("/") and _database_number(parts.path, url) != 0:
+        raise ValueError(f"a Redis Cluster has database 0 only, got {parts.path!r}")
+    username, _, password = userinfo.partition(":")
+    return ClusterUrl(nodes, parts.scheme.startswith("rediss"),
+                      unquote(username) or None, unquote(password) or None)
+
+
+def _host_port(netloc: str, default_port: int, url: str) -> tuple[str, int]:
+    host, port = netloc, ""
+    if netloc.count(":") == 1 or (netloc.startswith("[") and "]:" in netloc):
+        host, _, port = netloc.rpartition(":")
+    host = host.strip("[]")
+    if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise ValueError(f"expected host:port, got {netloc or 'no host'!r} in"
+                         f" {mask_url(url.strip())!r}")
+    return host, int(port) if port else default_port
+
+
+def _database_number(path: str, url: str) -> int:
+    db = path.strip("/")
+    if not db.isdigit():
+        raise ValueError(f"expected a database number after the host, got {db!r} in"
+                         f" {mask_url(url.strip())!r}")
+    return int(db)
 
 
 def redis_client_url(url: str) -> str:
@@ -507,8 +641,12 @@ def delivery_queue(channel: str, priority: str) -> str:
     return "notifier.deliver.critical" if priority == "critical" else f"notifier.deliver.{channel}"
 
 
-#: The one masking function (``notifier.masking``), under the name URL printers import.
-mask_url = mask_secrets
+def mask_url(url: str) -> str:
+    """The one masking function (``notifier.masking``), under the name URL printers
+    import; kombu's ``sentinel://...;sentinel://...`` is masked part by part."""
+    if url.startswith("sentinel:") and ";" in url:
+        return ";".join(mask_secrets(part) for part in url.split(";"))
+    return mask_secrets(url)
 
 
 def load_settings() -> Settings:

@@ -24,7 +24,8 @@ def test_database_url_spellings_use_psycopg(monkeypatch, url):
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), [
-    ("NOTIFIER_BROKER_URL", "kafka://h", "NOTIFIER_BROKER_URL: expected a redis:// or amqp:// URL"),
+    ("NOTIFIER_BROKER_URL", "kafka://h",
+         "NOTIFIER_BROKER_URL: expected a redis://, sentinel:// or amqp:// URL"),
     ("NOTIFIER_INGEST_BATCH_SIZE", "0", "NOTIFIER_INGEST_BATCH_SIZE: Input should be greater"),
 ])
 def test_bad_values_name_the_variable(monkeypatch, variable, value, message):

@@ -5,6 +5,9 @@ only when all pass:
 
 * **broker** — reachable;
 * **database** — reachable, and its schema at the newest migration this code ships;
+* **state** — the state Redis (circuit breakers, rate limits, the heartbeat) answers a
+  PING where its commands go now: behind Sentinel, the master the Sentinels name (the
+  line says which); a Redis Cluster, every master;
 * **workers** — at least the minimum number answer a ``celery control ping``;
 * **beat** — beat's heartbeat is recent, and a worker ran it. Beat sends
   ``notifier.heartbeat`` on the critical delivery queue; the publishing process stamps
@@ -34,7 +37,9 @@ from notifier.settings import Settings, delivery_queue, mask_url
 from notifier.storage.models import UNSENT_DELIVERY_STATUSES, sql_list
 from notifier.worker.heartbeat import Heartbeat, read_heartbeat
 
-CHECK_NAMES: tuple[str, ...] = ("broker", "database", "workers", "beat", "queues", "pending")
+CHECK_NAMES: tuple[str, ...] = (
+    "broker", "database", "state", "workers", "beat", "queues", "pending",
+)
 
 
 @dataclass(frozen=True)
@@ -137,8 +142,10 @@ def _prepare(chosen: list[str]) -> None:
         from notifier.storage.migrate import head_revision
 
         head_revision()
-    if "beat" in chosen:
+    if {"beat", "state"} & set(chosen):
         import redis  # noqa: F401
+
+        import notifier.storage.state  # noqa: F401
 
 
 def _run_one(
@@ -469,25 +476,55 @@ def judge_heartbeat(heartbeat: Heartbeat, limit: float, now: float) -> CheckResu
 
 
 def check_beat(settings: Settings, thresholds: Thresholds) -> CheckResult:
-    import redis
+    from notifier.storage.state import connect
 
-    client = redis.Redis.from_url(
-        settings.state_redis_url, socket_timeout=thresholds.timeout,
-        socket_connect_timeout=thresholds.timeout,
-    )
+    client = None
     try:
+        client = connect(settings, timeout=thresholds.timeout)
         heartbeat = read_heartbeat(client)
-    except redis.RedisError as exc:
+    except Exception as exc:  # a Redis error, or a cluster with no node to start from
         return CheckResult("beat", False, f"cannot read the heartbeat from"
                            f" {mask_url(settings.state_redis_url)}: {_one_line(exc)}")
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     return judge_heartbeat(heartbeat, thresholds.beat_max_age, time.time())
+
+
+# --- the state Redis ----------------------------------------------------------------
+
+
+def check_state(settings: Settings, thresholds: Thresholds) -> CheckResult:
+    """PING the state Redis the way the workers reach it (through Sentinel, or every
+    master of a cluster), so a probe fails when they could not record a circuit."""
+    from redis.cluster import RedisCluster
+
+    from notifier.storage.state import connect, describe
+
+    url = mask_url(settings.state_redis_url)
+    started = time.perf_counter()
+    client = None
+    try:
+        client = connect(settings, timeout=thresholds.timeout)
+        where = describe(client)
+        if isinstance(client, RedisCluster):
+            client.ping(target_nodes=RedisCluster.PRIMARIES)
+        else:
+            client.ping()
+    except Exception as exc:  # a Redis error, no Sentinel answering, no cluster node
+        return CheckResult("state", False, f"cannot reach {url}: {_one_line(exc)}")
+    finally:
+        if client is not None:
+            client.close()
+    elapsed = (time.perf_counter() - started) * 1000
+    return CheckResult("state", True, f"{url}{f': {where}' if where else ''}, {elapsed:.0f} ms",
+                       details={"url": url, "server": where, "round_trip_ms": round(elapsed, 1)})
 
 
 CHECKS: dict[str, Callable[[Settings, Thresholds], CheckResult]] = {
     "broker": check_broker,
     "database": check_database,
+    "state": check_state,
     "workers": check_workers,
     "beat": check_beat,
     "queues": check_queues,

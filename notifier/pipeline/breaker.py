@@ -7,46 +7,59 @@ opens: deliveries of that channel are rescheduled (not failed, no attempt counte
 circuit, its failure opens it again. Every transition is one Lua script, so two workers
 can never both believe they hold the probe.
 
+Times are the Redis server's (``TIME`` inside the scripts), never a worker's clock: two
+hosts whose clocks disagree still agree on when a circuit half-opens.
+
 ``EndpointBreakers`` applies the same transitions to the endpoints recipients control
 (webhook and Slack hosts), so that one recipient's dead server backs off on its own
 schedule without holding the channel for everybody else.
+
+Each circuit's keys share a hash tag (``notifier.breaker.{email}``,
+``notifier.breaker.{email}.failures``, ...) and each script call touches one circuit, so
+the breakers run on a Redis Cluster too (``notifier.storage.state``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import redis
+from notifier.storage.state import Script, StateRedis, run_scripts
 
 State = Literal["closed", "open", "half_open"]
 
-#: The transitions, as Lua functions of one circuit's key. ``ttl_ms`` above 0 makes the
-#: circuit's keys expire (endpoint circuits: one per recipient host, so Redis must not
-#: keep them forever); a channel's circuit keeps its hash (0).
+#: The transitions, as Lua functions of one circuit's key. ``now`` is the server's clock
+#: (Redis >= 5 replicates a script's effects, so reading ``TIME`` before writing is
+#: allowed; ``replicate_commands`` asks for that on older servers). ``ttl_ms`` above 0
+#: makes the circuit's keys expire (endpoint circuits: one per recipient host, so Redis
+#: must not keep them forever); a channel's circuit keeps its hash (0).
 _FUNCTIONS = """
-local function acquire(key, now, probe_ms, ttl_ms)
+if redis.replicate_commands then redis.replicate_commands() end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+
+local function acquire(key, probe_ms, ttl_ms)
   local state = redis.call('HGET', key, 'state') or 'closed'
   if state == 'closed' then return {'closed', '0'} end
   local open_until = tonumber(redis.call('HGET', key, 'open_until') or '0')
-  if state == 'open' and now < open_until then return {'open', tostring(open_until)} end
+  if state == 'open' and now < open_until then
+    return {'open', string.format('%.6f', open_until)}
+  end
   if redis.call('SET', key .. '.probe', '1', 'NX', 'PX', probe_ms) then
     redis.call('HSET', key, 'state', 'half_open')
     if ttl_ms > 0 then redis.call('PEXPIRE', key, ttl_ms) end
     return {'probe', '0'}
   end
-  return {'open', tostring(now + 1)}
+  return {'open', string.format('%.6f', now + 1)}
 end
 
-local function record(key, now, failures, successes, threshold, window_ms, open_s, probing,
-                      ttl_ms)
+local function record(key, failures, successes, threshold, window_ms, open_s, probing, ttl_ms)
   local state = redis.call('HGET', key, 'state') or 'closed'
   local function open()
-    redis.call('HSET', key, 'state', 'open', 'open_until', tostring(now + open_s),
-               'opened_at', tostring(now))
+    redis.call('HSET', key, 'state', 'open', 'open_until', string.format('%.6f', now + open_s),
+               'opened_at', string.format('%.6f', now))
     redis.call('HINCRBY', key, 'times_opened', 1)
     redis.call('DEL', key .. '.failures', key .. '.probe')
     if ttl_ms > 0 then redis.call('PEXPIRE', key, ttl_ms) end
@@ -68,39 +81,17 @@ local function record(key, now, failures, successes, threshold, window_ms, open_
 end
 """
 
-_ACQUIRE = _FUNCTIONS + """
-return acquire(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), 0)
-"""
+#: KEYS: the circuit; ARGV: probe_ms, ttl_ms. Returns decision, retry_at.
+_ACQUIRE = Script(_FUNCTIONS + """
+return acquire(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+""")
 
-_RECORD = _FUNCTIONS + """
+#: KEYS: the circuit; ARGV: failures, successes, threshold, window_ms, open_s, probing
+#: (1 or 0), ttl_ms. Returns the new state.
+_RECORD = Script(_FUNCTIONS + """
 return record(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
-              tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1', 0)
-"""
-
-#: Every circuit in KEYS at once: a flat list of decision, retry_at per key.
-_ACQUIRE_MANY = _FUNCTIONS + """
-local now, probe_ms, ttl_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local out = {}
-for _, key in ipairs(KEYS) do
-  local permit = acquire(key, now, probe_ms, ttl_ms)
-  out[#out + 1] = permit[1]
-  out[#out + 1] = permit[2]
-end
-return out
-"""
-
-#: ARGV: now, threshold, window_ms, open_s, ttl_ms, then failures, successes, probing
-#: (1 or 0) for each key in KEYS.
-_RECORD_MANY = _FUNCTIONS + """
-local now, threshold = tonumber(ARGV[1]), tonumber(ARGV[2])
-local window_ms, open_s, ttl_ms = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-for i, key in ipairs(KEYS) do
-  local at = 6 + (i - 1) * 3
-  record(key, now, tonumber(ARGV[at]), tonumber(ARGV[at + 1]), threshold, window_ms, open_s,
-         ARGV[at + 2] == '1', ttl_ms)
-end
-return #KEYS
-"""
+              tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1', tonumber(ARGV[7]))
+""")
 
 
 @dataclass(frozen=True)
@@ -121,34 +112,35 @@ class Permit:
 
 class CircuitBreaker:
     def __init__(
-        self, client: redis.Redis, channel: str, *, threshold: int, window: float,
+        self, client: StateRedis, channel: str, *, threshold: int, window: float,
         open_seconds: float, probe_timeout: float = 60.0,
     ) -> None:
         self.client = client
         self.channel = channel
-        self.key = f"notifier.breaker.{channel}"
+        #: The circuit's hash; its failure counter and probe lock are this plus a suffix,
+        #: in the same hash slot.
+        self.key = f"notifier.breaker.{{{channel}}}"
         self.threshold = threshold
         self.window = window
         self.open_seconds = open_seconds
         #: How long a probe may run before another worker may probe instead.
         self.probe_timeout = probe_timeout
 
-    def acquire(self, now: float | None = None) -> Permit:
-        decision, retry_at = self.client.eval(
-            _ACQUIRE, 1, self.key, now or time.time(), int(self.probe_timeout * 1000)
-        )
+    def acquire(self) -> Permit:
+        [(decision, retry_at)] = run_scripts(self.client, [
+            (_ACQUIRE, [self.key], [int(self.probe_timeout * 1000), 0]),
+        ])
         return Permit(_text(decision), float(retry_at))  # type: ignore[arg-type]
 
-    def record(
-        self, *, failures: int, successes: int, probing: bool, now: float | None = None
-    ) -> State:
+    def record(self, *, failures: int, successes: int, probing: bool) -> State:
         """Count a batch's provider failures and successes; returns the new state."""
         if not probing and failures == 0:
             return self.state()
-        state = self.client.eval(
-            _RECORD, 1, self.key, now or time.time(), failures, successes, self.threshold,
-            int(self.window * 1000), self.open_seconds, "1" if probing else "0",
-        )
+        [state] = run_scripts(self.client, [
+            (_RECORD, [self.key], [failures, successes, self.threshold,
+                                   int(self.window * 1000), self.open_seconds,
+                                   "1" if probing else "0", 0]),
+        ])
         return _text(state)  # type: ignore[return-value]
 
     def state(self) -> State:
@@ -182,14 +174,15 @@ class EndpointTally:
 class EndpointBreakers:
     """Circuits of the recipient-controlled endpoints of one channel (a webhook host, a
     Slack host), keyed by ``scheme://host:port``: the same transitions as a channel's
-    circuit, for every endpoint of a batch in one script call, with keys that expire.
+    circuit, a script call per endpoint, all of a batch's in one pipeline, with keys that
+    expire.
 
     An endpoint's failures never touch the channel's circuit, and its open circuit holds
     only the deliveries bound for it.
     """
 
     def __init__(
-        self, client: redis.Redis, channel: str, *, threshold: int, window: float,
+        self, client: StateRedis, channel: str, *, threshold: int, window: float,
         open_seconds: float, probe_timeout: float,
     ) -> None:
         self.client = client
@@ -200,38 +193,34 @@ class EndpointBreakers:
         self.probe_timeout = probe_timeout
         #: An idle circuit is forgotten after this long (closed is the default state).
         self.ttl_ms = int((window + open_seconds + probe_timeout) * 1000)
-        self._acquire = client.register_script(_ACQUIRE_MANY)
-        self._record = client.register_script(_RECORD_MANY)
 
     def key(self, endpoint: str) -> str:
-        """A bounded key whatever the host's length: a digest of the endpoint."""
+        """A bounded key whatever the host's length: a digest of the endpoint, as the
+        hash tag of the circuit's keys."""
         digest = hashlib.sha256(endpoint.encode("utf-8", "replace")).hexdigest()[:32]
-        return f"notifier.endpoint.{self.channel}.{digest}"
+        return f"notifier.endpoint.{{{self.channel}.{digest}}}"
 
-    def acquire(self, endpoints: Sequence[str], now: float | None = None) -> list[Permit]:
+    def acquire(self, endpoints: Sequence[str]) -> list[Permit]:
         """A permit per endpoint, in order."""
-        if not endpoints:
-            return []
-        flat = self._acquire(
-            keys=[self.key(e) for e in endpoints],
-            args=[now or time.time(), int(self.probe_timeout * 1000), self.ttl_ms],
-        )
+        answers = run_scripts(self.client, [
+            (_ACQUIRE, [self.key(e)], [int(self.probe_timeout * 1000), self.ttl_ms])
+            for e in endpoints
+        ])
         return [
-            Permit(_text(flat[i]), float(flat[i + 1]))  # type: ignore[arg-type]
-            for i in range(0, len(flat), 2)
+            Permit(_text(decision), float(retry_at))  # type: ignore[arg-type]
+            for decision, retry_at in answers
         ]
 
-    def record(self, tallies: dict[str, EndpointTally], now: float | None = None) -> None:
-        """Count a batch's outcomes per endpoint; one call, and none when there is
+    def record(self, tallies: dict[str, EndpointTally]) -> None:
+        """Count a batch's outcomes per endpoint; one pipeline, and none when there is
         nothing a circuit would change on (no failure, no probe)."""
-        changing = {e: t for e, t in tallies.items() if t.failures or t.probing}
-        if not changing:
-            return
-        args: list[float | str] = [now or time.time(), self.threshold, int(self.window * 1000),
-                              self.open_seconds, self.ttl_ms]
-        for tally in changing.values():
-            args += [tally.failures, tally.successes, "1" if tally.probing else "0"]
-        self._record(keys=[self.key(e) for e in changing], args=args)
+        run_scripts(self.client, [
+            (_RECORD, [self.key(endpoint)], [
+                tally.failures, tally.successes, self.threshold, int(self.window * 1000),
+                self.open_seconds, "1" if tally.probing else "0", self.ttl_ms,
+            ])
+            for endpoint, tally in tallies.items() if tally.failures or tally.probing
+        ])
 
     def states(self, endpoints: Sequence[str]) -> list[State]:
         """Each endpoint's state (closed when its circuit was never opened or expired)."""

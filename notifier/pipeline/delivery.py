@@ -43,7 +43,6 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
-import redis
 
 from notifier.channels import channel_class, get_channel, variable
 from notifier.channels.base import (
@@ -67,7 +66,7 @@ from notifier.pipeline.retry import RetryPolicy, countdown_second, next_attempt
 from notifier.settings import CHANNEL_NAMES, Settings, get_settings
 from notifier.storage.db import get_engine
 from notifier.storage.models import UNSENT_DELIVERY_STATUSES as UNSENT
-from notifier.storage.state import state_redis
+from notifier.storage.state import StateRedis, state_redis
 
 if TYPE_CHECKING:
     from psycopg import Cursor
@@ -118,7 +117,7 @@ class BatchOutcome:
 
 
 def deliver_batch(
-    channel_name: str, delivery_ids: Sequence[str], settings: Settings, state: redis.Redis,
+    channel_name: str, delivery_ids: Sequence[str], settings: Settings, state: StateRedis,
     *, batch_size: BatchSize | None = None, stopping: Callable[[], bool] | None = None,
 ) -> BatchOutcome:
     """Send the due deliveries among ``delivery_ids`` over one connection of the channel.
@@ -147,7 +146,7 @@ def deliver_batch(
 
 def _hold_unconfigured(
     channel_name: str, claimed: list[ClaimedDelivery], exc: Exception, recorder: _Recorder,
-    settings: Settings, state: redis.Redis,
+    settings: Settings, state: StateRedis,
 ) -> None:
     """The channel cannot be built (not configured, a bad URL that got past the start-up
     check): hold its deliveries and count towards its circuit, so that a fixed
@@ -164,7 +163,7 @@ def _hold_unconfigured(
 
 def _send_claimed(
     channel: Channel, claimed: list[ClaimedDelivery], recorder: _Recorder,
-    settings: Settings, state: redis.Redis,
+    settings: Settings, state: StateRedis,
 ) -> None:
     breaker = circuit_breaker(state, channel.name, settings)
     permit = breaker.acquire()
@@ -198,7 +197,7 @@ def _send_claimed(
 
 def _within_rate_limits(
     claimed: list[ClaimedDelivery], recorder: _Recorder, settings: Settings,
-    state: redis.Redis,
+    state: StateRedis,
 ) -> list[ClaimedDelivery]:
     """The deliveries that may go now; the others are released to their window's reset."""
     limiter = RateLimiter(state, settings)
@@ -216,7 +215,8 @@ class _Endpoints:
     deliveries go where, which may go now, and what each endpoint did.
 
     Exists only for channels whose targets are recipients' own endpoints; costs two
-    script calls per batch (read every circuit, record the outcomes), none per message.
+    round trips per batch (read every circuit, record the outcomes: a script call per
+    endpoint, pipelined), none per message.
     """
 
     def __init__(self, breakers: EndpointBreakers, of: dict[uuid.UUID, str]) -> None:
@@ -228,7 +228,7 @@ class _Endpoints:
     @classmethod
     def open(
         cls, channel: Channel, ready: list[ClaimedDelivery], settings: Settings,
-        state: redis.Redis,
+        state: StateRedis,
     ) -> _Endpoints | None:
         if channel.target_is_provider or not ready:
             return None
@@ -278,7 +278,7 @@ class _Endpoints:
             tally.failures += 1
 
     def record(self) -> None:
-        """One script call for the batch. A probe that was never sent (the batch was
+        """One round trip for the batch. A probe that was never sent (the batch was
         returned first) counts as failed: the endpoint stays open for another period
         rather than being closed on no evidence."""
         for tally in self.tallies.values():
@@ -421,7 +421,7 @@ def _close_quietly(results: object) -> None:
         log.warning("a channel's batch failed to close", exc_info=True)
 
 
-def endpoint_breakers(state: redis.Redis, channel: str, settings: Settings) -> EndpointBreakers:
+def endpoint_breakers(state: StateRedis, channel: str, settings: Settings) -> EndpointBreakers:
     return EndpointBreakers(
         state, channel, threshold=settings.endpoint_breaker_threshold,
         window=settings.endpoint_breaker_window,
@@ -430,7 +430,7 @@ def endpoint_breakers(state: redis.Redis, channel: str, settings: Settings) -> E
     )
 
 
-def circuit_breaker(state: redis.Redis, channel: str, settings: Settings) -> CircuitBreaker:
+def circuit_breaker(state: StateRedis, channel: str, settings: Settings) -> CircuitBreaker:
     return CircuitBreaker(
         state, channel, threshold=settings.breaker_failure_threshold,
         window=settings.breaker_window, open_seconds=settings.breaker_open_seconds,

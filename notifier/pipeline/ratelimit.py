@@ -1,42 +1,84 @@
 """Rate limits per recipient (minute, hour, day) and for the whole system (minute).
 
-Counters are fixed windows aligned to the clock, in Redis, checked and counted by one
-Lua script per delivery: either every window has room and all of them count the
-delivery, or none does and the caller learns when the fullest window resets. A limited
-delivery is rescheduled to that moment, never dropped.
+Counters are fixed windows aligned to the Redis server's clock (``TIME`` inside the
+scripts, never a worker's clock, so workers whose clocks disagree share one window).
+Each counter is one key that expires when its window ends.
+
+A delivery is checked and counted in two steps, each one Lua script call on keys of one
+hash slot (so they run on a Redis Cluster too):
+
+1. the recipient's windows (``notifier.rate.{<recipient>}.minute``, ``.hour``, ``.day``):
+   either every window has room and all of them count the delivery, or none does and
+   the caller learns when the fullest window resets;
+2. the global window (``notifier.rate.{global}.minute``), for the batch's deliveries
+   that passed step 1, at once: it grants what it has room for, and the recipients'
+   counts of the deliveries it refuses are given back.
+
+A limited delivery is rescheduled to its window's reset, never dropped. All of a batch's
+calls of one step go in one pipeline; without a global limit there is no step 2.
 """
 
 from __future__ import annotations
 
-import time
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import redis
-
 from notifier.settings import Settings
+from notifier.storage.state import Script, ScriptCall, StateRedis, run_scripts
 
 #: Window name -> length in seconds.
 WINDOWS = {"minute": 60, "hour": 3600, "day": 86400}
 
-_TAKE = """
-local now = tonumber(ARGV[1])
-local n = #KEYS
+#: Redis >= 5 replicates a script's effects, so reading ``TIME`` before writing is
+#: allowed (``replicate_commands`` asks for that on older servers).
+_CLOCK = """
+if redis.replicate_commands then redis.replicate_commands() end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local function window_end(length) return (math.floor(now / length) + 1) * length end
+"""
+
+#: KEYS: one recipient's windows; ARGV: limit, length per key. Returns '0' (counted) or
+#: when the fullest window resets (nothing counted).
+_TAKE = Script(_CLOCK + """
 local blocked_until = 0
-for i = 1, n do
-  local limit, length = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+for i = 1, #KEYS do
+  local limit, length = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
   if limit > 0 and tonumber(redis.call('GET', KEYS[i]) or '0') >= limit then
-    local reset = (math.floor(now / length) + 1) * length
+    local reset = window_end(length)
     if reset > blocked_until then blocked_until = reset end
   end
 end
 if blocked_until > 0 then return tostring(blocked_until) end
-for i = 1, n do
-  local length = tonumber(ARGV[2 * i + 1])
-  if redis.call('INCR', KEYS[i]) == 1 then redis.call('EXPIRE', KEYS[i], length + 1) end
+for i = 1, #KEYS do
+  if redis.call('INCR', KEYS[i]) == 1 then
+    redis.call('PEXPIREAT', KEYS[i], window_end(tonumber(ARGV[2 * i])) * 1000)
+  end
 end
 return '0'
-"""
+""")
+
+#: KEYS: the global window; ARGV: limit, length, deliveries wanting to go. Returns how
+#: many may go (counted), and when the window resets.
+_TAKE_SHARED = Script(_CLOCK + """
+local limit, length, wanted = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local granted = math.max(0, math.min(wanted, limit - used))
+if granted > 0 and redis.call('INCRBY', KEYS[1], granted) == granted then
+  redis.call('PEXPIREAT', KEYS[1], window_end(length) * 1000)
+end
+return {granted, tostring(window_end(length))}
+""")
+
+#: KEYS: one recipient's windows counted by ``_TAKE``; gives that count back (a window
+#: that ended meanwhile is left alone).
+_GIVE_BACK = Script("""
+for i = 1, #KEYS do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') > 0 then redis.call('DECR', KEYS[i]) end
+end
+return #KEYS
+""")
 
 
 @dataclass(frozen=True)
@@ -54,7 +96,7 @@ class RateRequest:
 
 
 class RateLimiter:
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(self, client: StateRedis, settings: Settings) -> None:
         self.client = client
         self.recipient_limits = {
             "minute": settings.rate_limit_per_minute,
@@ -62,37 +104,60 @@ class RateLimiter:
             "day": settings.rate_limit_per_day,
         }
         self.global_per_minute = settings.rate_limit_global_per_minute
-        self._script = client.register_script(_TAKE)
 
     @property
     def enabled(self) -> bool:
         return any(self.recipient_limits.values()) or self.global_per_minute > 0
 
-    def take(self, requests: Sequence[RateRequest], now: float | None = None) -> list[float]:
+    def take(self, requests: Sequence[RateRequest]) -> list[float]:
         """Count each delivery; per request, 0.0 if it may go now, else when it may."""
         if not self.enabled:
             return [0.0] * len(requests)
-        now = now or time.time()
-        pipeline = self.client.pipeline(transaction=False)
-        for request in requests:
-            limits = self.limits_for(request, now)
-            args: list[float] = [now]
-            for limit in limits:
-                args += [limit.limit, limit.length]
-            self._script(keys=[limit.key for limit in limits], args=args, client=pipeline)
-        return [float(result) for result in pipeline.execute()]
+        limits = [self.limits_for(request) for request in requests]
+        calls: list[ScriptCall] = [
+            (_TAKE, [limit.key for limit in own], [n for limit in own
+                                                   for n in (limit.limit, limit.length)])
+            for own in limits if own
+        ]
+        answers = iter(run_scripts(self.client, calls))
+        waits = [float(next(answers)) if own else 0.0 for own in limits]
+        if self.global_per_minute:
+            self._take_shared(limits, waits)
+        return waits
 
-    def limits_for(self, request: RateRequest, now: float) -> list[Limit]:
-        limits = [
-            Limit(
-                f"notifier.rate.{request.recipient_id}.{window}.{int(now // length)}",
-                0 if request.critical else self.recipient_limits[window], length,
-            )
+    def _take_shared(self, limits: list[list[Limit]], waits: list[float]) -> None:
+        """Step 2: the global window for the requests that may go so far, in order; the
+        refused ones are held to its reset and their recipients' counts given back."""
+        going = [i for i, wait in enumerate(waits) if not wait]
+        if not going:
+            return
+        [(granted, reset)] = run_scripts(self.client, [
+            (_TAKE_SHARED, [self.global_key], [self.global_per_minute, 60, len(going)]),
+        ])
+        refused = going[int(granted):]
+        for i in refused:
+            waits[i] = float(reset)
+        run_scripts(self.client, [
+            (_GIVE_BACK, [limit.key for limit in limits[i]], []) for i in refused if limits[i]
+        ])
+
+    @property
+    def global_key(self) -> str:
+        return "notifier.rate.{global}.minute"
+
+    def limits_for(self, request: RateRequest) -> list[Limit]:
+        """The recipient's windows that are counted (all sharing the recipient's hash tag)."""
+        return [
+            Limit(f"notifier.rate.{{{hash_tag(request.recipient_id)}}}.{window}",
+                  0 if request.critical else self.recipient_limits[window], length)
             for window, length in WINDOWS.items()
             if self.recipient_limits[window]
         ]
-        if self.global_per_minute:
-            limits.append(
-                Limit(f"notifier.rate.global.minute.{int(now // 60)}", self.global_per_minute, 60)
-            )
-        return limits
+
+
+def hash_tag(recipient_id: str) -> str:
+    """The recipient's id as a Redis Cluster hash tag: itself, unless a brace in it (or
+    none at all) would end the tag early; then a digest of it."""
+    if recipient_id and "{" not in recipient_id and "}" not in recipient_id:
+        return recipient_id
+    return "#" + hashlib.sha256(recipient_id.encode("utf-8", "replace")).hexdigest()[:32]

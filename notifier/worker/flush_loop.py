@@ -42,7 +42,7 @@ from notifier.pipeline.ingest import describe_exception
 from notifier.pipeline.rules import get_rules
 from notifier.settings import Settings, get_settings
 from notifier.storage.db import raw_cursor, session_scope
-from notifier.storage.state import state_redis
+from notifier.storage.state import StateRedis, state_redis
 from notifier.worker import metrics
 from notifier.worker.app import app
 from notifier.worker.batch_sizing import delivery_sizer
@@ -76,12 +76,12 @@ FLUSH_TASK = "notifier.flush_windows"
 # --- arming (beat's side) -------------------------------------------------------------
 
 
-def arm(client: redis.Redis, settings: Settings) -> None:
+def arm(client: StateRedis, settings: Settings) -> None:
     """Keep the flush loops running for ``ARMED_TICKS`` beat ticks."""
     client.set(ARM_KEY, "1", px=max(1, round(ARMED_TICKS * settings.flush_interval * 1000)))
 
 
-def armed_for(client: redis.Redis) -> float:
+def armed_for(client: StateRedis) -> float:
     """Seconds the loops stay armed (0: not armed)."""
     ttl = client.pttl(ARM_KEY)
     return ttl / 1000 if isinstance(ttl, int) and ttl > 0 else 0.0

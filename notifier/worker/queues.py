@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from kombu import Connection
 
-from notifier.broker_topology import DEAD_LETTER_QUEUE, uses_quorum_queues
+from notifier.broker_topology import DEAD_LETTER_QUEUE, transport_options, uses_quorum_queues
 from notifier.channels import CHANNEL_NAMES
 from notifier.settings import PRIORITIES, delivery_queue, get_settings, queue_name
 
@@ -56,7 +56,8 @@ def queue_depths(names: Iterable[str] | None = None) -> dict[str, int | None]:
     settings = get_settings()
     ours = (*ALL_QUEUES, DEAD_LETTER_QUEUE) if uses_quorum_queues(settings) else ALL_QUEUES
     depths: dict[str, int | None] = {}
-    with Connection(settings.broker_url, connect_timeout=_CONNECT_TIMEOUT) as connection:
+    with Connection(settings.broker_url, connect_timeout=_CONNECT_TIMEOUT,
+                    transport_options=transport_options(settings)) as connection:
         connection.ensure_connection(max_retries=1)
         channel = connection.default_channel
         for name in list(names or ()) or ours:

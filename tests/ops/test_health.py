@@ -20,7 +20,7 @@ from notifier.storage.db import session_scope
 from notifier.storage.migrate import head_revision
 from notifier.worker import heartbeat as heartbeats
 from notifier.worker.heartbeat import Heartbeat
-from tests.conftest import SERVER_URL
+from tests.conftest import BROKER_URL, SERVER_URL
 from tests.ops.test_cli import run
 from tests.workers import CELERY, ROOT, wait_for
 
@@ -79,9 +79,11 @@ def test_all_checks_pass_with_a_worker_and_beat(worker, tmp_path):
         wait_for(lambda: heartbeat_now().ran_at is not None, 30, "a heartbeat run")
         code, lines = health_lines("--beat-max-age", "3")
     assert code == 0, lines
-    assert list(lines) == ["broker", "database", "workers", "beat", "queues", "pending"]
+    assert list(lines) == ["broker", "database", "state", "workers", "beat", "queues",
+                          "pending"]
     assert all(line.startswith("ok   ") for line in lines.values()), lines
     assert lines["database"].startswith(f"ok   database  head {head_revision()}, ")
+    assert lines["state"].startswith(f"ok   state     {BROKER_URL}, ")
     assert lines["workers"].startswith("ok   workers   1 answering within 1.0 s: test")
     assert "(limit 3.0 s)" in lines["beat"] and " after sending by test" in lines["beat"]
     beat = heartbeat_now()
@@ -159,6 +161,7 @@ def test_unreachable_broker_and_database_fail_fast():
     assert lines["workers"].startswith("FAIL workers   cannot ping: cannot reach redis://:***@")
     assert lines["queues"].startswith("FAIL queues    cannot reach ")
     assert lines["beat"].startswith("FAIL beat      cannot read the heartbeat from redis://:***@")
+    assert lines["state"].startswith("FAIL state     cannot reach redis://:***@127.0.0.1:1/0: ")
     assert lines["database"] == ("FAIL database  cannot connect to"
                                  " postgresql+psycopg://postgres@127.0.0.1:1/x: Connection refused")
     assert lines["pending"].startswith("FAIL pending   cannot connect to ")

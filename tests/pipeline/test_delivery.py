@@ -196,7 +196,7 @@ def test_the_circuit_opens_after_failures_and_reschedules_without_attempts(smtp_
     first = make_deliveries(3)
     outcome = run(first, settings)
     assert outcome.retrying == 3
-    assert state_redis().hget("notifier.breaker.email", "state") == b"open"
+    assert state_redis().hget("notifier.breaker.{email}", "state") == b"open"
 
     later = make_deliveries(2)
     outcome = run(later, settings)

@@ -98,14 +98,14 @@ def test_the_circuit_opens_while_smtp_is_down_and_everything_is_sent_once_after(
     try:
         send_critical(12)
         state = redis.Redis.from_url(STATE_REDIS_URL)
-        wait_for(lambda: state.hget("notifier.breaker.email", "state") == b"open", 30,
+        wait_for(lambda: state.hget("notifier.breaker.{email}", "state") == b"open", 30,
                  "the e-mail circuit to open")
         status = _cli("status")
         assert "email OPEN" in status.stdout
         assert count_rows(SENT) == 0
         smtp_server.start()
         wait_for_count(SENT, 12, timeout=60)
-        wait_for(lambda: state.hget("notifier.breaker.email", "state") == b"closed", 10,
+        wait_for(lambda: state.hget("notifier.breaker.{email}", "state") == b"closed", 10,
                  "the e-mail circuit to close")
     finally:
         worker.stop()

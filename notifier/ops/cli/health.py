@@ -17,7 +17,8 @@ EXIT_UNHEALTHY = 1
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--check", "checks", multiple=True,
-              type=click.Choice(["broker", "database", "workers", "beat", "queues", "pending"]),
+              type=click.Choice(["broker", "database", "state", "workers", "beat", "queues",
+                                 "pending"]),
               help="Run only this check; repeat for more (default: all).")
 @click.option("--max-queue-depth", type=click.IntRange(min=0),
               help="Most messages one queue may hold [NOTIFIER_HEALTH_MAX_QUEUE_DEPTH].")
@@ -33,7 +34,7 @@ EXIT_UNHEALTHY = 1
               help="Seconds to connect and query [NOTIFIER_HEALTH_TIMEOUT].")
 @friendly_errors
 def health(as_json: bool, checks: tuple[str, ...], **overrides: Any) -> None:
-    """Check broker, database, workers, beat, queue depths and overdue work, for probes.
+    """Check broker, database, state Redis, workers, beat, queue depths and overdue work.
 
     One line per check; exits 0 when every check passes and 1 otherwise.
     """
