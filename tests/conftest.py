@@ -149,7 +149,8 @@ def clean_state(database: str, broker: TestBroker) -> Iterator[None]:
 #: that asks for the ``worker`` fixture, carry the ``broker`` mark.
 BROKER_MODULES = frozenset({
     "tests/ops/test_cli.py", "tests/ops/test_flower.py", "tests/ops/test_health.py",
-    "tests/ops/test_metrics.py", "tests/pipeline/test_delivery_bulk.py",
+    "tests/ops/test_metrics.py", "tests/pipeline/test_claim_recovery.py",
+    "tests/pipeline/test_delivery_bulk.py",
     "tests/pipeline/test_delivery_recovery.py", "tests/pipeline/test_flush_worker.py",
     "tests/test_broker_topology.py", "tests/test_chaos.py", "tests/test_client.py",
     "tests/test_client_confirming.py", "tests/test_logs.py",

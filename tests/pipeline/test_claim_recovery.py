@@ -12,12 +12,10 @@ old timeout. Each prints the seconds from the kill to the last delivery sent
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from celery import Celery
 
 from notifier.client import build
 from notifier.pipeline.delivery import BatchOutcome, Claim, _Recorder, claim_deliveries
@@ -25,11 +23,11 @@ from notifier.pipeline.outbox import sweep_due_deliveries
 from notifier.schemas import to_message
 from notifier.settings import get_settings
 from notifier.storage.db import raw_cursor, session_scope
-from tests.conftest import DATABASE_URL
+from tests.brokers import foreign_producer
+from tests.conftest import BROKER, BROKER_URL, DATABASE_URL
 from tests.pipeline.test_delivery import make_deliveries
 from tests.pipeline.test_delivery_recovery import SENT, assert_each_sent_once
 from tests.smtp_server import SmtpServer
-from tests.worker.test_recovery import rabbitmq_url  # noqa: F401  (a fixture)
 from tests.workers import WorkerProcess, count_rows, wait_for, wait_for_count
 
 pytestmark = pytest.mark.slow
@@ -66,7 +64,7 @@ def _criticals(count: int) -> list[dict[str, Any]]:
 def _publish_criticals(broker_url: str, count: int) -> None:
     """Critical notifications in one message, as ``notify_many`` sends them: their
     deliveries are claimed a batch at a time, so a kill leaves many claimed."""
-    producer = Celery("producer", broker=broker_url)
+    producer = foreign_producer("producer", broker_url)
     producer.send_task("notifier.ingest", args=[_criticals(count)], queue="notifier.critical")
     producer.close()
 
@@ -78,26 +76,17 @@ def _sending() -> list[tuple[str, int]]:
         return [(row[0], row[1]) for row in rows]
 
 
-@pytest.fixture
-def broker_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The broker of the test run (Redis) or a RabbitMQ virtual host of the test's own."""
-    if request.param == "redis":
-        yield get_settings().broker_url
-    else:
-        yield request.getfixturevalue("rabbitmq_url")
-
-
-@pytest.mark.parametrize("broker_url", ["redis", "rabbitmq"], indirect=True)
-def test_a_killed_workers_claims_are_resumed_by_another_and_sent_once(smtp_server, broker_url):
+def test_a_killed_workers_claims_are_resumed_by_another_and_sent_once(smtp_server):
     """SIGKILL while the server holds DATA: the message is neither acknowledged nor
     recorded, the worker's rows are ``sending``; a worker already running (its beat's
-    sweep every ``NOTIFIER_SWEEP_INTERVAL``, 5 s by default, as here) sends them."""
-    broker = {"NOTIFIER_BROKER_URL": broker_url}
+    sweep every ``NOTIFIER_SWEEP_INTERVAL``, 5 s by default, as here) sends them.
+    On the run's broker: ``make test`` runs it on Redis and on RabbitMQ."""
+    broker = {"NOTIFIER_BROKER_URL": BROKER_URL}
     smtp_server.hold()
     doomed = _worker(smtp_server, env=broker)
     survivor = None
     try:
-        _publish_criticals(broker_url, COUNT)
+        _publish_criticals(BROKER_URL, COUNT)
         in_hand = smtp_server.wait_for_held(1, timeout=30)
         wait_for(lambda: count_rows(HELD_CLAIMS) > 0, 10, "the claim to be held")
         claimed = _sending()
@@ -115,7 +104,7 @@ def test_a_killed_workers_claims_are_resumed_by_another_and_sent_once(smtp_serve
         doomed.stop()
         if survivor is not None:
             survivor.stop()
-    print(f"\nclaims of a SIGKILLed worker ({broker_url.split(':')[0]}): {len(claimed)}"
+    print(f"\nclaims of a SIGKILLed worker ({BROKER}): {len(claimed)}"
           f" resumed, all {COUNT} sent {recovered:.1f}s after the kill")
     assert_each_sent_once(smtp_server, COUNT)
 
