@@ -120,7 +120,7 @@ def group_into_tasks(
 #: lives (``delivery.Claim``): a lock this transaction can take is nobody's any more, and
 #: taking it keeps it until this transaction ends (another sweep or claim fails to take
 #: it meanwhile, and the row lock skips the row too). A row without a key was claimed by
-#: a worker from before migration 0011 (during an upgrade): its holder cannot be seen, so
+#: a worker from before migration 0010 (during an upgrade): its holder cannot be seen, so
 #: it is taken once ``%(lease)s`` (``NOTIFIER_SENDING_TIMEOUT``) has passed since its
 #: claim. ``status = 'sending'`` comes first in the statements, so only such rows are
 #: tried.

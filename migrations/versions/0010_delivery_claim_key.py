@@ -10,7 +10,7 @@ Rows without a key (claimed before this revision) keep the old timeout.
 
 Adding a nullable column without a default rewrites nothing: instant on a big table.
 
-Revision ID: 0011
+Revision ID: 0010
 Revises: 0009
 Create Date: 2026-12-07 04:00:00
 """
@@ -18,7 +18,7 @@ Create Date: 2026-12-07 04:00:00
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011"
+revision = "0010"
 down_revision = "0009"
 branch_labels = None
 depends_on = None
