@@ -338,7 +338,7 @@ class Settings(BaseSettings):
     the broker and is published again (sending stays idempotent on its id)."""
     sending_timeout: float = Field(300.0, gt=0)
     """The fallback for claims whose holder cannot be seen: a delivery claimed without a
-    claim lock (by a worker older than migration 0011, during an upgrade) this long ago
+    claim lock (by a worker older than migration 0010, during an upgrade) this long ago
     and still not recorded is sent again. Every other claim is freed by its worker's
     death itself (the sweep resumes it within ``NOTIFIER_SWEEP_INTERVAL``) and is never
     taken from a live worker however slow. Must exceed the longest batch. Also how long

@@ -278,7 +278,7 @@ class Delivery(Base):
         DateTime(timezone=True), server_default=func.now()
     )
     last_error: Mapped[str | None] = mapped_column(Text)
-    #: While ``sending``: the key of the advisory lock its claimant holds (migration 0011).
+    #: While ``sending``: the key of the advisory lock its claimant holds (migration 0010).
     claim_key: Mapped[int | None] = mapped_column(BigInteger)
     queued_at: Mapped[Timestamp | None]
     sent_at: Mapped[Timestamp | None]
