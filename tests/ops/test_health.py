@@ -20,7 +20,7 @@ from notifier.storage.db import session_scope
 from notifier.storage.migrate import head_revision
 from notifier.worker import heartbeat as heartbeats
 from notifier.worker.heartbeat import Heartbeat
-from tests.conftest import BROKER_URL, SERVER_URL
+from tests.conftest import SERVER_URL, STATE_REDIS_URL
 from tests.ops.test_cli import run
 from tests.workers import CELERY, ROOT, wait_for
 
@@ -83,7 +83,7 @@ def test_all_checks_pass_with_a_worker_and_beat(worker, tmp_path):
                           "pending"]
     assert all(line.startswith("ok   ") for line in lines.values()), lines
     assert lines["database"].startswith(f"ok   database  head {head_revision()}, ")
-    assert lines["state"].startswith(f"ok   state     {BROKER_URL}, ")
+    assert lines["state"].startswith(f"ok   state     {STATE_REDIS_URL}, ")
     assert lines["workers"].startswith("ok   workers   1 answering within 1.0 s: test")
     assert "(limit 3.0 s)" in lines["beat"] and " after sending by test" in lines["beat"]
     beat = heartbeat_now()

@@ -25,6 +25,9 @@ from tests.workers import wait_for
 BINARY = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/bin")
 #: The alias whose whole pool is one server connection.
 ONE_SERVER = "notifier_pgbouncer_one"
+#: An alias with two server connections: the fewest a delivering worker can run on, as a
+#: delivery batch holds two transactions open at once (its claim's, its recorder's).
+TWO_SERVERS = "notifier_pgbouncer_two"
 
 
 def _free_port() -> int:
@@ -60,6 +63,7 @@ class PgBouncer:
         ini.write_text("\n".join([
             "[databases]",
             f"{ONE_SERVER} = {server} dbname={self.database} pool_size=1",
+            f"{TWO_SERVERS} = {server} dbname={self.database} pool_size=2",
             f"* = {server}",
             "[pgbouncer]",
             "listen_addr = 127.0.0.1",

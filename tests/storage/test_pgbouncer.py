@@ -29,7 +29,7 @@ from notifier.client import notify
 from notifier.settings import get_settings
 from tests.conftest import DATABASE_URL, SERVER_URL
 from tests.smtp_server import SmtpServer
-from tests.storage.pgbouncer import BINARY, ONE_SERVER, PgBouncer
+from tests.storage.pgbouncer import BINARY, ONE_SERVER, TWO_SERVERS, PgBouncer
 from tests.workers import ROOT, WorkerProcess, count_rows, wait_for_count
 
 pytestmark = pytest.mark.skipif(
@@ -169,13 +169,19 @@ def _one_server(bouncer: PgBouncer, **options: Any) -> psycopg.Connection[Any]:
                            dbname=url.database, autocommit=True, **options)
 
 
-def test_nothing_is_left_on_the_one_server_connection_all_clients_share(pgbouncer,
-                                                                        smtp_server):
-    """Ingest, flush, delivery (its recorder's transactions), the CLI, the health check
-    and retention, all on one server connection; what they leave on it is what every
-    later client meets. A temporary table of another shape (left by an older notifier
-    whose transaction ran there before) must not reach ingest's staging either."""
-    env = behind(pgbouncer, ONE_SERVER)
+def _server_connection(bouncer: PgBouncer, alias: str) -> psycopg.Connection[Any]:
+    url = make_url(bouncer.url(alias))
+    return psycopg.connect(host=url.host, port=url.port, user=url.username,
+                           dbname=url.database)
+
+
+def test_nothing_is_left_on_the_server_connections_all_clients_share(pgbouncer, smtp_server):
+    """Ingest, flush, delivery (its claim's and its recorder's transactions), the CLI and
+    the health check on two server connections (the fewest a delivering worker runs on),
+    then ingest's slow path and retention on one; what they leave on a server connection
+    is what every later client meets. A temporary table of another shape (left by an
+    older notifier whose transaction ran there before) must not reach ingest's staging."""
+    env = behind(pgbouncer, TWO_SERVERS)
     cli(env, "recipients", "set", "one-user", "--email", "one@example.com")
     worker = start_worker(env, smtp_server)
     try:
@@ -190,14 +196,24 @@ def test_nothing_is_left_on_the_one_server_connection_all_clients_share(pgbounce
         cli(env, "status")
     finally:
         worker.stop()
+    clean = {"prepared statements": [], "temporary tables": [], "advisory locks": [],
+             "listening": [], "session settings": []}
+    # Two transactions open at once hold both server connections: check each.
+    with _server_connection(pgbouncer, TWO_SERVERS) as first, \
+            _server_connection(pgbouncer, TWO_SERVERS) as second:
+        for connection in (first, second):
+            with connection.cursor() as cursor:
+                assert _session_state(cursor) == clean
+        pids = {c.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+                for c in (first, second)}
+    assert len(pids) == 2
+    servers = [s for s in pgbouncer.show("SERVERS") if s["database"] == TWO_SERVERS]
+    assert len(servers) <= 2
+
     _store_a_message_a_second_transaction_is_storing(pgbouncer)
     _purge_every_table_once(pgbouncer)
-
     with _one_server(pgbouncer) as after, after.cursor() as cursor:
-        assert _session_state(cursor) == {
-            "prepared statements": [], "temporary tables": [], "advisory locks": [],
-            "listening": [], "session settings": [],
-        }
+        assert _session_state(cursor) == clean
     assert count_rows("SELECT count(*) FROM digests") == 1
     assert sorted(Counter(smtp_server.message_ids()).values()) == [1] * 6
     servers = [s for s in pgbouncer.show("SERVERS") if s["database"] == ONE_SERVER]
@@ -227,14 +243,15 @@ def _store_a_message_a_second_transaction_is_storing(bouncer: PgBouncer) -> None
     candidates, _ = split_messages([IngestMessage("staging", [
         {"recipient": "staging-user", "type": "alert", "title": f"Staged {n}"}
         for n in range(2)])], settings)
-    routed = {c.id: Routed("suppressed", "test") for c in candidates}
+    pairs = [(c, Routed("suppressed", "test")) for c in candidates]
     with Session(engine) as session, session.begin():
         cursor = raw_cursor(session)
         upsert_recipients(cursor, candidates)
-        assert copy_notifications(cursor, candidates[:1], routed) == [candidates[0].id]
+        assert copy_notifications(cursor, pairs[:1]) == [candidates[0].id]
     with Session(engine) as session, session.begin():
-        # The first is stored already (committed by "another transaction"): COPY fails.
-        stored = copy_notifications(raw_cursor(session), candidates, routed)
+        # The first is stored already (committed by "another transaction"): the way
+        # ingest takes once its COPY met it (route_and_store).
+        stored = copy_notifications(raw_cursor(session), pairs, careful=True)
     assert stored == [candidates[1].id]
     assert count_rows("SELECT count(*) FROM notifications WHERE recipient_id = 'staging-user'"
                       ) == 2
