@@ -25,9 +25,10 @@ from tests.workers import wait_for
 BINARY = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/bin")
 #: The alias whose whole pool is one server connection.
 ONE_SERVER = "notifier_pgbouncer_one"
-#: An alias with two server connections: the fewest a delivering worker can run on, as a
-#: delivery batch holds two transactions open at once (its claim's, its recorder's).
-TWO_SERVERS = "notifier_pgbouncer_two"
+#: An alias with the fewest server connections a ``-c 1`` worker delivers on: each pool
+#: process delivering (two: its slot and the critical lane's) holds one for its batch's
+#: claim while it sends, and their outcome writes take turns on one more.
+SMALL_POOL, SMALL_POOL_SIZE = "notifier_pgbouncer_small", 3
 
 
 def _free_port() -> int:
@@ -39,7 +40,7 @@ def _free_port() -> int:
 class PgBouncer:
     """``start()`` writes the files and waits until the port answers; ``stop()`` ends it."""
 
-    def __init__(self, server_url: str, database: str, pool_size: int = 2) -> None:
+    def __init__(self, server_url: str, database: str, pool_size: int = SMALL_POOL_SIZE) -> None:
         parts = urlsplit(server_url)
         self.server_host = parts.hostname or "127.0.0.1"
         self.server_port = parts.port or 5432
@@ -63,7 +64,7 @@ class PgBouncer:
         ini.write_text("\n".join([
             "[databases]",
             f"{ONE_SERVER} = {server} dbname={self.database} pool_size=1",
-            f"{TWO_SERVERS} = {server} dbname={self.database} pool_size=2",
+            f"{SMALL_POOL} = {server} dbname={self.database} pool_size={SMALL_POOL_SIZE}",
             f"* = {server}",
             "[pgbouncer]",
             "listen_addr = 127.0.0.1",

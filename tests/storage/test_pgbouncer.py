@@ -5,7 +5,7 @@ server connection goes to the next client as soon as a transaction ends: nothing
 rely on session state (a session ``SET``, a prepared statement, a temporary table, an
 advisory lock, ``LISTEN``), and nothing a transaction leaves behind may reach another
 client. A real worker (ingest, flush loop, beat's sweeper, delivery to an aiosmtpd
-server) and the CLI run through PgBouncer on two server connections, or on one.
+server) and the CLI run through PgBouncer on a pool of three server connections, or on one.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from notifier.client import notify
 from notifier.settings import get_settings
 from tests.conftest import DATABASE_URL, SERVER_URL
 from tests.smtp_server import SmtpServer
-from tests.storage.pgbouncer import BINARY, ONE_SERVER, TWO_SERVERS, PgBouncer
+from tests.storage.pgbouncer import BINARY, ONE_SERVER, SMALL_POOL, SMALL_POOL_SIZE, PgBouncer
 from tests.workers import ROOT, WorkerProcess, count_rows, wait_for_count
 
 pytestmark = pytest.mark.skipif(
@@ -45,7 +45,7 @@ _POOLER_PARAMETERS = {"application_name", "client_encoding", "datestyle", "timez
 def pgbouncer() -> Iterator[PgBouncer]:
     database = make_url(DATABASE_URL).database
     assert database
-    bouncer = PgBouncer(SERVER_URL, database, pool_size=2).start()
+    bouncer = PgBouncer(SERVER_URL, database).start()
     yield bouncer
     bouncer.stop()
 
@@ -66,9 +66,11 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def start_worker(env: dict[str, str], smtp: SmtpServer) -> WorkerProcess:
-    """A worker on every queue with beat (flush ticks, sweeper) and its flush loop."""
+    """A worker on every queue with beat (flush ticks, sweeper) and its flush loop;
+    ``-c 1``: with the critical lane two pool processes may deliver at once, which
+    ``SMALL_POOL_SIZE`` server connections carry (docs/scaling.md, sizing PgBouncer)."""
     return WorkerProcess.start(
-        "-B", "--schedule", tempfile.mktemp(prefix="beat-"),
+        "-B", "--schedule", tempfile.mktemp(prefix="beat-"), concurrency=1,
         env={**env, "NOTIFIER_CHANNELS__EMAIL": smtp.url()},
     )
 
@@ -81,7 +83,7 @@ def test_ingest_flush_delivery_and_the_cli_through_pgbouncer(pgbouncer, smtp_ser
     """Ten critical e-mails (three sent twice with their idempotency key), four groups of
     three alerts (each a digest), a recipient's preferences set by the CLI, and one
     refused address replayed from its dead letter: every notification stored once,
-    every digest made once, every e-mail received once, on two server connections."""
+    every digest made once, every e-mail received once, on three server connections."""
     env = behind(pgbouncer)
     cli(env, "recipients", "set", "pref-user", "--email", "pref@example.com",
         "--channels", "email", "--opt-out", "reminder")
@@ -177,11 +179,11 @@ def _server_connection(bouncer: PgBouncer, alias: str) -> psycopg.Connection[Any
 
 def test_nothing_is_left_on_the_server_connections_all_clients_share(pgbouncer, smtp_server):
     """Ingest, flush, delivery (its claim's and its recorder's transactions), the CLI and
-    the health check on two server connections (the fewest a delivering worker runs on),
+    the health check on a small pool of server connections (the fewest a worker runs on),
     then ingest's slow path and retention on one; what they leave on a server connection
     is what every later client meets. A temporary table of another shape (left by an
     older notifier whose transaction ran there before) must not reach ingest's staging."""
-    env = behind(pgbouncer, TWO_SERVERS)
+    env = behind(pgbouncer, SMALL_POOL)
     cli(env, "recipients", "set", "one-user", "--email", "one@example.com")
     worker = start_worker(env, smtp_server)
     try:
@@ -198,17 +200,20 @@ def test_nothing_is_left_on_the_server_connections_all_clients_share(pgbouncer, 
         worker.stop()
     clean = {"prepared statements": [], "temporary tables": [], "advisory locks": [],
              "listening": [], "session settings": []}
-    # Two transactions open at once hold both server connections: check each.
-    with _server_connection(pgbouncer, TWO_SERVERS) as first, \
-            _server_connection(pgbouncer, TWO_SERVERS) as second:
-        for connection in (first, second):
+    # As many transactions open at once as the alias has server connections: each one.
+    connections = [_server_connection(pgbouncer, SMALL_POOL) for _ in range(SMALL_POOL_SIZE)]
+    try:
+        for connection in connections:
             with connection.cursor() as cursor:
                 assert _session_state(cursor) == clean
         pids = {c.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
-                for c in (first, second)}
-    assert len(pids) == 2
-    servers = [s for s in pgbouncer.show("SERVERS") if s["database"] == TWO_SERVERS]
-    assert len(servers) <= 2
+                for c in connections}
+    finally:
+        for connection in connections:
+            connection.close()
+    assert len(pids) == SMALL_POOL_SIZE
+    servers = [s for s in pgbouncer.show("SERVERS") if s["database"] == SMALL_POOL]
+    assert len(servers) <= SMALL_POOL_SIZE
 
     _store_a_message_a_second_transaction_is_storing(pgbouncer)
     _purge_every_table_once(pgbouncer)
