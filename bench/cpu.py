@@ -16,14 +16,14 @@ _TICK = os.sysconf("SC_CLK_TCK")
 PARTIES = ("producer", "consumer", "pool", "postgres", "redis")
 
 
-def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds) of a process, or None if it is gone."""
+def proc_stat(pid: int) -> tuple[int, int, float] | None:
+    """(parent pid, process group, CPU seconds) of a process, or None if it is gone."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2:].split()
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
+    return int(fields[1]), int(fields[2]), (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def _command(pid: int) -> str:
@@ -50,10 +50,10 @@ def snapshot(worker_pid: int | None, redis_port: int = 6379) -> Snapshot:
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
-        stat = _stat(pid)
+        stat = proc_stat(pid)
         if stat is None:
             continue
-        parent, seconds = stat
+        parent, _, seconds = stat
         party = _party(pid, parent, worker_pid, redis_port)
         if party:
             found[pid] = (party, seconds)

@@ -47,7 +47,9 @@ import psycopg
 import redis
 
 from bench.config import REPO_ROOT, RESULTS_DIR
+from bench.cpu import proc_stat
 from bench.series import summary
+from chaos.config import RULES_FILE
 from chaos.network import unavailable
 
 if TYPE_CHECKING:
@@ -55,11 +57,9 @@ if TYPE_CHECKING:
 
 DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/notifier_bench_hosts"
 BROKER_URL = "redis://127.0.0.1:6379/14"
-RULES_FILE = REPO_ROOT / "chaos" / "rules.toml"
 HOST_COUNTS = (1, 2, 4)
 #: Keeps the db from looking free to a test run between two runs (tests/conftest.py).
 CLAIM_KEY = "notifier-bench-hosts-claim"
-_TICK = os.sysconf("SC_CLK_TCK")
 #: Seconds the idle hosts' CPU is measured before the load (their fixed cost per second:
 #: consumers, flush loops polling, heartbeats), to tell it from the cost per notification.
 IDLE_SECONDS = 5.0
@@ -102,16 +102,6 @@ class HostsConfig:
 # --- CPU from /proc -------------------------------------------------------------------
 
 
-def _cpu(pid: int) -> tuple[float, int] | None:
-    """(CPU seconds, process group) of a process, or None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK, int(fields[2])
-
-
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -123,7 +113,7 @@ def _group_members(groups: set[int]) -> list[int]:
     found = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            stat = _cpu(int(entry.name))
+            stat = proc_stat(int(entry.name))
             if stat and stat[1] in groups:
                 found.append(int(entry.name))
     return found
@@ -156,9 +146,9 @@ class CpuParties:
         for party, pids in self.pids().items():
             taken[party] = {}
             for pid in pids:
-                stat = _cpu(pid)
+                stat = proc_stat(pid)
                 if stat:
-                    taken[party][pid] = stat[0]
+                    taken[party][pid] = stat[2]
         return taken
 
 
