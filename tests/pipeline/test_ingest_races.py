@@ -11,10 +11,11 @@ from __future__ import annotations
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 from sqlalchemy import text
 
-from notifier.pipeline.ingest import IngestMessage, ingest_batch
+from notifier.pipeline.ingest import IngestMessage, IngestResult, ingest_batch
 from notifier.pipeline.routing import recipient_states
 from notifier.pipeline.rules import BUILTIN_RULES
 from notifier.storage.db import session_scope
@@ -102,25 +103,35 @@ def test_many_groups_opened_by_two_batches_at_once_in_opposite_orders():
         ids(batches[0] + batches[1]))
 
 
+def _the_same_message_twice_at_once(
+    message: IngestMessage, later: datetime, held: str,
+) -> tuple[IngestResult, tuple[list[uuid.UUID], int]]:
+    """Ingest ``message`` in a transaction, and again (at ``later``) in a second one that
+    starts once the first has written and waits on what it holds (``held``); the first
+    commits. Returns the first's result and the second's (stored ids, rejected)."""
+    with ThreadPoolExecutor(1) as pool:
+        with session_scope() as session:
+            first = ingest_batch(session, [message], rules=BUILTIN_RULES, now=T0)
+
+            def again() -> tuple[list[uuid.UUID], int]:
+                with session_scope() as other:
+                    result = ingest_batch(other, [message], rules=BUILTIN_RULES, now=later)
+                return result.stored, result.rejected
+
+            arriving = pool.submit(again)
+            wait_for(_waiting_for_a_transaction, timeout=10,
+                     what=f"the second batch waiting for {held}")
+        return first, arriving.result(timeout=30)
+
+
 def test_one_message_stored_by_two_batches_at_once_is_stored_once():
     """The same message redelivered to a second worker while the first still holds it:
     the second's COPY waits for the first, meets its ids, and stores nothing, without a
     dead letter and without undoing the rest of its transaction."""
     _create("twice")
     message = IngestMessage("m-twice", [note("alert", "twice", priority="critical")])
-    with ThreadPoolExecutor(1) as pool:
-        with session_scope() as session:
-            first = ingest_batch(session, [message], rules=BUILTIN_RULES, now=T0)
-
-            def again() -> tuple[list, int]:
-                with session_scope() as other:
-                    result = ingest_batch(other, [message], rules=BUILTIN_RULES, now=T0)
-                return result.stored, result.rejected
-
-            arriving = pool.submit(again)
-            wait_for(_waiting_for_a_transaction, timeout=10,
-                     what="the second batch waiting for the first's rows")
-        assert arriving.result(timeout=30) == ([], 0)
+    first, second = _the_same_message_twice_at_once(message, T0, "the first's rows")
+    assert second == ([], 0)
     assert len(first.stored) == 1
     assert query("SELECT count(*) FROM notifications")[0][0] == 1
     assert query("SELECT count(*) FROM deliveries")[0][0] == 1
@@ -134,20 +145,8 @@ def test_a_message_stored_meanwhile_is_counted_in_its_window_once():
     undone and done again, now seeing those rows: each item is counted once."""
     _create("again")
     message = IngestMessage("m-again", [note("alert", "again") for _ in range(2)])
-    with ThreadPoolExecutor(1) as pool:
-        with session_scope() as session:
-            first = ingest_batch(session, [message], rules=BUILTIN_RULES, now=T0)
-
-            def again() -> tuple[list, int]:
-                with session_scope() as other:
-                    result = ingest_batch(other, [message], rules=BUILTIN_RULES,
-                                          now=T0 + MINUTE)
-                return result.stored, result.rejected
-
-            arriving = pool.submit(again)
-            wait_for(_waiting_for_a_transaction, timeout=10,
-                     what="the second batch waiting for the first's window")
-        assert arriving.result(timeout=30) == ([], 0)
+    first, second = _the_same_message_twice_at_once(message, T0 + MINUTE, "the first's window")
+    assert second == ([], 0)
     assert len(first.stored) == 2
     [window] = windows()
     assert (window.item_count, window.closed, window.due_at) == (2, False, DUE)
