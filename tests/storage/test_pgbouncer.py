@@ -188,7 +188,8 @@ def test_deliveries_go_out_once_on_fewer_server_connections_than_claims(
     servers = [s for s in pgbouncer.show("SERVERS") if s["database"] == TWO_SERVERS]
     assert len(servers) <= 2
     print(f"40 e-mails in {took:.1f} s; claims given back:"
-          f" {worker.log().count('gave its claim back')}")
+          f" {worker.log().count('gave its claim back')}, batches queued again:"
+          f" {worker.log().count('queued again in')}")
 
 
 def _session_state(cursor: psycopg.Cursor[Any]) -> dict[str, Any]:
