@@ -105,6 +105,22 @@ class Settings(BaseSettings):
     session); ``-P threads`` or gevent needs two per concurrent task. At the limit a
     task waits for a free connection (30 s, then its batch fails and is retried).
     The budget of a fleet: ``docs/scaling.md``."""
+    database_idle_timeout: float = Field(5.0, ge=0, le=3600)
+    """Seconds an ingest, flush or sweep transaction may sit idle between two
+    statements before Postgres ends its session (``idle_in_transaction_session_timeout``,
+    set for each of these transactions alone: ``SET LOCAL``, so a pooler hands nothing
+    on). None of them waits on purpose between statements; a worker whose host was cut
+    off mid-transaction would otherwise keep its row locks (the aggregation windows it
+    was adding to) until the server's TCP keepalives notice, stalling every other
+    host's ingest of the same groups (``docs/scaling.md``, many hosts). 0: the
+    server's own setting. A delivery batch's claim is never bounded (``delivery.Claim``)."""
+    database_lock_timeout: float = Field(10.0, ge=0, le=3600)
+    """Seconds a statement of those transactions waits for a row lock (``lock_timeout``,
+    ``SET LOCAL``) before its transaction fails and is retried (an ingest batch goes
+    back to its queue, no failure counted): bounds a wait the idle timeout cannot, on a
+    holder that is not idle (blocked sending to a peer that is gone), and lets the
+    waiter's own locks go. Above ``database_idle_timeout``, so a waiter outlasts an idle
+    holder rather than failing first. 0: the server's own setting."""
     database_prepared_statements: bool = False
     """Let psycopg prepare statements a connection runs often (server-side, from their
     fifth run). Off: it saved no measurable CPU here (a batch is a few large statements:
@@ -253,6 +269,18 @@ class Settings(BaseSettings):
     """A delivery task sending longer than this returns its unsent deliveries to the
     queue (as it does when its worker shuts down), so a slow provider cannot hold a
     worker's warm shutdown past an orchestrator's grace period."""
+    delivery_claim_wait: float = Field(2.0, gt=0, le=60)
+    """Seconds a delivery batch, holding its claim's connection (``delivery.Claim``),
+    waits for its second connection to claim its deliveries. Behind PgBouncer with
+    fewer server connections than twice the processes delivering at once, every batch
+    could hold its claim's connection while waiting for a second one until PgBouncer's
+    ``query_wait_timeout``; past this wait a batch gives its claim back (holding
+    nothing, having claimed nothing) and tries again after a random pause
+    (``docs/scaling.md``, sizing PgBouncer). Straight to Postgres no batch waits for a
+    connection: only a claim slower than this (an overloaded server) is tried again."""
+    delivery_claim_attempts: int = Field(3, ge=1, le=20)
+    """Tries of a delivery batch to claim within ``delivery_claim_wait``; after the last
+    its deliveries are queued again a few seconds later, no attempt counted."""
 
     # --- Egress ---------------------------------------------------------------------
     allow_private_targets: bool = False

@@ -27,6 +27,15 @@ def test_database_url_spellings_use_psycopg(monkeypatch, url):
     ("NOTIFIER_BROKER_URL", "kafka://h",
          "NOTIFIER_BROKER_URL: expected a redis://, sentinel:// or amqp:// URL"),
     ("NOTIFIER_INGEST_BATCH_SIZE", "0", "NOTIFIER_INGEST_BATCH_SIZE: Input should be greater"),
+    ("NOTIFIER_DATABASE_IDLE_TIMEOUT", "5s",
+         "NOTIFIER_DATABASE_IDLE_TIMEOUT: Input should be a valid number"),
+    ("NOTIFIER_DATABASE_LOCK_TIMEOUT", "-1",
+         "NOTIFIER_DATABASE_LOCK_TIMEOUT: Input should be greater than or equal to 0"),
+    ("NOTIFIER_DATABASE_IDLE_TIMEOUT", "86400",
+         "NOTIFIER_DATABASE_IDLE_TIMEOUT: Input should be less than or equal to 3600"),
+    ("NOTIFIER_DELIVERY_CLAIM_WAIT", "0", "NOTIFIER_DELIVERY_CLAIM_WAIT: Input should be greater"),
+    ("NOTIFIER_DELIVERY_CLAIM_ATTEMPTS", "0",
+         "NOTIFIER_DELIVERY_CLAIM_ATTEMPTS: Input should be greater"),
 ])
 def test_bad_values_name_the_variable(monkeypatch, variable, value, message):
     """A bad value raises ConfigError whose one line starts with the variable's name."""

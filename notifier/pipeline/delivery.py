@@ -31,8 +31,12 @@ exception, costs the one message it was sending.
 from __future__ import annotations
 
 import logging
+import os
+import random
 import secrets
 import select
+import socket
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -64,7 +68,7 @@ from notifier.pipeline.outbox import CLAIMANT_GONE, BatchSize, DeliveryTask, que
 from notifier.pipeline.ratelimit import RateLimiter, RateRequest
 from notifier.pipeline.retry import RetryPolicy, countdown_second, next_attempt
 from notifier.settings import CHANNEL_NAMES, Settings, get_settings
-from notifier.storage.db import get_engine
+from notifier.storage.db import get_engine, raw_cursor, session_scope
 from notifier.storage.models import UNSENT_DELIVERY_STATUSES as UNSENT
 from notifier.storage.state import StateRedis, state_redis
 
@@ -125,13 +129,43 @@ def deliver_batch(
     ``stopping`` says the worker is shutting down: the batch then returns its unsent
     deliveries after the message in hand. ``batch_size`` sizes the tasks of the short
     retries (see ``outbox.BatchSize``).
+
+    A batch that finds no second connection to claim on while it holds its claim's
+    (``ClaimStarved``) gives the claim back, holding nothing, and tries again after a
+    random pause, ``delivery_claim_attempts`` times; then its deliveries are queued
+    again a few seconds later (``_queue_again``). Nothing was claimed nor sent by then.
     """
+    stopping = stopping or _never
+    attempts = settings.delivery_claim_attempts
+    for attempt in range(1, attempts + 1):
+        try:
+            return _claim_and_send(channel_name, delivery_ids, settings, state, batch_size,
+                                   stopping)
+        except ClaimStarved as starved:
+            log.info("a %s delivery batch gave its claim back: %s (try %d of %d)",
+                     channel_name, starved, attempt, attempts,
+                     extra={"channel": channel_name})
+        if attempt < attempts and not stopping():
+            # Batches that gave up together must not come back together.
+            time.sleep(random.uniform(0.1, 1.0) * settings.delivery_claim_wait)
+        elif attempt < attempts:
+            break
+    return _queue_again(channel_name, delivery_ids, settings, batch_size)
+
+
+def _claim_and_send(
+    channel_name: str, delivery_ids: Sequence[str], settings: Settings, state: StateRedis,
+    batch_size: BatchSize | None, stopping: Callable[[], bool],
+) -> BatchOutcome:
+    """One try: both connections are taken from the pool first (the pool's ping may
+    wait for a server behind PgBouncer, and holds nothing while it does), then the claim
+    is held, then the deliveries are claimed within ``delivery_claim_wait``."""
     outcome = BatchOutcome()
     with Claim() as claim, _Recorder(
         channel_name, settings, outcome, claim, batch_size, stopping,
     ) as recorder:
-        with recorder.transaction() as cursor:
-            claimed = claim_deliveries(cursor, channel_name, delivery_ids, settings, claim.key)
+        claim.hold()
+        claimed = recorder.take(delivery_ids)
         if not claimed:
             return outcome
         try:
@@ -142,6 +176,31 @@ def deliver_batch(
             return outcome
         _send_claimed(channel, claimed, recorder, settings, state)
     return outcome
+
+
+def _queue_again(
+    channel_name: str, delivery_ids: Sequence[str], settings: Settings,
+    batch_size: BatchSize | None,
+) -> BatchOutcome:
+    """Every try of the batch found no second connection: holding nothing now (so this
+    may wait for a connection), queue its deliveries again a few seconds from now, as
+    new tasks, no attempt counted. Only rows still ``queued`` are taken: one claimed
+    meanwhile is someone else's, and one left ``sending`` by a claim that reached
+    Postgres after its batch gave up has no claimant: the sweep or the next claim takes
+    it (``CLAIMANT_GONE``)."""
+    delay = random.uniform(1.0, 2.0) * settings.delivery_claim_wait
+    due = datetime.now(UTC) + timedelta(seconds=delay)
+    with session_scope() as session:
+        tasks = queue_deliveries(raw_cursor(session), delivery_ids, settings,
+                                 from_status="queued", due_at=due, batch_size=batch_size)
+    queued = sum(len(task.delivery_ids) for task in tasks)
+    log.warning("%d deliveries (%s) queued again in %.1fs: no second database connection"
+                " came within NOTIFIER_DELIVERY_CLAIM_WAIT (%gs) in %d tries; behind"
+                " PgBouncer, its pool is too small for the processes delivering at once"
+                " (docs/scaling.md)", queued, channel_name, delay,
+                settings.delivery_claim_wait, settings.delivery_claim_attempts,
+                extra={"channel": channel_name})
+    return BatchOutcome(rescheduled=queued, tasks=tasks)
 
 
 def _hold_unconfigured(
@@ -464,15 +523,33 @@ class Claim:
     The key is random (63 bits): a key shared by chance between two live claims costs
     nothing (the lock is shared), and between a live claim and a dead one only delays
     the dead one's rows until the live one ends.
+
+    A batch so holds two connections at once: this one, and its recorder's, on which
+    the rows are claimed and the outcomes written (each outcome committed as it comes,
+    which a transaction-level lock cannot outlive on one connection). Behind PgBouncer
+    with fewer server connections than claims need, every batch can hold this one while
+    its recorder waits for a server that only another batch's end would free. So the
+    claim waits at most ``delivery_claim_wait`` for it (``_Recorder.take``), then is
+    given back: a batch that has claimed rows always gets its later connections, since
+    of N server connections at most N - 1 can be held by batches that have claimed
+    (each claimed while one more was free) and any other is held by a batch that gives
+    it back within the wait. Entering takes the connection from the pool; ``hold``
+    begins the transaction.
     """
 
     def __init__(self) -> None:
         self.key = secrets.randbits(63)
         self._lost = False
+        self.held = False
 
     def __enter__(self) -> Claim:
         self.connection = get_engine().raw_connection()
         self.driver = cast("psycopg.Connection[Any]", self.connection.driver_connection)
+        return self
+
+    def hold(self) -> None:
+        """Begin the transaction and take the lock (waiting, if behind PgBouncer, for a
+        server connection while holding nothing)."""
         try:
             self.driver.autocommit = True  # the transaction is ours: BEGIN in the same trip
             timeouts = "SET LOCAL idle_in_transaction_session_timeout = 0;"
@@ -482,14 +559,14 @@ class Claim:
             self.driver.execute(
                 f"BEGIN; {timeouts} SELECT pg_advisory_xact_lock_shared({self.key})")
         except BaseException:
-            self.connection.invalidate()
+            self._lost = True  # thrown away on exit
             raise
-        return self
+        self.held = True
 
     def __exit__(self, *exc_info: object) -> None:
         """End the transaction (the lock goes with it): every outcome is written."""
         try:
-            if not self.lost():
+            if self.held and not self.lost():
                 self.driver.execute("COMMIT")
         except psycopg.Error:
             self._lost = True
@@ -520,6 +597,48 @@ class Claim:
                         " stops after the message in hand and its deliveries are resumed"
                         " elsewhere")
         return self._lost
+
+
+class ClaimStarved(Exception):
+    """A batch's claim got no second connection within ``delivery_claim_wait``."""
+
+
+class _Deadline:
+    """Cuts a connection off under the call in hand once ``seconds`` have passed.
+
+    A timer thread shuts the socket down (``shutdown``, not ``close``: the descriptor
+    stays psycopg's), so the blocked call fails at once; ``passed`` says whether it did
+    so, and is final once the block is left (the timer and the block's end take one
+    lock, so a call that returned in time is never cut afterwards).
+    """
+
+    def __init__(self, driver: psycopg.Connection[Any], seconds: float) -> None:
+        self._fileno = driver.fileno()
+        self._lock = threading.Lock()
+        self._over = False
+        self.passed = False
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._over = True
+        self._timer.cancel()
+
+    def _cut(self) -> None:
+        with self._lock:
+            if self._over:
+                return
+            self.passed = True
+            try:
+                with socket.socket(fileno=os.dup(self._fileno)) as connection:
+                    connection.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed: the call fails anyway
+                pass
 
 
 def claim_deliveries(
@@ -679,6 +798,8 @@ class _Recorder:
         self._failed_notifications: list[uuid.UUID] = []
         self._configuration_errors: dict[str, list[str]] = defaultdict(list)
         self._started = self._written = time.monotonic()
+        #: The connection was cut under a claim that waited too long (``take``).
+        self._cut_off = False
 
     def should_stop(self) -> bool:
         """Return the rest of the batch: the worker is stopping, the batch has run past
@@ -704,6 +825,9 @@ class _Recorder:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if self._cut_off:  # it claimed nothing: nothing to write
+            self.connection.invalidate()
+            return
         try:
             if exc_info[0] is None:
                 self._finish()
@@ -712,6 +836,37 @@ class _Recorder:
         finally:
             self.driver.autocommit = False
             self.connection.close()
+
+    def take(self, delivery_ids: Sequence[str]) -> list[ClaimedDelivery]:
+        """Claim the batch's deliveries for its claim (``claim_deliveries``), within
+        ``delivery_claim_wait``, or raise ``ClaimStarved`` having claimed nothing
+        this batch will send. The claim's connection is held meanwhile (``Claim``).
+
+        How long a client waits for a server connection behind PgBouncer is not the
+        client's to set (``query_wait_timeout`` is the pooler's, for every client), and
+        PgBouncer forwards a cancel request only for a client that has a server: one
+        for a client still queued is dropped ("cancel request for idle client", seen
+        on Debian 12's 1.18). So ``_Deadline`` shuts the socket down under the waiting
+        call; PgBouncer forgets a queued client that hangs up, and its statement never
+        reaches Postgres. One that reached Postgres just then may still commit: its
+        rows carry this claim's key, whose lock goes when the batch gives the claim
+        back, so they are free for the next claim or the sweep, and were never sent.
+        """
+        claimed: list[ClaimedDelivery] = []
+        with _Deadline(self.driver, self.settings.delivery_claim_wait) as deadline:
+            try:
+                with self.transaction() as cursor:
+                    claimed = claim_deliveries(cursor, self.channel, delivery_ids,
+                                               self.settings, self.claim.key)
+            except psycopg.Error:
+                if not deadline.passed:
+                    raise
+        if deadline.passed:  # final once the deadline is left
+            self._cut_off = True
+            raise ClaimStarved(
+                f"no second database connection within {self.settings.delivery_claim_wait:g}s"
+                " (NOTIFIER_DELIVERY_CLAIM_WAIT)")
+        return claimed
 
     @contextmanager
     def transaction(self) -> Iterator[Cursor[Any]]:

@@ -63,10 +63,15 @@ def _session_maker(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(url: str | None = None) -> Iterator[Session]:
-    """A session that commits when the block ends and rolls back when it raises."""
+def session_scope(
+    url: str | None = None, *, bounds: Settings | None = None
+) -> Iterator[Session]:
+    """A session that commits when the block ends and rolls back when it raises; with
+    ``bounds``, its transaction's idle and lock waits are bounded (``bound_transaction``)."""
     session = _session_maker(get_engine(url))()
     try:
+        if bounds is not None:
+            bound_transaction(session, bounds)
         yield session
         session.commit()
     except BaseException:
@@ -74,6 +79,36 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+#: The settings ``bound_transaction`` sets, and the setting that gives each (seconds).
+TRANSACTION_BOUNDS = (
+    ("idle_in_transaction_session_timeout", "database_idle_timeout"),
+    ("lock_timeout", "database_lock_timeout"),
+)
+
+
+def bound_transaction(session: Session, settings: Settings) -> None:
+    """Bound the session's transaction, for itself alone: how long it may sit idle
+    between statements (``NOTIFIER_DATABASE_IDLE_TIMEOUT``: past it Postgres ends the
+    session, and its locks go) and how long a statement waits for a lock
+    (``NOTIFIER_DATABASE_LOCK_TIMEOUT``: past it the statement fails). Both fail the
+    transaction with an error ``worker.tasks.database_unavailable`` takes for Postgres
+    being unusable, so the work is retried and nothing is counted against it.
+
+    ``set_config(…, true)`` is ``SET LOCAL``: the setting ends with the transaction,
+    never with the session, so a pooler in transaction mode (PgBouncer) hands nothing
+    on, and the delivery claim's transaction on a pooled connection is never bounded
+    by it. One round trip, which begins the transaction; none if both are 0 (the
+    server's own settings then apply)."""
+    values = {
+        name: f"{max(1, round(seconds * 1000))}ms"
+        for name, field in TRANSACTION_BOUNDS
+        if (seconds := getattr(settings, field))
+    }
+    if values:
+        session.execute(text("SELECT " + ", ".join(
+            f"set_config('{name}', :{name}, true)" for name in values)), values)
 
 
 def raw_cursor(session: Session) -> Cursor:

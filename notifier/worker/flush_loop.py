@@ -119,7 +119,7 @@ signals.after_task_publish.connect(_arm_on_publish, sender=FLUSH_TASK, weak=Fals
 def flush_chunk(settings: Settings, batch_size: Any = None) -> FlushResult:
     """Flush up to ``flush_batch_size`` due windows in one transaction; their delivery
     tasks are published once it commits."""
-    with transaction() as tx:
+    with transaction(settings) as tx:
         result = flush_due_windows(tx.cursor, get_rules(), settings, datetime.now(UTC),
                                    batch_size=batch_size)
         tx.after_commit(publish, result.tasks)

@@ -220,11 +220,16 @@ def _commit_through_outage(messages: list[IngestMessage]) -> IngestResult:
     """Run the ingest transaction, and run it again (after 0.5 s, 1 s, 2 s...) while
     Postgres is away, so that a failover or a restart costs a pause rather than the
     batch's return to the queue. Not the retry of deliveries (that is
-    ``notifier.pipeline.retry``): nothing was sent, the same transaction is repeated."""
+    ``notifier.pipeline.retry``): nothing was sent, the same transaction is repeated.
+
+    The transaction is bounded (``db.bound_transaction``): one that sat idle too long
+    (its session ended) or waited too long for a window another worker holds fails
+    with an error of Postgres's, not of a message's, so it is repeated here and then
+    returned to the queue uncounted, never dead-lettered."""
     attempts = _settings.ingest_commit_attempts
     for attempt in range(1, attempts + 1):
         try:
-            with session_scope() as session:
+            with session_scope(bounds=_settings) as session:
                 return ingest_batch(session, messages, _settings)
         except Exception as exc:
             if not database_unavailable(exc) or attempt == attempts:

@@ -23,6 +23,7 @@ from typing import Any, ParamSpec
 import psycopg
 from sqlalchemy.orm import Session
 
+from notifier.settings import Settings, get_settings
 from notifier.storage.db import raw_cursor, session_scope
 
 P = ParamSpec("P")
@@ -47,9 +48,11 @@ class Transaction:
 
 
 @contextmanager
-def transaction() -> Iterator[Transaction]:
-    """Commit when the block ends (roll back if it raises), then publish."""
-    with session_scope() as session:
+def transaction(settings: Settings | None = None) -> Iterator[Transaction]:
+    """Commit when the block ends (roll back if it raises), then publish. The
+    transaction's idle time and lock waits are bounded (``db.bound_transaction``): a
+    worker cut off in the middle of it must not hold its row locks for long."""
+    with session_scope(bounds=settings or get_settings()) as session:
         tx = Transaction(session)
         yield tx
     for publish in tx._after_commit:

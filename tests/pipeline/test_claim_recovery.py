@@ -183,6 +183,7 @@ def test_a_claim_holds_its_rows_while_its_connection_lives_and_not_after():
     ids = make_deliveries(3)
     settings = get_settings().model_copy(update={"sending_timeout": 600.0})
     claim = Claim().__enter__()
+    claim.hold()
     with session_scope() as session:
         claimed = claim_deliveries(raw_cursor(session), "email", ids, settings, claim.key)
     assert len(claimed) == 3

@@ -4,8 +4,10 @@ It listens on a free port of 127.0.0.1 with its ini and userlist in a temporary 
 and passes every database name on to the run's Postgres. Its pools are small on
 purpose, so that the clients (worker processes, the flush loop, the CLI, the tests)
 take turns on a few server connections and whatever one of them leaves on a server
-connection is met by the next: ``pool_size`` connections per database, and one
-``ONE_SERVER`` alias of the run's database with a single server connection.
+connection is met by the next: ``pool_size`` connections per database, and aliases of
+the run's database with fewer: ``SMALL_POOL`` (three), ``TWO_SERVERS`` and
+``ONE_SERVER``. ``query_wait_timeout`` stays PgBouncer's default (120 s): a client
+waiting that long for a server connection is what a test must never see.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ ONE_SERVER = "notifier_pgbouncer_one"
 #: process delivering (two: its slot and the critical lane's) holds one for its batch's
 #: claim while it sends, and their outcome writes take turns on one more.
 SMALL_POOL, SMALL_POOL_SIZE = "notifier_pgbouncer_small", 3
+#: An alias with fewer server connections than a ``-c 2`` worker's delivering processes
+#: (three: two slots and the critical lane) hold claims: at most one of them can claim
+#: at a time, the others give their claims back until a connection is free.
+TWO_SERVERS = "notifier_pgbouncer_two"
 
 
 def _free_port() -> int:
@@ -65,6 +71,7 @@ class PgBouncer:
             "[databases]",
             f"{ONE_SERVER} = {server} dbname={self.database} pool_size=1",
             f"{SMALL_POOL} = {server} dbname={self.database} pool_size={SMALL_POOL_SIZE}",
+            f"{TWO_SERVERS} = {server} dbname={self.database} pool_size=2",
             f"* = {server}",
             "[pgbouncer]",
             "listen_addr = 127.0.0.1",

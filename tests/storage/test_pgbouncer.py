@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -29,7 +30,14 @@ from notifier.client import notify
 from notifier.settings import get_settings
 from tests.conftest import DATABASE_URL, SERVER_URL
 from tests.smtp_server import SmtpServer
-from tests.storage.pgbouncer import BINARY, ONE_SERVER, SMALL_POOL, SMALL_POOL_SIZE, PgBouncer
+from tests.storage.pgbouncer import (
+    BINARY,
+    ONE_SERVER,
+    SMALL_POOL,
+    SMALL_POOL_SIZE,
+    TWO_SERVERS,
+    PgBouncer,
+)
 from tests.workers import ROOT, WorkerProcess, count_rows, wait_for_count
 
 pytestmark = pytest.mark.skipif(
@@ -65,12 +73,12 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def start_worker(env: dict[str, str], smtp: SmtpServer) -> WorkerProcess:
+def start_worker(env: dict[str, str], smtp: SmtpServer, concurrency: int = 1) -> WorkerProcess:
     """A worker on every queue with beat (flush ticks, sweeper) and its flush loop;
     ``-c 1``: with the critical lane two pool processes may deliver at once, which
     ``SMALL_POOL_SIZE`` server connections carry (docs/scaling.md, sizing PgBouncer)."""
     return WorkerProcess.start(
-        "-B", "--schedule", tempfile.mktemp(prefix="beat-"), concurrency=1,
+        "-B", "--schedule", tempfile.mktemp(prefix="beat-"), concurrency=concurrency,
         env={**env, "NOTIFIER_CHANNELS__EMAIL": smtp.url()},
     )
 
@@ -143,6 +151,45 @@ def test_ingest_flush_delivery_and_the_cli_through_pgbouncer(pgbouncer, smtp_ser
     # The worker's processes were more clients than there were server connections.
     assert 1 <= len(servers) <= pgbouncer.pool_size < len(clients), (servers, clients)
     assert "prepared statement" not in worker.log()
+
+
+def test_deliveries_go_out_once_on_fewer_server_connections_than_claims(
+    pgbouncer, smtp_server
+):
+    """A ``-c 2`` worker (three processes may deliver at once: two slots and the
+    critical lane) on two server connections, the SMTP server slow (each batch holds its
+    claim for a while): two batches can hold both connections with their claims while
+    each waits for a second one for its recorder. Before, they waited so until
+    PgBouncer's ``query_wait_timeout`` (120 s) failed them; now a batch that gets no
+    second connection within ``NOTIFIER_DELIVERY_CLAIM_WAIT`` gives its claim back and
+    tries again. Every e-mail is received once, well within the 120 s, nothing is left
+    claimed, and no client ever met the timeout."""
+    env = {**behind(pgbouncer, TWO_SERVERS), "NOTIFIER_DELIVERY_CLAIM_WAIT": "1"}
+    smtp_server.delay = 0.2
+    worker = start_worker(env, smtp_server, concurrency=2)
+    started = time.monotonic()
+    try:
+        for i in range(30):
+            notify(recipient=to(f"few-{i}"), type="alert", priority="critical",
+                   title=f"Critical {i}", channels=["email"])
+        for g in range(10):
+            for n in range(3):
+                notify(recipient=to(f"few-group-{g}"), type="alert", title=f"Group {g}.{n}",
+                       channels=["email"])
+        wait_for_count(SENT, 40, timeout=100)  # a single stall would take 120 s
+        took = time.monotonic() - started
+    finally:
+        worker.stop()
+    by_delivery = Counter(smtp_server.message_ids())
+    assert len(by_delivery) == 40 and max(by_delivery.values()) == 1, by_delivery.most_common(2)
+    assert count_rows("SELECT count(*) FROM deliveries WHERE status <> 'sent'") == 0
+    assert count_rows("SELECT count(*) FROM deliveries WHERE attempts <> 1") == 0
+    assert "query_wait_timeout" not in pgbouncer.log() + worker.log(), took
+    servers = [s for s in pgbouncer.show("SERVERS") if s["database"] == TWO_SERVERS]
+    assert len(servers) <= 2
+    print(f"40 e-mails in {took:.1f} s; claims given back:"
+          f" {worker.log().count('gave its claim back')}, batches queued again:"
+          f" {worker.log().count('queued again in')}")
 
 
 def _session_state(cursor: psycopg.Cursor[Any]) -> dict[str, Any]:
