@@ -332,7 +332,10 @@ class IdempotencyKey(Base):
 
 
 class InboxMessage(Base):
-    """What the in-app channel delivered: a recipient's inbox, read and unread."""
+    """What the in-app channel delivered: a recipient's inbox.
+
+    A message's state is its most advanced stamp (``notifier.pipeline.inbox``): unread,
+    seen, read, archived; reading also stamps ``seen_at`` and archiving ``read_at``."""
 
     __tablename__ = "inbox_messages"
     __table_args__ = (
@@ -355,7 +358,9 @@ class InboxMessage(Base):
     title: Mapped[str] = mapped_column(Text, nullable=False)
     body: Mapped[str] = mapped_column(Text, nullable=False)
     data: Mapped[JsonObject]
+    seen_at: Mapped[Timestamp | None]
     read_at: Mapped[Timestamp | None]
+    archived_at: Mapped[Timestamp | None]
     created_at: Mapped[CreatedAt]
 
 
