@@ -50,7 +50,8 @@ from notifier.pipeline.inbox import (
     decode_cursor,
     item_from_row,
 )
-from notifier.storage.db import describe_db_error
+from notifier.settings import Settings, get_settings
+from notifier.storage.db import describe_db_error, libpq_url
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,14 @@ class InboxFeed:
         self.listening = asyncio.Event()
         #: Times the LISTEN connection was lost (and every subscriber resynced).
         self.drops = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **options: Any) -> InboxFeed:
+        """The feed as configured: ``NOTIFIER_INBOX_LISTEN_URL`` (else the database URL),
+        ``NOTIFIER_INBOX_FEED_QUEUE_SIZE``."""
+        settings = settings or get_settings()
+        url = settings.inbox_listen_url or settings.database_url
+        return cls(libpq_url(url), queue_size=settings.inbox_feed_queue_size, **options)
 
     async def __aenter__(self) -> InboxFeed:
         await self.start()

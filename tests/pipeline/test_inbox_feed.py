@@ -52,7 +52,7 @@ def test_two_feeds_both_get_a_message_the_inapp_channel_wrote():
     """Two feeds (two processes' LISTEN connections) each push the message the in-app
     channel committed to their subscriber; the time it took is printed."""
     async def test() -> None:
-        async with InboxFeed(CONNINFO) as one, InboxFeed(CONNINFO) as two:
+        async with InboxFeed.from_settings() as one, InboxFeed(CONNINFO) as two:
             await started(one, two)
             streams = [one.stream("ada"), two.stream("ada")]
             for events in streams:
@@ -200,7 +200,7 @@ def test_a_hostile_last_event_id_is_refused_before_anything_is_subscribed(bad: A
     """A bad cursor is a ValueError naming ``cursor``, and leaves no subscription behind."""
     async def test() -> None:
         feed = InboxFeed(CONNINFO)
-        with pytest.raises(ValueError, match="^cursor: "):
+        with pytest.raises(ValueError, match=r"^cursor: "):
             await anext(feed.stream("fox", after=bad))
         assert feed.subscribers == 0
     run(test)
