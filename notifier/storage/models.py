@@ -344,6 +344,11 @@ class InboxMessage(Base):
             "ix_inbox_messages_unread", "recipient_id", "created_at",
             postgresql_where=text("read_at IS NULL"),
         ),
+        # The default page, all but archived (migration 0011).
+        Index(
+            "ix_inbox_messages_unarchived", "recipient_id", "created_at",
+            postgresql_where=text("archived_at IS NULL"),
+        ),
         # Retention: read messages by when they were read.
         Index("ix_inbox_messages_read_at", "read_at", postgresql_where=text("read_at IS NOT NULL")),
     )
