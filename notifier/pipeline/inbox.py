@@ -86,13 +86,6 @@ _PAGE_SQL = f"""
       {{filters}}
     ORDER BY created_at DESC, id DESC LIMIT %(limit)s
 """
-_PAGE_FILTERS = {
-    (True, False): "AND read_at IS NULL",
-    (True, True): "AND read_at IS NULL",
-    (False, False): "AND archived_at IS NULL",
-    (False, True): "",
-}
-
 #: The messages of a recipient after a position, oldest first: the feed's catch-up.
 AFTER_SQL = f"""
     SELECT {_COLUMNS} FROM inbox_messages
@@ -265,7 +258,10 @@ def list_page(
     check_recipient(recipient_id)
     check_limit(limit)
     before = decode_cursor(cursor) if cursor is not None else END
-    sql = _PAGE_SQL.format(filters=_PAGE_FILTERS[(unread_only, include_archived)])
+    # Archived messages are read: unread_only leaves them out whatever include_archived says.
+    filters = ("AND read_at IS NULL" if unread_only
+               else "" if include_archived else "AND archived_at IS NULL")
+    sql = _PAGE_SQL.format(filters=filters)
     rows = raw_cursor(session).execute(sql, {
         "recipient": recipient_id, "before_at": before.created_at, "before_id": before.id,
         "limit": limit + 1,

@@ -281,7 +281,7 @@ class InboxFeed:
                         async for note in conn.notifies(timeout=self._check_interval):
                             self._announced(note.payload)
                         await conn.execute("SELECT 1")  # a dead connection shows here
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            except Exception as exc:  # whatever broke it, the feed must come back
                 if self.listening.is_set():
                     self.drops += 1
                     log.warning("inbox feed: LISTEN connection lost (%s); reconnecting",
@@ -314,7 +314,9 @@ class InboxFeed:
                 continue
             try:
                 rows = await self._query(BY_IDS_SQL, {"ids": wanted})
-            except FeedUnavailable:
+            except Exception as exc:  # never let one bad read stop the fan-out for good
+                if not isinstance(exc, FeedUnavailable):
+                    log.exception("inbox feed: reading announced messages failed")
                 self._resync_recipients({recipient for _, recipient in batch})
                 continue
             for row in rows:
