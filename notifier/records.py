@@ -18,8 +18,8 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from notifier.pipeline.cancel import cancel_by
-from notifier.pipeline.inbox import list_inbox
-from notifier.pipeline.inbox import mark_read as mark_inbox_read
+from notifier.pipeline.inbox import InboxItem, State, count_states, list_page
+from notifier.pipeline.inbox import mark as mark_inbox
 from notifier.pipeline.preferences import get_recipient_preferences
 from notifier.pipeline.preferences import set_preferences as store_preferences
 from notifier.storage.db import session_scope
@@ -35,25 +35,55 @@ def lookup(idempotency_key: str) -> str | None:
     return str(found) if found else None
 
 
-def inbox(recipient_id: str, *, unread_only: bool = True, limit: int = 50) -> list[dict[str, Any]]:
-    """The recipient's in-app messages, newest first (what an app shows in its bell menu)."""
+def inbox(recipient_id: str, *, unread_only: bool = True, limit: int = 50,
+          include_archived: bool = False) -> list[dict[str, Any]]:
+    """The recipient's in-app messages, newest first (what an app shows in its bell menu):
+    not read yet by default, else all but the archived ones unless ``include_archived``."""
+    items: list[dict[str, Any]] = inbox_page(
+        recipient_id, unread_only=unread_only, limit=limit, include_archived=include_archived,
+    )["items"]
+    return items
+
+
+def inbox_page(recipient_id: str, *, cursor: str | None = None, unread_only: bool = False,
+               include_archived: bool = False, limit: int = 50) -> dict[str, Any]:
+    """One page of the inbox, newest first: ``{"items": [...], "next_cursor": str|None}``;
+    pass ``next_cursor`` back as ``cursor`` for the next page. ValueError names a bad
+    ``cursor``, ``limit`` or ``recipient_id``."""
     with session_scope() as session:
-        rows = list_inbox(session, recipient_id, unread_only=unread_only, limit=limit)
-        return [
-            {"id": str(row.id), "type": row.type, "priority": row.priority, "title": row.title,
-             "body": row.body, "data": row.data, "created_at": row.created_at,
-             "read_at": row.read_at,
-             "notification_id": str(row.notification_id) if row.notification_id else None,
-             "digest_id": str(row.digest_id) if row.digest_id else None}
-            for row in rows
-        ]
+        page = list_page(session, recipient_id, cursor=cursor, unread_only=unread_only,
+                         include_archived=include_archived, limit=limit)
+    return {"items": [_inbox_dict(item) for item in page.items], "next_cursor": page.next_cursor}
+
+
+def _inbox_dict(item: InboxItem) -> dict[str, Any]:
+    """An item as ``inbox`` has always answered it (datetimes), with the state and cursor."""
+    return {"id": str(item.id), "type": item.type, "priority": item.priority,
+            "title": item.title, "body": item.body, "data": item.data,
+            "created_at": item.created_at, "seen_at": item.seen_at, "read_at": item.read_at,
+            "archived_at": item.archived_at, "state": item.state.value, "cursor": item.cursor,
+            "notification_id": str(item.notification_id) if item.notification_id else None,
+            "digest_id": str(item.digest_id) if item.digest_id else None}
+
+
+def inbox_counts(recipient_id: str) -> dict[str, int]:
+    """How many of the recipient's messages are unread, seen, read and archived."""
+    with session_scope() as session:
+        return {state.value: count for state, count in count_states(session, recipient_id).items()}
+
+
+def mark_inbox_messages(recipient_id: str, state: str, message_ids: Iterable[str] | None = None,
+                        *, until: str | None = None) -> int:
+    """Move the recipient's messages forward to ``state`` (``seen``, ``read``, ``archived``):
+    the ids given, or all (up to the cursor ``until``); returns how many moved."""
+    with session_scope() as session:
+        ids = None if message_ids is None else list(message_ids)
+        return mark_inbox(session, recipient_id, state, ids, until=until)
 
 
 def mark_read(recipient_id: str, message_ids: Iterable[str] | None = None) -> int:
     """Mark the recipient's inbox messages read (all unread when no ids); returns how many."""
-    with session_scope() as session:
-        ids = None if message_ids is None else list(message_ids)
-        return mark_inbox_read(session, recipient_id, ids)
+    return mark_inbox_messages(recipient_id, State.READ, message_ids)
 
 
 def set_preferences(recipient_id: str, **changes: Any) -> dict[str, Any]:

@@ -405,6 +405,29 @@ class Settings(BaseSettings):
     too (``--overlap`` overrides it), so a receiver can switch without losing messages
     (``docs/secrets.md``)."""
 
+    # --- Inbox for browsers (``docs/inbox.md``) -----------------------------------------
+    inbox_listen_url: str | None = None
+    """Postgres URL of the live inbox feed's ``LISTEN`` connection (one per API process);
+    default: ``NOTIFIER_DATABASE_URL``. It must reach Postgres itself or a pooler in
+    session mode: a pooler in transaction mode (PgBouncer's usual) drops ``LISTEN``."""
+    inbox_feed_queue_size: int = Field(100, ge=1, le=10_000)
+    """Messages waiting for one live inbox stream at most; a stream further behind is
+    emptied and catches up from Postgres instead (memory stays bounded, nothing is lost)."""
+    api_token_secret: SecretStr | None = None
+    """Key that signs recipient tokens (``notifier.pipeline.recipient_tokens``): what a
+    browser shows to read one recipient's inbox. At least 32 characters of randomness,
+    e.g. ``python -c 'import secrets; print(secrets.token_urlsafe(32))'``; unset, no token
+    can be minted or accepted. To rotate it: move it to
+    ``NOTIFIER_API_TOKEN_PREVIOUS_SECRET``, set a new one, and drop the previous one once
+    ``NOTIFIER_API_TOKEN_MAX_TTL`` has passed (``docs/inbox.md``)."""
+    api_token_previous_secret: SecretStr | None = None
+    """The key before ``NOTIFIER_API_TOKEN_SECRET``: tokens it signed are still accepted
+    (never minted) until they expire, so a rotation logs no browser out."""
+    api_token_ttl: float = Field(3600.0, gt=0)
+    """Seconds a recipient token is valid when its minter asks for no other lifetime."""
+    api_token_max_ttl: float = Field(86400.0, gt=0)
+    """Longest lifetime a recipient token may be minted with (seconds)."""
+
     # --- RabbitMQ broker (``notifier/broker_topology.py``) ---------------------------
     broker_queue_type: Literal["quorum", "classic"] = "quorum"
     """On RabbitMQ: ``quorum`` queues (replicated, on disk before a publish is confirmed,
@@ -434,6 +457,27 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"health_beat_max_age: must be above NOTIFIER_HEARTBEAT_INTERVAL"
                 f" ({self.heartbeat_interval:g}), got {self.health_beat_max_age:g}"
+            )
+        return self
+
+    @field_validator("inbox_listen_url")
+    @classmethod
+    def _listen_url_is_postgres(cls, url: str | None) -> str | None:
+        return None if url is None else cls._database_url_is_postgres(url)
+
+    @field_validator("api_token_secret", "api_token_previous_secret")
+    @classmethod
+    def _token_secret_is_long(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None and len(secret.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (a random key, not a password)")
+        return secret
+
+    @model_validator(mode="after")
+    def _token_ttl_within_max(self) -> Settings:
+        if self.api_token_ttl > self.api_token_max_ttl:
+            raise ValueError(
+                f"api_token_ttl: at most NOTIFIER_API_TOKEN_MAX_TTL"
+                f" ({self.api_token_max_ttl:g}), got {self.api_token_ttl:g}"
             )
         return self
 

@@ -121,6 +121,12 @@ def raw_cursor(session: Session) -> Cursor:
     return driver.cursor()
 
 
+def libpq_url(url: str) -> str:
+    """A SQLAlchemy ``postgresql+psycopg://`` URL as libpq takes it (for psycopg's own
+    connections, such as the inbox feed's ``LISTEN``)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 def describe_db_error(exc: BaseException) -> str:
     """The gist of the driver's message, without the SQL and traceback noise.
 

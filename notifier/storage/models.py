@@ -332,7 +332,10 @@ class IdempotencyKey(Base):
 
 
 class InboxMessage(Base):
-    """What the in-app channel delivered: a recipient's inbox, read and unread."""
+    """What the in-app channel delivered: a recipient's inbox.
+
+    A message's state is its most advanced stamp (``notifier.pipeline.inbox``): unread,
+    seen, read, archived; reading also stamps ``seen_at`` and archiving ``read_at``."""
 
     __tablename__ = "inbox_messages"
     __table_args__ = (
@@ -340,6 +343,11 @@ class InboxMessage(Base):
         Index(
             "ix_inbox_messages_unread", "recipient_id", "created_at",
             postgresql_where=text("read_at IS NULL"),
+        ),
+        # The default page, all but archived (migration 0011).
+        Index(
+            "ix_inbox_messages_unarchived", "recipient_id", "created_at",
+            postgresql_where=text("archived_at IS NULL"),
         ),
         # Retention: read messages by when they were read.
         Index("ix_inbox_messages_read_at", "read_at", postgresql_where=text("read_at IS NOT NULL")),
@@ -355,7 +363,9 @@ class InboxMessage(Base):
     title: Mapped[str] = mapped_column(Text, nullable=False)
     body: Mapped[str] = mapped_column(Text, nullable=False)
     data: Mapped[JsonObject]
+    seen_at: Mapped[Timestamp | None]
     read_at: Mapped[Timestamp | None]
+    archived_at: Mapped[Timestamp | None]
     created_at: Mapped[CreatedAt]
 
 

@@ -78,6 +78,37 @@ def test_inbox_lists_unread_and_marks_read():
     assert refused.returncode == 2 and "message id: not a UUID" in refused.stderr
 
 
+def test_inbox_states_counts_and_pages():
+    """`inbox seen|archive|counts` move messages forward and count them; `list` marks
+    each line with its state and pages with --cursor; a bad cursor is one usage line."""
+    from notifier.channels.base import OutgoingMessage
+    from notifier.channels.inapp import InAppChannel
+
+    messages = [
+        OutgoingMessage(uuid.uuid4(), "user-3", None, "alert", "high", f"Title {i}", "body")
+        for i in range(3)
+    ]
+    assert all(result.sent for result in InAppChannel("inapp://").send_batch(messages))
+    first, second = str(messages[0].delivery_id), str(messages[1].delivery_id)
+    assert run("inbox", "seen", "user-3", first).stdout.strip() == "marked 1 messages seen"
+    assert run("inbox", "archive", "user-3", second).stdout.strip() == (
+        "marked 1 messages archived")
+    assert run("inbox", "seen", "user-3", second).stdout.strip() == "marked 0 messages seen"
+    assert json.loads(run("inbox", "counts", "user-3", "--json").stdout) == {
+        "unread": 1, "seen": 1, "read": 0, "archived": 1}
+    assert run("inbox", "counts", "user-3").stdout.strip() == (
+        "unread 1  seen 1  read 0  archived 1")
+    listing = run("inbox", "list", "user-3", "--all", "--archived", "--limit", "2").stdout
+    lines = listing.splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("next: --cursor ")
+    rest = run("inbox", "list", "user-3", "--all", "--archived", "--cursor",
+               lines[-1].split()[-1]).stdout.splitlines()
+    assert len(rest) == 1
+    assert {line[0] for line in lines[:2] + rest} == {"*", "+", "a"}
+    refused = run("inbox", "list", "user-3", "--cursor", "garbage")
+    assert refused.returncode == 2 and "cursor: not a cursor" in refused.stderr
+
+
 def test_sending_the_same_inbox_delivery_twice_keeps_one_message():
     from notifier.channels.base import OutgoingMessage
     from notifier.channels.inapp import InAppChannel

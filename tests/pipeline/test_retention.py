@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from notifier.pipeline.inbox import mark
 from notifier.pipeline.retention import purge_expired
 from notifier.settings import ConfigError, Settings, load_settings
 from notifier.storage.db import session_scope
@@ -238,6 +239,21 @@ def test_unread_inbox_messages_are_kept_unless_a_longer_setting_says_otherwise()
     purged = purge_expired(settings(retention_inbox_read_days=30,
                                     retention_inbox_unread_days=60))
     assert purged == {"inbox_messages (unread)": 1}
+
+
+def test_archived_inbox_messages_go_as_read_ones_and_seen_ones_stay_as_unread_ones():
+    """Archiving stamps read_at, so an archived message is purged by the read retention,
+    counted from when it was read; a message only seen is still unread, and kept."""
+    archived_today = inbox_message(ANCIENT, read=False)
+    seen = inbox_message(ANCIENT, read=False)
+    archived_long_ago = inbox_message(ANCIENT, read=True)
+    execute("UPDATE inbox_messages SET archived_at = read_at WHERE id = :id", id=archived_long_ago)
+    with session_scope() as session:
+        assert mark(session, "u", "archived", [archived_today]) == 1
+        assert mark(session, "u", "seen", [seen]) == 1
+    assert purge_expired(settings()) == {"inbox_messages": 1}
+    assert count_rows("SELECT count(*) FROM inbox_messages WHERE id = ANY(:ids)",
+                      ids=[archived_today, seen]) == 2
 
 
 # --- what is never purged ------------------------------------------------------------
