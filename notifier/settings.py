@@ -209,17 +209,11 @@ class Settings(BaseSettings):
     several workers share the due windows (``SKIP LOCKED``). Off: beat's tick flushes."""
     flush_loop_poll: float = Field(0.2, gt=0, le=60)
     """How long an idle flush loop sleeps before looking again for the next due window
-    (seconds; it never sleeps past one it knows of). Without ``LISTEN``
-    (``NOTIFIER_FLUSH_LOOP_LISTEN``), how late a window that became due early (its group
-    reached the rule's maximum) can be flushed. A loop that keeps finding nothing
-    doubles it, up to ``NOTIFIER_FLUSH_INTERVAL`` if it listens."""
-    flush_loop_listen: bool = True
-    """The flush loop ``LISTEN``s for ingest's word (``NOTIFY``) that a window fell due
-    early or opened due soon, on a Postgres connection of its own, so an idle loop can
-    sleep up to beat's tick and still flush such a window at once. Set false when
-    ``NOTIFIER_DATABASE_URL`` goes through a pooler in transaction mode (PgBouncer):
-    ``LISTEN`` needs a session of its own; an idle loop then looks every
-    ``NOTIFIER_FLUSH_LOOP_POLL``."""
+    (seconds; it never sleeps past one it knows of). A loop that keeps finding nothing
+    doubles it up to ``NOTIFIER_FLUSH_INTERVAL``, woken at once by ingest's ``NOTIFY``
+    when a window falls due early (its group reached the rule's maximum) or opens due
+    sooner. Behind a pooler (PgBouncer), where ``LISTEN`` cannot work, it stays at this:
+    how late such a window can be flushed there."""
     flush_batch_size: int = Field(100, ge=1)
     """Windows flushed per transaction; a flush takes chunk after chunk while they come
     back full. Small chunks commit (and publish) the first windows of a burst sooner:

@@ -15,9 +15,9 @@ A loop that finds nothing to flush backs off (``next_sleep``): an idle one looks
 the due windows held by another loop naps ``HELD_NAP``, doubling up to the poll. It
 still never sleeps past the next due window, and it ``LISTEN``s on ``FLUSH_CHANNEL``:
 an ingest that makes a window due sooner than a loop's longest sleep (a group filled,
-a short window opened) wakes it at its commit (``ingest.wake_flush_loops``). Without
-``LISTEN`` (``NOTIFIER_FLUSH_LOOP_LISTEN=false``, behind a pooler in transaction mode)
-an idle loop looks every ``flush_loop_poll``, as before.
+a short window opened) wakes it at its commit (``ingest.wake_flush_loops``). Behind a
+pooler (PgBouncer), where ``LISTEN`` cannot work, an idle loop looks every
+``flush_loop_poll``, as before.
 
 Beat still owns *whether* windows are flushed: its tick (``notifier.flush_windows``)
 arms the loops through a Redis key that lives for ``ARMED_TICKS`` ticks, set when beat
@@ -252,7 +252,7 @@ class FlushLoop:
         """One turn: flush a chunk if armed; returns how long to sleep before the next."""
         if not self._armed():
             return ARM_CHECK
-        if self.settings.flush_loop_listen and self.listener is None:
+        if self.listener is None:
             self.listener = Listener.open()
         elif self.listener is not None:
             self.listener.drain()  # what woke it is seen by this chunk
@@ -319,14 +319,20 @@ class FlushLoop:
 
 class Listener:
     """The loop's ``LISTEN`` on ``FLUSH_CHANNEL``: a connection of its own, in
-    autocommit, straight to Postgres (a pooler in transaction mode cannot carry it:
-    ``NOTIFIER_FLUSH_LOOP_LISTEN=false`` there). Lost, it is opened again after
-    ``LISTEN_RETRY``; meanwhile the loop looks every ``flush_loop_poll``."""
+    autocommit. Lost, it is opened again after ``LISTEN_RETRY``; meanwhile the loop
+    looks every ``flush_loop_poll``.
+
+    Only straight to Postgres: behind a pooler (PgBouncer) the session that would
+    listen is a server connection lent to others between statements, so the loop does
+    not listen there (it would leave ``LISTEN`` on a shared connection and hear
+    nothing). A pooler gives itself away by the backend pid it reports at connect
+    (its own cancel key), which is not the server's ``pg_backend_pid()``."""
 
     def __init__(self) -> None:
         self.connection: Any = None
         self.driver: psycopg.Connection[Any] | None = None
         self.failed_at = 0.0
+        self.pooled = False
 
     @classmethod
     def open(cls) -> Listener:
@@ -336,7 +342,8 @@ class Listener:
 
     def ready(self) -> bool:
         """Whether it listens (a lost one is opened again after ``LISTEN_RETRY``)."""
-        if self.driver is None and time.monotonic() - self.failed_at >= LISTEN_RETRY:
+        if (self.driver is None and not self.pooled
+                and time.monotonic() - self.failed_at >= LISTEN_RETRY):
             self.connect()
         return self.driver is not None
 
@@ -345,6 +352,13 @@ class Listener:
             self.connection = get_engine().raw_connection()
             self.driver = cast("psycopg.Connection[Any]", self.connection.driver_connection)
             self.driver.autocommit = True
+            row = self.driver.execute("SELECT pg_backend_pid()").fetchone()
+            if row is None or row[0] != self.driver.info.backend_pid:
+                self.pooled = True
+                log.info("flush loop: Postgres is reached through a pooler; no LISTEN on"
+                         " %s, looking every flush_loop_poll", FLUSH_CHANNEL)
+                self.close()
+                return
             self.driver.execute(f"LISTEN {FLUSH_CHANNEL}")
         except Exception as exc:
             self._lost(exc)
