@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -333,6 +334,7 @@ class Listener:
         self.driver: psycopg.Connection[Any] | None = None
         self.failed_at = 0.0
         self.pooled = False
+        self.poll: select.poll | None = None
 
     @classmethod
     def open(cls) -> Listener:
@@ -360,33 +362,35 @@ class Listener:
                 self.close()
                 return
             self.driver.execute(f"LISTEN {FLUSH_CHANNEL}")
+            self.poll = select.poll()  # not select(): a worker may hold 1024 files
+            self.poll.register(self.driver.fileno(), select.POLLIN)
         except Exception as exc:
             self._lost(exc)
 
     def wait(self, seconds: float) -> bool:
-        """Whether a notification came within ``seconds`` (any others waiting are
-        taken with it)."""
-        if self.driver is None:
+        """Whether a notification came within ``seconds`` (all that came are taken).
+
+        ``poll`` on the socket, then psycopg reads what came: its own
+        ``notifies(timeout=…)`` costs about a millisecond of CPU per call, which a loop
+        sleeping a millisecond at a time between windows (a burst falling due) cannot
+        afford; ``poll`` costs microseconds."""
+        if self.driver is None or self.poll is None:
             time.sleep(seconds)
             return False
-        try:
-            woke = any(True for _ in self.driver.notifies(timeout=seconds, stop_after=1))
-            if woke:
-                self.drain()
-            return woke
-        except psycopg.Error as exc:
-            self._lost(exc)
+        if not self.poll.poll(max(seconds, 0.0) * 1000):
             return False
+        return self.drain() > 0
 
-    def drain(self) -> None:
-        """Take the notifications already here (the chunk about to run sees their cause)."""
+    def drain(self) -> int:
+        """Take the notifications already here (the chunk about to run sees their
+        cause); how many there were. A connection that ended is seen here too."""
         if self.driver is None:
-            return
+            return 0
         try:
-            for _ in self.driver.notifies(timeout=0):
-                pass
+            return sum(1 for _ in self.driver.notifies(timeout=0))
         except psycopg.Error as exc:
             self._lost(exc)
+            return 0
 
     def _lost(self, exc: BaseException) -> None:
         log.warning("flush loop: no LISTEN on %s (%s); looking every flush_loop_poll,"
@@ -397,6 +401,7 @@ class Listener:
 
     def close(self) -> None:
         connection, self.connection, self.driver = self.connection, None, None
+        self.poll = None
         if connection is not None:
             try:
                 connection.invalidate()  # never back to a pool with a LISTEN on it
