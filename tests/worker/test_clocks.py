@@ -85,3 +85,35 @@ def test_a_worker_whose_clock_is_90_s_off_flushes_and_retries_on_postgres_clock(
     [(wait,)] = query("SELECT extract(epoch FROM next_attempt_at - updated_at)::float8"
                       " FROM deliveries WHERE channel = 'email'")
     assert 60 / 2 - 2 <= wait <= 60, wait  # its backoff (half to all of 60 s), not ±90 s
+
+
+_BEAT_AND_WORKER = """
+from notifier.storage.state import state_redis
+from notifier.worker import heartbeat
+from notifier.worker.tasks import _stamp_heartbeat
+headers = {}
+_stamp_heartbeat(headers)  # what beat does before it publishes a heartbeat
+heartbeat.record_heartbeat_published(state_redis(), headers)  # ... and once it is sent
+heartbeat.record_heartbeat_run(state_redis(), headers[heartbeat.SENT_AT_HEADER], "skewed@host")
+"""
+
+
+@pytest.mark.parametrize("offset", ["+90s", "-90s"])
+def test_beat_and_a_worker_whose_clocks_are_90_s_off_keep_the_health_check_green(offset):
+    """Beat's heartbeat is stamped, recorded and judged on the state Redis's clock: a
+    beat host 90 s slow does not look 90 s dead to a probe on another host (the limit
+    is NOTIFIER_HEALTH_BEAT_MAX_AGE, 30 s by default), nor a fast one 90 s fresher."""
+    from notifier.ops.health import Thresholds, check_beat
+    from notifier.settings import get_settings
+
+    env = skewed(offset)
+    result = subprocess.run([sys.executable, "-c", _BEAT_AND_WORKER], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr
+    settings = get_settings()
+    verdict = check_beat(settings, Thresholds.from_settings(settings))
+    assert verdict.ok, verdict.summary
+    assert "by skewed@host" in verdict.summary
+    assert 0 <= verdict.details["tick_age"] < 15, verdict.details  # not 90 s older or newer
+    assert 0 <= verdict.details["lag"] < 5, verdict.details
