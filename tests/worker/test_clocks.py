@@ -25,7 +25,9 @@ from tests.smtp_server import SmtpServer
 from tests.worker.test_flush_loop import ALERT_WINDOW, arm_for_a_minute, wait_for_loop
 from tests.workers import ROOT, WorkerProcess, wait_for, wait_for_count
 
-FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+#: Debian's libfaketime (``apt-get install faketime``), for any architecture.
+FAKETIME = next(iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))),
+                Path("/nonexistent/libfaketime.so.1"))
 SKEW = 90.0
 
 pytestmark = [
