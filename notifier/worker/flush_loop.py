@@ -255,7 +255,7 @@ class FlushLoop:
             return ARM_CHECK
         if self.listener is None:
             self.listener = Listener.open()
-        elif self.listener is not None:
+        else:
             self.listener.drain()  # what woke it is seen by this chunk
         result = flush_chunk(self.settings, sizer)
         self._count(result)
