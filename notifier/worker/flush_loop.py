@@ -135,11 +135,15 @@ def flush_chunk(settings: Settings, batch_size: Any = None) -> FlushResult:
     transaction; their delivery tasks are published once it commits. A chunk that
     comes back short also says, in the same transaction, when the next window is due
     (``FlushResult.next_due_in``)."""
+    asked = 0.0
     with transaction() as tx:
         result = flush_due_windows(tx.cursor, get_rules(), settings, batch_size=batch_size)
         if result.windows < settings.flush_batch_size:
             result.next_due_in = seconds_until_next_due(tx.cursor)
+            asked = time.monotonic()
         tx.after_commit(publish, result.tasks)
+    if result.next_due_in is not None:  # less the commit and the publishing since
+        result.next_due_in -= time.monotonic() - asked
     metrics.record_flush(result.windows, result.digests, result.digested)
     return result
 
