@@ -224,9 +224,12 @@ class Settings(BaseSettings):
     the next window is due and flushes it then, instead of at beat's next tick. Loops of
     several workers share the due windows (``SKIP LOCKED``). Off: beat's tick flushes."""
     flush_loop_poll: float = Field(0.2, gt=0, le=60)
-    """The longest the flush loop sleeps before looking again for the next due window
-    (seconds): how late a window that became due early (its group reached the rule's
-    maximum) can be flushed; one cheap indexed query per look."""
+    """How long an idle flush loop sleeps before looking again for the next due window
+    (seconds; it never sleeps past one it knows of). A loop that keeps finding nothing
+    doubles it up to ``NOTIFIER_FLUSH_INTERVAL``, woken at once by ingest's ``NOTIFY``
+    when a window falls due early (its group reached the rule's maximum) or opens due
+    sooner. Behind a pooler (PgBouncer), where ``LISTEN`` cannot work, it stays at this:
+    how late such a window can be flushed there."""
     flush_batch_size: int = Field(100, ge=1)
     """Windows flushed per transaction; a flush takes chunk after chunk while they come
     back full. Small chunks commit (and publish) the first windows of a burst sooner:

@@ -476,19 +476,20 @@ def judge_heartbeat(heartbeat: Heartbeat, limit: float, now: float) -> CheckResu
 
 
 def check_beat(settings: Settings, thresholds: Thresholds) -> CheckResult:
-    from notifier.storage.state import connect
+    from notifier.storage.state import connect, server_seconds
 
     client = None
     try:
         client = connect(settings, timeout=thresholds.timeout)
         heartbeat = read_heartbeat(client)
+        now = server_seconds(client)  # the clock the heartbeat was written on
     except Exception as exc:  # a Redis error, or a cluster with no node to start from
         return CheckResult("beat", False, f"cannot read the heartbeat from"
                            f" {mask_url(settings.state_redis_url)}: {_one_line(exc)}")
     finally:
         if client is not None:
             client.close()
-    return judge_heartbeat(heartbeat, thresholds.beat_max_age, time.time())
+    return judge_heartbeat(heartbeat, thresholds.beat_max_age, now)
 
 
 # --- the state Redis ----------------------------------------------------------------

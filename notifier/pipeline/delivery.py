@@ -43,7 +43,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
@@ -70,7 +70,7 @@ from notifier.pipeline.retry import RetryPolicy, countdown_second, next_attempt
 from notifier.settings import CHANNEL_NAMES, Settings, get_settings
 from notifier.storage.db import get_engine, raw_cursor, session_scope
 from notifier.storage.models import UNSENT_DELIVERY_STATUSES as UNSENT
-from notifier.storage.state import StateRedis, state_redis
+from notifier.storage.state import StateRedis, server_seconds, state_redis
 
 if TYPE_CHECKING:
     from psycopg import Cursor
@@ -227,7 +227,8 @@ def _send_claimed(
     breaker = circuit_breaker(state, channel.name, settings)
     permit = breaker.acquire()
     if not permit.allowed:
-        recorder.release(claimed, permit.retry_at, f"circuit open for {channel.name}")
+        recorder.release(claimed, wait_until(state, permit.retry_at),
+                         f"circuit open for {channel.name}")
         return
     ready = _within_rate_limits(claimed, recorder, settings, state)
     for delivery in [d for d in ready if d.message is None]:
@@ -244,7 +245,8 @@ def _send_claimed(
                                          probing=True)
             if state_after != "closed":
                 retry_at = breaker.acquire().retry_at
-                recorder.release(ready, retry_at, f"circuit open for {channel.name}")
+                recorder.release(ready, wait_until(state, retry_at),
+                                 f"circuit open for {channel.name}")
                 return
         if ready:
             tally = _send(channel, ready, recorder, endpoints)
@@ -263,10 +265,19 @@ def _within_rate_limits(
     waits = limiter.take([
         RateRequest(d.recipient_id, critical=d.priority == "critical") for d in claimed
     ])
+    clock = server_seconds(state) if any(waits) else 0.0
     for delivery, until in zip(claimed, waits, strict=True):
         if until:
-            recorder.release([delivery], until, f"rate limit of {delivery.recipient_id}")
+            recorder.release([delivery], max(until - clock, 0.0),
+                             f"rate limit of {delivery.recipient_id}")
     return [d for d, until in zip(claimed, waits, strict=True) if not until]
+
+
+def wait_until(state: StateRedis, until: float) -> float:
+    """Seconds from now to ``until``, a time on the state Redis's clock (a breaker's or a
+    rate window's end): a wait, so that the row's due time is taken from Postgres's
+    clock and no host's clock comes into it (``docs/scaling.md``, Clocks)."""
+    return max(until - server_seconds(state), 0.0)
 
 
 class _Endpoints:
@@ -308,7 +319,6 @@ class _Endpoints:
         permits = dict(zip(endpoints, self.breakers.acquire(endpoints), strict=True))
         admitted: list[ClaimedDelivery] = []
         held: dict[tuple[str, float], list[ClaimedDelivery]] = defaultdict(list)
-        now = time.time()
         for delivery in ready:
             endpoint = self.of.get(delivery.id)
             permit = permits[endpoint] if endpoint else None
@@ -317,11 +327,13 @@ class _Endpoints:
             elif permit.probing and endpoint not in self.tallies:
                 self.tallies[endpoint] = EndpointTally(probing=True)
                 admitted.append(delivery)
-            else:  # open, or half-open with its probe already chosen
-                until = now + 1 if permit.probing else permit.retry_at
-                held[(str(endpoint), until)].append(delivery)
+            else:  # open, or half-open with its probe already chosen (Redis's clock)
+                held[(str(endpoint), -1.0 if permit.probing else permit.retry_at)].append(
+                    delivery)
+        clock = server_seconds(self.breakers.client) if held else 0.0
         for (endpoint, until), deliveries in held.items():
-            recorder.release(deliveries, until, f"circuit open for endpoint {endpoint}")
+            wait = 1.0 if until < 0 else max(until - clock, 0.0)
+            recorder.release(deliveries, wait, f"circuit open for endpoint {endpoint}")
         return admitted
 
     def count(self, delivery: ClaimedDelivery, result: SendResult) -> None:
@@ -384,11 +396,11 @@ def _send(
         raised_in_a_row = 1 if answered else raised_in_a_row + 1
         _blame_first_waiting(channel, waiting, exc, recorder)
         if waiting and recorder.should_stop():
-            recorder.release(waiting.values(), time.time(), recorder.stop_reason())
+            recorder.release(waiting.values(), 0.0, recorder.stop_reason())
             waiting.clear()
         elif waiting and raised_in_a_row >= MAX_RAISES_IN_A_ROW:
             recorder.release(
-                waiting.values(), time.time() + 1,
+                waiting.values(), 1.0,
                 f"returned unsent: the {channel.name} channel raised on {raised_in_a_row}"
                 " messages in a row",
             )
@@ -432,7 +444,7 @@ def _send_round(
             if endpoints is not None:
                 endpoints.count(delivery, result)
             if waiting and recorder.should_stop():
-                recorder.release(waiting.values(), time.time(), recorder.stop_reason())
+                recorder.release(waiting.values(), 0.0, recorder.stop_reason())
                 waiting.clear()
     finally:
         _close_quietly(results)
@@ -732,7 +744,9 @@ RECORD_EVERY_SECONDS = 0.05
 RECORD_AT_MOST = 50
 
 #: One write of many outcomes: each row's new status, attempts (added, or set for a
-#: dead one), due time, error and how long before the write it was sent. Only rows
+#: dead one), error, how long before the write it was known, and for a row put back,
+#: its wait from then: its due time is Postgres's ``now()`` less the one plus the
+#: other, so every due time is on Postgres's clock whatever the worker's says. Only rows
 #: still ``sending`` under this batch's claim change (a row resumed elsewhere after the
 #: claim's connection was lost is not ours any more). ``synchronous_commit`` is off for
 #: this transaction alone (never for the session: a pooler such as PgBouncer would hand
@@ -746,14 +760,15 @@ WITH async_commit AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off'
 UPDATE deliveries d SET
     status = v.status,
     attempts = coalesce(v.attempts_set, d.attempts + v.attempts_add),
-    next_attempt_at = coalesce(v.due, d.next_attempt_at),
+    next_attempt_at = coalesce(now() + make_interval(secs => v.delay - v.ago),
+                               d.next_attempt_at),
     last_error = v.error,
     sent_at = CASE WHEN v.status = 'sent' THEN now() - make_interval(secs => v.ago)
                    ELSE d.sent_at END,
     updated_at = now()
 FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(adds)s::int[], %(sets)s::int[],
-            %(dues)s::timestamptz[], %(errors)s::text[], %(agos)s::float8[])
-         AS v(id, status, attempts_add, attempts_set, due, error, ago),
+            %(delays)s::float8[], %(errors)s::text[], %(agos)s::float8[])
+         AS v(id, status, attempts_add, attempts_set, delay, error, ago),
      async_commit
 WHERE d.id = v.id AND coalesce(d.status, '') = 'sending' AND d.claim_key = %(key)s
 RETURNING d.id, extract(epoch FROM d.sent_at - d.created_at)
@@ -766,12 +781,14 @@ class _Pending:
 
     delivery: ClaimedDelivery
     status: str
-    #: When it was known (``time.time()``): a sent row's ``sent_at``.
+    #: When it was known (``time.monotonic()``): a sent row's ``sent_at`` is that long
+    #: before the write, on Postgres's clock.
     at: float
     attempts_add: int = 0
     #: A dead delivery's attempts, set rather than added.
     attempts_set: int | None = None
-    due: datetime | None = None
+    #: Put back: seconds from ``at`` until it is due again.
+    delay: float | None = None
     error: str | None = None
     dead_letter: FailedDelivery | None = None
 
@@ -793,7 +810,8 @@ class _Recorder:
         self.stopping = stopping or _never
         self.policy = RetryPolicy.for_channel(settings, {})
         self._pending: list[_Pending] = []
-        self._short_retries: dict[datetime, list[uuid.UUID]] = defaultdict(list)
+        #: Whole seconds of ``time.monotonic()`` -> the retries due then (a countdown).
+        self._short_retries: dict[int, list[uuid.UUID]] = defaultdict(list)
         self._sent_notifications: list[uuid.UUID] = []
         self._failed_notifications: list[uuid.UUID] = []
         self._configuration_errors: dict[str, list[str]] = defaultdict(list)
@@ -887,18 +905,18 @@ class _Recorder:
             self.dead(delivery, result.error or PermanentError("unknown failure"))
 
     def sent(self, delivery: ClaimedDelivery) -> None:
-        self._add(_Pending(delivery, "sent", time.time(), attempts_add=1))
+        self._add(_Pending(delivery, "sent", time.monotonic(), attempts_add=1))
         self.outcome.sent += 1
         if delivery.notification_id:
             self._sent_notifications.append(delivery.notification_id)
 
     def retry(self, delivery: ClaimedDelivery, error: RetryableError) -> None:
         attempts = delivery.attempts + 1
-        retry = next_attempt(self.policy, attempts, error.retry_after, datetime.now(UTC))
+        retry = next_attempt(self.policy, attempts, error.retry_after)
         if retry is None:
             self.dead(delivery, error, f"gave up after {attempts} attempts: {error}")
             return
-        self._hold(delivery, retry.due, str(error), counts_attempt=True)
+        self._hold(delivery, retry.delay, str(error), counts_attempt=True)
         self.outcome.retrying += 1
         log.info("delivery %s (%s) failed, attempt %d, retrying in %.1fs: %s", delivery.id,
                  self.channel, attempts, retry.delay, error, extra=self.about(delivery))
@@ -908,30 +926,32 @@ class _Recorder:
         ``breaker_open_seconds`` with no attempt counted, so it can never run out of
         attempts (nor be dead-lettered) over a mistake only the operator can fix. The
         error is logged once per batch and reason (``_finish``)."""
-        due = datetime.now(UTC) + timedelta(seconds=self.settings.breaker_open_seconds)
-        self._hold(delivery, due, str(error), counts_attempt=False)
+        self._hold(delivery, self.settings.breaker_open_seconds, str(error),
+                   counts_attempt=False)
         self.outcome.rescheduled += 1
         self._configuration_errors[str(error)].append(str(delivery.id))
 
-    def release(self, deliveries: Iterable[ClaimedDelivery], until: float, why: str) -> None:
-        """Put deliveries back, untried, until ``until`` (epoch seconds)."""
-        due = datetime.fromtimestamp(max(until, 0), UTC)
+    def release(self, deliveries: Iterable[ClaimedDelivery], wait: float, why: str) -> None:
+        """Put deliveries back, untried, for ``wait`` seconds."""
+        wait = max(wait, 0.0)
         held = []
         for delivery in deliveries:
-            self._hold(delivery, due, why, counts_attempt=False)
+            self._hold(delivery, wait, why, counts_attempt=False)
             self.outcome.rescheduled += 1
             held.append(str(delivery.id))
         if held:
-            log.info("%d deliveries (%s) put back until %s: %s", len(held), self.channel,
-                     due.isoformat(timespec="seconds"), why,
-                     extra={"channel": self.channel, "delivery_ids": held})
+            log.info("%d deliveries (%s) put back for %.1f s: %s", len(held), self.channel,
+                     wait, why, extra={"channel": self.channel, "delivery_ids": held})
 
     def _hold(
-        self, delivery: ClaimedDelivery, due: datetime, why: str, *, counts_attempt: bool
+        self, delivery: ClaimedDelivery, delay: float, why: str, *, counts_attempt: bool
     ) -> None:
-        self._add(_Pending(delivery, "retrying", time.time(), due=due, error=why,
+        """Put back for ``delay`` seconds: a wait, its due time taken from Postgres's
+        clock when written (``_RECORD``); a short one also rides on a countdown."""
+        at = time.monotonic()
+        self._add(_Pending(delivery, "retrying", at, delay=delay, error=why,
                            attempts_add=1 if counts_attempt else 0))
-        second = countdown_second(due, datetime.now(UTC), self.settings.retry_countdown_max)
+        second = countdown_second(delay, at, self.settings.retry_countdown_max)
         if second is not None:
             self._short_retries[second].append(delivery.id)
 
@@ -945,7 +965,7 @@ class _Recorder:
             delivery.id, self.channel, delivery.recipient_id, delivery.priority, attempts,
             reason or str(error), type(error).__name__, delivery.message,
         )
-        self._add(_Pending(delivery, "dead", time.time(), attempts_set=attempts,
+        self._add(_Pending(delivery, "dead", time.monotonic(), attempts_set=attempts,
                            error=str(error), dead_letter=letter))
         self.outcome.dead += 1
         if delivery.notification_id:
@@ -1001,13 +1021,13 @@ class _Recorder:
 
     def _write(self, pending: list[_Pending]) -> None:
         letters = [p.dead_letter for p in pending if p.dead_letter is not None]
-        now = time.time()
+        now = time.monotonic()
         parameters = {
             "ids": [p.delivery.id for p in pending],
             "statuses": [p.status for p in pending],
             "adds": [p.attempts_add for p in pending],
             "sets": [p.attempts_set for p in pending],
-            "dues": [p.due for p in pending],
+            "delays": [p.delay for p in pending],
             "errors": [None if p.error is None else _storable(p.error) for p in pending],
             "agos": [max(now - p.at, 0.0) for p in pending],
             "key": self.claim.key,
@@ -1063,10 +1083,10 @@ class _Recorder:
                     " WHERE id = ANY(%s) AND status = 'dispatched'",
                     (self._failed_notifications,),
                 )
-            for due, ids in sorted(self._short_retries.items()):
+            for second, ids in sorted(self._short_retries.items()):
                 self.outcome.tasks += queue_deliveries(
-                    cursor, ids, self.settings, from_status="retrying", due_at=due,
-                    batch_size=self.batch_size,
+                    cursor, ids, self.settings, from_status="retrying",
+                    delay=max(second - time.monotonic(), 0.0), batch_size=self.batch_size,
                 )
 
 

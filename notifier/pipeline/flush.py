@@ -52,6 +52,9 @@ class FlushResult:
     #: Windows whose members were all cancelled (or sent by another way): dropped.
     empty: int = 0
     tasks: list[DeliveryTask] = field(default_factory=list)
+    #: Seconds until the next window is due, by Postgres's clock, after this chunk (None:
+    #: not asked, or none waits); see ``seconds_until_next_due``.
+    next_due_in: float | None = None
 
 
 @dataclass
@@ -69,15 +72,18 @@ class _Member:
 
 
 def flush_due_windows(
-    cursor: Cursor[Any], rules: Rules, settings: Settings, now: datetime, limit: int | None = None,
-    *, batch_size: BatchSize | None = None,
+    cursor: Cursor[Any], rules: Rules, settings: Settings, now: datetime | None = None,
+    limit: int | None = None, *, batch_size: BatchSize | None = None,
 ) -> FlushResult:
     """Turn up to ``limit`` due windows into digests and delivery rows, in the caller's
     transaction; the returned tasks (of ``batch_size``, see ``outbox.BatchSize``) are
-    published after it commits."""
+    published after it commits.
+
+    Due means due by Postgres's clock (``now()``), the clock that opened the windows
+    (``ingest_batch``), whatever the flushing host's clock says; a test passes ``now``."""
     result = FlushResult()
-    windows = claim_due_windows(cursor, now, limit or settings.flush_batch_size)
-    if not windows:
+    windows, now = claim_due_windows(cursor, now, limit or settings.flush_batch_size)
+    if not windows or now is None:
         return result
     members = load_members(cursor, list(windows))
     states = load_recipient_states(cursor, {w.key[0] for w in windows.values()})
@@ -107,30 +113,41 @@ def flush_due_windows(
     return result
 
 
-def next_due_at(cursor: Cursor[Any]) -> datetime | None:
-    """When the next window is due (None: no window waits), read from the ``due_at``
-    index alone; windows already due and held by another flush count too."""
-    cursor.execute("SELECT min(due_at) FROM aggregation_windows")
+def seconds_until_next_due(cursor: Cursor[Any]) -> float | None:
+    """Seconds until the next window is due by Postgres's clock (0 or less: one is due
+    now; None: no window waits), read from the ``due_at`` index alone; windows already
+    due and held by another flush count too. Computed by the server, so a host whose
+    clock is fast or slow neither flushes early nor sleeps long."""
+    cursor.execute(
+        "SELECT extract(epoch FROM min(due_at) - statement_timestamp())::float8"
+        " FROM aggregation_windows")
     row = cursor.fetchone()
-    return row[0] if row else None
+    return None if row is None or row[0] is None else float(row[0])
 
 
-def claim_due_windows(cursor: Cursor[Any], now: datetime, limit: int) -> dict[uuid.UUID, Window]:
+def claim_due_windows(
+    cursor: Cursor[Any], now: datetime | None, limit: int
+) -> tuple[dict[uuid.UUID, Window], datetime | None]:
+    """Lock up to ``limit`` windows due by ``now`` (None: Postgres's ``now()``); returns
+    them and the time they were judged by."""
     cursor.execute(
         """
         SELECT id, recipient_id, type, digest_key, mode, opened_at, due_at, latest_due_at,
-               max_count, item_count
-        FROM aggregation_windows WHERE due_at <= %s
+               max_count, item_count, c.now
+        FROM aggregation_windows, (SELECT coalesce(%s, now()) AS now) c
+        WHERE due_at <= c.now
         ORDER BY due_at LIMIT %s
-        FOR UPDATE SKIP LOCKED
+        FOR UPDATE OF aggregation_windows SKIP LOCKED
         """,
         (now, limit),
     )
-    return {
+    rows = cursor.fetchall()
+    windows = {
         row[0]: Window(row[0], (row[1], row[2], row[3]), row[4], row[5], row[6], row[7],
                        row[8], row[9])
-        for row in cursor.fetchall()
+        for row in rows
     }
+    return windows, rows[0][10] if rows else now
 
 
 def load_members(

@@ -16,7 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -43,7 +43,7 @@ from notifier.schemas import (
     validate_notifications,
 )
 from notifier.settings import Settings, get_settings
-from notifier.storage.db import describe_db_error, raw_cursor
+from notifier.storage.db import describe_db_error, raw_cursor, server_now
 from notifier.storage.models import NotificationStatus, Stage
 
 if TYPE_CHECKING:
@@ -239,12 +239,13 @@ def ingest_batch(
 ) -> IngestResult:
     """Write a batch of messages: validated rows in bulk, bad items as dead letters.
 
-    ``now`` is the clock that opens and extends aggregation windows (tests set it).
+    ``now`` is the clock that opens and extends aggregation windows: Postgres's, read
+    once for the batch, so that every host's windows run on one clock (tests set it).
     """
     settings = settings or get_settings()
-    now = now or datetime.now(UTC)
     candidates, rejections = split_messages(messages, settings)
     cursor = raw_cursor(session)
+    now = now or server_now(cursor)
     result = IngestResult(rejected=len(rejections))
 
     candidates, result.repeated_ids = _first_of_each_id(candidates)
@@ -259,11 +260,35 @@ def ingest_batch(
     dispatched = [(c, routed) for c, routed in new
                   if routed.status == NotificationStatus.DISPATCHED]
     result.delivery_ids = dispatch_now(cursor, dispatched, now, states=states)
+    wake_flush_loops(cursor, {routed.window_id for _, routed in new if routed.window_id},
+                     now, settings)
     result.kinds.update((c.notification["priority"], c.notification["type"]) for c, _ in new)
     result.routed.update(routed.status for _, routed in new)
     result.suppressed = result.routed["suppressed"]
     result.dead_lettered = write_dead_letters(cursor, Stage.INGEST, rejections, settings)
     return result
+
+
+#: The channel a flush loop listens on (``notifier.worker.flush_loop``): an ingest that
+#: makes a window due within a loop's longest sleep wakes the sleeping loops.
+FLUSH_CHANNEL = "notifier_flush"
+
+
+def wake_flush_loops(
+    cursor: Cursor[Any], window_ids: Collection[uuid.UUID], now: datetime, settings: Settings,
+) -> None:
+    """Wake the flush loops (``NOTIFY``, sent when the transaction commits) if one of
+    ``window_ids`` is now due within ``flush_interval``, the longest an idle loop
+    sleeps: it opened due that soon, or closed early when its group filled. A window due
+    later is found by the loops' own look at the next due time, so most batches notify
+    nothing; loops that do not listen look every ``flush_loop_poll``."""
+    if not window_ids or not settings.flush_loop:
+        return
+    cursor.execute(
+        f"SELECT pg_notify('{FLUSH_CHANNEL}', '') FROM aggregation_windows"
+        " WHERE id = ANY(%b) AND due_at <= %b LIMIT 1",  # binary: a tenth of the text's cost
+        (list(window_ids), now + timedelta(seconds=settings.flush_interval)),
+    )
 
 
 def _first_of_each_id(candidates: list[Candidate]) -> tuple[list[Candidate], int]:
@@ -353,11 +378,11 @@ def claim_idempotency_keys(
     if not first_by_key:
         return candidates, 0
     keys = sorted(first_by_key)
-    expires = datetime.now(UTC) + window
     cursor.execute(
         """
         INSERT INTO idempotency_keys AS k (key, notification_id, expires_at, duplicates)
-        SELECT * FROM unnest(%s::text[], %s::uuid[], %s::timestamptz[], %s::int[])
+        SELECT key, id, now() + %s, duplicates
+        FROM unnest(%s::text[], %s::uuid[], %s::int[]) AS u(key, id, duplicates)
         ORDER BY 1
         ON CONFLICT (key) DO UPDATE SET
             notification_id = CASE WHEN k.expires_at <= now() THEN EXCLUDED.notification_id
@@ -370,9 +395,9 @@ def claim_idempotency_keys(
         RETURNING key, notification_id
         """,
         (
+            window,  # from Postgres's now(), the clock the expiry is compared with
             keys,
             [first_by_key[key].id for key in keys],
-            [expires] * len(keys),
             [repeats_in_batch.get(key, 0) for key in keys],
         ),
     )

@@ -11,7 +11,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from notifier.ids import uuid7
@@ -75,38 +75,40 @@ def insert_deliveries(cursor: Cursor[Any], deliveries: Sequence[NewDelivery]) ->
 
 def queue_deliveries(
     cursor: Cursor[Any], delivery_ids: Sequence[uuid.UUID | str], settings: Settings,
-    *, from_status: str = "pending", due_at: datetime | None = None,
+    *, from_status: str = "pending", delay: float | None = None,
     batch_size: BatchSize | None = None,
 ) -> list[DeliveryTask]:
     """Mark deliveries queued and group them into tasks; publish those after the commit.
 
     Only rows still in ``from_status`` are taken, so a row another process already
-    queued, claimed or finished is left alone.
+    queued, claimed or finished is left alone. ``delay``: seconds until they are due,
+    from Postgres's ``now()`` for the row and the task's countdown alike.
     """
     if not delivery_ids:
         return []
     cursor.execute(
         """
         UPDATE deliveries SET status = 'queued', queued_at = clock_timestamp(), updated_at = now(),
-            next_attempt_at = coalesce(%s, now())
+            next_attempt_at = now() + make_interval(secs => coalesce(%s::float8, 0))
         WHERE id = ANY(%s::uuid[]) AND status = %s
         RETURNING id, channel, priority
         """,
-        (due_at, [str(i) for i in delivery_ids], from_status),
+        (delay, [str(i) for i in delivery_ids], from_status),
     )
-    return group_into_tasks(cursor.fetchall(), settings, due_at, batch_size=batch_size)
+    return group_into_tasks(cursor.fetchall(), settings, delay, batch_size=batch_size)
 
 
 def group_into_tasks(
     rows: Iterable[tuple[uuid.UUID, str, str]], settings: Settings,
-    due_at: datetime | None = None, *, batch_size: BatchSize | None = None,
+    delay: float | None = None, *, batch_size: BatchSize | None = None,
 ) -> list[DeliveryTask]:
     """Deliveries of one queue and channel to a task, ``batch_size`` of them per task;
-    without one, full tasks of ``settings.delivery_batch_size``."""
+    without one, full tasks of ``settings.delivery_batch_size``. ``delay``: the tasks'
+    countdown, a relative wait (the broker's clock counts it, no host's clock is read)."""
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for delivery_id, channel, priority in rows:
         groups[(delivery_queue(channel, priority), channel)].append(str(delivery_id))
-    countdown = max(0.0, (due_at - datetime.now(UTC)).total_seconds()) if due_at else 0.0
+    countdown = max(0.0, delay or 0.0)
     tasks = []
     for (queue, channel), ids in groups.items():
         size = batch_size(queue, len(ids)) if batch_size else settings.delivery_batch_size

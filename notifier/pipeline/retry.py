@@ -17,7 +17,6 @@ import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 
 from notifier.channels.base import RETRY_OPTIONS, retry_overrides
 from notifier.settings import Settings
@@ -60,26 +59,27 @@ class Retry:
     """The next attempt of a delivery that failed in a way that may pass."""
 
     #: Seconds from the failure: the backoff, or longer if the provider asked for it.
+    #: A wait, not a time: it becomes ``next_attempt_at`` on Postgres's clock.
     delay: float
-    due: datetime
 
 
 def next_attempt(
-    policy: RetryPolicy, attempts: int, retry_after: float | None, now: datetime
+    policy: RetryPolicy, attempts: int, retry_after: float | None
 ) -> Retry | None:
     """When a delivery that has failed ``attempts`` times goes again; None: it has run
     out of attempts and goes to the dead letters."""
     if policy.exhausted(attempts):
         return None
-    delay = max(policy.delay(attempts), retry_after or 0.0)
-    return Retry(delay, now + timedelta(seconds=delay))
+    return Retry(max(policy.delay(attempts), retry_after or 0.0))
 
 
-def countdown_second(due: datetime, now: datetime, countdown_max: float) -> datetime | None:
-    """The whole second a delivery put back until ``due`` is published for, with a
+def countdown_second(delay: float, clock: float, countdown_max: float) -> int | None:
+    """The whole second of the worker's monotonic ``clock`` (read when the delivery was
+    put back) a delivery put back for ``delay`` seconds is published for, with a
     countdown, if its wait is at most ``countdown_max`` (one task per second of due time
     carries every retry due in it); None: the wait is longer, and the sweeper publishes
-    it from ``next_attempt_at`` when it is due."""
-    if (due - now).total_seconds() > countdown_max:
+    it from ``next_attempt_at`` when it is due. A local clock for a local duration: the
+    countdown is the rest of the wait when the task is published."""
+    if delay > countdown_max:
         return None
-    return datetime.fromtimestamp(math.ceil(due.timestamp()), UTC)
+    return math.ceil(clock + delay)

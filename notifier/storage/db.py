@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeAlias
+from datetime import datetime
+from typing import Any, TypeAlias, cast
 
 import psycopg
 from psycopg.rows import TupleRow
@@ -125,6 +126,17 @@ def libpq_url(url: str) -> str:
     """A SQLAlchemy ``postgresql+psycopg://`` URL as libpq takes it (for psycopg's own
     connections, such as the inbox feed's ``LISTEN``)."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def server_now(cursor: Cursor) -> datetime:
+    """Postgres's clock, read once for a transaction's decisions: the one clock every
+    time written to Postgres is taken from, so that hosts whose clocks differ agree on
+    windows and due times (``docs/scaling.md``, Clocks)."""
+    cursor.execute("SELECT statement_timestamp()")
+    row = cursor.fetchone()
+    if row is None:  # a SELECT without FROM always returns its row
+        raise RuntimeError("Postgres returned no time")
+    return cast(datetime, row[0])
 
 
 def describe_db_error(exc: BaseException) -> str:

@@ -44,6 +44,16 @@ def state_redis() -> StateRedis:
     return _clients[pid]
 
 
+def server_seconds(client: StateRedis) -> float:
+    """The state Redis's clock (``TIME``), in epoch seconds: the clock of the breakers'
+    and rate limits' times, turned into a wait by subtracting it."""
+    if isinstance(client, RedisCluster):
+        seconds, micros = client.time(target_nodes=RedisCluster.RANDOM)
+    else:
+        seconds, micros = client.time()
+    return float(seconds) + float(micros) / 1e6
+
+
 def connect(settings: Settings, *, timeout: float = 5.0) -> StateRedis:
     """A client of the state Redis that ``settings`` name, however it is reached."""
     url = settings.state_redis_url

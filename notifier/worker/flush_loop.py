@@ -4,11 +4,20 @@ next tick.
 Each worker that consumes beat's queue (``BEAT_QUEUE``) runs one loop, in a process of
 its own beside the pool (a bootstep starts it, restarts it if it dies, and stops it
 with the worker), so flushing never takes a pool slot and never holds up the worker's
-consumer. The loop sleeps until the next window is due (at most
-``NOTIFIER_FLUSH_LOOP_POLL``, so a window that falls due early, its group full, waits
-no longer than that), then flushes what is due a chunk per transaction, as beat's task
-did once a second. Loops of several workers share the windows: each claims with ``FOR
-UPDATE SKIP LOCKED``, so a window is flushed by one of them, once.
+consumer. The loop sleeps until the next window is due, by Postgres's clock (the server
+computes ``min(due_at) - now``: a host whose clock is off neither flushes early nor
+sleeps long), then flushes what is due a chunk per transaction. Loops of several
+workers share the windows: each claims with ``FOR UPDATE SKIP LOCKED``, so a window is
+flushed by one of them, once.
+
+A loop that finds nothing to flush backs off (``next_sleep``): an idle one looks every
+``flush_loop_poll``, doubling up to beat's tick (``flush_interval``); one that finds
+the due windows held by another loop naps ``HELD_NAP``, doubling up to the poll. It
+still never sleeps past the next due window, and it ``LISTEN``s on ``FLUSH_CHANNEL``:
+an ingest that makes a window due sooner than a loop's longest sleep (a group filled,
+a short window opened) wakes it at its commit (``ingest.wake_flush_loops``). Behind a
+pooler (PgBouncer), where ``LISTEN`` cannot work, an idle loop looks every
+``flush_loop_poll``, as before.
 
 Beat still owns *whether* windows are flushed: its tick (``notifier.flush_windows``)
 arms the loops through a Redis key that lives for ``ARMED_TICKS`` ticks, set when beat
@@ -25,23 +34,24 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
+import psycopg
 import redis
 from celery import bootsteps, signals
 
-from notifier.pipeline.flush import FlushResult, flush_due_windows, next_due_at
-from notifier.pipeline.ingest import describe_exception
+from notifier.pipeline.flush import FlushResult, flush_due_windows, seconds_until_next_due
+from notifier.pipeline.ingest import FLUSH_CHANNEL, describe_exception
 from notifier.pipeline.rules import get_rules
 from notifier.settings import Settings, get_settings
-from notifier.storage.db import raw_cursor, session_scope
+from notifier.storage.db import get_engine
 from notifier.storage.state import StateRedis, state_redis
 from notifier.worker import metrics
 from notifier.worker.app import app
@@ -59,8 +69,12 @@ ARMED_TICKS = 5
 #: Seconds an unarmed loop waits before it looks at the key again.
 ARM_CHECK = 1.0
 #: Seconds to wait when the due windows left are held by another flush (or an ingest
-#: adding to them): long enough not to spin on them, short against the poll.
+#: adding to them): long enough not to spin on them, short against the poll; doubled
+#: on each such empty claim in a row, up to the poll (the loop holding them is
+#: flushing them meanwhile).
 HELD_NAP = 0.02
+#: Seconds between two tries to open the loop's ``LISTEN`` connection after it failed.
+LISTEN_RETRY = 30.0
 #: Seconds to wait after an error (Postgres or Redis away), doubling up to the maximum.
 ERROR_BACKOFF = (0.5, 5.0)
 #: Seconds a stopping worker gives its loop to finish the chunk in hand.
@@ -117,12 +131,19 @@ signals.after_task_publish.connect(_arm_on_publish, sender=FLUSH_TASK, weak=Fals
 
 
 def flush_chunk(settings: Settings, batch_size: Any = None) -> FlushResult:
-    """Flush up to ``flush_batch_size`` due windows in one transaction; their delivery
-    tasks are published once it commits."""
+    """Flush up to ``flush_batch_size`` windows due by Postgres's clock in one
+    transaction; their delivery tasks are published once it commits. A chunk that
+    comes back short also says, in the same transaction, when the next window is due
+    (``FlushResult.next_due_in``)."""
+    asked = 0.0
     with transaction(settings) as tx:
-        result = flush_due_windows(tx.cursor, get_rules(), settings, datetime.now(UTC),
-                                   batch_size=batch_size)
+        result = flush_due_windows(tx.cursor, get_rules(), settings, batch_size=batch_size)
+        if result.windows < settings.flush_batch_size:
+            result.next_due_in = seconds_until_next_due(tx.cursor)
+            asked = time.monotonic()
         tx.after_commit(publish, result.tasks)
+    if result.next_due_in is not None:  # less the commit and the publishing since
+        result.next_due_in -= time.monotonic() - asked
     metrics.record_flush(result.windows, result.digests, result.digested)
     return result
 
@@ -157,19 +178,26 @@ def flush_until_done(settings: Settings, batch_size: Any = None) -> dict[str, in
                     "notifications": totals.notifications}
 
 
-def seconds_until_next_due(settings: Settings, claimed: int) -> float:
-    """How long the loop may sleep after a chunk of ``claimed`` windows: until the next
-    window is due, at most the poll. One already due goes at once if the chunk took
+def next_sleep(
+    settings: Settings, due_in: float | None, claimed: int, empty: int, listening: bool,
+) -> float:
+    """How long the loop may sleep after a chunk of ``claimed`` windows, the ``empty``-th
+    empty one in a row (0: it took some), when the next window is due in ``due_in``
+    seconds by Postgres's clock (None: none waits).
+
+    Never past the next due window. One already due goes at once if the chunk took
     something (it fell due meanwhile); after an empty chunk it is held by someone else
-    (another loop, an ingest adding to it), so the loop naps instead of spinning."""
-    with session_scope() as session:
-        due = next_due_at(raw_cursor(session))
-    if due is None:
-        return settings.flush_loop_poll
-    wait = (due - datetime.now(UTC)).total_seconds()
-    if wait <= 0:
-        return 0.0 if claimed else HELD_NAP
-    return min(settings.flush_loop_poll, wait)
+    (another loop, an ingest adding to it): nap ``HELD_NAP``, doubling per empty chunk
+    up to the poll. With nothing due, look again after the poll, doubling per empty
+    chunk up to beat's tick if ``listening`` (an ingest that makes a window due sooner
+    wakes the loop), else after the poll (how late a window closed early may be)."""
+    poll = settings.flush_loop_poll
+    doubled = 2.0 ** min(max(empty - 1, 0), 30)  # bounded: a loop idle for days
+    if due_in is not None and due_in <= 0:
+        return 0.0 if claimed else min(HELD_NAP * doubled, poll)
+    longest = max(poll, settings.flush_interval) if listening else poll
+    cap = min(poll * doubled, longest)
+    return cap if due_in is None else min(due_in, cap)
 
 
 # --- the loop (in its own process) ----------------------------------------------------
@@ -193,6 +221,11 @@ class FlushLoop:
     total: FlushTotals = field(default_factory=FlushTotals)
     recent: FlushTotals = field(default_factory=FlushTotals)
     logged_at: float = field(default_factory=time.monotonic)
+    #: Chunks taken since the start, those that found nothing, and those in a row now.
+    chunks: int = 0
+    empty_chunks: int = 0
+    empty_in_a_row: int = 0
+    listener: Listener | None = None
 
     def run(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -214,19 +247,37 @@ class FlushLoop:
                     self._sleep(wait)
         except _Stop:
             pass
-        log.info("flush loop stopped (pid %d), having flushed %s", os.getpid(), self.total)
+        finally:
+            if self.listener is not None:
+                self.listener.close()
+        log.info("flush loop stopped (pid %d), having flushed %s in %d chunks, %d of them"
+                 " empty", os.getpid(), self.total, self.chunks, self.empty_chunks)
 
     def _step(self, sizer: Any) -> float:
         """One turn: flush a chunk if armed; returns how long to sleep before the next."""
         if not self._armed():
             return ARM_CHECK
+        if self.listener is None:
+            self.listener = Listener.open()
+        else:
+            self.listener.drain()  # what woke it is seen by this chunk
         result = flush_chunk(self.settings, sizer)
         self._count(result)
         if result.windows >= self.settings.flush_batch_size:
             return 0.0  # a full chunk: more may be due
-        return seconds_until_next_due(self.settings, result.windows)
+        return next_sleep(self.settings, result.next_due_in, result.windows,
+                          self.empty_in_a_row, self._listening())
+
+    def _listening(self) -> bool:
+        return self.listener is not None and self.listener.ready()
 
     def _count(self, result: FlushResult) -> None:
+        self.chunks += 1
+        if result.windows:
+            self.empty_in_a_row = 0
+        else:
+            self.empty_chunks += 1
+            self.empty_in_a_row += 1
         self.total.add(result)
         self.recent.add(result)
         now = time.monotonic()
@@ -245,7 +296,8 @@ class FlushLoop:
 
     def _sleep(self, seconds: float) -> None:
         """Sleep, a second at a time at most, while the worker lives (a long back-off
-        must not keep an orphaned loop around)."""
+        must not keep an orphaned loop around); a notification on ``FLUSH_CHANNEL`` ends
+        it at once."""
         deadline = time.monotonic() + seconds
         self.sleeping = True
         try:
@@ -253,7 +305,12 @@ class FlushLoop:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
-                time.sleep(min(left, 1.0))
+                if self._listening():
+                    assert self.listener is not None
+                    if self.listener.wait(min(left, 1.0)):
+                        return
+                else:
+                    time.sleep(min(left, 1.0))
         finally:
             self.sleeping = False
 
@@ -263,6 +320,97 @@ class FlushLoop:
         self.stopping = True
         if self.sleeping:
             raise _Stop
+
+
+class Listener:
+    """The loop's ``LISTEN`` on ``FLUSH_CHANNEL``: a connection of its own, in
+    autocommit. Lost, it is opened again after ``LISTEN_RETRY``; meanwhile the loop
+    looks every ``flush_loop_poll``.
+
+    Only straight to Postgres: behind a pooler (PgBouncer) the session that would
+    listen is a server connection lent to others between statements, so the loop does
+    not listen there (it would leave ``LISTEN`` on a shared connection and hear
+    nothing). A pooler gives itself away by the backend pid it reports at connect
+    (its own cancel key), which is not the server's ``pg_backend_pid()``."""
+
+    def __init__(self) -> None:
+        self.connection: Any = None
+        self.driver: psycopg.Connection[Any] | None = None
+        self.failed_at = 0.0
+        self.pooled = False
+        self.poll: select.poll | None = None
+
+    @classmethod
+    def open(cls) -> Listener:
+        listener = cls()
+        listener.connect()
+        return listener
+
+    def ready(self) -> bool:
+        """Whether it listens (a lost one is opened again after ``LISTEN_RETRY``)."""
+        if (self.driver is None and not self.pooled
+                and time.monotonic() - self.failed_at >= LISTEN_RETRY):
+            self.connect()
+        return self.driver is not None
+
+    def connect(self) -> None:
+        try:
+            self.connection = get_engine().raw_connection()
+            self.driver = cast("psycopg.Connection[Any]", self.connection.driver_connection)
+            self.driver.autocommit = True
+            row = self.driver.execute("SELECT pg_backend_pid()").fetchone()
+            if row is None or row[0] != self.driver.info.backend_pid:
+                self.pooled = True
+                log.info("flush loop: Postgres is reached through a pooler; no LISTEN on"
+                         " %s, looking every flush_loop_poll", FLUSH_CHANNEL)
+                self.close()
+                return
+            self.driver.execute(f"LISTEN {FLUSH_CHANNEL}")
+            self.poll = select.poll()  # not select(): a worker may hold 1024 files
+            self.poll.register(self.driver.fileno(), select.POLLIN)
+        except Exception as exc:
+            self._lost(exc)
+
+    def wait(self, seconds: float) -> bool:
+        """Whether a notification came within ``seconds`` (all that came are taken).
+
+        ``poll`` on the socket, then psycopg reads what came: its own
+        ``notifies(timeout=…)`` costs about a millisecond of CPU per call, which a loop
+        sleeping a millisecond at a time between windows (a burst falling due) cannot
+        afford; ``poll`` costs microseconds."""
+        if self.driver is None or self.poll is None:
+            time.sleep(seconds)
+            return False
+        if not self.poll.poll(max(seconds, 0.0) * 1000):
+            return False
+        return self.drain() > 0
+
+    def drain(self) -> int:
+        """Take the notifications already here (the chunk about to run sees their
+        cause); how many there were. A connection that ended is seen here too."""
+        if self.driver is None:
+            return 0
+        try:
+            return sum(1 for _ in self.driver.notifies(timeout=0))
+        except psycopg.Error as exc:
+            self._lost(exc)
+            return 0
+
+    def _lost(self, exc: BaseException) -> None:
+        log.warning("flush loop: no LISTEN on %s (%s); looking every flush_loop_poll,"
+                    " trying again in %.0f s", FLUSH_CHANNEL, describe_exception(exc),
+                    LISTEN_RETRY)
+        self.close()
+        self.failed_at = time.monotonic()
+
+    def close(self) -> None:
+        connection, self.connection, self.driver = self.connection, None, None
+        self.poll = None
+        if connection is not None:
+            try:
+                connection.invalidate()  # never back to a pool with a LISTEN on it
+            except Exception:
+                log.debug("closing the LISTEN connection failed", exc_info=True)
 
 
 #: The loop process's command line after the interpreter: a fresh interpreter that

@@ -1,7 +1,12 @@
 """Beat's heartbeat, written where it happens: stamped into the message by beat when
 it is published, recorded in Redis by beat and by the worker that runs it. ``notifier
 health`` (``notifier.ops.health``) reads the record to tell whether beat still ticks and
-whether a worker still takes its work."""
+whether a worker still takes its work.
+
+Every time here is the state Redis's clock (``TIME``), read by beat, by the worker and
+by the health check alike: they run on different hosts, whose clocks differ, and a
+beat whose host is a minute slow must not look a minute dead (``docs/scaling.md``,
+Clocks)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from notifier.storage.state import server_seconds
 
 #: The Redis hash of beat's heartbeat (fields published_at, sent_at, ran_at, worker).
 HEARTBEAT_KEY = "notifier.heartbeat"
@@ -25,7 +32,7 @@ class Heartbeat:
     published_at: float | None
     #: When the last heartbeat a worker ran was sent, per its message.
     sent_at: float | None
-    #: When a worker last ran one, by the worker's clock, and which worker.
+    #: When a worker last ran one, and which worker.
     ran_at: float | None
     worker: str | None
 
@@ -35,10 +42,11 @@ class Heartbeat:
         return max(ticks) if ticks else None
 
 
-def stamp_heartbeat(headers: dict[str, Any] | None) -> None:
-    """In the publishing process (beat): put the sending time into the message."""
+def stamp_heartbeat(headers: dict[str, Any] | None, now: float | None = None) -> None:
+    """In the publishing process (beat): put the sending time (``now``: Redis's clock;
+    the host's only when Redis cannot be asked) into the message."""
     if headers is not None:
-        headers.setdefault(SENT_AT_HEADER, time.time())
+        headers.setdefault(SENT_AT_HEADER, now if now is not None else time.time())
 
 
 def record_heartbeat_published(client: Any, headers: Mapping[str, Any] | None) -> None:
@@ -51,8 +59,10 @@ def record_heartbeat_published(client: Any, headers: Mapping[str, Any] | None) -
 def record_heartbeat_run(
     client: Any, sent_at: Any, worker: str | None, now: float | None = None
 ) -> None:
-    """In the worker that runs a heartbeat: when it was sent, and when it ran."""
-    fields = {"ran_at": repr(now if now is not None else time.time()), "worker": worker or "?"}
+    """In the worker that runs a heartbeat: when it was sent, and when it ran (``now``,
+    by default Redis's clock)."""
+    ran_at = now if now is not None else server_seconds(client)
+    fields = {"ran_at": repr(ran_at), "worker": worker or "?"}
     if isinstance(sent_at, (int, float)):
         fields["sent_at"] = repr(float(sent_at))
     client.hset(HEARTBEAT_KEY, mapping=fields)

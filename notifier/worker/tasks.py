@@ -325,10 +325,19 @@ def heartbeat(self: Any) -> None:
 
 
 def _stamp_heartbeat(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    """In the publishing process (beat): the sending time goes into the message."""
+    """In the publishing process (beat): the sending time goes into the message, by the
+    state Redis's clock, the clock the worker and the health check read too."""
+    import redis
+
+    from notifier.storage.state import server_seconds
     from notifier.worker.heartbeat import stamp_heartbeat
 
-    stamp_heartbeat(headers)
+    try:
+        now: float | None = server_seconds(state_redis())
+    except redis.RedisError as exc:  # never let bookkeeping stop beat
+        log.warning("could not read the state Redis's clock for beat's heartbeat: %s", exc)
+        now = None
+    stamp_heartbeat(headers, now)
 
 
 def _heartbeat_published(headers: dict[str, Any] | None = None, **_: Any) -> None:

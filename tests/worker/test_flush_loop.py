@@ -19,9 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from notifier.pipeline.ingest import IngestMessage, ingest_batch
+from notifier.pipeline.rules import BUILTIN_RULES
 from notifier.settings import get_settings
+from notifier.storage.db import session_scope
 from notifier.storage.state import state_redis
-from notifier.worker.flush_loop import ARM_KEY, arm, armed_for
+from notifier.worker.flush_loop import ARM_KEY, HELD_NAP, arm, armed_for, next_sleep
 from tests.pipeline.helpers import MINUTE, digests, ids, ingest, note, query, windows
 from tests.workers import WorkerProcess, wait_for
 
@@ -194,3 +197,49 @@ def test_with_the_loop_off_beat_s_tick_flushes(tmp_path):
         worker.stop()
     assert [d.notification_ids for d in digests()] == [ids(group)]
     assert armed_for(state_redis()) == 0  # nobody armed a loop
+
+
+_CHUNKS = re.compile(r"flush loop stopped .* in (\d+) chunks, (\d+) of them empty")
+
+
+def test_an_idle_loop_backs_off_and_a_group_that_fills_wakes_it_at_once():
+    """Nothing to flush: the loop looks again after the poll (0.2 s), doubling on each
+    empty look up to beat's tick (a minute here), so over 7 idle seconds it claims a
+    handful of times where polling would claim 35. A group that fills meanwhile (its
+    window due at once) wakes it through ingest's NOTIFY: flushed then, not at the end
+    of the back-off it was in (6.4 s, which ends at least 5 s after the group filled)."""
+    worker = WorkerProcess.start(env={"NOTIFIER_FLUSH_INTERVAL": "60"})
+    try:
+        wait_for_loop(worker)
+        arm_for_a_minute()
+        time.sleep(7)
+        group = [note("alert", "backoff") for _ in range(3)]  # the alert rule closes at 3
+        with session_scope() as session:  # on Postgres's clock, as a worker ingests
+            ingest_batch(session, [IngestMessage(str(uuid.uuid4()), group)],
+                         rules=BUILTIN_RULES)
+        wait_for(lambda: not windows(), 30, "the loop to flush the full group")
+    finally:
+        worker.stop()
+
+    [digest] = digests()
+    assert digest.notification_ids == ids(group)
+    late = (digest.created_at - digest.window_end).total_seconds()
+    assert 0 <= late < 4, late
+    [(chunks, empty)] = [tuple(map(int, m)) for m in _CHUNKS.findall(worker.log())]
+    assert chunks - empty == 1 and 3 <= empty <= 15, (chunks, empty)
+
+
+def test_the_loop_sleeps_until_the_next_due_window_and_backs_off_when_empty():
+    """``next_sleep``: never past the next due window; a chunk that took something goes
+    again at once if more is due; empty chunks in a row double the nap on held windows
+    (up to the poll) and the idle look (up to beat's tick when listening, else the poll)."""
+    settings = get_settings().model_copy(update={"flush_loop_poll": 0.2,
+                                                 "flush_interval": 1.0})
+    assert next_sleep(settings, 0.05, 0, 5, True) == 0.05  # due soon: sleep until then
+    assert next_sleep(settings, -0.1, 3, 0, True) == 0.0  # fell due meanwhile
+    held = [next_sleep(settings, -0.1, 0, empty, True) for empty in range(1, 7)]
+    assert held == [HELD_NAP, 2 * HELD_NAP, 4 * HELD_NAP, 8 * HELD_NAP, 0.2, 0.2]
+    idle = [next_sleep(settings, None, 0, empty, True) for empty in range(1, 6)]
+    assert idle == [0.2, 0.4, 0.8, 1.0, 1.0]
+    assert next_sleep(settings, 30.0, 0, 10**6, True) == 1.0  # idle for days: still bounded
+    assert [next_sleep(settings, None, 0, empty, False) for empty in (1, 9)] == [0.2, 0.2]
