@@ -189,10 +189,9 @@ def _queue_again(
     Postgres after its batch gave up has no claimant: the sweep or the next claim takes
     it (``CLAIMANT_GONE``)."""
     delay = random.uniform(1.0, 2.0) * settings.delivery_claim_wait
-    due = datetime.now(UTC) + timedelta(seconds=delay)
     with session_scope() as session:
         tasks = queue_deliveries(raw_cursor(session), delivery_ids, settings,
-                                 from_status="queued", due_at=due, batch_size=batch_size)
+                                 from_status="queued", delay=delay, batch_size=batch_size)
     queued = sum(len(task.delivery_ids) for task in tasks)
     log.warning("%d deliveries (%s) queued again in %.1fs: no second database connection"
                 " came within NOTIFIER_DELIVERY_CLAIM_WAIT (%gs) in %d tries; behind"
