@@ -190,9 +190,12 @@ def notify_many(
     return publish_many(validated, chunk_size)
 
 
-def validated(raw: Mapping[str, Any]) -> NotificationIn:
-    """One notification checked as :func:`notify` checks it, with its id made if it has
-    none; raises NotificationError naming each bad field (the HTTP API's check)."""
+def validated(raw: Any) -> NotificationIn:
+    """One notification as received (any JSON value) checked as :func:`notify` checks
+    it, with its id made if it has none; raises NotificationError naming each bad field
+    (the HTTP API's check)."""
+    if not isinstance(raw, Mapping):
+        parse_notification(raw)  # raises: "notification: expected a JSON object, ..."
     return _validated(raw)
 
 
