@@ -22,6 +22,9 @@ from notifier.storage.db import session_scope
 
 router = APIRouter(prefix="/v1/dead-letters", tags=["dead letters"])
 
+#: No control characters (Postgres text holds no NUL; no filter needs a line break).
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+
 
 class DeadLetterView(BaseModel):
     id: int
@@ -47,8 +50,9 @@ class DeadLetterView(BaseModel):
 def list_dead_letters(
     key: Annotated[KeyInfo, Depends(require(Scope.ADMIN))],
     stage: Literal["ingest", "aggregate", "deliver"] | None = None,
-    type: Annotated[str | None, Query(max_length=64, description="Notification type")] = None,
-    channel: Annotated[str | None, Query(max_length=32)] = None,
+    type: Annotated[str | None, Query(max_length=64, pattern=PRINTABLE,
+                                      description="Notification type")] = None,
+    channel: Annotated[str | None, Query(max_length=32, pattern=PRINTABLE)] = None,
     since: Annotated[datetime | None, Query(description="Created at or after (UTC if no"
                                                         " zone)")] = None,
     until: Annotated[datetime | None, Query(description="Created before")] = None,

@@ -30,7 +30,10 @@ router = APIRouter(prefix="/v1/recipients", tags=["recipients"])
 #: Largest preferences body: a few addresses, opt-outs and quiet spans.
 MAX_BODY_BYTES = 64 * 1024
 
-RecipientId = Annotated[str, Path(min_length=1, max_length=255)]
+#: A recipient's id as ``notifier.schemas.Identifier`` allows it: no control characters.
+RecipientId = Annotated[
+    str, Path(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$"),
+]
 
 
 def _optional(model: type[BaseModel], names: list[str]) -> dict[str, Any]:
