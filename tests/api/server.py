@@ -43,7 +43,7 @@ class ApiServer:
         )
         os.close(log_fd)
         server = cls(process, f"http://127.0.0.1:{port}", Path(log_name))
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # a loaded machine imports slowly
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"notifier api exited ({process.returncode}):\n{server.log()}")

@@ -111,3 +111,21 @@ def test_a_key_past_its_rate_limit_is_told_when_to_come_back(
         # Each key has its own window.
         assert client.get("/v1/recipients/r/preferences",
                           headers={"Authorization": f"Bearer {other}"}).status_code == 404
+
+
+def test_several_processes_share_the_port_and_a_revocation(
+    database: str, make_key: Callable[..., str],
+) -> None:
+    """NOTIFIER_API_WORKERS=2: both processes answer, and once a key is revoked every
+    request fails, whichever process takes it (new connections spread over both)."""
+    server = ApiServer.start(env={"NOTIFIER_API_WORKERS": "2"}, workers=2)
+    try:
+        key = make_key("read")
+        url = f"{server.url}/v1/recipients/nobody/preferences"
+        headers = {"Authorization": f"Bearer {key}"}
+        assert {httpx.get(url, headers=headers).status_code for _ in range(10)} == {404}
+        cli("api-keys", "revoke", key[:11])
+        assert {httpx.get(url, headers=headers).status_code for _ in range(10)} == {401}
+        assert server.log().count("Started server process") == 2
+    finally:
+        server.stop()
