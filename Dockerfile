@@ -1,4 +1,4 @@
-# The notifier image: one image for the migrate job, the workers, beat and Flower
+# The notifier image: one image for the migrate job, the workers, beat, Flower and the API
 # (docker-compose.yml picks the command). The project is installed as a wheel, which
 # carries the migrations inside the package.
 FROM python:3.11-slim

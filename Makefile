@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Embedded servers chosen by `make run` (empty when the real ones answer).
 ENV    := if [ -f .notifier-data/env ]; then . ./.notifier-data/env; fi;
 
-.PHONY: help install run stop worker worker-critical worker-deliver beat flower migrate status test bench chaos chaos-hosts lint docs clean
+.PHONY: help install run stop worker worker-critical worker-deliver beat flower api api-key migrate status test bench chaos chaos-hosts lint docs clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -47,6 +47,14 @@ flower: install  ## Flower on 127.0.0.1:5555; login from NOTIFIER_FLOWER_BASIC_A
 	$(ENV) FLOWER_BASIC_AUTH="$${NOTIFIER_FLOWER_BASIC_AUTH:?set NOTIFIER_FLOWER_BASIC_AUTH=user:password}" \
 		exec $(BIN)/celery -A notifier flower \
 		--address="$${NOTIFIER_FLOWER_ADDRESS:-127.0.0.1}" --port="$${NOTIFIER_FLOWER_PORT:-5555}"
+
+# NOTIFIER_API_ADDRESS / NOTIFIER_API_PORT / NOTIFIER_API_WORKERS (default 127.0.0.1:8000, one
+# process); a key to call it with: `make api-key` (docs/api.md).
+api: install  ## The HTTP API on 127.0.0.1:8000 (foreground; docs/api.md)
+	$(ENV) exec $(BIN)/notifier api
+
+api-key: install  ## A new API key with every scope, printed once (last line)
+	$(ENV) $(BIN)/notifier api-keys create "$${NAME:-dev}" --scope send --scope read --scope admin
 
 migrate: install  ## Create the database if missing and migrate it to head
 	$(ENV) $(BIN)/notifier db upgrade

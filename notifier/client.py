@@ -186,8 +186,25 @@ def notify_many(
     Every notification is validated first: if one is bad, nothing is sent and the
     NotificationError says which item and field.
     """
-    chunk_size = chunk_size or get_settings().client_chunk_size
     validated = [_validated_item(index, raw) for index, raw in enumerate(notifications)]
+    return publish_many(validated, chunk_size)
+
+
+def validated(raw: Any) -> NotificationIn:
+    """One notification as received (any JSON value) checked as :func:`notify` checks
+    it, with its id made if it has none; raises NotificationError naming each bad field
+    (the HTTP API's check)."""
+    if not isinstance(raw, Mapping):
+        parse_notification(raw)  # raises: "notification: expected a JSON object, ..."
+    return _validated(raw)
+
+
+def publish_many(
+    validated: list[NotificationIn], chunk_size: int | None = None
+) -> list[str]:
+    """Publish notifications checked by :func:`validated` as :func:`notify_many` does:
+    many per message, grouped by priority, critical ones first; returns ids in order."""
+    chunk_size = chunk_size or get_settings().client_chunk_size
     by_priority: dict[str, list[dict[str, Any]]] = {p: [] for p in PRIORITIES}
     for notification in validated:
         by_priority[notification.priority].append(to_message(notification))

@@ -18,8 +18,8 @@ document) and returns it with these replaced by ``***``:
   every path segment of 8 characters or more and the last one, and a user name or a
   dotless host of 20 characters or more;
 * tokens recognisable anywhere: Telegram bot tokens (``123456:ABC...``), Slack tokens
-  (``xoxb-...``), our webhook secrets (``whsec_...``), JSON web tokens, ``Bearer`` and
-  ``Basic`` credentials.
+  (``xoxb-...``), our webhook secrets (``whsec_...``) and API keys (``nk_...``), JSON
+  web tokens, ``Bearer`` and ``Basic`` credentials.
 
 Database, broker and SMTP URLs keep their paths (a database name, a Redis db number):
 only their passwords and secret options are hidden.
@@ -102,6 +102,8 @@ _TOKENS = (
     (re.compile(r"\b(xox[abposre]-)[A-Za-z0-9\-]{8,}"), r"\1" + MASK),
     # Our webhook signing secrets.
     (re.compile(r"\b(whsec_)[A-Za-z0-9_\-]{8,}"), r"\1" + MASK),
+    # Our API keys: the non-secret prefix stays, to tell which key it was.
+    (re.compile(r"\b(nk_[A-Za-z0-9_\-]{8})[A-Za-z0-9_\-]{8,}"), r"\1" + MASK),
     # GitHub tokens.
     (re.compile(r"\b(gh[pousr]_)[A-Za-z0-9]{20,}"), r"\1" + MASK),
     # JSON web tokens.

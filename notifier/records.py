@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from notifier.masking import mask_secrets
 from notifier.pipeline.cancel import cancel_by
 from notifier.pipeline.inbox import InboxItem, State, count_states, list_page
 from notifier.pipeline.inbox import mark as mark_inbox
@@ -33,6 +34,34 @@ def lookup(idempotency_key: str) -> str | None:
             select(IdempotencyKey.notification_id).where(IdempotencyKey.key == idempotency_key)
         )
     return str(found) if found else None
+
+
+def notification(notification_id: str | uuid.UUID) -> dict[str, Any] | None:
+    """A notification's status and why (``reason``), with its deliveries (each channel's
+    status and attempts) and, once it was folded into a digest, the digest's; None if
+    Postgres does not hold it (unknown, purged, or not ingested yet)."""
+    with session_scope() as session:
+        found = session.execute(text(
+            "SELECT id, recipient_id, type, priority, channels, status, status_reason,"
+            " idempotency_key, digest_id, send_at, created_at, updated_at"
+            " FROM notifications WHERE id = :id"), {"id": notification_id}).mappings().first()
+        if found is None:
+            return None
+        deliveries = session.execute(text(
+            "SELECT id, channel, status, attempts, last_error, next_attempt_at, sent_at,"
+            " digest_id, updated_at FROM deliveries"
+            " WHERE notification_id = :id OR digest_id = CAST(:digest AS uuid)"
+            " ORDER BY created_at, id"),
+            {"id": notification_id, "digest": found["digest_id"]},
+        ).mappings().all()
+    return {
+        **{key: value for key, value in found.items() if key != "status_reason"},
+        "reason": found["status_reason"],
+        "deliveries": [
+            {**row, "last_error": row["last_error"] and mask_secrets(row["last_error"])}
+            for row in deliveries
+        ],
+    }
 
 
 def inbox(recipient_id: str, *, unread_only: bool = True, limit: int = 50,

@@ -431,6 +431,23 @@ class Settings(BaseSettings):
     api_token_max_ttl: float = Field(86400.0, gt=0)
     """Longest lifetime a recipient token may be minted with (seconds)."""
 
+    # --- HTTP API (``notifier api``, ``docs/api.md``) ---------------------------------
+    api_address: str = "127.0.0.1"
+    """The address ``notifier api`` listens on: loopback, unless a proxy or other hosts
+    must reach it (``0.0.0.0`` in a container)."""
+    api_port: int = Field(8000, ge=1, le=65535)
+    """The port ``notifier api`` listens on."""
+    api_workers: int = Field(1, ge=1, le=64)
+    """API processes (uvicorn workers) sharing the port; each holds its own database
+    pool (``database_pool_size``) and broker connections."""
+    api_url: str | None = None
+    """Where the API answers (e.g. ``http://127.0.0.1:8000``), for ``notifier health``'s
+    api check; unset: the health check leaves the API out."""
+    api_rate_limit_per_minute: int = Field(60_000, ge=0)
+    """Requests one API key may make per minute (a fixed window in the state Redis,
+    shared by every API process); a key's own limit (``notifier api-keys create
+    --rate-limit``) overrides it; 0: unlimited. Past it: 429 with ``Retry-After``."""
+
     # --- RabbitMQ broker (``notifier/broker_topology.py``) ---------------------------
     broker_queue_type: Literal["quorum", "classic"] = "quorum"
     """On RabbitMQ: ``quorum`` queues (replicated, on disk before a publish is confirmed,
@@ -504,6 +521,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return frozenset(s.strip().lower() for s in value.split(",") if s.strip())
         return value
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url_is_http(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL, got {mask_secrets(url)!r}")
+        return url
 
     @field_validator("redis_url")
     @classmethod

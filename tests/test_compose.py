@@ -28,7 +28,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 NOTIFIER = str(Path(sys.executable).with_name("notifier"))
 EXPECTED_SERVICES = {
     "postgres", "rabbitmq", "redis", "mailpit", "migrate", "worker-critical", "worker",
-    "worker-deliver", "beat", "flower",
+    "worker-deliver", "beat", "flower", "api",
 }
 INFRASTRUCTURE = {"postgres", "rabbitmq", "redis", "mailpit"}
 CELERY_SUBCOMMANDS = {"worker", "beat", "flower"}
@@ -178,6 +178,35 @@ def test_migrate_runs_the_declared_console_script(
     """``notifier db upgrade`` is the pyproject console script and its click command exists."""
     program, *path = argv(services["migrate"])
     assert path == ["db", "upgrade"]
+    _resolve_command(program, path)
+
+
+def test_api_runs_the_declared_console_script(services: dict[str, dict[str, Any]]) -> None:
+    """``notifier api`` exists, and the app factory it serves (by import string) makes an
+    ASGI app."""
+    program, *path = argv(services["api"])
+    assert path == ["api"]
+    _resolve_command(program, path)
+    from notifier.ops.cli.api import APP_FACTORY
+
+    module_name, _, factory = APP_FACTORY.partition(":")
+    app = getattr(importlib.import_module(module_name), factory)()
+    assert callable(app) and app.openapi()["paths"]
+
+
+def test_api_listens_on_its_published_port(services: dict[str, dict[str, Any]]) -> None:
+    """Inside its container the API listens on every address, on the port that is
+    published and health-checked."""
+    api = services["api"]
+    variables = environment(api)
+    assert variables["NOTIFIER_API_ADDRESS"] == "0.0.0.0"
+    [(_, _, target)] = [_published(port) for port in api["ports"]]
+    assert variables["NOTIFIER_API_PORT"] == target
+    assert f"127.0.0.1:{target}/v1/health" in " ".join(api["healthcheck"]["test"])
+
+
+def _resolve_command(program: str, path: list[str]) -> None:
+    """``program path...`` names the pyproject console script and a click command of it."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module_name, _, attribute = scripts[program].partition(":")
     command = getattr(importlib.import_module(module_name), attribute)

@@ -18,7 +18,8 @@ only when all pass:
 * **pending** — nothing that should be moving has waited longer than the limit: a
   delivery due and not sent, an aggregation window past its due time, a pending
   notification in no window. Notifications waiting in their window, or deliveries held
-  for quiet hours, are waiting on purpose and do not count.
+  for quiet hours, are waiting on purpose and do not count;
+* **api** — when ``NOTIFIER_API_URL`` is set: the HTTP API answers ``GET /v1/health``.
 """
 
 from __future__ import annotations
@@ -38,8 +39,13 @@ from notifier.storage.models import UNSENT_DELIVERY_STATUSES, sql_list
 from notifier.worker.heartbeat import Heartbeat, read_heartbeat
 
 CHECK_NAMES: tuple[str, ...] = (
-    "broker", "database", "state", "workers", "beat", "queues", "pending",
+    "broker", "database", "state", "workers", "beat", "queues", "pending", "api",
 )
+
+
+def default_checks(settings: Settings) -> tuple[str, ...]:
+    """Every check, the API's only where it is configured (``NOTIFIER_API_URL``)."""
+    return tuple(name for name in CHECK_NAMES if name != "api" or settings.api_url)
 
 
 @dataclass(frozen=True)
@@ -98,14 +104,15 @@ def seconds(value: float) -> str:
 
 
 def run_checks(
-    settings: Settings, thresholds: Thresholds, names: Iterable[str] = CHECK_NAMES
+    settings: Settings, thresholds: Thresholds, names: Iterable[str] | None = None
 ) -> HealthReport:
     """Run the named checks in parallel; a check still running at the deadline fails.
 
     The threads are daemons: a check stuck on a dead host cannot hold up the answer or
     the exit of a probe.
     """
-    chosen = [name for name in CHECK_NAMES if name in set(names)]
+    wanted = set(default_checks(settings) if names is None else names)
+    chosen = [name for name in CHECK_NAMES if name in wanted]
     _prepare(chosen)
     results: dict[str, CheckResult] = {}
     threads = []
@@ -522,6 +529,27 @@ def check_state(settings: Settings, thresholds: Thresholds) -> CheckResult:
                        details={"url": url, "server": where, "round_trip_ms": round(elapsed, 1)})
 
 
+def check_api(settings: Settings, thresholds: Thresholds) -> CheckResult:
+    """``GET <NOTIFIER_API_URL>/v1/health`` answers 200 within the timeout."""
+    import httpx
+
+    if not settings.api_url:
+        return CheckResult("api", False, "NOTIFIER_API_URL is not set")
+    url = settings.api_url.rstrip("/") + "/v1/health"
+    shown = mask_url(url)
+    started = time.perf_counter()
+    try:
+        response = httpx.get(url, timeout=thresholds.timeout)
+    except httpx.HTTPError as exc:
+        return CheckResult("api", False, f"cannot reach {shown}: {_one_line(exc)}")
+    elapsed = (time.perf_counter() - started) * 1000
+    if response.status_code != 200:
+        return CheckResult("api", False, f"{shown} answered {response.status_code}",
+                           details={"url": shown, "status": response.status_code})
+    return CheckResult("api", True, f"{shown}, {elapsed:.0f} ms",
+                       details={"url": shown, "round_trip_ms": round(elapsed, 1)})
+
+
 CHECKS: dict[str, Callable[[Settings, Thresholds], CheckResult]] = {
     "broker": check_broker,
     "database": check_database,
@@ -530,4 +558,5 @@ CHECKS: dict[str, Callable[[Settings, Thresholds], CheckResult]] = {
     "beat": check_beat,
     "queues": check_queues,
     "pending": check_pending,
+    "api": check_api,
 }

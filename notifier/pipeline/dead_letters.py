@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from notifier.channels.base import OutgoingMessage
 from notifier.ids import uuid7
+from notifier.masking import mask_secrets, mask_structure
 from notifier.pipeline.outbox import BatchSize, DeliveryTask, queue_deliveries
 from notifier.settings import Settings, get_settings
 from notifier.storage.db import raw_cursor
@@ -264,6 +265,20 @@ def find_dead_letters(
 def count_dead_letters(session: Session, where: DeadLetterFilter) -> int:
     query = select(func.count()).select_from(DeadLetter).where(*where.conditions())
     return session.scalar(query) or 0
+
+
+def dead_letter_view(row: DeadLetter) -> dict[str, Any]:
+    """A dead letter as `notifier dead-letters list --json`, `show` and the HTTP API show
+    it: its payload (a producer's message, with recipients' addresses) and reason with
+    every secret hidden, addresses shown as `recipients show` shows them."""
+    return {
+        "id": row.id, "stage": row.stage, "reason": mask_secrets(row.reason),
+        "error_class": row.error_class, "type": row.type and mask_secrets(row.type),
+        "channel": row.channel, "notification_id": row.notification_id,
+        "delivery_id": row.delivery_id, "attempts": row.attempts,
+        "created_at": row.created_at, "replayed_at": row.replayed_at,
+        "payload": mask_structure(row.payload),
+    }
 
 
 # --- Replaying and purging ------------------------------------------------------------

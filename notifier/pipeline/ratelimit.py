@@ -161,3 +161,11 @@ def hash_tag(recipient_id: str) -> str:
     if recipient_id and "{" not in recipient_id and "}" not in recipient_id:
         return recipient_id
     return "#" + hashlib.sha256(recipient_id.encode("utf-8", "replace")).hexdigest()[:32]
+
+
+def take_window(client: StateRedis, key: str, limit: int, length: int) -> float:
+    """Count one use of a fixed window of ``limit`` per ``length`` seconds kept at ``key``
+    (the recipients' script, so the window is the Redis server's): 0.0 if counted, else
+    when the window resets (epoch seconds, nothing counted). The HTTP API's per-key limit."""
+    [answer] = run_scripts(client, [(_TAKE, [key], [limit, length])])
+    return float(answer)

@@ -386,3 +386,23 @@ class WebhookSecret(Base):
     previous_valid_until: Mapped[Timestamp | None]
     created_at: Mapped[CreatedAt]
     rotated_at: Mapped[Timestamp | None]
+
+
+class ApiKey(Base):
+    """A key of the HTTP API (``notifier.storage.api_keys``): only its SHA-256 is kept."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_prefix", "prefix"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    #: The key's first characters, not secret: finds the row, tells keys apart.
+    prefix: Mapped[str] = mapped_column(String(16), nullable=False)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(String(16)), nullable=False)
+    #: Requests per minute; None: ``NOTIFIER_API_RATE_LIMIT_PER_MINUTE``.
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[CreatedAt]
+    revoked_at: Mapped[Timestamp | None]
+    #: Written at most once a minute per key (``api_keys.touch``).
+    last_used_at: Mapped[Timestamp | None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import click
 
 from notifier.ops.cli import (
+    api,
     cancel,
     db,
     dead_letters,
@@ -43,6 +44,6 @@ def main() -> None:
 for _command in (
     send.send, cancel.cancel, rules.rules, metrics.metrics, db.db, status.status,
     dead_letters.dead_letters, inbox.inbox, recipients.recipients, webhooks.webhooks,
-    health.health, stats.stats, queues.queues,
+    health.health, stats.stats, queues.queues, api.api, api.api_keys,
 ):
     main.add_command(_command)

@@ -55,13 +55,13 @@ def _utc(moment: datetime | None) -> datetime | None:
 @friendly_errors
 def list_dead_letters(as_json: bool, limit: int, **filters: Any) -> None:
     """The newest dead letters, one line each."""
-    from notifier.pipeline.dead_letters import find_dead_letters
+    from notifier.pipeline.dead_letters import dead_letter_view, find_dead_letters
     from notifier.storage.db import session_scope
 
     with session_scope() as session:
         rows = find_dead_letters(session, _filter(filters), limit)
     if as_json:
-        click.echo(json.dumps([_dead_letter_dict(row) for row in rows], default=str, indent=2))
+        click.echo(json.dumps([dead_letter_view(row) for row in rows], default=str, indent=2))
         return
     if not rows:
         click.echo("no dead letters")
@@ -153,6 +153,7 @@ def purge_dead_letters(yes: bool, **filters: Any) -> None:
 @friendly_errors
 def show_dead_letter(dead_letter_id: int) -> None:
     """One dead letter with its original message."""
+    from notifier.pipeline.dead_letters import dead_letter_view
     from notifier.storage.db import session_scope
     from notifier.storage.models import DeadLetter
 
@@ -160,20 +161,4 @@ def show_dead_letter(dead_letter_id: int) -> None:
         row = session.get(DeadLetter, dead_letter_id)
         if row is None:
             fail(f"no dead letter with id {dead_letter_id}", EXIT_USAGE)
-        click.echo(json.dumps(_dead_letter_dict(row), default=str, indent=2))
-
-
-def _dead_letter_dict(row: Any) -> dict[str, Any]:
-    """A dead letter as `list --json` and `show` print it: its payload (a producer's
-    message, with recipients' addresses) and reason with every secret hidden, addresses
-    shown as `recipients show` shows them."""
-    from notifier.masking import mask_structure
-
-    return {
-        "id": row.id, "stage": row.stage, "reason": mask_secrets(row.reason),
-        "error_class": row.error_class, "type": row.type and mask_secrets(row.type),
-        "channel": row.channel, "notification_id": row.notification_id,
-        "delivery_id": row.delivery_id, "attempts": row.attempts,
-        "created_at": row.created_at, "replayed_at": row.replayed_at,
-        "payload": mask_structure(row.payload),
-    }
+        click.echo(json.dumps(dead_letter_view(row), default=str, indent=2))

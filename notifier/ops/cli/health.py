@@ -18,8 +18,9 @@ EXIT_UNHEALTHY = 1
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--check", "checks", multiple=True,
               type=click.Choice(["broker", "database", "state", "workers", "beat", "queues",
-                                 "pending"]),
-              help="Run only this check; repeat for more (default: all).")
+                                 "pending", "api"]),
+              help="Run only this check; repeat for more (default: all; api only when"
+                   " NOTIFIER_API_URL is set).")
 @click.option("--max-queue-depth", type=click.IntRange(min=0),
               help="Most messages one queue may hold [NOTIFIER_HEALTH_MAX_QUEUE_DEPTH].")
 @click.option("--max-pending-age", type=click.FloatRange(min=0, min_open=True),
@@ -34,15 +35,16 @@ EXIT_UNHEALTHY = 1
               help="Seconds to connect and query [NOTIFIER_HEALTH_TIMEOUT].")
 @friendly_errors
 def health(as_json: bool, checks: tuple[str, ...], **overrides: Any) -> None:
-    """Check broker, database, state Redis, workers, beat, queue depths and overdue work.
+    """Check broker, database, state Redis, workers, beat, queue depths, overdue work and
+    the HTTP API (when NOTIFIER_API_URL is set).
 
     One line per check; exits 0 when every check passes and 1 otherwise.
     """
-    from notifier.ops.health import CHECK_NAMES, Thresholds, run_checks
+    from notifier.ops.health import Thresholds, default_checks, run_checks
 
     settings = get_settings()
     report = run_checks(settings, Thresholds.from_settings(settings, **overrides),
-                        checks or CHECK_NAMES)
+                        checks or default_checks(settings))
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2, default=str))
     else:

@@ -1,0 +1,190 @@
+"""``/v1/notifications``: send one or a list, read one's status, cancel one.
+
+Sending checks every item with the task contract's schema (``notifier.schemas``,
+through :func:`notifier.client.validated`: one schema, the same words as a dead letter)
+and publishes only if all pass, through the client's publish path: one message for a
+single notification (:func:`notifier.client.publish_one`), many per message for a list
+(:func:`notifier.client.publish_many`). On RabbitMQ each publish waits for the broker's
+confirm, so a 202 means the broker holds the notifications. Publishing is blocking
+kombu over the Celery app's connection pool: it runs in the thread pool, off the event
+loop, and reuses connections across requests.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from notifier import client, records
+from notifier.api.body import read_json
+from notifier.api.errors import ApiError, responses
+from notifier.api.keys import require
+from notifier.pipeline.cancel import cancel_by
+from notifier.schemas import NotificationError, NotificationIn
+from notifier.settings import get_settings
+from notifier.storage.api_keys import KeyInfo, Scope
+
+router = APIRouter(prefix="/v1/notifications", tags=["notifications"])
+
+#: Longest ``Idempotency-Key`` header: a list's items get ``<key>:<index>`` (255 at most).
+IDEMPOTENCY_HEADER_CHARS = 200
+
+
+class Sent(BaseModel):
+    """The ids of the notifications sent, in the order given."""
+
+    ids: list[uuid.UUID]
+
+
+class DeliveryView(BaseModel):
+    id: uuid.UUID
+    channel: str
+    status: str
+    attempts: int
+    last_error: str | None
+    next_attempt_at: datetime | None
+    sent_at: datetime | None
+    #: Set when this is the delivery of the digest the notification was folded into.
+    digest_id: uuid.UUID | None
+    updated_at: datetime
+
+
+class NotificationView(BaseModel):
+    id: uuid.UUID
+    recipient_id: str
+    type: str
+    priority: str
+    channels: list[str] | None
+    status: str
+    #: Why it has this status (suppressed by a preference, cancelled on request, ...).
+    reason: str | None
+    idempotency_key: str | None
+    digest_id: uuid.UUID | None
+    send_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    deliveries: list[DeliveryView]
+
+
+class Cancelled(BaseModel):
+    id: uuid.UUID
+    status: str
+
+
+def _body_schema() -> dict[str, Any]:
+    """The request body in OpenAPI: the contract's model, alone or in a list."""
+    ref = {"$ref": "#/components/schemas/NotificationIn"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "anyOf": [ref, {"type": "array", "items": ref, "minItems": 1}],
+    }}}}}
+
+
+@router.post(
+    "", status_code=202, response_model=Sent, openapi_extra=_body_schema(),
+    summary="Send one notification, or a list of them",
+    responses=responses(400, 401, 403, 413, 422, 429, 503),
+)
+async def send(
+    request: Request,
+    key: Annotated[KeyInfo, Depends(require(Scope.SEND))],
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key", min_length=1, max_length=IDEMPOTENCY_HEADER_CHARS,
+        description="The notification's idempotency_key; a list's items get"
+                    " `<key>:<index>`. A repeat within the dedup window is dropped.",
+    )] = None,
+) -> Sent:
+    """Body: a notification (the task contract's fields) or a list of them. Every item
+    is checked first; if any is refused, the answer is 422 naming each item's index,
+    field and problem, and nothing of the request is published."""
+    settings = get_settings()
+    raw = await read_json(request, settings.max_message_bytes)
+    single = not isinstance(raw, list)
+    items: list[Any] = [raw] if single else raw
+    if not items:
+        raise ApiError(422, "the list is empty", [_problem(None, "body: must hold at least"
+                                                                  " one notification")])
+    if len(items) > settings.max_message_notifications:
+        raise ApiError(413, f"{len(items)} notifications in one request, more than the limit"
+                            f" of {settings.max_message_notifications}"
+                            " (NOTIFIER_MAX_MESSAGE_NOTIFICATIONS)",
+                       [{"items": len(items), "limit": settings.max_message_notifications}])
+    ids = await run_in_threadpool(_check_and_publish, items, single, idempotency_key)
+    return Sent(ids=[uuid.UUID(id_) for id_ in ids])
+
+
+def _check_and_publish(items: list[Any], single: bool, header_key: str | None) -> list[str]:
+    """Check every item, then publish all of them or none (in the thread pool)."""
+    checked: list[NotificationIn] = []
+    problems: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        try:
+            checked.append(client.validated(_with_key(item, index, single, header_key)))
+        except NotificationError as exc:
+            problems.extend(_problem(index, problem) for problem in exc.problems)
+    if problems:
+        count = len({problem["index"] for problem in problems})
+        raise ApiError(422, "invalid notification" if single else
+                       f"{count} of {len(items)} notifications are invalid; none was sent",
+                       problems)
+    if single:
+        client.publish_one(checked[0])
+        return [str(checked[0].id)]
+    return client.publish_many(checked)
+
+
+def _with_key(item: Any, index: int, single: bool, header_key: str | None) -> Any:
+    """The item with the ``Idempotency-Key`` header as its ``idempotency_key``."""
+    if header_key is None or not isinstance(item, dict):
+        return item
+    key = header_key if single else f"{header_key}:{index}"
+    own = item.get("idempotency_key")
+    if own is not None and own != key:
+        raise NotificationError(["idempotency_key: give it in the Idempotency-Key header or"
+                                 " in the notification, not both"])
+    return {**item, "idempotency_key": key}
+
+
+def _problem(index: int | None, problem: str) -> dict[str, Any]:
+    """``"title: is required"`` as ``{"index", "field", "problem", "message"}``."""
+    field, _, what = problem.partition(": ")
+    return {"index": 0 if index is None else index, "field": field, "problem": what,
+            "message": problem if index is None else f"[{index}] {problem}"}
+
+
+@router.get(
+    "/{notification_id}", response_model=NotificationView,
+    summary="A notification's status, reason, and deliveries",
+    responses=responses(401, 403, 404, 422, 429, 503),
+)
+def show(
+    notification_id: uuid.UUID, key: Annotated[KeyInfo, Depends(require(Scope.READ))],
+) -> dict[str, Any]:
+    """404 also for a notification just sent and not stored yet (moments, normally)."""
+    found = records.notification(notification_id)
+    if found is None:
+        raise ApiError(404, f"no notification {notification_id}")
+    return found
+
+
+@router.post(
+    "/{notification_id}/cancel", response_model=Cancelled,
+    summary="Cancel a notification that has not gone out yet",
+    responses=responses(401, 403, 404, 409, 422, 429, 503),
+)
+def cancel(
+    notification_id: uuid.UUID, key: Annotated[KeyInfo, Depends(require(Scope.SEND))],
+) -> Cancelled:
+    """Works while it waits in an aggregation window or its deliveries are held (quiet
+    hours, ``send_at``); 409 once something of it was sent or it is in a digest."""
+    outcome = cancel_by(str(notification_id), None)
+    if outcome.cancelled:
+        return Cancelled(id=notification_id, status="cancelled")
+    if outcome.status == "not found":
+        raise ApiError(404, f"no notification {notification_id}")
+    raise ApiError(409, f"cannot cancel {notification_id}: it is {outcome.status} already",
+                   [{"status": outcome.status}])
