@@ -1,0 +1,213 @@
+"""kombu's Redis transport with an atomic receive: a message is never only in a socket.
+
+kombu's transport takes a message with ``BRPOP`` and then, in a second command, writes it
+to its unacknowledged hash (``unacked``) and index (``unacked_index``), from which the
+visibility-timeout scan (``restore_visible``) puts it back if nobody acknowledges it. A
+worker SIGKILLed between the two, or a connection that breaks after Redis sent the
+``BRPOP`` reply, loses the message: it is in no list and in no hash (the chaos suite saw
+0-2 per run).
+
+Here one Lua script does both: it takes the oldest message of the first non-empty queue
+key (kombu's key order: every queue at priority step 0, then each at the next step) and
+records it in ``unacked``/``unacked_index`` under the delivery tag kombu will use, in one
+atomic step. Whatever happens to the reply, the message is in the hash, and kombu's own
+restore brings it back after ``visibility_timeout``; the ``ack`` deletes it as before.
+Everything on Redis keeps kombu's format (lists, priority-step keys, the same hash
+entries ``[message, exchange, routing_key]`` and index scores), so stock producers (a plain
+Celery app sending ``notifier.ingest``), stock consumers and stock restore logic work
+with it unchanged.
+
+A Lua script cannot block, so a consumer whose queues are all empty waits with
+``BLMOVE first first RIGHT LEFT <idle_poll_interval>`` on its first key (its most urgent
+queue): a message pushed there wakes it at once, and the move leaves the list as it was
+(the one element goes out of the list's tail and back into its head within one command;
+with several waiting it would move the oldest to the head, so an arrival of two at once
+may swap them). Its other keys are checked again every ``idle_poll_interval`` seconds
+(0.05 by default): the added latency of a message on any other queue of an idle worker.
+See docs/reliability.md for the figures.
+
+Consumers with ``no_ack`` (Celery's reply queues) get the message without a record, as
+before; ``basic_get`` (a synchronous poll, not used by workers) is kombu's own.
+"""
+
+from __future__ import annotations
+
+from time import monotonic, time
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import QoS as VirtualQoS
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+
+#: KEYS: the unacked hash, the unacked index, then the queue keys in consuming order.
+#: ARGV[1]: the index score (the worker's clock, as kombu's ``QoS.append`` writes it);
+#: ARGV[1 + n]: "1" when the message taken from queue key n is to be recorded (a consumer
+#: that acknowledges), "0" for a ``no_ack`` consumer.
+#: Returns nil, or {n, message, 1 if recorded else 0}. Nothing is written before the hash
+#: and index: a refused write (OOM) aborts the script with the queue untouched.
+RECEIVE_SCRIPT = """
+for i = 3, #KEYS do
+  local item = redis.call('LINDEX', KEYS[i], -1)
+  if item then
+    local recorded = 0
+    if ARGV[i - 1] == '1' then
+      local ok, m = pcall(cjson.decode, item)
+      local props = ok and type(m) == 'table' and m['properties']
+      local info = type(props) == 'table' and props['delivery_info']
+      if type(info) == 'table' and type(props['delivery_tag']) == 'string'
+          and type(info['exchange']) == 'string' and type(info['routing_key']) == 'string' then
+        local tag = props['delivery_tag']
+        redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. cjson.encode(info['exchange'])
+                   .. ',' .. cjson.encode(info['routing_key']) .. ']')
+        redis.call('ZADD', KEYS[2], ARGV[1], tag)
+        recorded = 1
+      end
+    end
+    redis.call('RPOP', KEYS[i])
+    return {i - 2, item, recorded}
+  end
+end
+return nil
+"""
+
+#: Seconds an idle consumer waits on its first queue key before it looks at all of them
+#: again (transport option ``idle_poll_interval``).
+IDLE_POLL_INTERVAL = 0.05
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, minus the second write for a message the script recorded."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if self.channel.take_recorded(delivery_tag):
+            VirtualQoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
+
+
+class AtomicReceive:
+    """The receiving half of a kombu Redis channel, replaced: ``_brpop_start`` sends the
+    receive script (or, after it found nothing, the wait on the first key) on the
+    channel's consuming connection, ``_brpop_read`` reads its reply. Both keep kombu's
+    names, so its event loop, prefetch pausing and health checks drive them unchanged."""
+
+    QoS = QoS
+    idle_poll_interval = IDLE_POLL_INTERVAL
+    from_transport_options = kombu_redis.Channel.from_transport_options + ("idle_poll_interval",)
+
+    # Set by kombu's Channel; declared for the type checker.
+    client: Any
+    connection: Any
+    sep: str
+    global_keyprefix: str
+    unacked_key: str
+    unacked_index_key: str
+    priority_steps: list[int]
+    _queue_cycle: Any
+    _in_poll: Any
+    _brpop_sent_at: float | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._recorded: set[str] = set()
+        self._no_ack_queues: set[str] = set()
+        self._sent: str | None = None
+        self._wait_next = False
+        self._receive_keys: list[str] = []
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self._script_sha = self._load_script()
+
+    def _load_script(self) -> str:
+        with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+            return str(client.script_load(RECEIVE_SCRIPT))
+
+    def take_recorded(self, delivery_tag: str) -> bool:
+        """Whether the script recorded ``delivery_tag`` (then forget it)."""
+        if delivery_tag in self._recorded:
+            self._recorded.discard(delivery_tag)
+            return True
+        return False
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        (self._no_ack_queues.add if no_ack else self._no_ack_queues.discard)(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)  # type: ignore[misc]
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        queues = self._queue_cycle.consume(len(self.active_queues))  # type: ignore[attr-defined]
+        if not queues:
+            return
+        keys = [self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
+                for pri in self.priority_steps for queue in queues]
+        self._receive_keys = keys
+        prefix = self.global_keyprefix
+        if self._wait_next:
+            wait = self.idle_poll_interval if timeout is None else min(timeout, self.idle_poll_interval)
+            command: list[Any] = ["BLMOVE", prefix + keys[0], prefix + keys[0], "RIGHT", "LEFT", wait]
+            self._sent = "BLMOVE"
+        else:
+            record = ["0" if self._queue_of(key) in self._no_ack_queues else "1" for key in keys]
+            command = ["EVALSHA", self._script_sha, len(keys) + 2,
+                       prefix + self.unacked_key, prefix + self.unacked_index_key,
+                       *(prefix + key for key in keys), repr(time()), *record]
+            self._sent = "EVALSHA"
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        self.client.connection.send_command(*command)
+
+    def _queue_of(self, key: str) -> str:
+        return key.rsplit(self.sep, 1)[0] if self.sep in key else key
+
+    def _brpop_read(self, **options: Any) -> bool:
+        sent, self._sent = self._sent, None
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, sent or "EVALSHA", **options)
+            except self.ResponseError as exc:  # type: ignore[attr-defined]
+                if "NOSCRIPT" not in str(exc):
+                    raise
+                self._script_sha = self._load_script()  # a restarted or promoted server
+                raise kombu_redis.Empty() from None
+            except self.connection_errors:  # type: ignore[attr-defined]
+                self.client.connection.disconnect()
+                raise
+            if sent == "BLMOVE":
+                self._wait_next = False
+                raise kombu_redis.Empty()
+            if not reply:
+                self._wait_next = True
+                raise kombu_redis.Empty()
+            self._wait_next = False
+            index, item, recorded = reply
+            queue = self._queue_of(self._receive_keys[int(index) - 1])
+            message = loads(bytes_to_str(item))
+            if int(recorded):
+                self._recorded.add(message["properties"]["delivery_tag"])
+            self._queue_cycle.rotate(queue)
+            self.connection._deliver(message, queue)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()  # type: ignore[attr-defined]
+
+
+class Channel(AtomicReceive, kombu_redis.Channel):
+    """A ``redis://`` channel with the atomic receive."""
+
+
+class SentinelChannel(AtomicReceive, kombu_redis.SentinelChannel):
+    """A ``sentinel://`` channel with the atomic receive."""
+
+    from_transport_options = (kombu_redis.SentinelChannel.from_transport_options
+                              + ("idle_poll_interval",))
+
+
+class Transport(kombu_redis.Transport):
+    """``redis://`` and ``rediss://``: kombu's transport with :class:`Channel`."""
+
+    Channel = Channel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """``sentinel://``: kombu's Sentinel transport with :class:`SentinelChannel`."""
+
+    Channel = SentinelChannel
