@@ -94,7 +94,7 @@ class AtomicReceive:
 
     QoS = QoS
     idle_poll_interval = IDLE_POLL_INTERVAL
-    from_transport_options = kombu_redis.Channel.from_transport_options + ("idle_poll_interval",)
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, "idle_poll_interval")
 
     # Set by kombu's Channel; declared for the type checker.
     client: Any
@@ -141,8 +141,10 @@ class AtomicReceive:
         self._receive_keys = keys
         prefix = self.global_keyprefix
         if self._wait_next:
-            wait = self.idle_poll_interval if timeout is None else min(timeout, self.idle_poll_interval)
-            command: list[Any] = ["BLMOVE", prefix + keys[0], prefix + keys[0], "RIGHT", "LEFT", wait]
+            wait = self.idle_poll_interval if timeout is None else min(
+                timeout, self.idle_poll_interval)
+            first = prefix + keys[0]
+            command: list[Any] = ["BLMOVE", first, first, "RIGHT", "LEFT", wait]
             self._sent = "BLMOVE"
         else:
             record = ["0" if self._queue_of(key) in self._no_ack_queues else "1" for key in keys]
@@ -161,7 +163,8 @@ class AtomicReceive:
         sent, self._sent = self._sent, None
         try:
             try:
-                reply = self.client.parse_response(self.client.connection, sent or "EVALSHA", **options)
+                reply = self.client.parse_response(
+                    self.client.connection, sent or "EVALSHA", **options)
             except self.ResponseError as exc:  # type: ignore[attr-defined]
                 if "NOSCRIPT" not in str(exc):
                     raise
@@ -197,8 +200,8 @@ class Channel(AtomicReceive, kombu_redis.Channel):
 class SentinelChannel(AtomicReceive, kombu_redis.SentinelChannel):
     """A ``sentinel://`` channel with the atomic receive."""
 
-    from_transport_options = (kombu_redis.SentinelChannel.from_transport_options
-                              + ("idle_poll_interval",))
+    from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options,
+                              "idle_poll_interval")
 
 
 class Transport(kombu_redis.Transport):

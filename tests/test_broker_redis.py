@@ -8,6 +8,7 @@ does in the same situation (checked by hand with ``broker_transport`` set to ``N
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -75,10 +76,8 @@ class CuttingProxy:
         except OSError:
             pass
         for end in pair:
-            try:
+            with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             end.close()
 
     def close(self) -> None:
@@ -161,17 +160,15 @@ def _consume(url: str, transport: str | None, count: int, ack: bool = True) -> l
             message.ack()  # type: ignore[attr-defined]
 
     options = {"queue_order_strategy": "priority"}
-    with Connection(url, transport=transport, transport_options=options) as connection:
-        with Consumer(connection, _queues(), callbacks=[received]):
-            deadline = time.monotonic() + 10
-            while len(bodies) < count and time.monotonic() < deadline:
-                try:
-                    connection.drain_events(timeout=1)
-                except TimeoutError:
-                    pass
-            # Unacknowledged ones stay recorded, as if the consumer had died (a channel
-            # closed in good order puts them back at once).
-            connection.default_channel.do_restore = ack
+    with Connection(url, transport=transport, transport_options=options) as connection, \
+            Consumer(connection, _queues(), callbacks=[received]):
+        deadline = time.monotonic() + 10
+        while len(bodies) < count and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                connection.drain_events(timeout=1)
+        # Unacknowledged ones stay recorded, as if the consumer had died (a channel
+        # closed in good order puts them back at once).
+        connection.default_channel.do_restore = ack
     return bodies
 
 
