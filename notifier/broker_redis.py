@@ -17,14 +17,14 @@ entries ``[message, exchange, routing_key]`` and index scores), so stock produce
 Celery app sending ``notifier.ingest``), stock consumers and stock restore logic work
 with it unchanged.
 
-A Lua script cannot block, so a consumer whose queues are all empty waits with
-``BLMOVE first first RIGHT LEFT <idle_poll_interval>`` on its first key (its most urgent
-queue): a message pushed there wakes it at once, and the move leaves the list as it was
-(the one element goes out of the list's tail and back into its head within one command;
-with several waiting it would move the oldest to the head, so an arrival of two at once
-may swap them). Its other keys are checked again every ``idle_poll_interval`` seconds
-(0.05 by default): the added latency of a message on any other queue of an idle worker.
-See docs/reliability.md for the figures.
+A Lua script cannot block, so a consumer whose queues are all empty looks again every
+``idle_poll_interval`` seconds (transport option; 0.01 by default): in a worker's event
+loop by a timer, in a blocking ``drain_events`` by a sleep. That is the latency a message
+may add on an idle worker, on every queue alike. A blocking wait on the server does not
+do better: Redis times its blocked clients out on its ``hz`` clock (10 per second by
+default), so a ``BLMOVE first first RIGHT LEFT 0.01`` (a non-destructive wait on the most
+urgent key) returns after 100 ms, and only one key can be waited on. The cost is one
+script call per idle consumer every 10 ms; the figures are in docs/reliability.md.
 
 Consumers with ``no_ack`` (Celery's reply queues) get the message without a record, as
 before; ``basic_get`` (a synchronous poll, not used by workers) is kombu's own.
@@ -32,7 +32,7 @@ before; ``basic_get`` (a synchronous poll, not used by workers) is kombu's own.
 
 from __future__ import annotations
 
-from time import monotonic, time
+from time import monotonic, sleep, time
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -71,9 +71,9 @@ end
 return nil
 """
 
-#: Seconds an idle consumer waits on its first queue key before it looks at all of them
-#: again (transport option ``idle_poll_interval``).
-IDLE_POLL_INTERVAL = 0.05
+#: Seconds an idle consumer waits before it looks at its queues again (transport option
+#: ``idle_poll_interval``).
+IDLE_POLL_INTERVAL = 0.01
 
 
 class QoS(kombu_redis.QoS):
@@ -94,7 +94,8 @@ class AtomicReceive:
 
     QoS = QoS
     idle_poll_interval = IDLE_POLL_INTERVAL
-    from_transport_options = (*kombu_redis.Channel.from_transport_options, "idle_poll_interval")
+    from_transport_options: Any = (*kombu_redis.Channel.from_transport_options,
+                                               "idle_poll_interval")
 
     # Set by kombu's Channel; declared for the type checker.
     client: Any
@@ -106,15 +107,18 @@ class AtomicReceive:
     priority_steps: list[int]
     _queue_cycle: Any
     _in_poll: Any
-    _brpop_sent_at: float | None
+    _brpop_sent_at: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._recorded: set[str] = set()
         self._no_ack_queues: set[str] = set()
-        self._sent: str | None = None
-        self._wait_next = False
+        self._idle_since: float | None = None
+        self._timer_pending = False
+        #: Idle, the next command asks ``EXISTS`` of the queue keys, not the script.
+        self._looking = False
+        self._sent = "EVALSHA"
         self._receive_keys: list[str] = []
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(*args, **kwargs)
         self._script_sha = self._load_script()
 
     def _load_script(self) -> str:
@@ -133,6 +137,8 @@ class AtomicReceive:
         return super().basic_consume(queue, no_ack, *args, **kwargs)  # type: ignore[misc]
 
     def _brpop_start(self, timeout: float | None = None) -> None:
+        if self._idle_wait() > 0:
+            return
         queues = self._queue_cycle.consume(len(self.active_queues))  # type: ignore[attr-defined]
         if not queues:
             return
@@ -140,31 +146,52 @@ class AtomicReceive:
                 for pri in self.priority_steps for queue in queues]
         self._receive_keys = keys
         prefix = self.global_keyprefix
-        if self._wait_next:
-            wait = self.idle_poll_interval if timeout is None else min(
-                timeout, self.idle_poll_interval)
-            first = prefix + keys[0]
-            command: list[Any] = ["BLMOVE", first, first, "RIGHT", "LEFT", wait]
-            self._sent = "BLMOVE"
-        else:
-            record = ["0" if self._queue_of(key) in self._no_ack_queues else "1" for key in keys]
-            command = ["EVALSHA", self._script_sha, len(keys) + 2,
-                       prefix + self.unacked_key, prefix + self.unacked_index_key,
-                       *(prefix + key for key in keys), repr(time()), *record]
-            self._sent = "EVALSHA"
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
-        self.client.connection.send_command(*command)
+        if self._looking:  # idle: is there anything at all? (cheaper than the script)
+            self._sent = "EXISTS"
+            self.client.connection.send_command("EXISTS", *(prefix + key for key in keys))
+            return
+        record = ["0" if self._queue_of(key) in self._no_ack_queues else "1" for key in keys]
+        self._sent = "EVALSHA"
+        self.client.connection.send_command(
+            "EVALSHA", self._script_sha, len(keys) + 2,
+            prefix + self.unacked_key, prefix + self.unacked_index_key,
+            *(prefix + key for key in keys), repr(time()), *record)
+
+    def _idle_wait(self) -> float:
+        """Seconds before an idle channel may look again (0: now). In a worker's event
+        loop it says so with a timer (the loop's next tick sends the script); a blocking
+        consumer (``drain_events``) has nothing else to do, and sleeps."""
+        if self._idle_since is None:
+            return 0.0
+        wait = self._idle_since + self.idle_poll_interval - monotonic()
+        if wait <= 0:
+            self._idle_since, self._looking = None, True
+            return 0.0
+        hub = getattr(self.connection.cycle, "hub", None)
+        if hub is None:
+            sleep(wait)
+            self._idle_since, self._looking = None, True
+            return 0.0
+        if not self._timer_pending:
+            self._timer_pending = True
+            hub.call_later(wait, self._timer_fired)
+        return wait
+
+    def _timer_fired(self) -> None:
+        """The idle-poll timer: its firing makes the event loop tick, and the tick polls
+        (or sets the next timer, had it fired early)."""
+        self._timer_pending = False
 
     def _queue_of(self, key: str) -> str:
         return key.rsplit(self.sep, 1)[0] if self.sep in key else key
 
     def _brpop_read(self, **options: Any) -> bool:
-        sent, self._sent = self._sent, None
+        sent, self._sent = self._sent, "EVALSHA"
         try:
             try:
-                reply = self.client.parse_response(
-                    self.client.connection, sent or "EVALSHA", **options)
+                reply = self.client.parse_response(self.client.connection, sent, **options)
             except self.ResponseError as exc:  # type: ignore[attr-defined]
                 if "NOSCRIPT" not in str(exc):
                     raise
@@ -173,13 +200,14 @@ class AtomicReceive:
             except self.connection_errors:  # type: ignore[attr-defined]
                 self.client.connection.disconnect()
                 raise
-            if sent == "BLMOVE":
-                self._wait_next = False
+            if sent == "EXISTS":
+                self._looking = False
+                if not reply:  # still nothing
+                    self._idle_since = monotonic()
                 raise kombu_redis.Empty()
             if not reply:
-                self._wait_next = True
+                self._idle_since = monotonic()
                 raise kombu_redis.Empty()
-            self._wait_next = False
             index, item, recorded = reply
             queue = self._queue_of(self._receive_keys[int(index) - 1])
             message = loads(bytes_to_str(item))
@@ -200,17 +228,27 @@ class Channel(AtomicReceive, kombu_redis.Channel):
 class SentinelChannel(AtomicReceive, kombu_redis.SentinelChannel):
     """A ``sentinel://`` channel with the atomic receive."""
 
-    from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options,
-                              "idle_poll_interval")
+    from_transport_options: Any = (
+        *kombu_redis.SentinelChannel.from_transport_options, "idle_poll_interval")
 
 
-class Transport(kombu_redis.Transport):
+class HubTimers:
+    """Hands the worker's event loop to the channels, for their idle-poll timers."""
+
+    cycle: Any
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)  # type: ignore[misc]
+        self.cycle.hub = loop
+
+
+class Transport(HubTimers, kombu_redis.Transport):
     """``redis://`` and ``rediss://``: kombu's transport with :class:`Channel`."""
 
     Channel = Channel
 
 
-class SentinelTransport(kombu_redis.SentinelTransport):
+class SentinelTransport(HubTimers, kombu_redis.SentinelTransport):
     """``sentinel://``: kombu's Sentinel transport with :class:`SentinelChannel`."""
 
     Channel = SentinelChannel

@@ -91,6 +91,8 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             # while holding it stops every other worker from restoring messages for
             # five minutes.
             "unacked_mutex_expire": 10,
+            # Our transport (notifier/broker_redis.py): how often an idle worker looks.
+            "idle_poll_interval": settings.broker_idle_poll_interval,
             # Behind Sentinel: the master's name (and the Sentinels' password).
             **settings.broker_sentinel_options,
         }
