@@ -169,15 +169,29 @@ class AtomicReceive:
         if wait <= 0:
             self._idle_since, self._looking = None, True
             return 0.0
-        hub = getattr(self.connection.cycle, "hub", None)
-        if hub is None:
+        if self._hub is None:
             sleep(wait)
             self._idle_since, self._looking = None, True
             return 0.0
+        self._set_timer(wait)
+        return wait
+
+    @property
+    def _hub(self) -> Any:
+        return getattr(self.connection.cycle, "hub", None)
+
+    def _go_idle(self) -> None:
+        """Nothing came: look again in ``idle_poll_interval``. The timer is set now,
+        while the event loop handles the reply: one set in its next tick would count only
+        after that tick's wait, which the loop computed before (up to a second)."""
+        self._idle_since = monotonic()
+        if self._hub is not None:
+            self._set_timer(self.idle_poll_interval)
+
+    def _set_timer(self, wait: float) -> None:
         if not self._timer_pending:
             self._timer_pending = True
-            hub.call_later(wait, self._timer_fired)
-        return wait
+            self._hub.call_later(wait, self._timer_fired)
 
     def _timer_fired(self) -> None:
         """The idle-poll timer: its firing makes the event loop tick, and the tick polls
@@ -203,10 +217,10 @@ class AtomicReceive:
             if sent == "EXISTS":
                 self._looking = False
                 if not reply:  # still nothing
-                    self._idle_since = monotonic()
+                    self._go_idle()
                 raise kombu_redis.Empty()
             if not reply:
-                self._idle_since = monotonic()
+                self._go_idle()
                 raise kombu_redis.Empty()
             index, item, recorded = reply
             queue = self._queue_of(self._receive_keys[int(index) - 1])
