@@ -71,9 +71,19 @@ end
 return nil
 """
 
+#: Seconds a consumer with a wake connection waits, idle, before it looks anyway.
+WAKE_SAFETY_INTERVAL = 1.0
+
 #: Seconds an idle consumer waits before it looks at its queues again (transport option
 #: ``idle_poll_interval``).
 IDLE_POLL_INTERVAL = 0.01
+
+
+class _WakeClient:
+    """What kombu's poller registers a socket by: an object with ``connection``."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
 
 
 class QoS(kombu_redis.QoS):
@@ -118,8 +128,16 @@ class AtomicReceive:
         self._looking = False
         self._sent = "EVALSHA"
         self._receive_keys: list[str] = []
+        #: The wake connection (subscribed to invalidations), its client id, and the
+        #: consuming socket whose tracking redirects to it; None: none (yet).
+        self._wake: Any = None
+        self._wake_id = 0
+        self._tracking_for: Any = None
+        self._wake_refused = False
+        self._woken = False
         super().__init__(*args, **kwargs)
-        self._script_sha = self._load_script()
+        self.handlers["WAKE"] = self._wake_read  # type: ignore[attr-defined]
+        self._script_sha = ""  # loaded when first consuming: a producer never needs it
 
     def _load_script(self) -> str:
         with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
@@ -148,11 +166,14 @@ class AtomicReceive:
         prefix = self.global_keyprefix
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
+        self._woken = False
         if self._looking:  # idle: is there anything at all? (cheaper than the script)
+            self._track()  # before the EXISTS, whose reading of the keys tracks them
             self._sent = "EXISTS"
             self.client.connection.send_command("EXISTS", *(prefix + key for key in keys))
             return
         record = ["0" if self._queue_of(key) in self._no_ack_queues else "1" for key in keys]
+        self._script_sha = self._script_sha or self._load_script()
         self._sent = "EVALSHA"
         self.client.connection.send_command(
             "EVALSHA", self._script_sha, len(keys) + 2,
@@ -165,7 +186,7 @@ class AtomicReceive:
         consumer (``drain_events``) has nothing else to do, and sleeps."""
         if self._idle_since is None:
             return 0.0
-        wait = self._idle_since + self.idle_poll_interval - monotonic()
+        wait = self._idle_since + self._idle_interval() - monotonic()
         if wait <= 0:
             self._idle_since, self._looking = None, True
             return 0.0
@@ -186,12 +207,82 @@ class AtomicReceive:
         after that tick's wait, which the loop computed before (up to a second)."""
         self._idle_since = monotonic()
         if self._hub is not None:
-            self._set_timer(self.idle_poll_interval)
+            self._set_timer(self._idle_interval())
 
     def _set_timer(self, wait: float) -> None:
         if not self._timer_pending:
             self._timer_pending = True
             self._hub.call_later(wait, self._timer_fired)
+
+    def _idle_interval(self) -> float:
+        return WAKE_SAFETY_INTERVAL if self._tracking_for is not None else self.idle_poll_interval
+
+    def _track(self) -> None:
+        """Arm the wake for the ``EXISTS`` about to be sent (in an event loop only): a
+        wake connection, and tracking on the consuming connection redirected to it."""
+        if self._hub is None or self._wake_refused:
+            return
+        connection = self.client.connection
+        if self._wake is None and not self._open_wake():
+            return
+        if self._tracking_for == (connection._sock, self._wake_id):
+            return
+        try:
+            connection.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", self._wake_id,
+                                    "NOLOOP")
+            connection.read_response()
+        except self.ResponseError:  # type: ignore[attr-defined]
+            self._refuse_wake()
+            return
+        self._tracking_for = (connection._sock, self._wake_id)
+
+    def _open_wake(self) -> bool:
+        pool = self.async_pool  # type: ignore[attr-defined]
+        wake = (pool.get_connection() if kombu_redis._REDIS_GET_CONNECTION_WITHOUT_ARGS
+                else pool.get_connection("_"))
+        try:
+            wake.send_command("CLIENT", "ID")
+            wake_id = int(wake.read_response())
+            wake.send_command("SUBSCRIBE", "__redis__:invalidate")
+            wake.read_response(push_request=True)  # RESP3 answers with a push
+        except self.ResponseError:  # type: ignore[attr-defined]
+            pool.release(wake)
+            self._refuse_wake()
+            return False
+        except self.connection_errors:  # type: ignore[attr-defined]
+            wake.disconnect()
+            return False  # tried again before the next wait
+        self._wake, self._wake_id = _WakeClient(wake), wake_id
+        self.connection.cycle._register(self, self._wake, "WAKE")
+        return True
+
+    def _refuse_wake(self) -> None:
+        kombu_redis.warning("Redis refused client tracking: idle consumers poll every %s s",
+                            self.idle_poll_interval)
+        self._wake_refused = True
+        self._drop_wake()
+
+    def _drop_wake(self) -> None:
+        wake, self._wake, self._tracking_for = self._wake, None, None
+        if wake is not None:
+            wake.connection.disconnect()  # kombu's hook takes it out of the event loop
+
+    def _wake_read(self) -> None:
+        """An invalidation: a queue key this channel read changed. Look at once if idle
+        (or right after the ``EXISTS`` in flight, which may have read it before)."""
+        wake = self._wake
+        if wake is None:
+            return
+        try:
+            wake.connection.read_response(push_request=True)
+            while wake.connection.can_read(timeout=0):
+                wake.connection.read_response(push_request=True)
+        except self.connection_errors:  # type: ignore[attr-defined]
+            self._drop_wake()
+        if self._idle_since is not None:
+            self._idle_since, self._looking = None, False
+        else:
+            self._woken = True
 
     def _timer_fired(self) -> None:
         """The idle-poll timer: its firing makes the event loop tick, and the tick polls
@@ -216,11 +307,14 @@ class AtomicReceive:
                 raise
             if sent == "EXISTS":
                 self._looking = False
-                if not reply:  # still nothing
+                if not reply and not self._woken:  # still nothing
                     self._go_idle()
                 raise kombu_redis.Empty()
             if not reply:
-                self._go_idle()
+                if self._tracking_for is not None:
+                    self._looking = True  # at once: the EXISTS arms the wake
+                else:
+                    self._go_idle()
                 raise kombu_redis.Empty()
             index, item, recorded = reply
             queue = self._queue_of(self._receive_keys[int(index) - 1])
@@ -246,10 +340,25 @@ class SentinelChannel(AtomicReceive, kombu_redis.SentinelChannel):
         *kombu_redis.SentinelChannel.from_transport_options, "idle_poll_interval")
 
 
+class Poller(kombu_redis.MultiChannelPoller):
+    """kombu's poller, which also reads a channel's wake connection when the channel
+    may not consume (prefetch full): unread, it would keep the loop spinning."""
+
+    def on_readable(self, fileno: int) -> Any:
+        channel_type = self._fd_to_chan.get(fileno)
+        if channel_type is not None and channel_type[1] == "WAKE":
+            return channel_type[0]._wake_read()
+        return super().on_readable(fileno)
+
+
 class HubTimers:
     """Hands the worker's event loop to the channels, for their idle-poll timers."""
 
     cycle: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = Poller()
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         super().register_with_event_loop(connection, loop)  # type: ignore[misc]
