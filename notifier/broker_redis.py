@@ -17,14 +17,19 @@ entries ``[message, exchange, routing_key]`` and index scores), so stock produce
 Celery app sending ``notifier.ingest``), stock consumers and stock restore logic work
 with it unchanged.
 
-A Lua script cannot block, so a consumer whose queues are all empty looks again every
-``idle_poll_interval`` seconds (transport option; 0.01 by default): in a worker's event
-loop by a timer, in a blocking ``drain_events`` by a sleep. That is the latency a message
-may add on an idle worker, on every queue alike. A blocking wait on the server does not
-do better: Redis times its blocked clients out on its ``hz`` clock (10 per second by
-default), so a ``BLMOVE first first RIGHT LEFT 0.01`` (a non-destructive wait on the most
-urgent key) returns after 100 ms, and only one key can be waited on. The cost is one
-script call per idle consumer every 10 ms; the figures are in docs/reliability.md.
+A Lua script cannot block as ``BRPOP`` does. An idle consumer in a worker's event loop
+is woken by Redis itself instead: its consuming connection turns ``CLIENT TRACKING ON
+REDIRECT <id> NOLOOP`` on, ``<id>`` being a second connection of the channel subscribed
+to ``__redis__:invalidate``, and it reads its queue keys with ``EXISTS`` before it waits,
+so any later push to one of them sends that connection an invalidation, and the
+consumer runs the script at once (Redis >= 6, nothing to configure; the same on every
+queue, not only the first). It still looks every ``WAKE_SAFETY_INTERVAL`` (1 s, as
+kombu's ``BRPOP`` timeout), should a wake be missed. Where Redis refuses tracking, and in
+a blocking ``drain_events`` (tools, not workers), it looks every ``idle_poll_interval``
+(``NOTIFIER_BROKER_IDLE_POLL_INTERVAL``, 10 ms) instead. A blocking wait on the server is
+no substitute: Redis times blocked clients out on its ``hz`` clock (10 per second by
+default), so ``BLMOVE q q RIGHT LEFT 0.01`` (a non-destructive wait on one key) returns
+after 100 ms. Figures: docs/reliability.md.
 
 Consumers with ``no_ack`` (Celery's reply queues) get the message without a record, as
 before; ``basic_get`` (a synchronous poll, not used by workers) is kombu's own.

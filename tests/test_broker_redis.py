@@ -260,3 +260,21 @@ def test_workers_and_producers_use_it_for_redis_and_keep_it_through_a_sentinel_s
         "127.0.0.1", "pw", "0")
     redis_settings = get_settings().model_copy(update={"broker_url": "redis://127.0.0.1/3"})
     assert celery_settings(redis_settings)["broker_transport"] == OURS
+
+
+@redis_only
+def test_an_idle_worker_waits_with_redis_client_tracking_armed(worker: WorkerProcess):
+    """An idle worker has its consuming connection tracking keys (``CLIENT TRACKING``,
+    flag ``t``) for a connection of its own subscribed to invalidations, which is how a
+    push wakes it; a notification sent then is stored."""
+    state = redis.Redis.from_url(STATE_REDIS_URL)
+    db = int(urlsplit(STATE_REDIS_URL).path.strip("/"))
+
+    def armed() -> bool:
+        clients = [c for c in state.client_list() if int(c.get("db", -1)) == db]
+        tracking = [c for c in clients if "t" in c["flags"]]
+        return any(int(c.get("redir", -1)) in {int(o["id"]) for o in clients} for c in tracking)
+
+    wait_for(armed, 15, "a tracking connection redirected to one of the worker's")
+    client.notify("ada", "report", "while idle")
+    wait_for_rows(1, timeout=20)
