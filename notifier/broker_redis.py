@@ -103,14 +103,15 @@ class QoS(kombu_redis.QoS):
 
 class AtomicReceive:
     """The receiving half of a kombu Redis channel, replaced: ``_brpop_start`` sends the
-    receive script (or, after it found nothing, the wait on the first key) on the
-    channel's consuming connection, ``_brpop_read`` reads its reply. Both keep kombu's
-    names, so its event loop, prefetch pausing and health checks drive them unchanged."""
+    receive script (or, idle, an ``EXISTS`` of the queue keys, which also arms the wake)
+    on the channel's consuming connection, ``_brpop_read`` reads its reply. Both keep
+    kombu's names, so its event loop, prefetch pausing and health checks drive them
+    unchanged."""
 
     QoS = QoS
     idle_poll_interval = IDLE_POLL_INTERVAL
     from_transport_options: Any = (*kombu_redis.Channel.from_transport_options,
-                                               "idle_poll_interval")
+                                   "idle_poll_interval")
 
     # Set by kombu's Channel; declared for the type checker.
     client: Any
@@ -243,9 +244,10 @@ class AtomicReceive:
 
     def _open_wake(self) -> bool:
         pool = self.async_pool  # type: ignore[attr-defined]
-        wake = (pool.get_connection() if kombu_redis._REDIS_GET_CONNECTION_WITHOUT_ARGS
-                else pool.get_connection("_"))
+        wake = None
         try:
+            wake = (pool.get_connection() if kombu_redis._REDIS_GET_CONNECTION_WITHOUT_ARGS
+                    else pool.get_connection("_"))
             wake.send_command("CLIENT", "ID")
             wake_id = int(wake.read_response())
             wake.send_command("SUBSCRIBE", "__redis__:invalidate")
@@ -255,7 +257,8 @@ class AtomicReceive:
             self._refuse_wake()
             return False
         except self.connection_errors:  # type: ignore[attr-defined]
-            wake.disconnect()
+            if wake is not None:
+                wake.disconnect()
             return False  # tried again before the next wait
         self._wake, self._wake_id = _WakeClient(wake), wake_id
         self.connection.cycle._register(self, self._wake, "WAKE")
