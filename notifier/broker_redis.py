@@ -40,6 +40,7 @@ from __future__ import annotations
 from time import monotonic, sleep, time
 from typing import Any
 
+from kombu import connection as kombu_connection
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.encoding import bytes_to_str
@@ -374,7 +375,7 @@ class HubTimers:
 
 
 class Transport(HubTimers, kombu_redis.Transport):
-    """``redis://`` and ``rediss://``: kombu's transport with :class:`Channel`."""
+    """``redis://``: kombu's transport with :class:`Channel`."""
 
     Channel = Channel
 
@@ -383,3 +384,11 @@ class SentinelTransport(HubTimers, kombu_redis.SentinelTransport):
     """``sentinel://``: kombu's Sentinel transport with :class:`SentinelChannel`."""
 
     Channel = SentinelChannel
+
+
+#: How kombu prints a connection's URL (``Connection.as_uri``, read by Flower's broker page
+#: and Celery's banner): by the scheme each transport stands for, not its import path.
+kombu_connection.resolve_aliases.update({
+    f"{__name__}:Transport": "redis",
+    f"{__name__}:SentinelTransport": "sentinel",
+})

@@ -127,8 +127,9 @@ def broker_transport(settings: Settings) -> str | None:
     """The kombu transport for ``settings.broker_url``; ``None``: the URL's own."""
     if settings.is_sentinel_broker:
         return SENTINEL_TRANSPORT
-    if settings.is_redis_broker and not settings.broker_url.startswith("redis+socket:"):
-        # (kombu reads ``redis+socket://`` as transport "redis" whatever it is told.)
+    if settings.broker_url.startswith("redis:"):
+        # Not (yet) ``rediss://``: kombu turns TLS on by the transport's name "rediss";
+        # nor ``redis+socket://``, which kombu reads as "redis" whatever it is told.
         return REDIS_TRANSPORT
     return None
 

@@ -258,8 +258,13 @@ def test_workers_and_producers_use_it_for_redis_and_keep_it_through_a_sentinel_s
     assert connection.transport_cls == SENTINEL_TRANSPORT
     assert (connection.hostname, connection.password, connection.virtual_host) == (
         "127.0.0.1", "pw", "0")
-    redis_settings = get_settings().model_copy(update={"broker_url": "redis://127.0.0.1/3"})
-    assert celery_settings(redis_settings)["broker_transport"] == OURS
+    app = Celery("uri-check")
+    app.conf.update(celery_settings(get_settings().model_copy(
+        update={"broker_url": "redis://127.0.0.1/3"})))
+    connection = app.connection_for_write()
+    assert connection.transport_cls == OURS
+    # What Flower's broker page and Celery's banner read: the URL's own scheme.
+    assert connection.as_uri().startswith("redis://")
 
 
 @redis_only
