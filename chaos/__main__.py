@@ -14,7 +14,8 @@ import re
 import sys
 import time
 
-from chaos.config import ChaosConfig
+from chaos.config import REDIS_MODES, ChaosConfig
+from chaos.faults import own_redis
 from chaos.scenarios import SCENARIOS
 
 
@@ -35,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> ChaosConfig:
     parser.add_argument("--smtp-outage", type=float, default=defaults.smtp_outage,
                         help="seconds the SMTP server is down")
     parser.add_argument("--redis-down", type=float, default=defaults.redis_down)
+    parser.add_argument("--redis", choices=REDIS_MODES, default=defaults.redis,
+                        help="the broker's Redis: the machine's shared server, or one of"
+                             " the run's own with AOF (fsync every second or always) or no"
+                             " persistence (then --broker-url is ignored)")
     parser.add_argument("--postgres-down", type=float, default=defaults.postgres_down)
     parser.add_argument("--kills", type=int, default=defaults.kills,
                         help="SIGKILLs per kill scenario")
@@ -78,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> ChaosConfig:
         only=tuple(args.only), restart_services=not args.no_restarts,
         restart_wait=args.restart_wait, hosts=args.hosts, beats=args.beats,
         host_cut=args.host_cut, host_clocks=tuple(args.host_clock),
-        host_pg_options=args.host_pg_options,
+        host_pg_options=args.host_pg_options, redis=args.redis,
     )
 
 
@@ -112,9 +117,9 @@ def run(config: ChaosConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    config.apply_environment()
-    return run(config)
+    with own_redis(parse_args(argv)) as config:
+        config.apply_environment()
+        return run(config)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,10 @@ PIPELINE_ENVIRONMENT = {
 }
 
 
+#: ``ChaosConfig.redis``: the machine's Redis, or the run's own with this persistence.
+REDIS_MODES = ("shared", "aof", "aof-always", "none")
+
+
 @dataclass(frozen=True)
 class ChaosConfig:
     database_url: str = DEFAULT_DATABASE_URL
@@ -89,7 +93,17 @@ class ChaosConfig:
         default_factory=lambda: dict(RECOVERY_ENVIRONMENT)
     )
     results_dir: Path = RESULTS_DIR
-    #: Restart Redis and Postgres with the machine's commands (off: those scenarios skip).
+    #: The broker's Redis: ``shared``, the machine's server (restarted with the machine's
+    #: commands, keeping nothing); or a ``redis-server`` of the run's own on a free port
+    #: and in a directory of its own (``chaos.faults.own_redis``), with ``aof`` (append
+    #: only file, fsync every second), ``aof-always`` (fsync before every reply) or
+    #: ``none`` (no persistence). Only an own server can be crashed (``redis_crash``).
+    redis: str = "shared"
+    #: Set once the run's own Redis is up: its port and directory.
+    redis_port: int = 0
+    redis_dir: str = ""
+    #: Restart Redis and Postgres with the machine's commands (off: those scenarios skip;
+    #: a Redis of the run's own is restarted anyway, it disturbs nobody).
     restart_services: bool = True
     #: Before a restart scenario, wait up to this many seconds for other users of the
     #: shared servers (tests, benchmarks) to finish; then restart anyway, and say so.
@@ -100,6 +114,11 @@ class ChaosConfig:
         """The database URL as psycopg wants it, without SQLAlchemy's driver suffix."""
         scheme, rest = self.database_url.split("://", 1)
         return "postgresql://" + rest if scheme.startswith("postgres") else self.database_url
+
+    @property
+    def own_redis(self) -> bool:
+        """Whether the broker is a Redis of this run's own (restartable, crashable)."""
+        return self.redis != "shared"
 
     def apply_environment(self) -> None:
         """Point this process (and the processes it starts) at the chaos run's servers."""

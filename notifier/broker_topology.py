@@ -26,8 +26,11 @@ ingest batcher runs critical batches first).
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from kombu import Exchange, Queue
 
@@ -88,6 +91,8 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             # while holding it stops every other worker from restoring messages for
             # five minutes.
             "unacked_mutex_expire": 10,
+            # Our transport (notifier/broker_redis.py): how often an idle worker looks.
+            "idle_poll_interval": settings.broker_idle_poll_interval,
             # Behind Sentinel: the master's name (and the Sentinels' password).
             **settings.broker_sentinel_options,
         }
@@ -111,11 +116,42 @@ def countdown(seconds: float | None, settings: Settings) -> float | None:
     return seconds
 
 
+#: Our kombu transports for Redis URLs (``notifier/broker_redis.py``): a worker takes a
+#: message off a queue and records it as unacknowledged in one atomic step. On Redis they
+#: keep kombu's format, so stock producers and consumers share the queues with them.
+REDIS_TRANSPORT = "notifier.broker_redis:Transport"
+SENTINEL_TRANSPORT = "notifier.broker_redis:SentinelTransport"
+
+
+def broker_transport(settings: Settings) -> str | None:
+    """The kombu transport for ``settings.broker_url``; ``None``: the URL's own."""
+    if settings.is_sentinel_broker:
+        return SENTINEL_TRANSPORT
+    if settings.broker_url.startswith("redis:"):
+        # Not (yet) ``rediss://``: kombu turns TLS on by the transport's name "rediss";
+        # nor ``redis+socket://``, which kombu reads as "redis" whatever it is told.
+        return REDIS_TRANSPORT
+    return None
+
+
+def keep_sentinel_transport(alternates: list[str]) -> Iterator[str]:
+    """Failover strategy for ``sentinel://a;sentinel://b``: kombu "switches" to the next
+    URL after a failed connect, and a switch re-reads the transport from that URL's
+    scheme (stock ``sentinel``), which would drop :data:`SENTINEL_TRANSPORT` for the rest
+    of the process. Switching is pointless there (the Sentinel channel asks every
+    Sentinel of the URL whichever is current), so the strategy names the first
+    Sentinel's host again: a hostname without a scheme keeps the transport and the rest."""
+    return itertools.repeat(urlsplit(alternates[0]).hostname or "localhost")
+
+
 def celery_settings(settings: Settings) -> dict[str, Any]:
     """What the worker's and the producer's Celery apps both set for the broker."""
     quorum = uses_quorum_queues(settings)
     return {
         "broker_url": settings.broker_url,
+        "broker_transport": broker_transport(settings),
+        "broker_failover_strategy": (keep_sentinel_transport if settings.is_sentinel_broker
+                                     else None),
         "broker_transport_options": transport_options(settings),
         # A queue named by a publisher but not declared is made like ours.
         "task_create_missing_queue_type": "quorum" if quorum else "classic",

@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     how long recovery from a killed worker takes; it must exceed the longest batch."""
     unacked_restore_interval: int = Field(10, ge=1)
     """Seconds between the broker's scans for messages whose visibility timeout passed."""
+    broker_idle_poll_interval: float = Field(0.01, ge=0.001, le=1.0)
+    """Redis broker, where Redis refuses client tracking (which wakes idle workers at
+    once): seconds an idle worker waits before it looks at its queues again (our transport
+    takes a message with a script, which cannot block). The latency it may add, against
+    one ``EXISTS`` per interval per idle worker (docs/reliability.md)."""
     dedup_window: int = Field(86400, ge=0)
     """Seconds an idempotency key is remembered; a repeat within it is dropped."""
     ingest_batch_size: int = Field(500, ge=1)

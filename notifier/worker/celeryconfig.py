@@ -11,6 +11,8 @@ Why each choice (docs/architecture.md, "Ingest"; docs/operating.md, "Recovery af
   queue order, and a consumer with other steps would never read it.
 * Messages are acknowledged late, after their rows are committed; a killed worker's
   messages come back after ``visibility_timeout`` seconds (Redis) or at once (RabbitMQ).
+  On Redis a message is taken off its queue and recorded as unacknowledged in one
+  atomic step (``notifier/broker_redis.py``), so no kill or broken connection loses it.
 * Ingest forms batches out of the messages a worker holds unacknowledged, so prefetch
   is several batches; critical batches go to the pool first, and the worker pauses its
   bulk queues while enough is waiting (``notifier/worker/batching.py``).
@@ -31,6 +33,10 @@ _settings = get_settings()
 # scans; RabbitMQ: publisher confirms) and how queues are made: notifier/broker_topology.py.
 _broker = celery_settings(_settings)
 broker_url = _broker["broker_url"]
+# On Redis our transport, which receives a message and records it as unacknowledged in
+# one atomic step (notifier/broker_redis.py); None elsewhere (the URL's own).
+broker_transport = _broker["broker_transport"]
+broker_failover_strategy = _broker["broker_failover_strategy"]
 broker_transport_options = _broker["broker_transport_options"]
 task_create_missing_queue_type = _broker["task_create_missing_queue_type"]
 task_create_missing_queue_exchange_type = _broker["task_create_missing_queue_exchange_type"]

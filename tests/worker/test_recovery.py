@@ -1,11 +1,9 @@
 """Recovery: a worker killed with SIGKILL mid-batch loses nothing and doubles nothing.
 
-On Redis, kombu's transport takes a message off the list (BRPOP) before it records it
-as unacknowledged, so a kill in that instant loses the message in the socket: a
-transport limit, not ours (docs/operating.md, "Recovery after a crash"). The Redis test
-therefore kills the worker once it holds every message and is writing batches, the
-window our code owns. On RabbitMQ, which hands out messages atomically, the kill comes
-at any moment.
+On Redis the kill comes once the worker holds every message and is writing batches,
+the window our code owns; the instant of taking a message (kombu's stock transport
+loses one killed there, ours does not) is tested in tests/test_broker_redis.py. On
+RabbitMQ, which hands out messages atomically, the kill comes at any moment.
 """
 
 from __future__ import annotations
