@@ -43,7 +43,7 @@ from notifier.schemas import (
     validate_notifications,
 )
 from notifier.settings import Settings, get_settings
-from notifier.storage.db import describe_db_error, raw_cursor, server_now
+from notifier.storage.db import describe_db_error, raw_cursor, transaction_now
 from notifier.storage.models import NotificationStatus, Stage
 
 if TYPE_CHECKING:
@@ -245,7 +245,7 @@ def ingest_batch(
     settings = settings or get_settings()
     candidates, rejections = split_messages(messages, settings)
     cursor = raw_cursor(session)
-    now = now or server_now(cursor)
+    now = now or transaction_now(session)
     result = IngestResult(rejected=len(rejections))
 
     candidates, result.repeated_ids = _first_of_each_id(candidates)

@@ -100,16 +100,17 @@ def bound_transaction(session: Session, settings: Settings) -> None:
     ``set_config(…, true)`` is ``SET LOCAL``: the setting ends with the transaction,
     never with the session, so a pooler in transaction mode (PgBouncer) hands nothing
     on, and the delivery claim's transaction on a pooled connection is never bounded
-    by it. One round trip, which begins the transaction; none if both are 0 (the
-    server's own settings then apply)."""
+    by it. One round trip, which begins the transaction and reads Postgres's clock for
+    ``transaction_now``; none if both are 0 (the server's own settings then apply)."""
     values = {
         name: f"{max(1, round(seconds * 1000))}ms"
         for name, field in TRANSACTION_BOUNDS
         if (seconds := getattr(settings, field))
     }
     if values:
-        session.execute(text("SELECT " + ", ".join(
-            f"set_config('{name}', :{name}, true)" for name in values)), values)
+        began = session.execute(text("SELECT statement_timestamp(), " + ", ".join(
+            f"set_config('{name}', :{name}, true)" for name in values)), values).scalar_one()
+        session.info[_SERVER_NOW] = began
 
 
 def raw_cursor(session: Session) -> Cursor:
@@ -126,6 +127,21 @@ def libpq_url(url: str) -> str:
     """A SQLAlchemy ``postgresql+psycopg://`` URL as libpq takes it (for psycopg's own
     connections, such as the inbox feed's ``LISTEN``)."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+#: Where a session keeps Postgres's clock once read (``transaction_now``).
+_SERVER_NOW = "notifier.server_now"
+
+
+def transaction_now(session: Session) -> datetime:
+    """Postgres's clock for the session's transaction: the time ``bound_transaction``
+    read with its settings, in the same round trip, or else read now (``server_now``).
+    Ingest takes its batch's clock from here, so bounding its transaction and reading
+    the time cost one round trip, not two."""
+    known = session.info.get(_SERVER_NOW)
+    if known is None:
+        known = session.info[_SERVER_NOW] = server_now(raw_cursor(session))
+    return cast(datetime, known)
 
 
 def server_now(cursor: Cursor) -> datetime:
