@@ -260,35 +260,11 @@ def ingest_batch(
     dispatched = [(c, routed) for c, routed in new
                   if routed.status == NotificationStatus.DISPATCHED]
     result.delivery_ids = dispatch_now(cursor, dispatched, now, states=states)
-    wake_flush_loops(cursor, {routed.window_id for _, routed in new if routed.window_id},
-                     now, settings)
     result.kinds.update((c.notification["priority"], c.notification["type"]) for c, _ in new)
     result.routed.update(routed.status for _, routed in new)
     result.suppressed = result.routed["suppressed"]
     result.dead_lettered = write_dead_letters(cursor, Stage.INGEST, rejections, settings)
     return result
-
-
-#: The channel a flush loop listens on (``notifier.worker.flush_loop``): an ingest that
-#: makes a window due within a loop's longest sleep wakes the sleeping loops.
-FLUSH_CHANNEL = "notifier_flush"
-
-
-def wake_flush_loops(
-    cursor: Cursor[Any], window_ids: Collection[uuid.UUID], now: datetime, settings: Settings,
-) -> None:
-    """Wake the flush loops (``NOTIFY``, sent when the transaction commits) if one of
-    ``window_ids`` is now due within ``flush_interval``, the longest an idle loop
-    sleeps: it opened due that soon, or closed early when its group filled. A window due
-    later is found by the loops' own look at the next due time, so most batches notify
-    nothing; loops that do not listen look every ``flush_loop_poll``."""
-    if not window_ids or not settings.flush_loop:
-        return
-    cursor.execute(
-        f"SELECT pg_notify('{FLUSH_CHANNEL}', '') FROM aggregation_windows"
-        " WHERE id = ANY(%b) AND due_at <= %b LIMIT 1",  # binary: a tenth of the text's cost
-        (list(window_ids), now + timedelta(seconds=settings.flush_interval)),
-    )
 
 
 def _first_of_each_id(candidates: list[Candidate]) -> tuple[list[Candidate], int]:

@@ -17,7 +17,7 @@ import json
 import uuid
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from notifier.pipeline.outbox import NewDelivery, insert_deliveries
@@ -233,7 +233,9 @@ def route_notifications(
         group.members.append(position)
     last_id: uuid.UUID | None = None
     pending = _REDELIVERED
-    for key, placed in assign_windows(cursor, groups, now).items():
+    # A window due within the longest an idle flush loop sleeps wakes the loops.
+    wake = now + timedelta(seconds=settings.flush_interval) if settings.flush_loop else None
+    for key, placed in assign_windows(cursor, groups, now, wake).items():
         for position, window_id in zip(groups[key].members, placed, strict=True):
             if window_id is None:  # leads its window: goes now, on its channels
                 routes[position] = Routed("dispatched", channels=routes[position].channels)

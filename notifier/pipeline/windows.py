@@ -66,7 +66,8 @@ Placed = list[uuid.UUID | None]
 
 
 def assign_windows(
-    cursor: Cursor[Any], groups: dict[GroupKey, WaitingGroup], now: datetime
+    cursor: Cursor[Any], groups: dict[GroupKey, WaitingGroup], now: datetime,
+    wake: datetime | None = None,
 ) -> dict[GroupKey, Placed]:
     """Put each group's waiting notifications in its open window (opening windows as
     needed) and write the windows. Returns each group's window id per member, None for
@@ -76,13 +77,17 @@ def assign_windows(
     (:func:`upsert_windows`); the few groups it cannot settle (a window past its due
     time, one that overflows its maximum, a leading window that fills) are then worked
     out one item at a time (:func:`assign_rest`) on rows the upsert has already locked.
+
+    ``wake``: a window written due by then (it opened due that soon, or closed early
+    when its group filled) wakes the flush loops, which may be sleeping until then
+    (``worker.flush_loop``); None wakes none.
     """
     if not groups:
         return {}
     placed: dict[GroupKey, Placed] = {}
     left: dict[GroupKey, WaitingGroup] = dict(groups)
     reserved: dict[GroupKey, Window] = {}
-    for key, fresh, window_id, inserted in upsert_windows(cursor, groups, now):
+    for key, fresh, window_id, inserted in upsert_windows(cursor, groups, now, wake):
         group = left.pop(key)
         count = len(group.members)
         if inserted and not _settles(fresh.mode, fresh.max_count, count):
@@ -95,9 +100,23 @@ def assign_windows(
         else:
             placed[key] = [window_id] * count
     if left:
-        placed.update(assign_rest(cursor, [groups[key] for key in groups if key in left],
-                                  reserved, now))
+        rest = assign_rest(cursor, [groups[key] for key in groups if key in left],
+                           reserved, now)
+        placed.update(rest)
+        if wake is not None:
+            _wake_if_due(cursor, {i for ids in rest.values() for i in ids if i}, wake)
     return placed
+
+
+def _wake_if_due(cursor: Cursor[Any], window_ids: set[uuid.UUID], wake: datetime) -> None:
+    """Wake the flush loops if one of the windows is due by ``wake`` (the few windows
+    :func:`assign_rest` wrote; the upsert's wake covers the rest)."""
+    if window_ids:
+        cursor.execute(
+            f"SELECT pg_notify('{FLUSH_CHANNEL}', '') FROM aggregation_windows"
+            " WHERE id = ANY(%b) AND due_at <= %b LIMIT 1",
+            (list(window_ids), wake),
+        )
 
 
 def _fresh_count(mode: str, items: int) -> int:
@@ -139,13 +158,29 @@ WHERE w.due_at > %(now)s
   AND (w.max_count = 0 OR w.item_count + {joining} < w.max_count
        OR (w.item_count + {joining} = w.max_count AND w.mode <> 'leading'))
   AND (w.mode <> 'sliding' OR (excluded.mode = 'sliding' AND NOT excluded.closed))
-RETURNING w.recipient_id, w.type, w.digest_key, w.id, (w.xmax = 0) AS inserted
+RETURNING w.recipient_id, w.type, w.digest_key, w.id, (w.xmax = 0) AS inserted, w.due_at
 """.format(
     joining="(excluded.item_count + (excluded.mode = 'leading')::int)",
     # A sliding window moves to the new items' window end, never past its latest.
     due="(CASE WHEN w.mode = 'sliding' THEN least(excluded.due_at, w.latest_due_at)"
         " ELSE w.due_at END)",
 )
+
+#: The channel a flush loop listens on (``notifier.worker.flush_loop``): a batch that
+#: makes a window due within a loop's longest sleep wakes the sleeping loops.
+FLUSH_CHANNEL = "notifier_flush"
+
+#: The upsert, and in the same statement the flush loops' wake (``NOTIFY``, sent when
+#: the transaction commits) if a window it wrote is due by ``wake`` (NULL: never): read
+#: from the rows the upsert returns, so the wake costs no second look at the windows.
+_UPSERT_AND_WAKE = f"""
+WITH upserted AS ({_UPSERT_WINDOWS})
+SELECT recipient_id, type, digest_key, id, inserted, (
+    SELECT count(*) FROM (
+        SELECT pg_notify('{FLUSH_CHANNEL}', '') FROM upserted WHERE due_at <= %(wake)s LIMIT 1
+    ) AS woken)
+FROM upserted
+"""
 
 
 @dataclass(frozen=True)
@@ -160,6 +195,7 @@ class Fresh:
 
 def upsert_windows(
     cursor: Cursor[Any], groups: dict[GroupKey, WaitingGroup], now: datetime,
+    wake: datetime | None = None,
 ) -> list[tuple[GroupKey, Fresh, uuid.UUID, bool]]:
     """Add each group's items to its open window, or open one, in one statement.
 
@@ -169,7 +205,8 @@ def upsert_windows(
     is locked all the same (``ON CONFLICT DO UPDATE`` locks the rows its ``WHERE``
     refuses). A group opened here whose items do not settle in one new window
     (:func:`_settles`) is written open, holding the group's place in the unique index
-    until :func:`assign_rest` fixes it.
+    until :func:`assign_rest` fixes it. A window written due by ``wake`` wakes the
+    flush loops (:data:`FLUSH_CHANNEL`).
 
     The partial unique index on the open window of a group is what makes two batches
     safe: the second's insert meets the first's row, waits for its commit, then adds to
@@ -191,7 +228,7 @@ def upsert_windows(
         numbers.append(number)
     modes, dues, latests, counts, maxima, closed = zip(*new_windows, strict=True)
     keys = list(groups)
-    cursor.execute(_UPSERT_WINDOWS, {
+    cursor.execute(_UPSERT_AND_WAKE, {
         "id": _array(uuid7_texts(len(keys))),
         "r": text_array([key[0] for key in keys]),
         "t": text_array([key[1] for key in keys]),
@@ -199,10 +236,11 @@ def upsert_windows(
         "new": _array(numbers),
         "mode": _array(modes), "due": _array(dues), "latest": _array(latests),
         "n": _array(counts), "max": _array(maxima), "closed": _array(closed), "now": now,
+        "wake": wake,
     })
     shape_of = dict(zip(keys, fresh, strict=True))
     return [((r, t, k), shape_of[(r, t, k)], window_id, inserted)
-            for r, t, k, window_id, inserted in cursor.fetchall()]
+            for r, t, k, window_id, inserted, _ in cursor.fetchall()]
 
 
 def _fresh_columns(

@@ -15,7 +15,7 @@ A loop that finds nothing to flush backs off (``next_sleep``): an idle one looks
 the due windows held by another loop naps ``HELD_NAP``, doubling up to the poll. It
 still never sleeps past the next due window, and it ``LISTEN``s on ``FLUSH_CHANNEL``:
 an ingest that makes a window due sooner than a loop's longest sleep (a group filled,
-a short window opened) wakes it at its commit (``ingest.wake_flush_loops``). Behind a
+a short window opened) wakes it at its commit (``windows.assign_windows``). Behind a
 pooler (PgBouncer), where ``LISTEN`` cannot work, an idle loop looks every
 ``flush_loop_poll``, as before.
 
@@ -48,8 +48,9 @@ import redis
 from celery import bootsteps, signals
 
 from notifier.pipeline.flush import FlushResult, flush_due_windows, seconds_until_next_due
-from notifier.pipeline.ingest import FLUSH_CHANNEL, describe_exception
+from notifier.pipeline.ingest import describe_exception
 from notifier.pipeline.rules import get_rules
+from notifier.pipeline.windows import FLUSH_CHANNEL
 from notifier.settings import Settings, get_settings
 from notifier.storage.db import get_engine
 from notifier.storage.state import StateRedis, state_redis
