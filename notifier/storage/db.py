@@ -184,6 +184,11 @@ def check_database(url: str | None = None) -> None:
         engine.dispose()
 
 
+#: SQLSTATEs of a ``CREATE DATABASE`` that met the same database created meanwhile:
+#: duplicate_database, unique_violation (pg_database's name index).
+CREATED_MEANWHILE = frozenset({"42P04", "23505"})
+
+
 def create_database_if_missing(url: str | None = None) -> bool:
     """Create the configured database from the server's ``postgres`` database.
 
@@ -198,7 +203,15 @@ def create_database_if_missing(url: str | None = None) -> bool:
                 text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
             ).scalar()
             if not exists:
-                connection.execute(text(f'CREATE DATABASE "{name}"'))
+                try:
+                    connection.execute(text(f'CREATE DATABASE "{name}"'))
+                except DBAPIError as exc:
+                    # Another process created it meanwhile (two upgrades at once): Postgres
+                    # says so as a duplicate database or, in a closer race, as a duplicate
+                    # key in its catalog.
+                    if getattr(exc.orig, "sqlstate", None) not in CREATED_MEANWHILE:
+                        raise
+                    return False
             return not exists
     except (OperationalError, DBAPIError) as exc:
         raise _unreachable(target.render_as_string(hide_password=False), exc) from None

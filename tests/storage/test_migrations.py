@@ -68,3 +68,32 @@ def test_migrations_ship_inside_the_wheel_layout():
     included = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
     assert included["migrations"] == "notifier/_migrations"
     assert migrations_dir() == ROOT / "migrations"
+
+
+def test_upgrades_started_at_once_take_turns():
+    """Three ``notifier db upgrade`` at once on a database that does not exist yet (an init
+    container per pod): the first creates it, the others meet it created meanwhile, the
+    migrations run once under the lock and every command ends well at head."""
+    name = f"notifier_mig_{uuid.uuid4().hex[:8]}"
+    url = f"{SERVER_URL}/{name}"
+    notifier = str(Path(sys.executable).with_name("notifier"))
+    env = {**os.environ, "NOTIFIER_DATABASE_URL": url}
+    try:
+        runs = [subprocess.Popen([notifier, "db", "upgrade"], cwd=ROOT, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                for _ in range(3)]
+        results = [(run.wait(timeout=180), *run.communicate()) for run in runs]
+        for code, out, err in results:
+            assert code == 0, out + err
+            assert "Traceback" not in err
+        engine = create_engine(url)
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+        engine.dispose()
+        from notifier.storage.migrate import head_revision
+        assert current == head_revision()
+    finally:
+        admin = create_engine(f"{SERVER_URL}/postgres", isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
