@@ -14,8 +14,10 @@ COPY migrations ./migrations
 COPY notifier ./notifier
 RUN pip install ".[server]" && rm -rf /src
 
-# Never run as root; beat keeps its schedule file in the (writable) working directory.
-RUN useradd --create-home --uid 10001 notifier
+# Never run as root. Beat keeps its schedule file in /var/lib/notifier (compose mounts a
+# volume there; a new named volume takes this directory's owner).
+RUN useradd --create-home --uid 10001 notifier \
+    && mkdir -p /var/lib/notifier && chown notifier /var/lib/notifier
 USER notifier
 WORKDIR /home/notifier
 

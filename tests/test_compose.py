@@ -353,3 +353,21 @@ def test_flower_listens_on_its_published_port(services: dict[str, dict[str, Any]
     assert options["port"] == target
     check = " ".join(flower["healthcheck"]["test"])
     assert f"127.0.0.1:{target}/healthcheck" in check
+
+
+def test_beat_keeps_its_schedule_on_a_volume(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]],
+) -> None:
+    """Beat's schedule file (when each entry last ran) is on a named volume: a beat with
+    a new file waits a whole interval before an entry's first run, so a recreated
+    container would put retention off again and again. The image makes the directory
+    the app user's, so a new volume is writable."""
+    args = argv(services["beat"])
+    _, _, options = celery_parts(args)
+    schedule = options[options.index("--schedule") + 1]
+    directory = str(Path(schedule).parent)
+    [volume] = [v for v in services["beat"]["volumes"] if v.split(":")[1] == directory]
+    assert volume.split(":")[0] in compose["volumes"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(rf"mkdir -p {re.escape(directory)} && chown notifier {re.escape(directory)}",
+                     dockerfile)
