@@ -109,7 +109,9 @@ def _own_redis_start(config: ChaosConfig) -> None:
     _wait(lambda: redis_up(config.redis_port), True, 60, "the run's Redis")
 
 
-def _free_port(start: int) -> int:
+def free_port(start: int) -> int:
+    """A port at or above ``start`` that nothing listens on (tests of other runs pick
+    theirs the same way, so each binds a port before the next one looks)."""
     for port in range(start, start + 500):
         with socket.socket() as probe:
             try:
@@ -128,7 +130,7 @@ def own_redis(config: ChaosConfig) -> Iterator[ChaosConfig]:
         yield config
         return
     directory = tempfile.mkdtemp(prefix="notifier-chaos-redis-")
-    port = _free_port(6500)
+    port = free_port(6500)
     own = dataclasses.replace(config, redis_port=port, redis_dir=directory,
                               broker_url=f"redis://127.0.0.1:{port}/0")
     _own_redis_start(own)

@@ -6,7 +6,6 @@ temporary directory, stopped (and the directory removed) when the fixture ends.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -16,24 +15,12 @@ from pathlib import Path
 
 import redis
 
+from chaos.faults import free_port
 from tests.workers import wait_for
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 MASTER_NAME = "notifier-test"
-
-
-def free_port(start: int) -> int:
-    """A port at or above ``start`` that nothing listens on (tests of other runs pick
-    theirs the same way, so each binds a port before the next one looks)."""
-    for port in range(start, start + 500):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port from {start}")
 
 
 @dataclass

@@ -23,12 +23,12 @@ import redis
 from celery import Celery
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
+from chaos.faults import free_port
 from notifier import client
 from notifier.broker_topology import SENTINEL_TRANSPORT, celery_settings
 from notifier.settings import get_settings
 from tests.brokers import foreign_producer
 from tests.conftest import BROKER, BROKER_URL, STATE_REDIS_URL
-from tests.redis_servers import free_port
 from tests.workers import WorkerProcess, count_rows, wait_for, wait_for_rows
 
 OURS = "notifier.broker_redis:Transport"
