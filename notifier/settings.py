@@ -6,6 +6,7 @@ operators find them in one place and modules never grow constants of their own.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
@@ -452,6 +453,12 @@ class Settings(BaseSettings):
     """Requests one API key may make per minute (a fixed window in the state Redis,
     shared by every API process); a key's own limit (``notifier api-keys create
     --rate-limit``) overrides it; 0: unlimited. Past it: 429 with ``Retry-After``."""
+    api_cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
+    """Origins whose browser pages may call the API (CORS), comma-separated, each
+    ``scheme://host[:port]`` with no path: ``https://app.example.com,http://localhost:3000``;
+    ``*`` (alone) allows any. Empty: no CORS headers, so only same-origin pages and
+    backends call it. Credentials (cookies) are never allowed: tokens travel in the
+    ``Authorization`` header or ``?token=`` (``docs/api.md``)."""
 
     # --- RabbitMQ broker (``notifier/broker_topology.py``) ---------------------------
     broker_queue_type: Literal["quorum", "classic"] = "quorum"
@@ -526,6 +533,20 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return frozenset(s.strip().lower() for s in value.split(",") if s.strip())
         return value
+
+    @field_validator("api_cors_origins", mode="before")
+    @classmethod
+    def _origins_from_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("api_cors_origins")
+    @classmethod
+    def _origins_are_origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        if "*" in origins and len(origins) > 1:
+            raise ValueError("* allows every origin: give it alone or not at all")
+        return tuple(origin if origin == "*" else _origin(origin) for origin in origins)
 
     @field_validator("api_url")
     @classmethod
@@ -635,6 +656,25 @@ class Settings(BaseSettings):
     def is_redis_broker(self) -> bool:
         scheme = urlsplit(self.broker_url).scheme
         return scheme.startswith("redis") or scheme == "sentinel"
+
+
+_ORIGIN = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<host>\[[0-9a-f:.]+\]|[a-z0-9._~-]+)"
+                     r"(?::(?P<port>[0-9]{1,5}))?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(origin: str) -> str:
+    """An origin as a browser sends it (lowercase, no default port); ValueError naming it
+    when it is not ``scheme://host[:port]``."""
+    found = _ORIGIN.fullmatch(origin.lower())
+    port = int(found["port"]) if found and found["port"] else None
+    if found is None or (port is not None and not 1 <= port <= 65535):
+        raise ValueError(f"{mask_secrets(origin)[:100]!r} is not an origin: expected"
+                         " scheme://host[:port], no path (not even /), e.g."
+                         " https://app.example.com")
+    if port is None or _DEFAULT_PORTS.get(found["scheme"]) == port:
+        return f"{found['scheme']}://{found['host']}"
+    return f"{found['scheme']}://{found['host']}:{port}"
 
 
 def _scheme_among(url: str, schemes: tuple[str, ...], expected: str) -> str:

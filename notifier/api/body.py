@@ -16,8 +16,11 @@ from fastapi import Request
 from notifier.api.errors import ApiError
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON: 413 past ``limit`` bytes, 400 if it is not JSON."""
+async def read_json(request: Request, limit: int, *,
+                    expected: str = "a notification or a list of them",
+                    optional: bool = False) -> Any:
+    """The body as JSON: 413 past ``limit`` bytes, 400 if it is not JSON. An empty body
+    is None when ``optional``, else 400 saying what was ``expected``."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -33,7 +36,9 @@ async def read_json(request: Request, limit: int) -> Any:
         chunks.append(chunk)
     body = b"".join(chunks)
     if not body.strip():
-        raise ApiError(400, "the body is empty: send a notification or a list of them as JSON")
+        if optional:
+            return None
+        raise ApiError(400, f"the body is empty: send {expected} as JSON")
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:

@@ -26,6 +26,7 @@ import hmac
 import re
 import struct
 import time
+from dataclasses import dataclass
 
 from notifier.pipeline.inbox import check_recipient
 from notifier.settings import ConfigError, Settings, get_settings
@@ -49,11 +50,25 @@ class TokenError(ValueError):
         super().__init__(f"token: {reason}: {detail}")
 
 
+@dataclass(frozen=True)
+class Minted:
+    """A new token and when it expires (unix seconds: what the token itself says)."""
+
+    token: str
+    expires: int
+
+
 def mint(recipient_id: str, ttl: float | None = None, *, settings: Settings | None = None,
          now: float | None = None) -> str:
     """A token for ``recipient_id`` valid ``ttl`` seconds (``NOTIFIER_API_TOKEN_TTL`` by
     default, at most ``NOTIFIER_API_TOKEN_MAX_TTL``). ValueError names a bad
     ``recipient_id`` or ``ttl``; ConfigError when no secret is set."""
+    return issue(recipient_id, ttl, settings=settings, now=now).token
+
+
+def issue(recipient_id: str, ttl: float | None = None, *, settings: Settings | None = None,
+          now: float | None = None) -> Minted:
+    """:func:`mint`, answering the expiry too (what ``POST …/tokens`` tells its caller)."""
     settings = settings or get_settings()
     if settings.api_token_secret is None:
         raise ConfigError("NOTIFIER_API_TOKEN_SECRET: not set: recipient tokens cannot be"
@@ -68,7 +83,7 @@ def mint(recipient_id: str, ttl: float | None = None, *, settings: Settings | No
     secret = settings.api_token_secret.get_secret_value().encode()
     payload = _b64(_EXPIRY.pack(expires) + recipient_id.encode())
     signed = f"{VERSION}.{key_id(secret)}.{payload}"
-    return f"{signed}.{_sign(secret, signed)}"
+    return Minted(f"{signed}.{_sign(secret, signed)}", expires)
 
 
 def verify(token: object, *, recipient_id: str | None = None,
