@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from notifier.api import dead_letters, errors, inbox, notifications, preferences, tokens
+from notifier.api import cors, dead_letters, errors, inbox, notifications, preferences, tokens
 from notifier.logs import configure
 from notifier.schemas import NotificationIn
 from notifier.settings import get_settings
@@ -37,8 +36,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     for area in (notifications, preferences, dead_letters, inbox, tokens):
         app.include_router(area.router)
-    if settings.api_cors_origins:
-        _allow_cross_origin(app, settings.api_cors_origins)
+    cors.install(app, settings.api_cors_origins)
     app.add_api_route("/v1/health", health, methods=["GET"], tags=["health"],
                       summary="The API process answers (no key needed)")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -51,18 +49,6 @@ class Health(BaseModel):
 
 def health() -> Health:
     return Health(status="ok")
-
-
-def _allow_cross_origin(app: FastAPI, origins: tuple[str, ...]) -> None:
-    """CORS for the browser pages of ``NOTIFIER_API_CORS_ORIGINS``: no credentials
-    (tokens travel in a header or ``?token=``, never cookies), the headers our routes
-    read, and ``Retry-After`` readable by the page (nothing secret is exposed)."""
-    app.add_middleware(
-        CORSMiddleware, allow_origins=list(origins), allow_credentials=False,
-        allow_methods=["GET", "POST", "PUT"],
-        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
-        expose_headers=["Retry-After"], max_age=600,
-    )
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from notifier.pipeline.inbox import (
     MAX_PAGE_SIZE,
     State,
     count_states,
+    decode_cursor,
     list_page,
     mark,
 )
@@ -197,8 +198,13 @@ def _checked(raw: Any) -> tuple[list[uuid.UUID] | None, str | None]:
         raise _problem("ids", 'give "ids" or "all": true, not both')
     if body.ids is None and not body.all:
         raise _problem("body", 'give "ids" (a list of message ids) or "all": true')
-    if body.until is not None and not body.all:
-        raise _problem("until", 'only with "all": true')
+    if body.until is not None:
+        if not body.all:
+            raise _problem("until", 'only with "all": true')
+        try:
+            decode_cursor(body.until)
+        except ValueError:
+            raise _problem("until", "not a cursor this inbox gave out") from None
     return body.ids, body.until
 
 

@@ -7,12 +7,12 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from tests.api.server import ApiServer
+from tests.api.server import TOKEN_SECRET, ApiServer
 
 
 @pytest.fixture(scope="module")
 def api_server(database: str) -> Iterator[ApiServer]:
-    server = ApiServer.start()
+    server = ApiServer.start(env={"NOTIFIER_API_TOKEN_SECRET": TOKEN_SECRET})
     yield server
     server.stop()
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 
 NOTIFIER = str(Path(sys.executable).with_name("notifier"))
+#: The key the servers of the tests sign recipient tokens with (tests mint with it too).
+TOKEN_SECRET = "tests-recipient-token-secret-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 

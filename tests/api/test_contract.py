@@ -28,7 +28,12 @@ OPERATIONS = ["GET /v1/notifications/{notification_id}", "POST /v1/notifications
               "POST /v1/notifications/{notification_id}/cancel",
               "GET /v1/recipients/{recipient_id}/preferences",
               "PUT /v1/recipients/{recipient_id}/preferences", "GET /v1/dead-letters",
-              "GET /v1/health"]
+              "GET /v1/health", "GET /v1/recipients/{recipient_id}/inbox",
+              "GET /v1/recipients/{recipient_id}/inbox/counts",
+              "POST /v1/recipients/{recipient_id}/inbox/seen",
+              "POST /v1/recipients/{recipient_id}/inbox/read",
+              "POST /v1/recipients/{recipient_id}/inbox/archive",
+              "POST /v1/recipients/{recipient_id}/tokens"]
 
 
 @pytest.fixture(scope="module")
