@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from notifier.pipeline.recipient_tokens import MAX_TOKEN_LENGTH, TokenError, mint, verify
+from notifier.pipeline.recipient_tokens import MAX_TOKEN_LENGTH, TokenError, issue, mint, verify
 from notifier.settings import ConfigError, Settings
 
 KEY, NEW_KEY = "k" * 32 + "-first-key", "n" * 32 + "-second-key"
@@ -30,6 +30,14 @@ def test_a_token_names_its_recipient_until_it_expires():
     assert verify(token, recipient_id="ada", settings=SETTINGS, now=NOW) == "ada"
     assert reason(token, now=NOW + 60) == "expired"
     assert reason(token, recipient_id="bob") == "other recipient"
+
+
+def test_issue_answers_the_expiry_the_token_holds():
+    """What ``POST …/tokens`` tells its caller is exactly when the token stops working."""
+    minted = issue("ada", 90.5, settings=SETTINGS, now=NOW)
+    assert minted.expires == int(NOW + 90.5)
+    assert verify(minted.token, settings=SETTINGS, now=minted.expires - 0.001) == "ada"
+    assert reason(minted.token, now=minted.expires) == "expired"
 
 
 def test_the_default_lifetime_and_its_bounds():
