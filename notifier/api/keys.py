@@ -25,7 +25,7 @@ from notifier.storage.db import session_scope
 from notifier.storage.state import state_redis
 
 #: Documents the scheme in OpenAPI; the checks and their answers are ours.
-_bearer = HTTPBearer(auto_error=False, description="An API key: `notifier api-keys create`")
+bearer = HTTPBearer(auto_error=False, description="An API key: `notifier api-keys create`")
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
@@ -33,7 +33,7 @@ def require(scope: Scope) -> Callable[..., KeyInfo]:
     """The dependency of a route needing ``scope`` (an admin key has every scope)."""
 
     def check(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> KeyInfo:
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise ApiError(401, "an API key is required: Authorization: Bearer <key>",

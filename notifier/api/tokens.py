@@ -14,13 +14,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel
 
 from notifier.api.body import read_json
 from notifier.api.errors import ApiError, responses
 from notifier.api.inbox import invalid
-from notifier.api.keys import require
+from notifier.api.keys import bearer, require
 from notifier.api.preferences import RecipientId
 from notifier.pipeline.recipient_tokens import VERSION, Minted, issue
 from notifier.settings import ConfigError
@@ -31,7 +31,6 @@ router = APIRouter(prefix="/v1/recipients", tags=["inbox"])
 #: A token request is ``{"ttl": seconds}`` at most.
 MAX_BODY_BYTES = 1024
 
-_bearer = HTTPBearer(auto_error=False, description="An API key with the read scope")
 _read_key = require(Scope.READ)
 
 
@@ -45,7 +44,7 @@ class Token(BaseModel):
 
 
 def minting_key(
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> KeyInfo:
     """A read key; a recipient token is named as what it is, not as an unknown key."""
     if credentials is not None and credentials.credentials.strip().startswith(f"{VERSION}."):
