@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -141,7 +142,7 @@ def test_a_request_in_flight_is_409_until_it_lets_go(
     state = redis.Redis.from_url(STATE_REDIS_URL)
     key = api.headers["Authorization"].removeprefix("Bearer ")
     name = redis_key(key_id(key), "order-9")
-    state.set(name, "pending:elsewhere", ex=60)
+    state.set(name, f"P{uuid.uuid4().hex}", ex=60)  # a held key's value: P, a token
     busy = api.post(SEND, json=note(), headers=keyed("order-9"))
     assert busy.status_code == 409 and busy.headers["Retry-After"] == "1"
     assert "in flight" in busy.json()["error"] and published(broker) == 0
