@@ -48,7 +48,8 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 _REASONS = {
     400: "The body is not JSON", 401: "No key, or a key that is unknown or revoked",
-    403: "The key lacks the scope", 404: "Not found", 409: "Too late for that",
+    403: "The key lacks the scope", 404: "Not found",
+    409: "Too late for that, or a request with the same Idempotency-Key is in flight",
     413: "The body is over the size caps", 422: "Invalid input",
     429: "The key's rate limit is reached (Retry-After says when to try again)",
     503: "The database, broker or state Redis does not answer",

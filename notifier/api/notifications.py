@@ -7,7 +7,8 @@ single notification (:func:`notifier.client.publish_one`), many per message for 
 (:func:`notifier.client.publish_many`). On RabbitMQ each publish waits for the broker's
 confirm, so a 202 means the broker holds the notifications. Publishing is blocking
 kombu over the Celery app's connection pool: it runs in the thread pool, off the event
-loop, and reuses connections across requests.
+loop, and reuses connections across requests. With an ``Idempotency-Key`` header a
+retry is answered with the first request's ids (``notifier.api.idempotency``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from notifier import client, records
+from notifier.api import idempotency
 from notifier.api.body import read_json
 from notifier.api.errors import ApiError, responses
 from notifier.api.keys import require
@@ -28,11 +30,9 @@ from notifier.pipeline.cancel import cancel_by
 from notifier.schemas import NotificationError, NotificationIn
 from notifier.settings import get_settings
 from notifier.storage.api_keys import KeyInfo, Scope
+from notifier.storage.state import state_redis
 
 router = APIRouter(prefix="/v1/notifications", tags=["notifications"])
-
-#: Longest ``Idempotency-Key`` header: a list's items get ``<key>:<index>`` (255 at most).
-IDEMPOTENCY_HEADER_CHARS = 200
 
 
 class Sent(BaseModel):
@@ -87,15 +87,17 @@ def _body_schema() -> dict[str, Any]:
 @router.post(
     "", status_code=202, response_model=Sent, openapi_extra=_body_schema(),
     summary="Send one notification, or a list of them",
-    responses=responses(400, 401, 403, 413, 422, 429, 503),
+    responses=responses(400, 401, 403, 409, 413, 422, 429, 503),
 )
 async def send(
     request: Request,
+    response: Response,
     key: Annotated[KeyInfo, Depends(require(Scope.SEND))],
     idempotency_key: Annotated[str | None, Header(
-        alias="Idempotency-Key", min_length=1, max_length=IDEMPOTENCY_HEADER_CHARS,
-        description="The notification's idempotency_key; a list's items get"
-                    " `<key>:<index>`. A repeat within the dedup window is dropped.",
+        alias="Idempotency-Key", min_length=1, max_length=idempotency.HEADER_CHARS,
+        description="A repeat within the dedup window with the same body is answered"
+                    " with the first request's ids (header `Idempotent-Replayed: true`);"
+                    " with another body 422; while the first is in flight 409.",
     )] = None,
 ) -> Sent:
     """Body: a notification (the task contract's fields) or a list of them. Every item
@@ -113,17 +115,48 @@ async def send(
                             f" of {settings.max_message_notifications}"
                             " (NOTIFIER_MAX_MESSAGE_NOTIFICATIONS)",
                        [{"items": len(items), "limit": settings.max_message_notifications}])
-    ids = await run_in_threadpool(_check_and_publish, items, single, idempotency_key)
+    if idempotency_key is None:
+        ids = await run_in_threadpool(_check_and_publish, items, single, None)
+    else:
+        header = idempotency.checked_header(idempotency_key)
+        answer = await run_in_threadpool(_send_once, key.id, header, raw,
+                                         settings.dedup_window, items, single)
+        if isinstance(answer, idempotency.Replay):
+            response.headers[idempotency.REPLAYED_HEADER] = "true"
+        ids = answer.ids if isinstance(answer, idempotency.Replay) else answer
     return Sent(ids=[uuid.UUID(id_) for id_ in ids])
 
 
-def _check_and_publish(items: list[Any], single: bool, header_key: str | None) -> list[str]:
+def _send_once(
+    key_id: int, header: str, raw: Any, window: int, items: list[Any], single: bool,
+) -> list[str] | idempotency.Replay:
+    """The first answer under this key, or publish and keep the answer (in the thread
+    pool); a failure keeps nothing."""
+    redis = state_redis()
+    claim = idempotency.begin(redis, key_id, header, raw, window)
+    if isinstance(claim, idempotency.Replay):
+        return claim
+    try:
+        ids = _check_and_publish(items, single, (key_id, header))
+    except Exception:
+        if claim is not None:
+            idempotency.release(redis, claim)
+        raise
+    if claim is not None:
+        idempotency.store(redis, claim, ids)
+    return ids
+
+
+def _check_and_publish(
+    items: list[Any], single: bool, header_key: tuple[int, str] | None,
+) -> list[str]:
     """Check every item, then publish all of them or none (in the thread pool)."""
     checked: list[NotificationIn] = []
     problems: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         try:
-            checked.append(client.validated(_with_key(item, index, single, header_key)))
+            checked.append(client.validated(_with_key(item, None if single else index,
+                                                      header_key)))
         except NotificationError as exc:
             problems.extend(_problem(index, problem) for problem in exc.problems)
     if problems:
@@ -137,16 +170,23 @@ def _check_and_publish(items: list[Any], single: bool, header_key: str | None) -
     return client.publish_many(checked)
 
 
-def _with_key(item: Any, index: int, single: bool, header_key: str | None) -> Any:
-    """The item with the ``Idempotency-Key`` header as its ``idempotency_key``."""
-    if header_key is None or not isinstance(item, dict):
+def _with_key(item: Any, index: int | None, header_key: tuple[int, str] | None) -> Any:
+    """The item with the ``Idempotency-Key`` header as its ``idempotency_key``, in the
+    API key's namespace (``header_key`` is the key's id and the header)."""
+    if not isinstance(item, dict):
         return item
-    key = header_key if single else f"{header_key}:{index}"
     own = item.get("idempotency_key")
-    if own is not None and own != key:
+    if isinstance(own, str) and own.strip().startswith(idempotency.ITEM_KEY_PREFIX):
+        raise NotificationError([f"idempotency_key: may not start with"
+                                 f" {idempotency.ITEM_KEY_PREFIX!r}, kept for the"
+                                 " Idempotency-Key header's keys"])
+    if header_key is None:
+        return item
+    key_id, header = header_key
+    if own is not None and own != (header if index is None else f"{header}:{index}"):
         raise NotificationError(["idempotency_key: give it in the Idempotency-Key header or"
                                  " in the notification, not both"])
-    return {**item, "idempotency_key": key}
+    return {**item, "idempotency_key": idempotency.item_key(key_id, header, index)}
 
 
 def _problem(index: int | None, problem: str) -> dict[str, Any]:

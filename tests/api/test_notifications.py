@@ -125,18 +125,17 @@ def test_a_body_that_is_not_json_is_400(api: httpx.Client, body: bytes) -> None:
     assert set(answer.json()) == {"error", "detail"}
 
 
-def test_the_idempotency_key_header_is_the_field(
+def test_the_idempotency_key_header_is_the_field_in_the_keys_namespace(
     api: httpx.Client, worker: WorkerProcess,
 ) -> None:
-    first = api.post("/v1/notifications", json=note(), headers={"Idempotency-Key": "order-7"})
-    again = api.post("/v1/notifications", json=note(), headers={"Idempotency-Key": "order-7"})
-    listed = api.post("/v1/notifications", json=[note(), note()],
+    """Replays are tests/api/test_idempotency.py's; here: what ingest gets."""
+    single = api.post("/v1/notifications", json=note(), headers={"Idempotency-Key": "order-7"})
+    listed = api.post("/v1/notifications", json=[note(), note(idempotency_key="batch-1:1")],
                       headers={"Idempotency-Key": "batch-1"})
-    assert {first.status_code, again.status_code, listed.status_code} == {202}
-    wait_for_count("SELECT count(*) FROM idempotency_keys WHERE duplicates = 1", 1)
+    assert {single.status_code, listed.status_code} == {202}
     wait_for_rows(3)
-    keys = count_rows("SELECT count(*) FROM notifications WHERE idempotency_key = ANY(:k)",
-                      k=["order-7", "batch-1:0", "batch-1:1"])
+    keys = count_rows("SELECT count(*) FROM notifications WHERE idempotency_key"
+                      " ~ '^api:[0-9]+:(order-7|batch-1:0|batch-1:1)$'")
     assert keys == 3 and count_rows() == 3
     both = api.post("/v1/notifications", json=note(idempotency_key="other"),
                     headers={"Idempotency-Key": "order-8"})
