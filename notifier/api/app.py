@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from notifier.api import dead_letters, errors, inbox_stream, notifications, preferences
+from notifier.api import dead_letters, demo, errors, inbox_stream, notifications, preferences
 from notifier.logs import configure
 from notifier.schemas import NotificationIn
 from notifier.settings import get_settings
@@ -39,6 +39,7 @@ def create_app() -> FastAPI:
     for area in (notifications, preferences, dead_letters):
         app.include_router(area.router)
     inbox_stream.install(app)
+    demo.install(app)
     app.add_api_route("/v1/health", health, methods=["GET"], tags=["health"],
                       summary="The API process answers (no key needed)")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
