@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
 import threading
 import time
@@ -351,4 +353,23 @@ def test_a_feed_that_loses_postgres_ends_the_stream_and_the_reconnect_loses_noth
     finally:
         server.stop()
         gate.close()
+    assert "Traceback" not in server.log()
+
+
+def test_stopping_the_api_ends_its_open_streams(database):
+    """SIGTERM with a stream open: the process ends it after NOTIFIER_API_SHUTDOWN_TIMEOUT
+    and exits by itself (the browser reconnects elsewhere), never needing SIGKILL."""
+    server = ApiServer.start(env={**STREAM_ENV, "NOTIFIER_API_SHUTDOWN_TIMEOUT": "1"})
+    try:
+        async def test() -> None:
+            async with opened(server, "ned") as events:
+                await events.next_event("ready")
+                os.killpg(server.process.pid, signal.SIGTERM)
+                with pytest.raises((EOFError, httpx.RemoteProtocolError)):
+                    while True:
+                        await events.next()
+        run(test)
+        assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        server.stop()
     assert "Traceback" not in server.log()
