@@ -1244,12 +1244,12 @@ def _storable(text: str) -> str:
     return cast(str, jsonb_safe(text))
 
 
-def circuit_states() -> dict[str, dict[str, Any]]:
+def circuit_states(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
     """Each channel's circuit breaker as every worker sees it (state kept in Redis), with
     each provider's under ``providers``. Among several providers, the channel's state is
     its best provider's (it sends while one can), its failures and times opened are
     theirs summed, and it opens until the first of them half-opens."""
-    settings = get_settings()
+    settings = settings or get_settings()
     return {name: _channel_circuit(name, settings) for name in sorted(CHANNEL_NAMES)}
 
 
