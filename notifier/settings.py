@@ -255,8 +255,9 @@ class Settings(BaseSettings):
     """Channel name -> the URL that configures it (``NOTIFIER_CHANNELS__EMAIL=smtp://...``),
     or for ``email`` and ``sms`` a JSON list of up to 5 URLs, its providers in order of
     preference (``'["smtps://primary...", "smtp://backup..."]'``), failed over between
-    within an attempt. Entries given here replace the defaults one by one. Options in the query string
-    (``?retry_max_attempts=3``) override the retry settings below for that channel.
+    within an attempt. Entries given here replace the defaults one by one. Options in the
+    query string (``?retry_max_attempts=3``) override the retry settings below for that
+    channel.
     Each channel's URL and options: ``docs/channels.md``."""
     redis_url: str | None = None
     """Redis for the circuit breakers and rate limits (the state Redis); default: the

@@ -365,9 +365,10 @@ def _end_unsent(passed: list[_Passed], route: _Route, recorder: _Recorder) -> No
     for p in passed:
         if p.error is not None:
             recorder.result(p.delivery, SendResult(p.delivery.id, p.error))
-    if untried:
-        why = recorder.stop_reason() if recorder.should_stop() else route.closed_reason()
-        recorder.release(untried, 0.0 if recorder.should_stop() else route.wait(), why)
+    if untried and recorder.should_stop():
+        recorder.release(untried, 0.0, recorder.stop_reason())
+    elif untried:
+        recorder.release(untried, route.wait(), route.closed_reason())
 
 
 def _within_rate_limits(
@@ -1035,7 +1036,8 @@ class _Recorder:
             self._count_provider(result)
         if result.sent:
             self.sent(delivery)
-        elif self.passing_on is not None and result.error.provider_failure:  # type: ignore[union-attr]
+        elif (self.passing_on is not None and result.error is not None
+              and result.error.provider_failure):
             self.passing_on.append(_Passed(delivery, self.provider or "", result.error))
         elif isinstance(result.error, ConfigurationError):
             self.hold_for_configuration(delivery, result.error)
