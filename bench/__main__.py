@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                         help="processes of each local delivery server (one shared port)")
     parser.add_argument("--delivery-runs", type=int, default=defaults.delivery_runs,
                         help="timed runs of each delivery scenario; the fastest counts")
+    parser.add_argument("--failover-attempts", type=int, default=defaults.failover_attempts,
+                        help="attempts timed per case of email_failover")
     parser.add_argument("--aggregation-recipients", type=int,
                         default=defaults.aggregation_recipients,
                         help="recipients of the simulated day part of aggregation_efficiency")
@@ -118,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         delivery_concurrency=args.delivery_concurrency,
         delivery_batch_size=args.delivery_batch_size, smtp_server=args.smtp_server,
         server_processes=args.server_processes, delivery_runs=args.delivery_runs,
+        failover_attempts=args.failover_attempts,
         smtp_reply_delay_ms=args.smtp_reply_delay_ms,
         aggregation_recipients=args.aggregation_recipients,
         aggregation_hours=args.aggregation_hours, flush_waiting=args.flush_waiting,
@@ -134,7 +137,7 @@ STEP_NAMES = (
     "buffered", "notify_many", "critical_under_backlog",
     "aggregation_efficiency", "flush_latency",
     "email_naive", "email_reused", "email_pooled", "webhook_naive", "webhook_pooled",
-    "hosts",
+    "email_failover", "hosts",
 )
 
 
@@ -142,6 +145,7 @@ def plan(config: BenchConfig) -> dict[str, Step]:
     """The scenarios in the order they run (cheapest and worker-less first)."""
     from bench import aggregation as a
     from bench import delivery as d
+    from bench import failover as f
     from bench import hosts as h
     from bench import scenarios as s
 
@@ -183,6 +187,8 @@ def plan(config: BenchConfig) -> dict[str, Step]:
         "email_pooled": lambda b: d.email_pooled(b, config.emails),
         "webhook_naive": lambda b: d.webhook_naive(b, config.naive_webhooks),
         "webhook_pooled": lambda b: d.webhook_pooled(b, config.webhooks),
+        # What a failover to a channel's second provider adds to an attempt (issue 15).
+        "email_failover": lambda b: f.email_failover(b, config.failover_attempts),
         # 1, 2 and 4 worker hosts (network namespaces; root only, else left out).
         "hosts": lambda b: h.hosts_scaling(b),
     }

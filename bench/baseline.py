@@ -97,6 +97,10 @@ def _latency_figures(name: str, scenario: dict[str, Any], add: Any) -> None:
     if name == "flush_latency":
         add(f"{name}.p99", "flush latency p99", "ms", LOWER,
             extra.get("flush_latency_ms", {}).get("p99"))
+    if name == "email_failover":
+        for case, figures in extra.get("extra_ms", {}).items():
+            add(f"{name}.{case}_extra_p99", f"failover ({case}): extra per attempt p99", "ms",
+                LOWER, figures.get("p99"))
     if name == "aggregation_efficiency":
         add(f"{name}.saved", "aggregation: messages saved", "%", HIGHER,
             extra.get("messages_saved"))

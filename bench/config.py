@@ -59,6 +59,9 @@ class BenchConfig:
     smtp_reply_delay_ms: float = 0.0
     #: Processes of each delivery server, sharing one port (SO_REUSEPORT).
     server_processes: int = 1
+    #: Attempts timed per case of ``email_failover`` (a fifth of them where each waits
+    #: out the connect timeout; see bench.failover).
+    failover_attempts: int = 100
     #: Timed runs of each delivery scenario; the fastest counts (see bench.delivery).
     delivery_runs: int = 3
     #: Recipients of the simulated aggregation day part (``aggregation_efficiency``).

@@ -38,8 +38,9 @@ def lookup(idempotency_key: str) -> str | None:
 
 def notification(notification_id: str | uuid.UUID) -> dict[str, Any] | None:
     """A notification's status and why (``reason``), with its deliveries (each channel's
-    status and attempts) and, once it was folded into a digest, the digest's; None if
-    Postgres does not hold it (unknown, purged, or not ingested yet)."""
+    status, attempts and the provider that sent it) and, once it was folded into a
+    digest, the digest's; None if Postgres does not hold it (unknown, purged, or not
+    ingested yet)."""
     with session_scope() as session:
         found = session.execute(text(
             "SELECT id, recipient_id, type, priority, channels, status, status_reason,"
@@ -49,7 +50,7 @@ def notification(notification_id: str | uuid.UUID) -> dict[str, Any] | None:
             return None
         deliveries = session.execute(text(
             "SELECT id, channel, status, attempts, last_error, next_attempt_at, sent_at,"
-            " digest_id, updated_at FROM deliveries"
+            " provider, digest_id, updated_at FROM deliveries"
             " WHERE notification_id = :id OR digest_id = CAST(:digest AS uuid)"
             " ORDER BY created_at, id"),
             {"id": notification_id, "digest": found["digest_id"]},

@@ -253,9 +253,12 @@ class Settings(BaseSettings):
 
     # --- Delivery -------------------------------------------------------------------
     channels: dict[str, str] = {}
-    """Channel name -> the URL that configures it (``NOTIFIER_CHANNELS__EMAIL=smtp://...``).
-    Entries given here replace the defaults one by one. Options in the query string
-    (``?retry_max_attempts=3``) override the retry settings below for that channel.
+    """Channel name -> the URL that configures it (``NOTIFIER_CHANNELS__EMAIL=smtp://...``),
+    or for ``email`` and ``sms`` a JSON list of up to 5 URLs, its providers in order of
+    preference (``'["smtps://primary...", "smtp://backup..."]'``), failed over between
+    within an attempt. Entries given here replace the defaults one by one. Options in the
+    query string (``?retry_max_attempts=3``) override the retry settings below for that
+    channel.
     Each channel's URL and options: ``docs/channels.md``."""
     redis_url: str | None = None
     """Redis for the circuit breakers and rate limits (the state Redis); default: the

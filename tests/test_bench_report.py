@@ -339,3 +339,31 @@ def test_the_baseline_is_written_from_a_results_file_and_read_back(tmp_path: Pat
     text = "\n".join(report.markdown_profiles(doc, saved))
     assert "| `copy_to (psycopg/generators.py:329)` | 25.0% | 50.0% |" in text
     assert "| `ingest_batch (notifier/pipeline/ingest.py:220)` | 90.0% | 90.0% |" in text
+
+
+def test_the_failover_figures_are_read_against_the_connect_timeout(tmp_path):
+    """A blackholed primary may cost its connect timeout plus 50 ms; the others 50 ms."""
+    def case(p50: float, p99: float) -> dict[str, Any]:
+        return {"count": 100, "p50": p50, "p99": p99, "max": p99}
+
+    failover = Outcome(
+        "email_failover", "e-mail failover", 240, 30.0, 30.0, 240, extra={
+            "attempts_ms": {"direct": case(10, 20), "refused": case(12, 25),
+                            "blackholed": case(1012, 1040), "circuit_open": case(11, 22)},
+            "extra_ms": {"refused": {"p50": 2, "p99": 5}, "blackholed": {"p50": 1002, "p99": 1020},
+                         "circuit_open": {"p50": 1, "p99": 2}},
+            "connect_timeout_s": 1.0, "aim_ms": 1050.0,
+        })
+    assert report.failover_aim(failover)["value"] == 20.0
+    assert report.failover_aim(failover)["met"]
+    failover.extra["extra_ms"]["refused"]["p99"] = 80
+    assert not report.failover_aim(failover)["met"]
+    assert [line.split()[0] for line in report.failover_lines(failover)] == [
+        "direct", "refused", "blackholed", "circuit_open"]
+    figures = baseline.figures({"scenarios": {"email_failover": report.scenario_document(
+        failover)}})
+    assert figures["email_failover.blackholed_extra_p99"]["value"] == 1020
+    found = {"email_failover": failover}
+    doc = report.document(found, MACHINE, BenchConfig(), 0.1, SETTINGS)
+    path = report.write_markdown(found, doc, path=tmp_path / "report.md")
+    assert "| blackholed | 100 | 1,012.0 | 1,040.0 | 1,002.0 | 1,020.0 |" in path.read_text()

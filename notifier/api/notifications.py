@@ -49,6 +49,8 @@ class DeliveryView(BaseModel):
     last_error: str | None
     next_attempt_at: datetime | None
     sent_at: datetime | None
+    #: The channel's provider that sent it (``0:smtp.example.com:465``), once sent.
+    provider: str | None = None
     #: Set when this is the delivery of the digest the notification was folded into.
     digest_id: uuid.UUID | None
     updated_at: datetime

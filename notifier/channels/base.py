@@ -1,7 +1,8 @@
 """The one interface every channel plugin implements.
 
 A channel is configured by one URL (Apprise-style: the scheme picks the plugin, the
-rest carries host, credentials and options), sends a list of messages over one
+rest carries host, credentials and options), or by several (its providers, each an
+instance of the plugin), sends a list of messages over one
 connection, and says per message whether it was sent, may be retried, or failed for
 good. Everything else (claiming deliveries, the circuit breaker, rate limits, retries,
 dead letters) lives in ``notifier.pipeline.delivery`` and is the same for every channel.
@@ -148,6 +149,10 @@ class Channel:
     #: False, to an endpoint each recipient controls (a webhook or Slack URL): then a
     #: failing endpoint is that recipient's problem, not the channel's (``endpoint``).
     target_is_provider: ClassVar[bool] = True
+    #: Whether the channel's variable may list several providers, in order of
+    #: preference, to fail over between (``notifier.channels.get_providers``): where every
+    #: message goes to one provider's server that another can stand in for.
+    has_providers: ClassVar[bool] = False
 
     registry: ClassVar[dict[str, type[Channel]]] = {}
 

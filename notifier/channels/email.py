@@ -85,6 +85,7 @@ class EmailChannel(Channel):
     name = "email"
     schemes = ("smtp", "smtps")
     address_field = "email"
+    has_providers = True
 
     def __init__(self, url: str) -> None:
         super().__init__(url)

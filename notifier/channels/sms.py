@@ -36,6 +36,7 @@ class SmsChannel(HttpChannel):
     name = "sms"
     schemes = ("twilio",)
     address_field = "phone"
+    has_providers = True
 
     def __init__(self, url: str) -> None:
         super().__init__(url)

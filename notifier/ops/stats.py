@@ -6,7 +6,8 @@ The window is ``[since, until)``. Each figure family is one SQL statement:
   them, suppressed by preferences; notifications rejected at ingest (dead letters of
   stage ``ingest``); ingest latency, producer's enqueue → row committed, for the
   notifications whose producer stamped the enqueue time (the client does).
-* **Deliveries** — by channel, by priority and in all: sent in the window
+* **Deliveries** — by channel, by priority and in all (and sent ones by the channel's
+  provider that sent them, ``deliveries.provider``): sent in the window
   (``sent_at``), of them after at least one failed attempt; dead in the window; and
   *retrying*: unsent deliveries with a failed attempt, last touched in the window.
   Delivered % and error % split those three: sent / all, (retrying + dead) / all.
@@ -145,6 +146,9 @@ class Stats:
     by_priority: dict[str, DeliveryFigures]
     batching: Batching
     tables: dict[str, TableSize] = field(default_factory=dict)
+    #: Sent deliveries by ``<channel> <provider>`` (``email 1:smtp.backup.example``):
+    #: which of a channel's providers sent how much (only sent rows name a provider).
+    by_provider: dict[str, DeliveryFigures] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -158,6 +162,7 @@ class Stats:
             "deliveries": self.deliveries.as_dict(),
             "by_channel": {name: f.as_dict() for name, f in self.by_channel.items()},
             "by_priority": {name: f.as_dict() for name, f in self.by_priority.items()},
+            "by_provider": {name: f.as_dict() for name, f in self.by_provider.items()},
             "batching": self.batching.as_dict(),
             "tables": {name: asdict(size) for name, size in self.tables.items()},
         }
@@ -172,13 +177,14 @@ def collect_stats(
     since = until - window
     seconds = window.total_seconds()
     ingest = ingest_figures(session, since, until, seconds)
-    total, by_channel, by_priority = delivery_figures(session, since, until, seconds)
+    total, by_channel, by_priority, by_provider = delivery_figures(
+        session, since, until, seconds)
     batching = Batching(
         messages=total.sent, notifications=total.notifications, digests=total.digests,
         digest_members=total.notifications - (total.sent - total.digests),
     )
     return Stats(since, until, ingest, total, by_channel, by_priority, batching,
-                 table_sizes(session))
+                 table_sizes(session), by_provider)
 
 
 _TABLE_SIZES_SQL = """
@@ -237,22 +243,22 @@ _UNFINISHED = sql_list(UNFINISHED_DELIVERY_STATUSES)
 # the partial index of due work (and ``sending``, a handful, by status).
 _DELIVERY_SQL = f"""
 WITH touched AS (
-    SELECT channel, priority, status, attempts, created_at, sent_at, digest_id
+    SELECT channel, priority, status, attempts, created_at, sent_at, digest_id, provider
     FROM deliveries
     WHERE status = 'sent' AND sent_at >= :since AND sent_at < :until
       AND updated_at >= :since  -- implied (a row's updated_at never precedes sent_at)
   UNION ALL
-    SELECT channel, priority, status, attempts, created_at, sent_at, digest_id
+    SELECT channel, priority, status, attempts, created_at, sent_at, digest_id, provider
     FROM deliveries
     WHERE status = 'dead' AND updated_at >= :since AND updated_at < :until
   UNION ALL
-    SELECT channel, priority, status, attempts, created_at, sent_at, digest_id
+    SELECT channel, priority, status, attempts, created_at, sent_at, digest_id, provider
     FROM deliveries
     WHERE status IN ({_UNFINISHED})
       AND attempts > 0 AND updated_at >= :since AND updated_at < :until
 )
 SELECT grouping(t.channel) = 0 AS by_channel, grouping(t.priority) = 0 AS by_priority,
-       t.channel, t.priority,
+       grouping(t.provider) = 0 AS by_provider, t.channel, t.priority, t.provider,
        count(*) FILTER (WHERE t.status = 'sent') AS sent,
        count(*) FILTER (WHERE t.status = 'sent' AND t.attempts > 1) AS sent_after_retry,
        count(*) FILTER (WHERE t.status IN ({_UNFINISHED})) AS retrying,
@@ -265,17 +271,19 @@ SELECT grouping(t.channel) = 0 AS by_channel, grouping(t.priority) = 0 AS by_pri
            AS notifications
 FROM touched t
 LEFT JOIN digests g ON g.id = t.digest_id
-GROUP BY GROUPING SETS ((t.channel), (t.priority), ())
+GROUP BY GROUPING SETS ((t.channel), (t.priority), (t.channel, t.provider), ())
 """
 
 
 def delivery_figures(
     session: Session, since: datetime, until: datetime, seconds: float
-) -> tuple[DeliveryFigures, dict[str, DeliveryFigures], dict[str, DeliveryFigures]]:
-    """(in all, by channel, by priority)."""
+) -> tuple[DeliveryFigures, dict[str, DeliveryFigures], dict[str, DeliveryFigures],
+           dict[str, DeliveryFigures]]:
+    """(in all, by channel, by priority, by channel and provider: sent rows only)."""
     total = DeliveryFigures()
     by_channel: dict[str, DeliveryFigures] = {}
     by_priority: dict[str, DeliveryFigures] = {}
+    by_provider: dict[str, DeliveryFigures] = {}
     for row in session.execute(text(_DELIVERY_SQL), _params(since, until)):
         figures = DeliveryFigures(
             sent=row.sent, sent_after_retry=row.sent_after_retry, retrying=row.retrying,
@@ -283,7 +291,10 @@ def delivery_figures(
             latency=Percentiles.from_row(row.sent, row.latency),
             digests=row.digests, notifications=int(row.notifications),
         )
-        if row.by_channel:
+        if row.by_provider:
+            if row.provider is not None:  # unsent rows name none
+                by_provider[f"{row.channel} {row.provider}"] = figures
+        elif row.by_channel:
             by_channel[row.channel] = figures
         elif row.by_priority:
             by_priority[row.priority] = figures
@@ -293,6 +304,7 @@ def delivery_figures(
         total,
         dict(sorted(by_channel.items())),
         {p: by_priority[p] for p in PRIORITIES if p in by_priority},
+        dict(sorted(by_provider.items())),
     )
 
 

@@ -26,6 +26,13 @@ endpoint the recipient controls backs off on a circuit of its own; a provider's 
 counts towards the channel's circuit; our own configuration holds deliveries without
 counting attempts and never dead-letters them. A channel that raises, whatever the
 exception, costs the one message it was sending.
+
+A channel may have several providers, in order of preference (``channels.get_providers``),
+each with a circuit of its own. A provider's failure (one that would count towards its
+circuit), or its open circuit, sends the delivery on to the next provider at once, in
+the same attempt: an attempt is one trip down the list, and only when every provider
+failed does the retry policy apply. The preferred provider gets its traffic back as
+soon as its half-open probe succeeds. The row records the provider that sent it.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,7 +55,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 
-from notifier.channels import channel_class, get_channel, variable
+from notifier.channels import Provider, channel_class, get_providers, provider_names, variable
 from notifier.channels.base import (
     Channel,
     ConfigurationError,
@@ -58,7 +65,7 @@ from notifier.channels.base import (
     RetryableError,
     SendResult,
 )
-from notifier.pipeline.breaker import CircuitBreaker, EndpointBreakers, EndpointTally
+from notifier.pipeline.breaker import CircuitBreaker, EndpointBreakers, EndpointTally, Permit
 from notifier.pipeline.dead_letters import (
     FailedDelivery,
     jsonb_safe,
@@ -111,6 +118,11 @@ class BatchOutcome:
     tasks: list[DeliveryTask] = field(default_factory=list)
     #: Seconds from each sent delivery's row commit to the channel accepting it.
     latencies: list[float] = field(default_factory=list)
+    #: (provider, result) -> messages: ``sent``, ``provider_error`` (the provider
+    #: failed: its circuit counts it), ``other_error`` (the recipient's, or ours).
+    by_provider: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: Provider -> deliveries that failed over from it to the next (same attempt).
+    failovers: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, int]:
         return {"sent": self.sent, "retrying": self.retrying, "dead": self.dead,
@@ -169,12 +181,12 @@ def _claim_and_send(
         if not claimed:
             return outcome
         try:
-            channel = get_channel(channel_name, settings)
-            recorder.policy = RetryPolicy.for_channel(settings, channel.options)
+            providers = get_providers(channel_name, settings)
+            recorder.policy = RetryPolicy.for_channel(settings, providers[0].channel.options)
         except Exception as exc:  # any class: our configuration, never the deliveries'
             _hold_unconfigured(channel_name, claimed, exc, recorder, settings, state)
             return outcome
-        _send_claimed(channel, claimed, recorder, settings, state)
+        _send_claimed(providers, claimed, recorder, settings, state)
     return outcome
 
 
@@ -220,39 +232,143 @@ def _hold_unconfigured(
 
 
 def _send_claimed(
-    channel: Channel, claimed: list[ClaimedDelivery], recorder: _Recorder,
+    providers: list[Provider], claimed: list[ClaimedDelivery], recorder: _Recorder,
     settings: Settings, state: StateRedis,
 ) -> None:
-    breaker = circuit_breaker(state, channel.name, settings)
-    permit = breaker.acquire()
-    if not permit.allowed:
-        recorder.release(claimed, wait_until(state, permit.retry_at),
-                         f"circuit open for {channel.name}")
+    """Send through the first provider whose circuit lets them; what a provider fails
+    on (its fault, ``provider_failure``) goes on to the next at once, in the same
+    attempt; what every provider failed on takes the last one's error (the retry
+    policy applies); what no open circuit let through waits, no attempt counted."""
+    route = _Route(providers, state, settings)
+    first = route.next()
+    if first is None:
+        recorder.release(claimed, route.wait(), route.closed_reason())
         return
     ready = _within_rate_limits(claimed, recorder, settings, state)
     for delivery in [d for d in ready if d.message is None]:
         recorder.dead(delivery, PermanentError(delivery.problem or "no message"))
     ready = [d for d in ready if d.message is not None]
-    endpoints = _Endpoints.open(channel, ready, settings, state)
+    endpoints = _Endpoints.open(first.provider.channel, ready, settings, state)
     if endpoints is not None:
         ready = endpoints.admit(ready, recorder)
+    hop: _Hop | None = first
     try:
-        if permit.probing and ready:
-            probe, ready = ready[:1], ready[1:]
-            tally = _send(channel, probe, recorder, endpoints)
-            state_after = breaker.record(failures=tally.failures, successes=tally.successes,
-                                         probing=True)
-            if state_after != "closed":
-                retry_at = breaker.acquire().retry_at
-                recorder.release(ready, wait_until(state, retry_at),
-                                 f"circuit open for {channel.name}")
-                return
-        if ready:
-            tally = _send(channel, ready, recorder, endpoints)
-            breaker.record(failures=tally.failures, successes=tally.successes, probing=False)
+        while hop is not None and ready:
+            passed = _send_through(hop, ready, recorder, endpoints, last=route.last)
+            hop = route.next() if passed and not recorder.should_stop() else None
+            if hop is not None:
+                recorder.outcome.failovers[passed[0].provider] += len(passed)
+            ready = [p.delivery for p in passed]
+            if hop is None:
+                _end_unsent(passed, route, recorder)
     finally:
+        recorder.provider = recorder.passing_on = None
         if endpoints is not None:
             endpoints.record()
+
+
+@dataclass
+class _Hop:
+    """A provider whose circuit let a batch through, with its permit."""
+
+    provider: Provider
+    breaker: CircuitBreaker
+    permit: Permit
+
+
+@dataclass
+class _Passed:
+    """A delivery a provider did not send, for the next: ``error`` is its failure there,
+    None when it was not tried there (the circuit opened under the batch)."""
+
+    delivery: ClaimedDelivery
+    provider: str
+    error: DeliveryError | None
+
+
+class _Route:
+    """A channel's providers in order of preference, each circuit asked (a permit, one
+    Redis round trip) only when deliveries reach it: asking takes a half-open circuit's
+    probe, which a provider never reached must not hold."""
+
+    def __init__(self, providers: list[Provider], state: StateRedis, settings: Settings) -> None:
+        self.providers = providers
+        self.state = state
+        self.settings = settings
+        self._next = 0
+        #: When the earliest circuit found open half-opens (the state Redis's clock).
+        self.retry_at: float | None = None
+
+    def next(self) -> _Hop | None:
+        """The next provider whose circuit is closed or half-open (its probe now ours)."""
+        while self._next < len(self.providers):
+            provider = self.providers[self._next]
+            self._next += 1
+            breaker = provider_breaker(self.state, provider, len(self.providers), self.settings)
+            permit = breaker.acquire()
+            if permit.allowed:
+                return _Hop(provider, breaker, permit)
+            self.retry_at = min(self.retry_at or permit.retry_at, permit.retry_at)
+        return None
+
+    @property
+    def last(self) -> bool:
+        """No provider is left after the one in hand."""
+        return self._next >= len(self.providers)
+
+    def wait(self) -> float:
+        """Seconds until the earliest open circuit half-opens (1 if none was open)."""
+        return 1.0 if self.retry_at is None else wait_until(self.state, self.retry_at)
+
+    def closed_reason(self) -> str:
+        name = self.providers[0].channel.name
+        if len(self.providers) == 1:
+            return f"circuit open for {name}"
+        return f"circuit open for every provider of {name}"
+
+
+def _send_through(
+    hop: _Hop, ready: list[ClaimedDelivery], recorder: _Recorder,
+    endpoints: _Endpoints | None, *, last: bool,
+) -> list[_Passed]:
+    """Send through one provider (a probe first when its circuit is half-open) and count
+    for its circuit; returns what goes on to the next provider (none when ``last``: the
+    failures are recorded, and a batch held by the circuit is released as before)."""
+    channel, breaker = hop.provider.channel, hop.breaker
+    recorder.provider = hop.provider.name
+    passed: list[_Passed] = []
+    recorder.passing_on = None if last else passed
+    if hop.permit.probing:
+        probe, ready = ready[:1], ready[1:]
+        tally = _send(channel, probe, recorder, endpoints)
+        state_after = breaker.record(failures=tally.failures, successes=tally.successes,
+                                     probing=True)
+        if state_after != "closed" and ready:
+            if last:
+                retry_at = breaker.acquire().retry_at
+                recorder.release(ready, wait_until(breaker.client, retry_at),
+                                 f"circuit open for {breaker.channel}")
+                return passed
+            return passed + [_Passed(d, hop.provider.name, None) for d in ready]
+    if ready:
+        tally = _send(channel, ready, recorder, endpoints)
+        breaker.record(failures=tally.failures, successes=tally.successes, probing=False)
+    return passed
+
+
+def _end_unsent(passed: list[_Passed], route: _Route, recorder: _Recorder) -> None:
+    """Deliveries no provider is left for: one that failed somewhere takes that error
+    (one attempt counted, the retry policy applies); one never tried waits for the
+    earliest circuit to half-open, no attempt counted."""
+    recorder.passing_on = recorder.provider = None  # counted per provider already
+    untried = [p.delivery for p in passed if p.error is None]
+    for p in passed:
+        if p.error is not None:
+            recorder.result(p.delivery, SendResult(p.delivery.id, p.error))
+    if untried and recorder.should_stop():
+        recorder.release(untried, 0.0, recorder.stop_reason())
+    elif untried:
+        recorder.release(untried, route.wait(), route.closed_reason())
 
 
 def _within_rate_limits(
@@ -506,6 +622,19 @@ def circuit_breaker(state: StateRedis, channel: str, settings: Settings) -> Circ
         window=settings.breaker_window, open_seconds=settings.breaker_open_seconds,
         probe_timeout=settings.sending_timeout,
     )
+
+
+def provider_breaker(
+    state: StateRedis, provider: Provider, providers: int, settings: Settings
+) -> CircuitBreaker:
+    """A provider's circuit: the channel's own when it has one provider (the keys it
+    always had), ``<channel>/<provider name>`` among several."""
+    return circuit_breaker(state, circuit_name(provider.channel.name, provider.name, providers),
+                           settings)
+
+
+def circuit_name(channel: str, provider: str, providers: int) -> str:
+    return channel if providers == 1 else f"{channel}/{provider}"
 
 
 # --- Claiming -----------------------------------------------------------------------
@@ -764,10 +893,12 @@ UPDATE deliveries d SET
     last_error = v.error,
     sent_at = CASE WHEN v.status = 'sent' THEN now() - make_interval(secs => v.ago)
                    ELSE d.sent_at END,
+    provider = coalesce(v.provider, d.provider),
     updated_at = now()
 FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(adds)s::int[], %(sets)s::int[],
-            %(delays)s::float8[], %(errors)s::text[], %(agos)s::float8[])
-         AS v(id, status, attempts_add, attempts_set, delay, error, ago),
+            %(delays)s::float8[], %(errors)s::text[], %(agos)s::float8[],
+            %(providers)s::text[])
+         AS v(id, status, attempts_add, attempts_set, delay, error, ago, provider),
      async_commit
 WHERE d.id = v.id AND coalesce(d.status, '') = 'sending' AND d.claim_key = %(key)s
 RETURNING d.id, extract(epoch FROM d.sent_at - d.created_at)
@@ -784,6 +915,8 @@ class _Pending:
     #: before the write, on Postgres's clock.
     at: float
     attempts_add: int = 0
+    #: Sent: the provider that sent it (``deliveries.provider``).
+    provider: str | None = None
     #: A dead delivery's attempts, set rather than added.
     attempts_set: int | None = None
     #: Put back: seconds from ``at`` until it is due again.
@@ -817,6 +950,11 @@ class _Recorder:
         self._started = self._written = time.monotonic()
         #: The connection was cut under a claim that waited too long (``take``).
         self._cut_off = False
+        #: The provider sending now (``_send_through``): a sent row records it.
+        self.provider: str | None = None
+        #: While a further provider may take them: where a provider's failures go
+        #: instead of being recorded (``_send_claimed``).
+        self.passing_on: list[_Passed] | None = None
 
     def should_stop(self) -> bool:
         """Return the rest of the batch: the worker is stopping, the batch has run past
@@ -894,8 +1032,13 @@ class _Recorder:
             yield self.cursor
 
     def result(self, delivery: ClaimedDelivery, result: SendResult) -> None:
+        if self.provider is not None:
+            self._count_provider(result)
         if result.sent:
             self.sent(delivery)
+        elif (self.passing_on is not None and result.error is not None
+              and result.error.provider_failure):
+            self.passing_on.append(_Passed(delivery, self.provider or "", result.error))
         elif isinstance(result.error, ConfigurationError):
             self.hold_for_configuration(delivery, result.error)
         elif isinstance(result.error, RetryableError):
@@ -903,8 +1046,15 @@ class _Recorder:
         else:
             self.dead(delivery, result.error or PermanentError("unknown failure"))
 
+    def _count_provider(self, result: SendResult) -> None:
+        kind = "sent" if result.sent else (
+            "provider_error" if result.error and result.error.provider_failure
+            else "other_error")
+        self.outcome.by_provider[(self.provider or "", kind)] += 1
+
     def sent(self, delivery: ClaimedDelivery) -> None:
-        self._add(_Pending(delivery, "sent", time.monotonic(), attempts_add=1))
+        self._add(_Pending(delivery, "sent", time.monotonic(), attempts_add=1,
+                           provider=self.provider))
         self.outcome.sent += 1
         if delivery.notification_id:
             self._sent_notifications.append(delivery.notification_id)
@@ -1029,6 +1179,7 @@ class _Recorder:
             "delays": [p.delay for p in pending],
             "errors": [None if p.error is None else _storable(p.error) for p in pending],
             "agos": [max(now - p.at, 0.0) for p in pending],
+            "providers": [p.provider for p in pending],
             "key": self.claim.key,
         }
         if letters:
@@ -1095,10 +1246,33 @@ def _storable(text: str) -> str:
     return cast(str, jsonb_safe(text))
 
 
-def circuit_states() -> dict[str, dict[str, Any]]:
-    """Each channel's circuit breaker as every worker sees it (state kept in Redis)."""
-    settings = get_settings()
+def circuit_states(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
+    """Each channel's circuit breaker as every worker sees it (state kept in Redis), with
+    each provider's under ``providers``. Among several providers, the channel's state is
+    its best provider's (it sends while one can), its failures and times opened are
+    theirs summed, and it opens until the first of them half-opens."""
+    settings = settings or get_settings()
+    return {name: _channel_circuit(name, settings) for name in sorted(CHANNEL_NAMES)}
+
+
+def _channel_circuit(name: str, settings: Settings) -> dict[str, Any]:
+    names = provider_names(name, settings)
+    if len(names) <= 1:
+        described = circuit_breaker(state_redis(), name, settings).describe()
+        return {**described, "providers": {n: described for n in names}}
+    providers = {
+        n: circuit_breaker(state_redis(), circuit_name(name, n, len(names)), settings).describe()
+        for n in names
+    }
+    circuits = list(providers.values())
+    rank = {"closed": 0, "half_open": 1, "open": 2}
+    best = min(circuits, key=lambda c: rank.get(str(c["state"]), 2))
+    opens = [float(cast(float, c["open_until"])) for c in circuits
+             if c["state"] == "open" and c["open_until"]]
     return {
-        name: circuit_breaker(state_redis(), name, settings).describe()
-        for name in sorted(CHANNEL_NAMES)
+        "state": best["state"],
+        "recent_failures": sum(cast(int, c["recent_failures"]) for c in circuits),
+        "open_until": min(opens) if best["state"] == "open" and opens else None,
+        "times_opened": sum(cast(int, c["times_opened"]) for c in circuits),
+        "providers": providers,
     }

@@ -280,6 +280,9 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     #: While ``sending``: the key of the advisory lock its claimant holds (migration 0010).
     claim_key: Mapped[int | None] = mapped_column(BigInteger)
+    #: Once sent: the channel's provider that sent it, ``<index>:<host>[:<port>]``
+    #: (``notifier.channels.provider_name``; migration 0013).
+    provider: Mapped[str | None] = mapped_column(String(100))
     queued_at: Mapped[Timestamp | None]
     sent_at: Mapped[Timestamp | None]
     created_at: Mapped[CreatedAt]

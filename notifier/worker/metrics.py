@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,6 +80,18 @@ DELIVERIES = Counter(
     "Delivery attempts by outcome: sent, retrying, dead, rescheduled (circuit open or rate"
     " limited, no attempt counted).", ["channel", "outcome"],
 )
+PROVIDER_RESULTS = Counter(
+    "notifier_provider_results_total",
+    "Messages each provider of a channel answered, by result: sent, provider_error (its"
+    " fault: counts towards its circuit, and fails over to the next provider if there is"
+    " one), other_error (the recipient's, or ours).", ["channel", "provider", "result"],
+)
+FAILOVERS = Counter(
+    "notifier_failovers_total",
+    "Deliveries a provider passed on to the channel's next provider within the same"
+    " attempt (it failed on them, or its circuit opened under the batch).",
+    ["channel", "provider"],
+)
 DELIVERY_LATENCY = Histogram(
     "notifier_delivery_latency_seconds",
     "From the delivery row's commit to the channel accepting it.", ["channel"],
@@ -135,8 +147,14 @@ def record_ingest(
 
 
 def record_delivery(
-    channel: str, outcomes: dict[str, int], latencies: Sequence[float], batch_size: int
+    channel: str, outcomes: dict[str, int], latencies: Sequence[float], batch_size: int,
+    by_provider: Mapping[tuple[str, str], int] | None = None,
+    failovers: Mapping[str, int] | None = None,
 ) -> None:
+    for (provider, result), count in (by_provider or {}).items():
+        PROVIDER_RESULTS.labels(channel, provider, result).inc(count)
+    for provider, count in (failovers or {}).items():
+        FAILOVERS.labels(channel, provider).inc(count)
     for outcome, count in outcomes.items():
         if count:
             DELIVERIES.labels(channel, outcome).inc(count)
@@ -224,7 +242,9 @@ class PipelineCollector:
 
         family = GaugeMetricFamily(
             "notifier_circuit_state",
-            "Circuit breaker per channel: 0 closed, 1 half-open, 2 open.", labels=["channel"],
+            "Circuit breaker per channel and provider (provider empty: the channel's own,"
+            " for a channel not configured): 0 closed, 1 half-open, 2 open.",
+            labels=["channel", "provider"],
         )
         try:
             states = circuit_states()
@@ -232,7 +252,9 @@ class PipelineCollector:
             return
         codes = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
         for channel, state in states.items():
-            family.add_metric([channel], codes.get(str(state["state"]), 0))
+            circuits = state.get("providers") or {"": state}
+            for provider, circuit in circuits.items():
+                family.add_metric([channel, provider], codes.get(str(circuit["state"]), 0))
         yield family
 
     def _database(self) -> Iterator[GaugeMetricFamily]:

@@ -107,7 +107,8 @@ def deliver(channel: str, delivery_ids: list[str]) -> dict[str, int]:
     outcome = deliver_batch(channel, delivery_ids, _settings, state_redis(),
                             batch_size=_batch_size, stopping=shutdown.requested)
     publish(outcome.tasks)
-    metrics.record_delivery(channel, outcome.as_dict(), outcome.latencies, len(delivery_ids))
+    metrics.record_delivery(channel, outcome.as_dict(), outcome.latencies, len(delivery_ids),
+                            outcome.by_provider, outcome.failovers)
     return outcome.as_dict()
 
 

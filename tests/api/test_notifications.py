@@ -52,7 +52,7 @@ def test_sent_notifications_reach_postgres_through_a_worker_with_their_ids_in_or
     assert body["priority"] == "critical" and body["status"] in ("dispatched", "delivered")
     [delivery] = body["deliveries"]
     assert delivery["channel"] == "inapp" and delivery["status"] == "sent"
-    assert delivery["attempts"] >= 1
+    assert delivery["attempts"] >= 1 and delivery["provider"] == "0:inapp"
 
 
 def test_a_bad_item_is_422_with_its_index_field_and_the_dead_letter_words(

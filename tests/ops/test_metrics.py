@@ -65,7 +65,7 @@ def test_worker_serves_counts_summed_over_its_pool_processes(tmp_path):
     assert value("notifier_ingest_latency_seconds_count") >= 2
     assert value("notifier_batch_size_sum", stage="ingest") >= 37
     assert value("notifier_batch_size_sum", stage="deliver") >= 30
-    assert value("notifier_circuit_state", channel="email") == 0
+    assert value("notifier_circuit_state", channel="email", provider="0:127.0.0.1:25") == 0
     assert ("notifier_queue_depth", (("queue", "notifier.critical"),)) in samples
     assert value("notifier_oldest_waiting_notification_seconds") >= 0
     # Multiprocess mode: the pool's children wrote the counters into the shared directory.

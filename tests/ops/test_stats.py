@@ -48,6 +48,7 @@ def notification(
 def delivery(
     channel: str, status: str, *, updated_at: datetime, latency: float | None = None,
     priority: str = "normal", attempts: int = 1, digest_members: int = 0,
+    provider: str | None = None,
 ) -> None:
     """A delivery last updated at ``updated_at``; if sent, created ``latency`` s before.
 
@@ -69,12 +70,12 @@ def delivery(
     created_at = updated_at - timedelta(seconds=latency or 0)
     execute(
         "INSERT INTO deliveries (id, notification_id, digest_id, recipient_id, channel,"
-        " priority, status, attempts, created_at, updated_at, sent_at) VALUES (:id, :note,"
-        " :digest, 'u', :channel, :priority, :status, :attempts, :created_at, :updated_at,"
-        " :sent_at)",
+        " priority, status, attempts, created_at, updated_at, sent_at, provider) VALUES (:id,"
+        " :note, :digest, 'u', :channel, :priority, :status, :attempts, :created_at,"
+        " :updated_at, :sent_at, :provider)",
         id=uuid.uuid4(), note=note_id, digest=digest_id, channel=channel, priority=priority,
         status=status, attempts=attempts, created_at=created_at, updated_at=updated_at,
-        sent_at=sent_at,
+        sent_at=sent_at, provider=provider,
     )
 
 
@@ -162,6 +163,23 @@ def test_delivery_figures_by_channel_and_priority():
     assert (batching.digests, batching.digest_members) == (1, 4)
     assert batching.per_message == pytest.approx(1.6)
     assert batching.digest_size == 4
+
+
+def test_sent_deliveries_by_the_provider_that_sent_them():
+    delivery("email", "sent", updated_at=at(600), latency=1, provider="0:smtp.primary.example")
+    delivery("email", "sent", updated_at=at(500), latency=3, provider="1:backup.example:587")
+    delivery("email", "sent", updated_at=at(400), latency=5, provider="1:backup.example:587")
+    delivery("email", "retrying", updated_at=at(300), attempts=1)  # names no provider
+    delivery("inapp", "sent", updated_at=at(200), latency=0.1, provider="0:inapp")
+
+    stats = stats_of()
+
+    assert list(stats.by_provider) == [
+        "email 0:smtp.primary.example", "email 1:backup.example:587", "inapp 0:inapp"]
+    backup = stats.by_provider["email 1:backup.example:587"]
+    assert (backup.sent, backup.retrying, backup.latency.p50) == (2, 0, pytest.approx(4.0))
+    assert stats.by_channel["email"].sent == 3 and stats.by_channel["email"].retrying == 1
+    assert stats.as_dict()["by_provider"]["inapp 0:inapp"]["sent"] == 1
 
 
 def test_an_empty_window():

@@ -177,7 +177,9 @@ class _PoisonedEmail(EmailChannel):
 
 
 def _use_poisoned_email(url: str) -> None:
-    channel_registry._instances[(os.getpid(), "email")] = _PoisonedEmail(url)
+    channel = _PoisonedEmail(url)
+    provider = channel_registry.Provider(0, channel_registry.provider_name(0, url), channel)
+    channel_registry._instances[(os.getpid(), "email")] = [provider]
 
 
 def test_an_exception_of_any_class_costs_its_message_alone(smtp_server):

@@ -7,6 +7,8 @@ down: each ends with every delivery sent, recorded as sent, and received exactly
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -112,6 +114,60 @@ def test_the_circuit_opens_while_smtp_is_down_and_everything_is_sent_once_after(
     assert_each_sent_once(smtp_server, 12)
 
 
+def test_a_backup_provider_takes_over_in_the_same_attempt_and_gives_traffic_back(smtp_server):
+    """E-mail through two providers: the primary is stopped mid-run, the backup sends
+    what the primary refused within the same attempt (each row: one attempt, the
+    backup's name); with the primary back, its half-open probe succeeds and traffic
+    returns to it. Nothing is sent twice across the two servers."""
+    primary = smtp_server
+    names = [f"0:127.0.0.1:{primary.port}"]
+    with SmtpServer() as backup:
+        names.append(f"1:127.0.0.1:{backup.port}")
+        env = {"NOTIFIER_CHANNELS__EMAIL": json.dumps([primary.url(), backup.url()])}
+        args = ["-B", "--schedule", tempfile.mktemp(prefix="beat-")]
+        worker = WorkerProcess.start(*args, env=env)
+        try:
+            send_critical(10)
+            wait_for_count(SENT, 10, timeout=60)
+            assert _providers() == {(names[0], 1): 10}
+
+            primary.stop()
+            send_critical(10)
+            wait_for_count(SENT, 20, timeout=60)
+            assert _providers() == {(names[0], 1): 10, (names[1], 1): 10}
+            state = redis.Redis.from_url(STATE_REDIS_URL)
+            assert state.hget(f"notifier.breaker.{{email/{names[0]}}}", "state") in (
+                b"open", b"half_open")
+            status = _cli("status", env=env).stdout
+            assert f"email providers: {names[0]} " in status and f"{names[1]} closed" in status
+
+            primary.start()
+            sent = 20
+            while len(primary.message_ids()) == 10:  # a trickle, until a probe finds it back
+                send_critical(1)
+                sent += 1
+                wait_for_count(SENT, sent, timeout=30)
+                assert sent < 60, "traffic never returned to the primary"
+            returned = len(primary.message_ids())
+            send_critical(10)
+            wait_for_count(SENT, sent + 10, timeout=60)
+            assert len(primary.message_ids()) == returned + 10
+        finally:
+            worker.stop()
+        received = Counter(primary.message_ids() + backup.message_ids())
+        assert len(received) == sent + 10 and max(received.values()) == 1
+    assert count_rows("SELECT count(*) FROM deliveries WHERE attempts <> 1") == 0
+
+
+def _providers() -> Counter[tuple[str, int]]:
+    from notifier.storage.db import session_scope
+
+    with session_scope() as session:
+        found = session.connection().exec_driver_sql(
+            "SELECT provider, attempts FROM deliveries WHERE status = 'sent'").all()
+    return Counter((provider, attempts) for provider, attempts in found)
+
+
 def test_replaying_dead_letters_delivers_them(smtp_server):
     smtp_server.fail_always(code=550, text="mailbox unavailable")
     worker = start_worker(smtp_server, beat=False)
@@ -134,10 +190,12 @@ def test_replaying_dead_letters_delivers_them(smtp_server):
     assert count_rows("SELECT count(*) FROM notifications WHERE status = 'delivered'") == 3
 
 
-def _cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(
+    *args: str, input: str | None = None, env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [str(Path(sys.executable).with_name("notifier")), *args], cwd=ROOT, capture_output=True,
-        text=True, input=input, timeout=60,
+        text=True, input=input, timeout=60, env={**os.environ, **(env or {})},
     )
     assert result.returncode == 0, result.stderr
     return result

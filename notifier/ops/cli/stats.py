@@ -46,6 +46,8 @@ def _print_stats(figures: Any, since: str) -> None:
                f"   (enqueued → stored, {ingest.latency.count:,} stamped)\n")
     for title, rows in (("deliveries", figures.by_channel), ("by priority", figures.by_priority)):
         _delivery_table(title, {**rows, "all": figures.deliveries} if rows else {})
+    if len(figures.by_provider) > len(figures.by_channel):  # some channel has several
+        _delivery_table("by provider", figures.by_provider)
     batching = figures.batching
     if batching.messages:
         plural = "s" if batching.digests != 1 else ""
@@ -85,15 +87,16 @@ _DELIVERY_COLUMNS = ("sent", "retried", "retrying", "dead", "sent/s", "delivered
 
 
 def _delivery_table(title: str, rows: dict[str, Any]) -> None:
-    click.echo(f"{title:<13}" + "".join(f"{name:>10}" for name in _DELIVERY_COLUMNS))
+    width = max([13, *(len(name) + 2 for name in rows)])  # provider names run longer
+    click.echo(f"{title:<{width}}" + "".join(f"{name:>10}" for name in _DELIVERY_COLUMNS))
     if not rows:
-        click.echo(f"{'none':<13}\n")
+        click.echo(f"{'none':<{width}}\n")
         return
     for name, f in rows.items():
         cells = (f"{f.sent:,}", f"{f.sent_after_retry:,}", f"{f.retrying:,}", f"{f.dead:,}",
                  f"{f.per_second:.2f}", _percent(f.delivered_rate), _percent(f.error_rate),
                  _latency(f.latency.p50), _latency(f.latency.p95), _latency(f.latency.p99))
-        click.echo(f"{name:<13}" + "".join(f"{cell:>10}" for cell in cells))
+        click.echo(f"{name:<{width}}" + "".join(f"{cell:>10}" for cell in cells))
     click.echo("")
 
 

@@ -44,6 +44,12 @@ def _print_status(report: dict[str, Any]) -> None:
     click.echo("circuits:      " + ", ".join(
         f"{name} {_circuit(circuit)}" for name, circuit in report["circuits"].items()
     ))
+    for name, circuit in report["circuits"].items():
+        if len(circuit.get("providers") or {}) > 1:
+            click.echo(f"  {name} providers: " + ", ".join(
+                f"{provider} {_circuit(state)}"
+                for provider, state in circuit["providers"].items()
+            ))
 
 
 def _circuit(circuit: dict[str, Any]) -> str:
