@@ -68,8 +68,12 @@ class ApiProcess:
         self.port = free_port()
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path: Path = RESULTS_DIR / "bench-api.log"
+        # sse_fanout holds every stream on one process, all of them on ONE recipient in
+        # its second case: the caps on streams are raised to let it.
+        streams = str(max(2000, config.sse_streams + 10))
         env = {**config.worker_environment(), "NOTIFIER_API_TOKEN_SECRET": TOKEN_SECRET,
-               "NOTIFIER_API_WORKERS": str(workers)}
+               "NOTIFIER_API_WORKERS": str(workers), "NOTIFIER_API_MAX_STREAMS": streams,
+               "NOTIFIER_API_MAX_STREAMS_PER_RECIPIENT": streams}
         command = [sys.executable, "-c", "import sys; from notifier.ops.cli import main;"
                    " sys.argv[0] = 'notifier'; main()",
                    "api", "--address", "127.0.0.1", "--port", str(self.port)]

@@ -11,7 +11,7 @@ same host, same clock: ``bench.database.clock_offset_ms``).
 Run as ``python -m bench.sse_client`` with one JSON object on stdin
 (:class:`StreamSpec`). It prints one line when every stream is open (``{"open": …}``:
 how many answered 200 and were caught up, and why the others failed), then, after
-``expected`` message events or ``timeout`` seconds, one line with what it read
+``expected`` message events, the end of every stream, or ``timeout`` seconds, one line with what it read
 (``{"events": …}``), and exits when its stdin closes. The benchmark sends the messages
 between the two lines.
 """
@@ -19,7 +19,6 @@ between the two lines.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
 import time
@@ -81,9 +80,10 @@ class SseParser:
             self._buffer = rest
             text = line.rstrip(b"\r").decode()
             if not text:
-                if self._fields:
+                # As EventSource does: a block without data (``retry:`` alone) is no event.
+                if "data" in self._fields:
                     events.append({k: "\n".join(v) for k, v in self._fields.items()})
-                    self._fields = {}
+                self._fields = {}
             elif text.startswith(":"):
                 self.comments += 1
             else:
@@ -186,8 +186,7 @@ class Streams:
         while not dechunk.done:
             data = await reader.read(65536)
             if not data:
-                self.read.ended.append(f"stream {index}: closed by the server")
-                return
+                break
             at = time.time()
             comments = parser.comments
             for event in parser.feed(dechunk.feed(data)):
@@ -195,6 +194,7 @@ class Streams:
             if parser.comments > comments:
                 self.read.comments += parser.comments - comments
                 self.caught_up.add(index)
+        self.read.ended.append(f"stream {index}: ended by the server")
 
     def _event(self, index: int, event: dict[str, str], at: float) -> None:
         name = event.get("event", "message")
@@ -230,12 +230,15 @@ async def run(spec: StreamSpec, out: Any = sys.stdout) -> StreamsRead:
     print(json.dumps({"open": answered, "caught_up": len(streams.caught_up),
                       "statuses": dict(streams.statuses), "errors": streams.errors[:5]}),
           file=out, flush=True)
+    # Until enough events, every stream ended, or the timeout.
+    enough = asyncio.create_task(streams.enough.wait())
+    ended = asyncio.gather(*tasks, return_exceptions=True)
     if spec.expected > 0:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(streams.enough.wait(), spec.timeout)
-    for task in tasks:
+        await asyncio.wait({enough, ended}, timeout=spec.timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+    for task in [*tasks, enough]:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*tasks, enough, return_exceptions=True)
     return streams.read
 
 
