@@ -452,6 +452,28 @@ class Settings(BaseSettings):
     """Requests one API key may make per minute (a fixed window in the state Redis,
     shared by every API process); a key's own limit (``notifier api-keys create
     --rate-limit``) overrides it; 0: unlimited. Past it: 429 with ``Retry-After``."""
+    api_shutdown_timeout: int = Field(5, ge=0, le=300)
+    """Seconds open requests get to finish when ``notifier api`` stops; live inbox streams
+    still open then are ended (browsers reconnect to another process with their
+    ``Last-Event-ID`` and lose nothing)."""
+    api_max_streams: int = Field(2000, ge=1, le=100_000)
+    """Live inbox streams (``GET …/inbox/stream``) one API process serves at most; past
+    it: 503 with ``Retry-After`` (a browser's ``EventSource`` retries by itself). Each
+    holds a socket and a queue of ``NOTIFIER_INBOX_FEED_QUEUE_SIZE`` messages."""
+    api_max_streams_per_recipient: int = Field(20, ge=1, le=10_000)
+    """Live inbox streams of one recipient one API process serves at most (tabs and
+    devices); past it: 429, so one leaked token cannot take every stream of a process."""
+    api_stream_heartbeat: float = Field(15.0, ge=0.05, le=300)
+    """Seconds a live inbox stream may stay silent: after that it sends a comment line,
+    so proxies and load balancers do not close it as idle (theirs is often 60 s)."""
+    api_stream_max_seconds: float = Field(3600.0, ge=1, le=86400)
+    """Seconds a live inbox stream lasts at most; then it ends and the browser
+    reconnects with its ``Last-Event-ID``, losing nothing: its credentials are checked
+    again (an expired token no longer reads) and streams spread over the processes."""
+    api_demo: bool = False
+    """Serve the inbox demo page ``/inbox/demo`` (``docs/api.md``). For development only:
+    it mints a recipient token for anyone who asks, so anyone reaching the API reads any
+    inbox. Needs ``NOTIFIER_API_TOKEN_SECRET``; off, the page is 404."""
 
     # --- RabbitMQ broker (``notifier/broker_topology.py``) ---------------------------
     broker_queue_type: Literal["quorum", "classic"] = "quorum"
@@ -504,6 +526,13 @@ class Settings(BaseSettings):
                 f"api_token_ttl: at most NOTIFIER_API_TOKEN_MAX_TTL"
                 f" ({self.api_token_max_ttl:g}), got {self.api_token_ttl:g}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _demo_has_a_token_secret(self) -> Settings:
+        if self.api_demo and self.api_token_secret is None:
+            raise ValueError("api_demo: the demo page mints recipient tokens: set"
+                             " NOTIFIER_API_TOKEN_SECRET too")
         return self
 
     @field_validator("database_url")

@@ -8,13 +8,15 @@ in its thread pool, and uvicorn runs several processes on one port
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from notifier.api import dead_letters, errors, notifications, preferences
+from notifier.api import dead_letters, demo, errors, inbox_stream, notifications, preferences
 from notifier.logs import configure
 from notifier.schemas import NotificationIn
 from notifier.settings import get_settings
@@ -31,15 +33,24 @@ def create_app() -> FastAPI:
         title="notifier", version=API_VERSION,
         description="Send notifications, follow and cancel them, edit recipients'"
                     " preferences, list dead letters (docs/api.md).",
-        docs_url=None, redoc_url=None,
+        docs_url=None, redoc_url=None, lifespan=_lifespan,
     )
     errors.install(app)
     for area in (notifications, preferences, dead_letters):
         app.include_router(area.router)
+    inbox_stream.install(app)
+    demo.install(app)
     app.add_api_route("/v1/health", health, methods=["GET"], tags=["health"],
                       summary="The API process answers (no key needed)")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """At shutdown: the live inbox feed (started by the first stream) closes."""
+    yield
+    await inbox_stream.close(app)
 
 
 class Health(BaseModel):

@@ -29,6 +29,9 @@ OPERATIONS = ["GET /v1/notifications/{notification_id}", "POST /v1/notifications
               "GET /v1/recipients/{recipient_id}/preferences",
               "PUT /v1/recipients/{recipient_id}/preferences", "GET /v1/dead-letters",
               "GET /v1/health"]
+#: Operations left out: an event stream stays open by design, so a generated request
+#: would wait forever; its errors and its events are tested in test_inbox_stream.py.
+STREAMS = ["GET /v1/recipients/{recipient_id}/inbox/stream"]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,7 @@ def test_generated_requests_get_documented_answers_and_no_500(
     driven by hypothesis here.)"""
     operations = {f"{op.method.upper()} {op.path}": op
                   for op in (found.ok() for found in api_schema.get_all_operations())}
-    assert set(operations) == set(OPERATIONS)
+    assert set(operations) == set(OPERATIONS) | set(STREAMS)
     if label == "GET /v1/health" and mode == GenerationMode.NEGATIVE:
         pytest.skip("no parameter and no body: nothing to make invalid")
     headers = {"Authorization": f"Bearer {make_key('admin')}"}

@@ -37,6 +37,8 @@ def api(address: str | None, port: int | None, workers: int | None) -> None:
         access_log=False, log_level=settings.log_level.lower(), proxy_headers=False,
         log_config=None,  # uvicorn's lines go through notifier's handler (create_app)
         server_header=False, date_header=True,
+        # Live inbox streams never end by themselves: past this, uvicorn ends them.
+        timeout_graceful_shutdown=settings.api_shutdown_timeout,
     )
 
 
