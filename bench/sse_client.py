@@ -11,9 +11,9 @@ same host, same clock: ``bench.database.clock_offset_ms``).
 Run as ``python -m bench.sse_client`` with one JSON object on stdin
 (:class:`StreamSpec`). It prints one line when every stream is open (``{"open": …}``:
 how many answered 200 and were caught up, and why the others failed), then, after
-``expected`` message events, the end of every stream, or ``timeout`` seconds, one line with what it read
-(``{"events": …}``), and exits when its stdin closes. The benchmark sends the messages
-between the two lines.
+``expected`` message events, the end of every stream, or ``timeout`` seconds, one line
+with what it read (``{"events": …}``), and exits when its stdin closes. The benchmark
+sends the messages between the two lines.
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ async def serve_and_read(streams: int) -> tuple[sse_client.StreamsRead, list[str
 
     async with server:
         read = await sse_client.run(spec, Out())
-    return read, ["".join(lines)] + paths
+    return read, ["".join(lines), *paths]
 
 
 def test_the_sse_client_reads_the_stream_contract_and_flags_breaches() -> None:
