@@ -9,6 +9,7 @@ and the report must show them beside the aims. No figure is compared with a spee
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import uuid
 from collections.abc import Iterator
@@ -80,7 +81,13 @@ def test_api_sends_give_rates_latencies_and_cpu_beside_the_producer(
     figures = baseline.figures(doc)
     assert figures["api_single.p99"]["better"] == baseline.LOWER
     assert figures["api_lists.requests_per_s"]["better"] == baseline.HIGHER
-    text = report.write_markdown(found, doc, path=tmp_path / "report.md").read_text()
+    plots: dict[str, Path] = {}
+    if importlib.util.find_spec("matplotlib"):  # the ``bench`` extra
+        from bench.plots import write_plots
+
+        plots = write_plots(doc, tmp_path)  # the API's throughput and latencies drawn
+        assert {"throughput", "latency"} <= set(plots)
+    text = report.write_markdown(found, doc, plots, path=tmp_path / "report.md").read_text()
     assert "## HTTP API: sends over keep-alive" in text
     assert "api_single: " in text and "against notify(), unbuffered" in text
     assert "| api_lists | lists end to end >= notify_many()'s rate |" in text
