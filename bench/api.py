@@ -30,7 +30,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -357,9 +357,11 @@ def inbox_rows(bench: Bench) -> int:
 
 def fanout_case(bench: Bench, worker: Worker, api: ApiProcess, case: str,
                 stream_recipients: list[str], messages: list[dict[str, Any]],
-                clock_offset_ms: float) -> dict[str, Any]:
+                clock_offset_ms: float,
+                sending: AbstractContextManager[Any] | None = None) -> dict[str, Any]:
     """Open a stream per entry of ``stream_recipients``, send ``messages``, and read
-    every stream's events: (figures, latencies in ms)."""
+    every stream's events (``sending`` is entered for that part alone): the figures,
+    with every latency in ms."""
     from notifier.client import notify_many
 
     per_recipient: dict[str, int] = {}
@@ -375,10 +377,11 @@ def fanout_case(bench: Bench, worker: Worker, api: ApiProcess, case: str,
         rss = api.rss_mib()
         roots = {api.pid: "api", client.pid: "loadgen"}
         before = cpu.snapshot(worker.pid, roots=roots)
-        start, wall_start = time.perf_counter(), time.time()
-        notify_many(messages)
-        read = client.answer()
-        seconds = time.perf_counter() - start
+        with sending or nullcontext():
+            start, wall_start = time.perf_counter(), time.time()
+            notify_many(messages)
+            read = client.answer()
+            seconds = time.perf_counter() - start
         cores = cpu.cores_used(before, cpu.snapshot(worker.pid, roots=roots), seconds)
     finally:
         client.close()
@@ -418,13 +421,38 @@ def sse_fanout(bench: Bench, worker: Worker) -> Outcome:
                           [recipients[0]] * streams,
                           inapp_messages([recipients[0]] * config.sse_one_recipient_messages,
                                          first=streams), offset)
+        found = (_profiled_fanout(bench, worker, api, recipients, offset)
+                 if config.profile else None)
     cases = {"many_recipients": many, "one_recipient": one}
     samples = {f"sse_{name}": case.pop("latencies") for name, case in cases.items()}
     expected = sum(case["expected"] for case in cases.values())
     received = sum(case["received"] for case in cases.values())
     seconds = sum(case["seconds"] for case in cases.values())
     label = f"SSE: {streams:,} live inbox streams on 1 API process"
+    extra: dict[str, Any] = {"streams": streams, **cases, "inbox_rows": inbox_rows(bench)}
+    if found is not None:
+        extra["profile"] = found
     return Outcome("sse_fanout", label, expected, seconds, seconds, received,
-                   cores=many["cores"], extra={"streams": streams, **cases,
-                                               "inbox_rows": inbox_rows(bench)},
-                   samples=samples)
+                   cores=many["cores"], extra=extra, samples=samples)
+
+
+def _profiled_fanout(bench: Bench, worker: Worker, api: ApiProcess, recipients: list[str],
+                     offset: float) -> dict[str, Any]:
+    """The one-recipient case once more, untimed, with py-spy sampling the API from the
+    moment the messages are sent to the last event read."""
+    config = bench.config
+    streams = [recipients[0]] * config.sse_streams
+    messages = inapp_messages([recipients[0]] * config.sse_one_recipient_messages,
+                              first=2 * config.sse_streams)
+    what = f"notifier api fanning out to {config.sse_streams:,} streams of one recipient"
+    keep = RESULTS_DIR / "profile-sse_fanout.txt"
+    taken: list[profile.Profile] = []
+
+    @contextmanager
+    def sampling() -> Iterator[None]:
+        with profile.profiling(what, api.pid, keep) as found:
+            taken.append(found)  # filled in when the block ends
+            yield
+
+    fanout_case(bench, worker, api, "profiled", streams, messages, offset, sampling())
+    return taken[0].as_dict()

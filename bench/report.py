@@ -55,7 +55,8 @@ TARGETS = {
     "sse_fanout": f"every stream gets each message within {FANOUT_AIM_MS / 1000:g} s",
 }
 #: Scenarios whose CPU profile the report shows (``bench.profile``).
-PROFILED = ("in_process_ingest", "email_pooled", "webhook_pooled", "api_single", "api_lists")
+PROFILED = ("in_process_ingest", "email_pooled", "webhook_pooled", "api_single", "api_lists",
+            "sse_fanout")
 #: The HTTP API's send scenarios (``bench.api``), each with what it is compared with.
 API_SENDS = {"api_single": "notify", "api_lists": "notify_many"}
 SSE_CASES = ("many_recipients", "one_recipient")

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from bench import api, baseline, report, sse_client, workers
+from bench import api, baseline, profile, report, sse_client, workers
 from bench import database as bench_database
 from bench.__main__ import plan
 from bench.config import BenchConfig
@@ -180,8 +180,13 @@ def stream_route_exists() -> bool:
 def test_sse_fanout_reaches_every_stream(bench: Bench, tmp_path: Path) -> None:
     if not stream_route_exists():
         pytest.skip("GET /v1/recipients/{id}/inbox/stream is not in this tree yet")
+    profiled = profile.py_spy() is not None
+    bench.config = BenchConfig(**{**bench.config.__dict__, "profile": profiled})
     found = run(bench, "sse_fanout")
     fanout = found["sse_fanout"]
+    if profiled:  # an extra, untimed case sampled by py-spy (a tiny one may get none)
+        taken = fanout.extra["profile"]
+        assert taken["samples"] > 0 or taken["note"], taken
     streams = TINY["sse_streams"]
     many, one = fanout.extra["many_recipients"], fanout.extra["one_recipient"]
     assert many["open"] == one["open"] == streams
