@@ -75,7 +75,10 @@ def test_api_sends_give_rates_latencies_and_cpu_beside_the_producer(
     doc = json.loads(json.dumps(report.document(found, MACHINE, bench.config, 0.0, SETTINGS),
                                 default=str))
     aims = doc["aims"]
-    assert aims["api_single"]["value"] == found["api_single"].extra["requests_per_s"]
+    single = aims["api_single"]
+    assert single["value"] == found["api_single"].extra["requests_per_s"]
+    assert single["p99_ms"] == found["api_single"].extra["request_latency_ms"]["p99"]
+    assert single["met"] is (single["value"] >= 2000 and single["p99_ms"] <= 20)
     assert aims["api_lists"]["value"] == pytest.approx(
         found["api_lists"].rate / found["notify_many"].rate, abs=0.01)
     figures = baseline.figures(doc)
