@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed  ## Create .venv and install notifier with its dev tools
 
-run: install  ## Migrate, start worker + beat + Flower in the background, send a demo
+run: install  ## Migrate, start worker + beat + Flower + API in the background, send a demo
 	$(BIN)/python scripts/run.py
 
 stop:  ## Stop what `make run` started

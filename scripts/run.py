@@ -1,12 +1,15 @@
 """``make run``: the whole pipeline on this machine, fed a demo, in one command.
 
 Steps: make sure Postgres and Redis answer (embedded ones otherwise, see
-``local_services.py``), create and migrate the database, start a worker, beat and Flower
-in the background (logs and pids in ``.run/``), wait for the worker, send a few demo
-notifications plus one invalid message, wait until Postgres has them and print what
-happened. Running it again reuses what already runs.
+``local_services.py``), create and migrate the database, start a worker, beat, Flower and
+the HTTP API in the background (logs and pids in ``.run/``), wait for the worker, send a
+few demo notifications plus one invalid message, wait until Postgres has them and print
+what happened, then the inbox demo page's address (the API runs with
+``NOTIFIER_API_DEMO`` on and a token secret made for the run unless one is set). Running
+it again reuses what already runs.
 
-``python scripts/run.py stop`` stops worker, beat and Flower, then the embedded servers.
+``python scripts/run.py stop`` stops the API, worker, beat and Flower, then the embedded
+servers.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ WORKER_NAME = "run"
 WORKER_TIMEOUT = 60.0  # a cold worker on a small machine takes a few seconds
 COMMIT_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0  # a warm shutdown lets the worker finish its batch
+API_TIMEOUT = 60.0  # a cold API process imports FastAPI and the pipeline
+#: Whose inbox the demo page opens on: carol, whose alerts the demo folds into a digest.
+DEMO_RECIPIENT = "carol"
 
 
 def celery_commands() -> dict[str, list[str]]:
@@ -50,6 +56,24 @@ def celery_commands() -> dict[str, list[str]]:
                  "--schedule", str(RUN_DIR / "celerybeat-schedule")],
         "flower": [*celery, "flower", f"--address={address}", f"--port={port}"],
     }
+
+
+def api_command() -> list[str]:
+    """``notifier api`` from this venv (its settings say where it listens)."""
+    return [sys.executable, str(Path(sys.executable).with_name("notifier")), "api"]
+
+
+def api_endpoint() -> tuple[str, int]:
+    """Where this machine reaches the API (NOTIFIER_API_ADDRESS, NOTIFIER_API_PORT)."""
+    from notifier.settings import get_settings
+
+    settings = get_settings()
+    address = settings.api_address
+    return ("127.0.0.1" if address in ("0.0.0.0", "::") else address), settings.api_port
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def flower_address() -> tuple[str, int]:
@@ -70,7 +94,7 @@ def flower_endpoint() -> tuple[str, int]:
 
 def _marker(name: str) -> str:
     """What a process's command line holds, so a reused pid is never taken for ours."""
-    return f"-A notifier {name}"
+    return "notifier api" if name == "api" else f"-A notifier {name}"
 
 
 def _log(name: str) -> str:
@@ -131,6 +155,8 @@ def start_process(name: str, command: list[str]) -> int:
     env.pop("NOTIFIER_FLOWER_BASIC_AUTH", None)  # Flower's login is for Flower only
     if name == "flower":
         env["FLOWER_BASIC_AUTH"] = flower_login()
+    if name == "api":
+        env.update(api_environment())
     with open(RUN_DIR / f"{name}.log", "wb") as log:
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
@@ -141,15 +167,35 @@ def start_process(name: str, command: list[str]) -> int:
 
 
 def start_background() -> None:
-    """Start worker, beat and Flower unless they already run."""
+    """Start worker, beat, Flower and the API unless they already run."""
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    for name, command in celery_commands().items():
+    for name, command in {**celery_commands(), "api": api_command()}.items():
         pid = running_pid(name)
         if pid:
             print(f"{name:<6} already runs (pid {pid}), log {_log(name)}")
             continue
+        if name == "api" and listens(api_endpoint()):
+            host, port = api_endpoint()
+            print(f"api    not started: something else listens on {host}:{port}"
+                  " (NOTIFIER_API_PORT picks another port)")
+            continue
         pid = start_process(name, command)
         print(f"{name:<6} started (pid {pid}), log {_log(name)}")
+
+
+#: How the API this run started got its token secret (stays None when it already ran).
+_api_secret_note: str | None = None
+
+
+def api_environment() -> dict[str, str]:
+    """The API's demo page on, and a key to sign its recipient tokens: NOTIFIER_API_TOKEN_SECRET,
+    or one made for this run (in the API's environment only, stored nowhere)."""
+    global _api_secret_note
+    secret = os.environ.get("NOTIFIER_API_TOKEN_SECRET")
+    _api_secret_note = ("tokens signed with NOTIFIER_API_TOKEN_SECRET" if secret else
+                        "tokens signed with a key made for this run")
+    return {"NOTIFIER_API_DEMO": "true",
+            "NOTIFIER_API_TOKEN_SECRET": secret or secrets.token_urlsafe(32)}
 
 
 #: How the Flower this run started logs in (stays None when Flower already ran).
@@ -188,16 +234,34 @@ def wait_for_worker(timeout: float = WORKER_TIMEOUT) -> None:
     _fail(f"the worker did not answer within {timeout:.0f}s; see {_log('worker')}")
 
 
+def listens(endpoint: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(endpoint, timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def flower_listens(timeout: float = 10.0) -> bool:
     """Whether Flower's port accepts connections (it takes a moment to open it)."""
-    def accepts() -> bool:
+    return local_services.wait_until(lambda: listens(flower_endpoint()), timeout, 0.2)
+
+
+def api_answers(timeout: float = API_TIMEOUT) -> bool:
+    """Whether our API answers ``/v1/health`` (False at once if it is not running)."""
+    import urllib.request
+
+    health = f"{_url(*api_endpoint())}/v1/health"
+
+    def answers() -> bool:
         try:
-            with socket.create_connection(flower_endpoint(), timeout=0.5):
-                return True
+            with urllib.request.urlopen(health, timeout=1) as answer:
+                return bool(answer.status == 200)
         except OSError:
             return False
 
-    return local_services.wait_until(accepts, timeout, interval=0.2)
+    return bool(running_pid("api")) and local_services.wait_until(
+        lambda: answers() or not running_pid("api"), timeout, 0.2) and answers()
 
 
 # --- the demo ---------------------------------------------------------------------------
@@ -323,19 +387,39 @@ def show_digest(demo: Demo, timeout: float = COMMIT_TIMEOUT) -> None:
 
 
 def print_next_steps() -> None:
-    """Where to look further, including how a new shell reaches embedded servers."""
+    """Where to look further (the inbox demo first), including how a new shell reaches
+    embedded servers."""
     print("\nLook further:")
+    if api_answers():
+        demo = f"{_url(*api_endpoint())}/inbox/demo?recipient={DEMO_RECIPIENT}"
+        print(f"  {demo}\n  {'':<26} {DEMO_RECIPIENT}'s inbox in a browser, live: send one with")
+        print(f"  {'':<26} .venv/bin/notifier send --recipient {DEMO_RECIPIENT} --type alert"
+              " --priority critical --title Hello")
+        print(f"  {'':<26} (a page for development: it hands a token to anyone who asks;")
+        print(f"  {'':<26} {_api_secret_note or 'the API was already running'})")
+        open_in_browser(demo)
+    elif running_pid("api"):
+        print(f"  the API did not answer within {API_TIMEOUT:.0f}s; see {_log('api')}")
     env_file = DATA_DIR / "env"
     if env_file.is_file() and env_file.read_text().strip():
         print(f"  . {local_services.display(env_file):<23} (in a new shell first: use the"
               " embedded servers)")
     print("  .venv/bin/notifier status  counts, queue depths, dead letters")
-    host, port = flower_endpoint()
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    url = _url(*flower_endpoint())
     print(f"  {url:<26} Flower: workers, tasks, queues, with a login;")
     print(f"  {'':<26} {_flower_login_note or 'the login it was started with'}")
-    print(f"  {_log('worker')}, {_log('beat')}, {_log('flower')}")
-    print("  make stop                  stops worker, beat, Flower and embedded servers")
+    print(f"  {_log('worker')}, {_log('beat')}, {_log('flower')}, {_log('api')}")
+    print("  make stop                  stops the API, worker, beat, Flower and embedded"
+          " servers")
+
+
+def open_in_browser(url: str) -> None:
+    """Open the page for a person at a terminal with a display, never in a script or CI."""
+    if sys.stdout.isatty() and (sys.platform == "darwin" or os.environ.get("DISPLAY")
+                                or os.environ.get("WAYLAND_DISPLAY")):
+        import webbrowser
+
+        webbrowser.open(url)
 
 
 # --- stop -------------------------------------------------------------------------------
@@ -354,8 +438,9 @@ def stop_process(name: str, timeout: float = STOP_TIMEOUT) -> None:
 
 
 def stop() -> None:
-    """Stop beat first (no new work), then the worker and Flower, then the servers."""
-    for name in ("beat", "worker", "flower"):
+    """Stop the API and beat first (no new work), then the worker and Flower, then the
+    servers."""
+    for name in ("api", "beat", "worker", "flower"):
         stop_process(name)
     for name in local_services.stop_services(DATA_DIR):
         print(f"Stopped the embedded {name}.")

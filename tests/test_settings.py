@@ -36,6 +36,9 @@ def test_database_url_spellings_use_psycopg(monkeypatch, url):
     ("NOTIFIER_DELIVERY_CLAIM_WAIT", "0", "NOTIFIER_DELIVERY_CLAIM_WAIT: Input should be greater"),
     ("NOTIFIER_DELIVERY_CLAIM_ATTEMPTS", "0",
          "NOTIFIER_DELIVERY_CLAIM_ATTEMPTS: Input should be greater"),
+    ("NOTIFIER_API_DEMO", "true", "NOTIFIER_API_DEMO: the demo page mints recipient tokens"),
+    ("NOTIFIER_API_STREAM_HEARTBEAT", "0",
+         "NOTIFIER_API_STREAM_HEARTBEAT: Input should be greater than or equal to 0.05"),
 ])
 def test_bad_values_name_the_variable(monkeypatch, variable, value, message):
     """A bad value raises ConfigError whose one line starts with the variable's name."""

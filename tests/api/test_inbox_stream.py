@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
+from chaos.faults import free_port
 from notifier.pipeline.recipient_tokens import mint
 from notifier.settings import Settings
 from tests.api.server import ApiServer
 from tests.api.sse import WAIT, EventStream
+from tests.conftest import DATABASE_URL
 from tests.pipeline.test_inbox import deliver
 
 SECRET = "s" * 32 + "-stream-tests"
@@ -256,3 +263,113 @@ def test_a_stream_ends_after_its_lifetime_and_the_feed_down_is_503(database):
     finally:
         server.stop()
         down.stop()
+
+
+class PostgresGate:
+    """A TCP proxy to the test's Postgres that can refuse, and cut, the connections whose
+    startup packet holds ``marker`` (an application name): Postgres unreachable for one
+    of the feed's two connections only."""
+
+    def __init__(self) -> None:
+        target = make_url(DATABASE_URL)
+        self.target = (target.host or "127.0.0.1", target.port or 5432)
+        self.url = target.set(drivername="postgresql", host="127.0.0.1",
+                              port=free_port(27500), query={"sslmode": "disable"})
+        self.listener = socket.create_server(("127.0.0.1", self.url.port or 0))
+        self.blocked: bytes | None = None
+        self._open: list[tuple[bytes, socket.socket, socket.socket]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def block(self, marker: bytes) -> None:
+        """Cut the connections holding ``marker`` and refuse new ones."""
+        self.blocked = marker
+        for first, *ends in list(self._open):
+            if marker in first:
+                _close(*ends)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return
+            first = downstream.recv(65536)
+            if self.blocked is not None and self.blocked in first:
+                _close(downstream)
+                continue
+            upstream = socket.create_connection(self.target)
+            upstream.sendall(first)
+            self._open.append((first, downstream, upstream))
+            for source, sink in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=_pipe, args=(source, sink), daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+        for _, *ends in self._open:
+            _close(*ends)
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := source.recv(65536):
+            sink.sendall(chunk)
+    _close(source, sink)
+
+
+def _close(*ends: socket.socket) -> None:
+    for end in ends:
+        with contextlib.suppress(OSError):
+            end.shutdown(socket.SHUT_RDWR)
+        end.close()
+
+
+def test_a_feed_that_loses_postgres_ends_the_stream_and_the_reconnect_loses_nothing(database):
+    """Postgres becomes unreachable for the feed's reads while a stream is open: the
+    stream ends cleanly (no error frame, no hang); the browser comes back with its last
+    event id once Postgres answers again and gets what was delivered meanwhile, once."""
+    gate = PostgresGate()
+    server = ApiServer.start(env={**STREAM_ENV, "NOTIFIER_INBOX_LISTEN_URL":
+                                  gate.url.render_as_string(hide_password=False)})
+    try:
+        async def test() -> None:
+            async with opened(server, "max") as events:
+                last = (await events.next_event("ready")).id or ""
+                gate.block(b"notifier-inbox-feed-query")
+                missed = await deliver_async("max", 2, "missed")
+                with pytest.raises(EOFError):  # the read of the announced rows failed
+                    while True:
+                        frame = await events.next()
+                        assert frame.kind == "comment", frame
+            refused = await asyncio.to_thread(get, server, "max",
+                                              params={"token": token("max")})
+            assert refused.status_code == 503, refused.text
+            gate.blocked = None
+            async with opened(server, "max", headers={"Last-Event-ID": last},
+                              token=token("max")) as events:
+                got = [await events.next_event("message") for _ in missed]
+                await events.next_event("ready")
+            assert {frame.json()["id"] for frame in got} == set(missed)
+        run(test)
+    finally:
+        server.stop()
+        gate.close()
+    assert "Traceback" not in server.log()
+
+
+def test_stopping_the_api_ends_its_open_streams(database):
+    """SIGTERM with a stream open: the process ends it after NOTIFIER_API_SHUTDOWN_TIMEOUT
+    and exits by itself (the browser reconnects elsewhere), never needing SIGKILL."""
+    server = ApiServer.start(env={**STREAM_ENV, "NOTIFIER_API_SHUTDOWN_TIMEOUT": "1"})
+    try:
+        async def test() -> None:
+            async with opened(server, "ned") as events:
+                await events.next_event("ready")
+                os.killpg(server.process.pid, signal.SIGTERM)
+                with pytest.raises((EOFError, httpx.RemoteProtocolError)):
+                    while True:
+                        await events.next()
+        run(test)
+        assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()

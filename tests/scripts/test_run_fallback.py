@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +41,7 @@ def clean_environment(tmp_path: Path) -> dict[str, str]:
             f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/notifier_run_fallback",
         "NOTIFIER_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
         "NOTIFIER_FLOWER_PORT": str(free_port()),
+        "NOTIFIER_API_PORT": str(free_port()),
         "NOTIFIER_METRICS_DIR": str(tmp_path / "metrics"),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     })
@@ -85,6 +87,10 @@ def test_make_run_delivers_the_demo_on_embedded_servers(places) -> None:
     assert "No broker answers at" in result.stderr
     assert "carol's three alerts arrived as one digest in her inbox" in result.stdout, (
         result.stdout + logs)
+    # The API runs with the demo page on; its address comes first under "Look further".
+    demo = next(line.strip() for line in result.stdout.splitlines() if "/inbox/demo?" in line)
+    assert demo == f"http://127.0.0.1:{env['NOTIFIER_API_PORT']}/inbox/demo?recipient=carol"
+    assert httpx.get(demo, timeout=30).status_code == 200
     worker_log = (run_dir / "worker.log").read_text()
     assert "Redis URL must specify" not in worker_log
     assert "Traceback" not in worker_log
@@ -109,7 +115,7 @@ def test_make_run_delivers_the_demo_on_embedded_servers(places) -> None:
     stop = subprocess.run([sys.executable, str(RUN), "stop", *dirs], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    for name in ("beat", "worker", "flower", "Redis", "Postgres"):
+    for name in ("api", "beat", "worker", "flower", "Redis", "Postgres"):
         assert f"Stopped {name}" in stop.stdout or f"Stopped the embedded {name}" in stop.stdout, (
             stop.stdout)
     assert not list(run_dir.glob("*.pid"))
