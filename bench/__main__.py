@@ -84,6 +84,22 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--flush-interval", type=float, default=defaults.flush_interval,
                         help="seconds between beat's flushes (0: NOTIFIER_FLUSH_INTERVAL,"
                              " 1 s by default)")
+    parser.add_argument("--api-workers", type=int, default=defaults.api_workers,
+                        help="processes of the notifier api of api_single and api_lists"
+                             " (NOTIFIER_API_WORKERS; sse_fanout always runs one)")
+    parser.add_argument("--api-connections", type=int, default=defaults.api_connections,
+                        help="keep-alive connections of the HTTP load generator")
+    parser.add_argument("--api-requests", type=int, default=defaults.api_requests,
+                        help="requests of api_single (api_lists sends --count"
+                             " notifications)")
+    parser.add_argument("--api-list-size", type=int, default=defaults.api_list_size,
+                        help="notifications per request of api_lists")
+    parser.add_argument("--sse-streams", type=int, default=defaults.sse_streams,
+                        help="live inbox streams sse_fanout holds on one API process")
+    parser.add_argument("--sse-one-recipient-messages", type=int,
+                        default=defaults.sse_one_recipient_messages,
+                        help="messages to the one recipient all streams follow in"
+                             " sse_fanout's second case")
     parser.add_argument("--poll-interval-ms", type=float,
                         default=defaults.poll_interval * 1000)
     parser.add_argument("--sample-interval-ms", type=float,
@@ -125,6 +141,10 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         aggregation_recipients=args.aggregation_recipients,
         aggregation_hours=args.aggregation_hours, flush_waiting=args.flush_waiting,
         flush_spread=args.flush_spread, flush_interval=args.flush_interval,
+        api_workers=args.api_workers, api_connections=args.api_connections,
+        api_requests=args.api_requests, api_list_size=args.api_list_size,
+        sse_streams=args.sse_streams,
+        sse_one_recipient_messages=args.sse_one_recipient_messages,
         poll_interval=args.poll_interval_ms / 1000,
         sample_interval=args.sample_interval_ms / 1000, plots=not args.no_plots,
         profile=not args.no_profile, save_baseline=args.save_baseline,
@@ -135,6 +155,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 STEP_NAMES = (
     "raw_copy", "in_process_ingest", "empty_task", "naive", "notify", "notify_threads",
     "buffered", "notify_many", "critical_under_backlog",
+    "api_single", "api_lists", "sse_fanout",
     "aggregation_efficiency", "flush_latency",
     "email_naive", "email_reused", "email_pooled", "webhook_naive", "webhook_pooled",
     "email_failover", "hosts",
@@ -144,6 +165,7 @@ STEP_NAMES = (
 def plan(config: BenchConfig) -> dict[str, Step]:
     """The scenarios in the order they run (cheapest and worker-less first)."""
     from bench import aggregation as a
+    from bench import api
     from bench import delivery as d
     from bench import failover as f
     from bench import hosts as h
@@ -176,6 +198,11 @@ def plan(config: BenchConfig) -> dict[str, Step]:
         "notify_many": pipeline("notify_many", "notify_many(), 500 per message",
                                 s.send_many, config.count),
         "critical_under_backlog": with_worker(OURS, s.critical_under_backlog),
+        # The HTTP API: a real `notifier api` beside the worker, driven from a process
+        # of its own (bench.api).
+        "api_single": with_worker(OURS, api.api_single),
+        "api_lists": with_worker(OURS, api.api_lists),
+        "sse_fanout": with_worker(OURS, api.sse_fanout),
         # Aggregation: a simulated clock first (no worker), then a real worker and beat.
         "aggregation_efficiency": lambda b: a.aggregation_efficiency(
             b, config.aggregation_recipients, config.aggregation_hours),

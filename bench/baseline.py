@@ -101,6 +101,15 @@ def _latency_figures(name: str, scenario: dict[str, Any], add: Any) -> None:
         for case, figures in extra.get("extra_ms", {}).items():
             add(f"{name}.{case}_extra_p99", f"failover ({case}): extra per attempt p99", "ms",
                 LOWER, figures.get("p99"))
+    if name in ("api_single", "api_lists"):
+        add(f"{name}.requests_per_s", f"{scenario['label']}: requests/s", "/s", HIGHER,
+            extra.get("requests_per_s"))
+        add(f"{name}.p99", f"{scenario['label']}: request p99", "ms", LOWER,
+            extra.get("request_latency_ms", {}).get("p99"))
+    if name == "sse_fanout":
+        for case in ("many_recipients", "one_recipient"):
+            add(f"{name}.{case}_p99", f"SSE fan-out p99, {case.replace('_', ' ')}", "ms",
+                LOWER, extra.get(case, {}).get("latency_ms", {}).get("p99"))
     if name == "aggregation_efficiency":
         add(f"{name}.saved", "aggregation: messages saved", "%", HIGHER,
             extra.get("messages_saved"))

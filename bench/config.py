@@ -75,6 +75,19 @@ class BenchConfig:
     #: Seconds between beat's flushes (``NOTIFIER_FLUSH_INTERVAL``); 0: the notifier's
     #: setting (1 s by default).
     flush_interval: float = 0.0
+    #: Processes of the ``notifier api`` the HTTP scenarios start (``NOTIFIER_API_WORKERS``).
+    api_workers: int = 1
+    #: Keep-alive connections of the HTTP load generator (each one request at a time).
+    api_connections: int = 8
+    #: Requests of ``api_single`` (one notification each); ``api_lists`` sends ``count``
+    #: notifications in lists of ``api_list_size``.
+    api_requests: int = 20_000
+    api_list_size: int = 100
+    #: Live inbox streams ``sse_fanout`` holds open on one API process.
+    sse_streams: int = 1000
+    #: Messages sent to the one recipient of ``sse_fanout``'s second case (each one
+    #: fanned out to every stream).
+    sse_one_recipient_messages: int = 3
     #: Seconds between two ``SELECT count(*)`` polls while waiting for rows.
     poll_interval: float = 0.05
     #: Seconds between two samples of the items done, for the throughput-over-time plot.

@@ -4,7 +4,9 @@ On a 2-core machine the serial bottleneck shows up as the one party that uses cl
 a whole core (1.0 "cores" over the scenario) while the others wait: the producer, the
 worker's consumer process (broker I/O, batching, acks), its pool processes (validation,
 COPY), Postgres or Redis. Postgres counts every backend on the machine, so other work
-on the server inflates it.
+on the server inflates it. The HTTP API's scenarios name two more parties by their root
+process (``roots``): the ``api`` (``notifier api`` and its uvicorn workers) and the
+``loadgen`` (the HTTP load generator or the SSE client, ``bench.http_load``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK")
-PARTIES = ("producer", "consumer", "pool", "postgres", "redis")
+PARTIES = ("producer", "consumer", "pool", "postgres", "redis", "api", "loadgen")
 
 
 def proc_stat(pid: int) -> tuple[int, int, float] | None:
@@ -43,9 +45,13 @@ def _comm(pid: int) -> str:
 Snapshot = dict[int, tuple[str, float]]
 
 
-def snapshot(worker_pid: int | None, redis_port: int = 6379) -> Snapshot:
-    """CPU seconds so far of every process of a party (the producer is this process)."""
+def snapshot(
+    worker_pid: int | None, redis_port: int = 6379, roots: dict[int, str] | None = None,
+) -> Snapshot:
+    """CPU seconds so far of every process of a party (the producer is this process);
+    ``roots``: more parties, each a process and its children, by the process's pid."""
     found: Snapshot = {}
+    roots = roots or {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -54,7 +60,8 @@ def snapshot(worker_pid: int | None, redis_port: int = 6379) -> Snapshot:
         if stat is None:
             continue
         parent, _, seconds = stat
-        party = _party(pid, parent, worker_pid, redis_port)
+        party = roots.get(pid) or roots.get(parent) or _party(
+            pid, parent, worker_pid, redis_port)
         if party:
             found[pid] = (party, seconds)
     return found

@@ -36,9 +36,11 @@ STYLES = {
     "email_pooled": ("e-mail: pooled worker", "tab:green", "-"),
     "webhook_naive": ("webhook: httpx.post each", "dimgrey", "--"),
     "webhook_pooled": ("webhook: pooled worker", "tab:brown", "--"),
+    "api_single": ("HTTP API, 1 per request", "tab:pink", "-."),
+    "api_lists": ("HTTP API, lists", "tab:gray", "-."),
 }
 INGEST = ("naive", "empty_task", "notify", "notify_threads", "buffered", "notify_many",
-          "critical_under_backlog")
+          "critical_under_backlog", "api_single", "api_lists")
 DELIVERY = ("email_naive", "email_reused", "email_pooled", "webhook_naive", "webhook_pooled")
 #: Latency kinds: (scenario, sample kind, legend, colour, aim in ms or None).
 LATENCIES = (
@@ -51,6 +53,12 @@ LATENCIES = (
     ("email_pooled", "publish_to_sent", "e-mail pooled, publish -> sent", "tab:green", None),
     ("webhook_pooled", "publish_to_sent", "webhook pooled, publish -> sent", "tab:brown",
      None),
+    ("api_single", "request", "HTTP API single send, request -> answer", "tab:pink", None),
+    ("api_lists", "request", "HTTP API list, request -> answer", "tab:gray", None),
+    ("sse_fanout", "sse_many_recipients", "SSE, 1 stream per recipient: row -> event",
+     "tab:cyan", None),
+    ("sse_fanout", "sse_one_recipient", "SSE, every stream on 1 recipient: row -> event",
+     "tab:olive", None),
 )
 FILES = ("throughput", "latency", "aggregation")
 

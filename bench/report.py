@@ -19,6 +19,7 @@ from typing import Any
 
 from bench import baseline as baseline_module
 from bench import profile as profile_module
+from bench.api import FANOUT_AIM_MS
 from bench.config import CONCURRENCY, RESULTS_DIR, BenchConfig
 from bench.cpu import PARTIES
 from bench.scenarios import Outcome
@@ -36,6 +37,11 @@ AIM_MESSAGES_SAVED = 0.60
 AIM_FLUSH_P99_MS = 500.0
 #: Issue 15: a failover adds at most the connect timeout plus this to an attempt.
 AIM_FAILOVER_EXTRA_MS = 50.0
+#: Issue 14's HTTP API: single sends per second and their p99, over keep-alive on this
+#: 2-core machine; lists at least at the bulk ingest rate (``notify_many``, same run);
+#: every live inbox stream gets a new message within FANOUT_AIM_MS.
+AIM_API_SINGLE_RATE = 2000.0
+AIM_API_SINGLE_P99_MS = 20.0
 #: Each target by the scenario whose figure it reads (the report lists the ones a run
 #: did not measure, so a partial run cannot look like a met target).
 TARGETS = {
@@ -46,9 +52,17 @@ TARGETS = {
     "flush_latency": f"flush p99 <= {AIM_FLUSH_P99_MS:.0f} ms",
     "email_pooled": f">= {AIM_POOLED_EMAIL_VS_NAIVE:g}x naive e-mail",
     "email_failover": f"failover extra p99 <= connect timeout + {AIM_FAILOVER_EXTRA_MS:g} ms",
+    "api_single": f">= {AIM_API_SINGLE_RATE:,.0f} single sends/s, p99 <="
+                  f" {AIM_API_SINGLE_P99_MS:g} ms",
+    "api_lists": "lists end to end >= notify_many()'s rate",
+    "sse_fanout": f"every stream gets each message within {FANOUT_AIM_MS / 1000:g} s",
 }
 #: Scenarios whose CPU profile the report shows (``bench.profile``).
-PROFILED = ("in_process_ingest", "email_pooled", "webhook_pooled")
+PROFILED = ("in_process_ingest", "email_pooled", "webhook_pooled", "api_single", "api_lists",
+            "sse_fanout")
+#: The HTTP API's send scenarios (``bench.api``), each with what it is compared with.
+API_SENDS = {"api_single": "notify", "api_lists": "notify_many"}
+SSE_CASES = ("many_recipients", "one_recipient")
 
 BULK = ("buffered", "notify_many")
 UNBUFFERED = ("notify", "notify_threads")
@@ -146,6 +160,7 @@ def aims(outcomes: dict[str, Outcome]) -> dict[str, dict[str, Any]]:
             "aim": f">= {AIM_MESSAGES_SAVED:.0%} fewer messages than naive",
             "value": saved, "met": saved >= AIM_MESSAGES_SAVED,
         }
+    results.update(api_aims(outcomes))
     flush = outcomes.get("flush_latency")
     if flush:
         p99 = flush.extra["flush_latency_ms"]["p99"]
@@ -155,6 +170,42 @@ def aims(outcomes: dict[str, Outcome]) -> dict[str, dict[str, Any]]:
                                  and flush.extra.get("windows_left", 0) == 0,
         }
     return results
+
+
+def api_aims(outcomes: dict[str, Outcome]) -> dict[str, dict[str, Any]]:
+    """Issue 14's aims for the HTTP API, from the scenarios of ``bench.api``."""
+    results: dict[str, dict[str, Any]] = {}
+    single = outcomes.get("api_single")
+    if single:
+        rate = single.extra["requests_per_s"]
+        p99 = single.extra["request_latency_ms"]["p99"]
+        results["api_single"] = {
+            "aim": TARGETS["api_single"], "value": rate, "p99_ms": p99,
+            "met": (single.complete and _all_accepted(single) and p99 is not None
+                    and rate >= AIM_API_SINGLE_RATE and p99 <= AIM_API_SINGLE_P99_MS)}
+    lists, bulk = outcomes.get("api_lists"), outcomes.get("notify_many")
+    if lists and bulk and bulk.rate:
+        ratio = round(lists.rate / bulk.rate, 2)
+        results["api_lists"] = {"aim": TARGETS["api_lists"], "value": ratio,
+                                "met": lists.complete and _all_accepted(lists) and ratio >= 1}
+    fanout = outcomes.get("sse_fanout")
+    if fanout:
+        cases = [fanout.extra[name] for name in SSE_CASES]
+        expected = sum(case["expected"] for case in cases)
+        within = sum(case["within_1s"] for case in cases)
+        share = round(within / expected, 4) if expected else 0.0
+        results["sse_fanout"] = {
+            "aim": f"{TARGETS['sse_fanout']} ({fanout.extra['streams']:,} streams)",
+            "value": share,
+            "met": bool(expected) and within == expected
+                   and all(case["open"] == case["streams"] for case in cases)}
+    return results
+
+
+def _all_accepted(outcome: Outcome) -> bool:
+    """Every request of an API scenario was answered, and answered 202."""
+    extra = outcome.extra
+    return not extra["errors"] and extra["statuses"] == {"202": extra["requests"]}
 
 
 def _promise_text(outcome: Outcome) -> str:
@@ -219,6 +270,8 @@ def print_report(
     _print_aggregation(outcomes, reached)
     _print_delivery(outcomes, reached)
     _print_failover(outcomes, reached)
+    for line in api_lines(outcomes, reached):
+        print(line)
     _print_cpu(outcomes)
     _print_profiles(outcomes)
 
@@ -548,6 +601,7 @@ def write_markdown(
     lines += _markdown_aggregation(outcomes)
     lines += _markdown_delivery(outcomes)
     lines += _markdown_failover(outcomes)
+    lines += markdown_api(outcomes, reached)
     lines += _markdown_cpu(outcomes)
     lines += markdown_profiles(doc, baseline)
     if plots or plot_note:
@@ -596,6 +650,12 @@ def _aim_value(name: str, aim: dict[str, Any]) -> str:
         return "-"
     if name == "in_process_ingest":
         return f"{value:,.0f}/s"
+    if name == "api_single":
+        return f"{value:,.0f}/s, p99 {_num(aim.get('p99_ms'))} ms"
+    if name == "api_lists":
+        return f"{value:g}x notify_many()"
+    if name == "sse_fanout":
+        return f"{value:.1%} within {FANOUT_AIM_MS / 1000:g} s"
     if name in UNBUFFERED or name == "aggregation_efficiency":
         return f"{value:.1%}"
     if "ms" in aim["aim"]:
@@ -762,4 +822,131 @@ def _markdown_delivery(outcomes: dict[str, Outcome]) -> list[str]:
                       f" published at once, so mostly the wait in the queue): p50"
                       f" {_num(figures['p50'])} ms, p99 {_num(figures['p99'])} ms, max"
                       f" {_num(figures['max'])} ms (n={figures['count']:,})."]
+    return lines
+
+
+# -- the HTTP API (issue 14, bench.api) ----------------------------------------------------
+
+
+def _cores_text(cores: dict[str, float]) -> str:
+    worker = cores.get("consumer", 0) + cores.get("pool", 0)
+    return (f"api {cores.get('api', 0):.2f}, load generator {cores.get('loadgen', 0):.2f},"
+            f" worker {worker:.2f}, Postgres {cores.get('postgres', 0):.2f}, Redis"
+            f" {cores.get('redis', 0):.2f}")
+
+
+def api_cpu_ms_per_request(outcome: Outcome) -> float | None:
+    """CPU the API's processes spent per request while the load ran, in ms."""
+    extra = outcome.extra
+    if not extra.get("answered"):
+        return None
+    cores = float(extra["send_cores"].get("api", 0))
+    return round(cores * outcome.send_seconds / int(extra["answered"]) * 1000, 2)
+
+
+def comparison_text(outcomes: dict[str, Outcome], name: str) -> str:
+    """The API scenario's end-to-end rate against its producer twin of the same run."""
+    outcome, twin = outcomes[name], outcomes.get(API_SENDS[name])
+    if twin is None or not twin.rate:
+        return (f"{name}: {outcome.rate:,.0f}/s end to end; {API_SENDS[name]} did not run"
+                " (add it to --only to compare)")
+    return (f"{name}: {outcome.rate:,.0f}/s end to end against {twin.label}"
+            f" {twin.rate:,.0f}/s in the same run ({outcome.rate / twin.rate:.2f}x); while"
+            f" sending {outcome.extra['notifications_per_s_http']:,.0f} notifications/s"
+            f" over HTTP against {twin.committed / twin.send_seconds:,.0f}/s handed to the"
+            " broker by the producer")
+
+
+def api_lines(outcomes: dict[str, Outcome], reached: dict[str, Any]) -> list[str]:
+    """The HTTP API's figures as the printed report shows them."""
+    lines: list[str] = []
+    sends = [name for name in API_SENDS if name in outcomes]
+    if sends:
+        lines += ["", "HTTP API: POST /v1/notifications over keep-alive (a real notifier api,"
+                      " a real worker; the load generator in a process of its own)"]
+    for name in sends:
+        o, extra = outcomes[name], outcomes[name].extra
+        lat = extra["request_latency_ms"]
+        lines += [
+            f"  {_label(o)}",
+            f"    {extra['answered']:,} of {extra['requests']:,} requests"
+            f" ({', '.join(f'{k}: {v:,}' for k, v in extra['statuses'].items())}) in"
+            f" {o.send_seconds:.2f} s: {extra['requests_per_s']:,.0f} requests/s,"
+            f" {extra['notifications_per_s_http']:,.0f} notifications/s; latency ms p50"
+            f" {_num(lat['p50'])} p99 {_num(lat['p99'])} max {_num(lat['max'])};"
+            f" API CPU {_num(api_cpu_ms_per_request(o))} ms/request",
+            f"    end to end (first request -> last row committed): {o.rate:,.0f}/s;"
+            f" cores while sending: {_cores_text(extra['send_cores'])}",
+            f"    {comparison_text(outcomes, name)}",
+        ]
+        if extra["errors"] or extra["sample_error"]:
+            lines.append(f"    errors: {extra['errors'][:2]} {extra['sample_error'][:200]}")
+        if name in reached:
+            lines.append(f"    aim: {reached[name]['aim']}: {_aim_value(name, reached[name])}"
+                         f" ({'met' if reached[name]['met'] else 'NOT met'})")
+    fanout = outcomes.get("sse_fanout")
+    if fanout:
+        lines += ["", f"Live inbox: {fanout.extra['streams']:,} SSE streams on one API process;"
+                      " row stamped (in the delivery's transaction) -> event read"]
+        for name in SSE_CASES:
+            case = fanout.extra[name]
+            lat, sent = case["latency_ms"], case["send_to_event_ms"]
+            lines.append(
+                f"  {case['case']}: {case['open']:,} open, {case['messages']:,} message(s),"
+                f" {case['received']:,} of {case['expected']:,} events"
+                f" ({case['within_1s']:,} within {FANOUT_AIM_MS / 1000:g} s); ms p50"
+                f" {_num(lat['p50'])} p99 {_num(lat['p99'])} max {_num(lat['max'])};"
+                f" notify_many -> event p99 {_num(sent['p99'])}; API RSS"
+                f" {case['api_rss_mib']:g} MiB; cores {_cores_text(case['cores'])}")
+            trouble = case["open_errors"] + case["broken"] + case["ended"]
+            if trouble:
+                lines.append(f"    trouble: {trouble[:3]}")
+        if "sse_fanout" in reached:
+            aim = reached["sse_fanout"]
+            lines.append(f"  aim: {aim['aim']}: {_aim_value('sse_fanout', aim)}"
+                         f" ({'met' if aim['met'] else 'NOT met'})")
+    return lines
+
+
+def markdown_api(outcomes: dict[str, Outcome], reached: dict[str, Any]) -> list[str]:
+    """The HTTP API's tables in the report."""
+    lines: list[str] = []
+    sends = [name for name in API_SENDS if name in outcomes]
+    if sends:
+        lines += ["", "## HTTP API: sends over keep-alive", "",
+                  "A real `notifier api` and a real worker; the load generator"
+                  " (`bench.http_load`) in a process of its own, each connection one request"
+                  " at a time. Latency: request written -> answer read. End to end: first"
+                  " request -> last row committed.", "",
+                  "| scenario | requests | requests / s | notifications / s (HTTP) | p50 ms |"
+                  " p99 ms | max ms | end to end / s | API CPU ms / request |"
+                  " cores while sending |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for name in sends:
+            o, extra = outcomes[name], outcomes[name].extra
+            lat = extra["request_latency_ms"]
+            lines.append(
+                f"| {_label(o)} | {extra['answered']:,} | {extra['requests_per_s']:,.0f} |"
+                f" {extra['notifications_per_s_http']:,.0f} | {_num(lat['p50'])} |"
+                f" {_num(lat['p99'])} | {_num(lat['max'])} | {o.rate:,.0f} |"
+                f" {_num(api_cpu_ms_per_request(o))} | {_cores_text(extra['send_cores'])} |")
+        lines += [""] + [f"- {comparison_text(outcomes, name)}." for name in sends]
+    fanout = outcomes.get("sse_fanout")
+    if fanout:
+        lines += ["", f"## Live inbox: {fanout.extra['streams']:,} SSE streams on one API"
+                      " process", "",
+                  "New in-app messages through the whole pipeline (`notify_many`, a real"
+                  " worker, the in-app channel's `pg_notify`, the API's feed); latency: the"
+                  " row's `created_at` (stamped in the delivery's transaction) -> the event"
+                  " read by the client (`bench.sse_client`).", "",
+                  "| case | streams open | messages | events / expected | within 1 s |"
+                  " p50 ms | p99 ms | max ms | notify_many -> event p99 ms | API RSS MiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name in SSE_CASES:
+            case = fanout.extra[name]
+            lat = case["latency_ms"]
+            lines.append(
+                f"| {case['case']} | {case['open']:,} | {case['messages']:,} |"
+                f" {case['received']:,} / {case['expected']:,} | {case['within_1s']:,} |"
+                f" {_num(lat['p50'])} | {_num(lat['p99'])} | {_num(lat['max'])} |"
+                f" {_num(case['send_to_event_ms']['p99'])} | {case['api_rss_mib']:g} |")
     return lines

@@ -152,7 +152,7 @@ BROKER_MODULES = frozenset({
     "tests/ops/test_metrics.py", "tests/pipeline/test_claim_recovery.py",
     "tests/pipeline/test_delivery_bulk.py",
     "tests/pipeline/test_delivery_recovery.py", "tests/pipeline/test_flush_worker.py",
-    "tests/storage/test_pgbouncer.py",
+    "tests/storage/test_pgbouncer.py", "tests/test_bench_api.py",
     "tests/test_broker_topology.py", "tests/test_chaos.py", "tests/test_client.py",
     "tests/test_client_confirming.py", "tests/test_logs.py",
     "tests/worker/test_batch_sizing.py", "tests/worker/test_clocks.py",
