@@ -6,6 +6,8 @@ operators find them in one place and modules never grow constants of their own.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
@@ -453,6 +455,29 @@ class Settings(BaseSettings):
     shared by every API process); a key's own limit (``notifier api-keys create
     --rate-limit``) overrides it; 0: unlimited. Past it: 429 with ``Retry-After``."""
 
+    # --- Receipts and suppressions (``docs/receipts.md``) ----------------------------
+    events_public_url: str | None = None
+    """The API's address as providers call it (``https://notifier.example.com``, no
+    path), which differs from its own behind a proxy: Twilio signs the whole URL it
+    calls, so ``X-Twilio-Signature`` is checked over this plus the request's path and
+    query. Set, the SMS channel asks Twilio for a status callback on every message
+    (``StatusCallback``: this, ``/v1/events/twilio`` and the delivery id); unset, it
+    asks for none and ``POST /v1/events/twilio`` refuses everything."""
+    mailgun_webhook_signing_key: SecretStr | None = None
+    """Mailgun's HTTP webhook signing key (its control panel, Webhooks): each event's
+    ``signature`` is an HMAC-SHA256 of its timestamp and token with it. Unset:
+    ``POST /v1/events/mailgun`` refuses everything."""
+    events_max_age: float = Field(300.0, gt=0, le=86400)
+    """Seconds a signed provider event's timestamp may be off from now (older, or ahead)
+    before it is refused as stale; its token is remembered as long (in the state
+    Redis), so a replay within it is refused too."""
+    suppression_soft_bounces: int = Field(3, ge=1, le=1000)
+    """Soft bounces (temporary failures) of one address on one channel, each from a
+    different delivery, within ``suppression_soft_bounce_window`` that suppress it (a
+    hard bounce or a complaint suppresses at once)."""
+    suppression_soft_bounce_window: float = Field(7.0, gt=0, le=365)
+    """Days over which soft bounces count towards ``suppression_soft_bounces``."""
+
     # --- RabbitMQ broker (``notifier/broker_topology.py``) ---------------------------
     broker_queue_type: Literal["quorum", "classic"] = "quorum"
     """On RabbitMQ: ``quorum`` queues (replicated, on disk before a publish is confirmed,
@@ -751,6 +776,15 @@ def mask_url(url: str) -> str:
     if url.startswith("sentinel:") and ";" in url:
         return ";".join(mask_secrets(part) for part in url.split(";"))
     return mask_secrets(url)
+
+
+def metrics_directory(settings: Settings) -> str:
+    """Where this host's processes keep their Prometheus values (multiprocess mode):
+    ``NOTIFIER_METRICS_DIR``, else prometheus-client's own variable, else /tmp's. The
+    workers and the API write there; ``notifier metrics`` adds them up."""
+    return settings.metrics_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.path.join(
+        tempfile.gettempdir(), f"notifier-metrics-{os.getuid()}"
+    )
 
 
 def load_settings() -> Settings:

@@ -134,7 +134,8 @@ def clean_state(database: str, broker: TestBroker) -> Iterator[None]:
     with session_scope() as session:
         session.connection().exec_driver_sql(
             "TRUNCATE notifications, deliveries, digests, dead_letters, idempotency_keys,"
-            " recipients, inbox_messages, aggregation_windows, api_keys CASCADE"
+            " recipients, inbox_messages, aggregation_windows, api_keys, suppressions,"
+            " soft_bounces CASCADE"
         )
     broker.empty_queues()
     state = redis.Redis.from_url(STATE_REDIS_URL)

@@ -14,7 +14,14 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from notifier.api import dead_letters, errors, notifications, preferences
+from notifier.api import (
+    dead_letters,
+    errors,
+    events,
+    notifications,
+    preferences,
+    suppressions,
+)
 from notifier.logs import configure
 from notifier.schemas import NotificationIn
 from notifier.settings import get_settings
@@ -30,11 +37,12 @@ def create_app() -> FastAPI:
     app = FastAPI(
         title="notifier", version=API_VERSION,
         description="Send notifications, follow and cancel them, edit recipients'"
-                    " preferences, list dead letters (docs/api.md).",
+                    " preferences, list dead letters, take providers' receipts, manage"
+                    " the suppression list (docs/api.md).",
         docs_url=None, redoc_url=None,
     )
     errors.install(app)
-    for area in (notifications, preferences, dead_letters):
+    for area in (notifications, preferences, dead_letters, events, suppressions):
         app.include_router(area.router)
     app.add_api_route("/v1/health", health, methods=["GET"], tags=["health"],
                       summary="The API process answers (no key needed)")
@@ -58,7 +66,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, description=app.description,
                          routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (NotificationIn, preferences.PreferencesChange):
+    for model in (NotificationIn, preferences.PreferencesChange, events.EventIn,
+                  suppressions.SuppressionIn):
         found = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(found.pop("$defs", {}))
         components[model.__name__] = found
