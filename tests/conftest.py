@@ -151,7 +151,7 @@ def clean_state(database: str, broker: TestBroker) -> Iterator[None]:
 BROKER_MODULES = frozenset({
     "tests/ops/test_cli.py", "tests/ops/test_flower.py", "tests/ops/test_health.py",
     "tests/ops/test_metrics.py", "tests/pipeline/test_claim_recovery.py",
-    "tests/pipeline/test_delivery_bulk.py",
+    "tests/pipeline/test_delivery_bulk.py", "tests/pipeline/test_suppressions.py",
     "tests/pipeline/test_delivery_recovery.py", "tests/pipeline/test_flush_worker.py",
     "tests/storage/test_pgbouncer.py",
     "tests/test_broker_topology.py", "tests/test_chaos.py", "tests/test_client.py",

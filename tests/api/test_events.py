@@ -106,7 +106,8 @@ def sent_delivery(channel: str = "email", email: str | None = "Alice@Example.COM
                              " ON CONFLICT DO NOTHING"), {"r": recipient, "e": email, "p": phone})
         session.execute(text(
             "INSERT INTO notifications (id, recipient_id, type, priority, title, status)"
-            " VALUES (:n, :r, 'alert', 'normal', 'hello', 'delivered')"), {"n": note, "r": recipient})
+            " VALUES (:n, :r, 'alert', 'normal', 'hello', 'delivered')"),
+            {"n": note, "r": recipient})
         session.execute(text(
             "INSERT INTO deliveries (id, notification_id, recipient_id, channel, priority,"
             " status, attempts, sent_at) VALUES (:d, :n, :r, :c, 'normal', :s, 1, now())"),
