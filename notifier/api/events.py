@@ -8,8 +8,9 @@
 * ``POST /v1/events/twilio``: Twilio's status callbacks, signed by Twilio.
 * ``POST /v1/events/mailgun``: Mailgun's webhooks, signed by Mailgun.
 
-The two providers' routes take no API key (a provider cannot send one): their
-signature is the authentication (``notifier.api.providers``). Every event ends in
+The two providers' routes answer 404 until their settings are there, and take no API
+key (a provider cannot send one): their signature is the authentication
+(``notifier.api.providers``). Every event ends in
 ``notifier.pipeline.receipts.apply_receipt``; every refusal is counted
 (``notifier_receipts_refused_total``) and answered with one line naming the problem.
 Mailgun retries any answer but 200 and 406 for hours, so an event it should not send
@@ -22,9 +23,9 @@ import logging
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qs, parse_qsl
+from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
@@ -54,6 +55,19 @@ router = APIRouter(prefix="/v1/events", tags=["events"])
 MAX_EVENT_BYTES = 64 * 1024
 
 
+#: Mailgun's webhook body as far as we read it (its other fields pass untouched).
+_MAILGUN_BODY: dict[str, Any] = {
+    "type": "object", "required": ["signature", "event-data"],
+    "properties": {
+        "signature": {"type": "object", "required": ["timestamp", "token", "signature"],
+                      "properties": {name: {"type": "string"}
+                                     for name in ("timestamp", "token", "signature")}},
+        "event-data": {"type": "object", "required": ["event"],
+                       "properties": {"event": {"type": "string"}}},
+    },
+}
+
+
 class EventIn(BaseModel):
     """One provider event in our own words."""
 
@@ -81,38 +95,49 @@ class EventOut(BaseModel):
 
 
 @router.post(
-    "/twilio", response_model=EventOut, summary="Twilio's status callbacks (signed)",
+    "/twilio", response_model=EventOut,
+    summary="Twilio's status callbacks (signed; 404 until configured)",
     responses=responses(401, 404, 409, 413, 422, 503),
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/x-www-form-urlencoded": {"schema": {"type": "object", "properties": {
+            name: {"type": "string"} for name in (
+                "MessageSid", "MessageStatus", "ErrorCode", "To", "From", "AccountSid")}}}}}},
 )
-async def twilio(request: Request) -> EventOut:
+async def twilio(
+    request: Request,
+    delivery_id: Annotated[str | None, Query(
+        max_length=40, description="Ours, in the StatusCallback URL Twilio signs")] = None,
+) -> EventOut:
     settings = get_settings()
     public, token = settings.events_public_url, _twilio_token()
     if not public or not token:
         raise _refused("twilio", Refused(
-            503, "not configured", "Twilio events need NOTIFIER_EVENTS_PUBLIC_URL and"
+            404, "not configured", "Twilio events need NOTIFIER_EVENTS_PUBLIC_URL and"
             " NOTIFIER_CHANNELS__SMS set"))
     body = await _read_form(request)
     url = public.rstrip("/") + request.url.path
     if request.url.query:
         url += "?" + request.url.query
-    delivery_ids = parse_qs(request.url.query).get("delivery_id", [None])
     try:
         check_twilio(token, url, body, request.headers.get("x-twilio-signature"))
-        event = twilio_event(delivery_ids[0], dict(body))
+        event = twilio_event(delivery_id, dict(body))
     except Refused as refused:
         raise _refused("twilio", refused) from None
     return await run_in_threadpool(_apply, "sms", "twilio", event)
 
 
 @router.post(
-    "/mailgun", response_model=EventOut, summary="Mailgun's webhooks (signed)",
-    responses=responses(401, 406, 409, 413, 422, 503),
+    "/mailgun", response_model=EventOut,
+    summary="Mailgun's webhooks (signed; 404 until configured)",
+    responses=responses(400, 401, 404, 406, 409, 413, 422, 503),
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": _MAILGUN_BODY}}}},
 )
 async def mailgun(request: Request) -> EventOut:
     key = get_settings().mailgun_webhook_signing_key
     if key is None:
         raise _refused("mailgun", Refused(
-            503, "not configured", "Mailgun events need NOTIFIER_MAILGUN_WEBHOOK_SIGNING_KEY"))
+            404, "not configured", "Mailgun events need NOTIFIER_MAILGUN_WEBHOOK_SIGNING_KEY"))
     body = await read_json(request, MAX_EVENT_BYTES)
     try:
         token = check_mailgun(body, key.get_secret_value(), get_settings().events_max_age)

@@ -48,6 +48,12 @@ class SuppressionView(BaseModel):
     created_at: datetime
 
 
+class SuppressionAdded(BaseModel):
+    channel: str
+    #: False: the address was suppressed already (its first reason stays).
+    added: bool
+
+
 class SuppressionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -80,8 +86,10 @@ def list_suppressions(
 
 
 @router.post(
-    "", status_code=201, summary="Suppress an address on a channel (200 if it already was)",
-    responses=responses(400, 401, 403, 413, 422, 429, 503),
+    "", status_code=201, response_model=SuppressionAdded,
+    summary="Suppress an address on a channel (200 if it already was)",
+    responses={200: {"model": SuppressionAdded, "description": "Already suppressed"},
+               **responses(400, 401, 403, 413, 422, 429, 503)},
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/SuppressionIn"}}}}},
 )

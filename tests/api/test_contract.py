@@ -28,7 +28,9 @@ OPERATIONS = ["GET /v1/notifications/{notification_id}", "POST /v1/notifications
               "POST /v1/notifications/{notification_id}/cancel",
               "GET /v1/recipients/{recipient_id}/preferences",
               "PUT /v1/recipients/{recipient_id}/preferences", "GET /v1/dead-letters",
-              "GET /v1/health"]
+              "GET /v1/health", "POST /v1/events/{channel}", "POST /v1/events/twilio",
+              "POST /v1/events/mailgun", "GET /v1/suppressions", "POST /v1/suppressions",
+              "DELETE /v1/suppressions"]
 
 
 @pytest.fixture(scope="module")
