@@ -462,11 +462,11 @@ class Settings(BaseSettings):
     calls, so ``X-Twilio-Signature`` is checked over this plus the request's path and
     query. Set, the SMS channel asks Twilio for a status callback on every message
     (``StatusCallback``: this, ``/v1/events/twilio`` and the delivery id); unset, it
-    asks for none and ``POST /v1/events/twilio`` refuses everything."""
+    asks for none and ``POST /v1/events/twilio`` answers 404."""
     mailgun_webhook_signing_key: SecretStr | None = None
     """Mailgun's HTTP webhook signing key (its control panel, Webhooks): each event's
     ``signature`` is an HMAC-SHA256 of its timestamp and token with it. Unset:
-    ``POST /v1/events/mailgun`` refuses everything."""
+    ``POST /v1/events/mailgun`` answers 404."""
     events_max_age: float = Field(300.0, gt=0, le=86400)
     """Seconds a signed provider event's timestamp may be off from now (older, or ahead)
     before it is refused as stale; its token is remembered as long (in the state
@@ -514,6 +514,16 @@ class Settings(BaseSettings):
     @classmethod
     def _listen_url_is_postgres(cls, url: str | None) -> str | None:
         return None if url is None else cls._database_url_is_postgres(url)
+
+    @field_validator("events_public_url")
+    @classmethod
+    def _public_url_is_a_base(cls, url: str | None) -> str | None:
+        if url is None or not url.strip():
+            return None
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise ValueError("expected the API's public base URL, https://host[:port][/path]")
+        return url.strip().rstrip("/")
 
     @field_validator("api_token_secret", "api_token_previous_secret")
     @classmethod
