@@ -49,6 +49,9 @@ class DeliveryView(BaseModel):
     last_error: str | None
     next_attempt_at: datetime | None
     sent_at: datetime | None
+    #: What the provider's last receipt said, and when (docs/receipts.md).
+    provider_detail: str | None = None
+    provider_status_at: datetime | None = None
     #: Set when this is the delivery of the digest the notification was folded into.
     digest_id: uuid.UUID | None
     updated_at: datetime

@@ -396,3 +396,19 @@ def _metrics() -> str:
 
     body, _ = metrics.exposition()
     return body.decode()
+
+
+def test_the_notification_shows_what_the_provider_said(
+    relay: httpx.Client, events_server: ApiServer, make_key: Callable[..., str],
+) -> None:
+    delivery = sent_delivery(email="frank@example.com")
+    relay.post("/v1/events/email", json=event(delivery, "bounced", permanent=True,
+                                              detail="550 5.1.1 no such user"))
+    with session_scope() as session:
+        note = session.execute(text("SELECT notification_id FROM deliveries WHERE id = :d"),
+                               {"d": delivery}).scalar_one()
+    shown = httpx.get(f"{events_server.url}/v1/notifications/{note}",
+                      headers={"Authorization": f"Bearer {make_key('read')}"}).json()
+    [seen] = shown["deliveries"]
+    assert (seen["status"], seen["provider_detail"]) == ("bounced", "550 5.1.1 no such user")
+    assert seen["provider_status_at"] is not None
