@@ -2,9 +2,10 @@
 
 The life of a delivery row (``deliveries.status``)::
 
-    pending ──queue──▶ queued ──claim──▶ sending ──▶ sent
+    pending ──queue──▶ queued ──claim──▶ sending ──▶ sent ··(receipts)··▶ delivered, ...
                          ▲                  ├──▶ retrying ──(countdown or sweep)──▶ queued
-           sweep: lost ──┘                  └──▶ dead (+ a dead_letters row)
+           sweep: lost ──┘                  ├──▶ dead (+ a dead_letters row)
+                                            └──▶ suppressed (address suppressed, untried)
 
 Postgres is the record: a task only carries ids. Claiming is one ``UPDATE … FOR UPDATE
 SKIP LOCKED`` that only takes rows that are due, so a task published twice (the sweeper
