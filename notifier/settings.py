@@ -180,9 +180,10 @@ class Settings(BaseSettings):
     notifications or deliveries), so deliveries <= notifications <= digests must hold
     (0 counts as forever; checked at start)."""
     retention_deliveries_days: float = Field(30, ge=0)
-    """Days a delivery is kept once finished (sent or past it, dead, cancelled, suppressed) (from its last change), and
-    only when no delivery of the same notification or digest is still on its way; 0
-    keeps it forever. At most ``retention_notifications_days``."""
+    """Days a delivery is kept once finished (sent or past it, dead, cancelled,
+    suppressed; from its last change), and only when no delivery of the same
+    notification or digest is still on its way; 0 keeps it forever. At most
+    ``retention_notifications_days``."""
     retention_digests_days: float = Field(30, ge=0)
     """Days a digest is kept from its creation, once it has no delivery and no member
     notification left; 0 keeps it forever. At least ``retention_notifications_days``."""
