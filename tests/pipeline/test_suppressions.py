@@ -151,3 +151,26 @@ def _scrape_deliveries() -> str:
     body, _ = metrics.exposition()
     return "\n".join(line for line in body.decode().splitlines()
                      if line.startswith("notifier_deliveries_total"))
+
+
+def test_a_notification_with_a_delivery_past_sent_or_suppressed_cannot_be_cancelled() -> None:
+    """Cancelling is too late once something of it went out, whatever the provider said
+    after (or once the list stopped it): the other channel's queued delivery stays."""
+    from notifier.pipeline.cancel import cancel_by
+
+    for gone in ("bounced", "suppressed"):
+        note, recipient = uuid.uuid4(), f"cancel-{gone}"
+        with session_scope() as session:
+            session.execute(text("INSERT INTO recipients (id) VALUES (:r)"), {"r": recipient})
+            session.execute(text(
+                "INSERT INTO notifications (id, recipient_id, type, priority, title, status)"
+                " VALUES (:n, :r, 'alert', 'normal', 't', 'dispatched')"),
+                {"n": note, "r": recipient})
+            for channel, status in (("email", gone), ("inapp", "queued")):
+                session.execute(text(
+                    "INSERT INTO deliveries (id, notification_id, recipient_id, channel,"
+                    " priority, status) VALUES (:d, :n, :r, :c, 'normal', :s)"),
+                    {"d": uuid.uuid4(), "n": note, "r": recipient, "c": channel, "s": status})
+        outcome = cancel_by(str(note), None)
+        assert (outcome.cancelled, outcome.status) == (False, gone)
+        assert _count(f"notification_id = '{note}' AND status = 'queued'") == 1
