@@ -129,7 +129,7 @@ def check_mailgun(body: Any, signing_key: str, max_age: float) -> str:
     timestamp = _text(signature, "timestamp", 20)
     token = _text(signature, "token", 200)
     digest = _text(signature, "signature", 64)
-    if not timestamp.isdigit():
+    if not (timestamp.isascii() and timestamp.isdigit()):
         raise Refused(422, "malformed", "signature.timestamp: not a number of seconds")
     expected = hmac.new(signing_key.encode(), (timestamp + token).encode(),
                         hashlib.sha256).hexdigest()

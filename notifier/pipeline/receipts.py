@@ -93,7 +93,7 @@ def apply_receipt(session: Session, receipt: Receipt, settings: Settings) -> Rec
     soft = receipt.event in ("bounced", "failed") and not receipt.permanent
     status = row.status
     changed = False
-    detail = " ".join(receipt.detail.split())[:MAX_DETAIL] or None
+    detail = storable_detail(receipt.detail)
     new = None if soft else STATUS_OF[receipt.event]
     if new is not None and RANK[new] > RANK[status]:
         session.execute(text(
@@ -108,6 +108,13 @@ def apply_receipt(session: Session, receipt: Receipt, settings: Settings) -> Rec
         suppressed = _suppress_if_due(session, receipt, address, detail, soft, settings)
     return ReceiptOutcome("applied" if changed or suppressed else "unchanged", status,
                           suppressed)
+
+
+def storable_detail(text: str) -> str | None:
+    """A provider's reason as a column holds it: one line, printable characters only (no
+    NUL, no lone surrogate: Postgres refuses them), at most ``MAX_DETAIL``."""
+    line = " ".join(text.split())
+    return "".join(ch for ch in line if ch.isprintable())[:MAX_DETAIL] or None
 
 
 def _suppress_if_due(

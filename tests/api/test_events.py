@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import hmac
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -219,6 +220,13 @@ def test_refusals_name_the_field_and_are_counted(
     assert httpx.post(f"{events_server.url}/v1/events/email",
                       json=event(delivery, "delivered")).status_code == 401
     assert row(delivery)[0] == "sent"
+    # Whatever a relay passes on, the detail is stored as one printable line.
+    surrogate = relay.post("/v1/events/email", headers={"content-type": "application/json"},
+                           content=json.dumps(event(delivery, "delivered", detail="\ud800")))
+    assert surrogate.status_code == 422 and surrogate.json()["detail"][0]["field"] == "detail"
+    odd = relay.post("/v1/events/email", json=event(delivery, "delivered",
+                                                    detail="250\x00 ok\r\n\tthanks\x7f"))
+    assert odd.status_code == 200 and row(delivery)[1] == "250 ok thanks"
     scrape = _metrics()
     assert 'notifier_receipts_refused_total{reason="malformed",source="api"}' in scrape
     assert 'notifier_receipts_refused_total{reason="unknown delivery",source="api"}' in scrape
