@@ -420,3 +420,32 @@ def test_the_notification_shows_what_the_provider_said(
     [seen] = shown["deliveries"]
     assert (seen["status"], seen["provider_detail"]) == ("bounced", "550 5.1.1 no such user")
     assert seen["provider_status_at"] is not None
+
+
+def test_the_status_callback_the_sms_channel_sets_is_the_one_taken(
+    client: httpx.Client, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """End to end over the URL itself: the channel's ``StatusCallback`` for a message,
+    called as Twilio calls it (its path and query on our server, signed whole)."""
+    from urllib.parse import urlsplit
+
+    from notifier.channels.base import OutgoingMessage
+    from notifier.channels.sms import status_callback
+    from notifier.settings import get_settings
+
+    delivery = sent_delivery("sms", email=None, phone="+15558675314")
+    monkeypatch.setenv("NOTIFIER_EVENTS_PUBLIC_URL", PUBLIC_URL)
+    get_settings.cache_clear()
+    try:
+        callback = status_callback(OutgoingMessage(
+            delivery_id=delivery, recipient_id="r", address="+15558675314", type="alert",
+            priority="normal", title="t", body=""))
+    finally:
+        monkeypatch.delenv("NOTIFIER_EVENTS_PUBLIC_URL")
+        get_settings.cache_clear()
+    assert callback is not None
+    form = _twilio_form("delivered")
+    parts = urlsplit(callback)
+    answer = client.post(f"{parts.path}?{parts.query}", data=form, headers={
+        "X-Twilio-Signature": twilio_signature(TWILIO_TOKEN, callback, list(form.items()))})
+    assert answer.status_code == 200 and answer.json()["status"] == "delivered"
