@@ -182,7 +182,7 @@ def _apply(channel: str, source: str, event: ProviderEvent) -> EventOut:
         return EventOut(delivery_id=event.delivery_id, result="ignored", status=None,
                         suppressed=False)
     receipt = Receipt(event.delivery_id, channel, event.event, event.permanent, event.detail,
-                      event.at)
+                      event.at, event.address)
     with session_scope() as session:
         outcome = apply_receipt(session, receipt, get_settings())
     if outcome.result == "unknown delivery":

@@ -74,6 +74,8 @@ class ProviderEvent:
     at: datetime | None
     #: The provider's own name for it (metrics, logs).
     name: str
+    #: The address the provider sent to, if it says.
+    address: str | None = None
 
 
 # --- Twilio --------------------------------------------------------------------------
@@ -109,7 +111,7 @@ def twilio_event(delivery_id: str | None, form: Mapping[str, str]) -> ProviderEv
     return ProviderEvent(
         delivery_id=_delivery_id(delivery_id, "query.delivery_id"), event=event,
         permanent=code in TWILIO_PERMANENT_ERRORS, detail=detail[:500], at=None,
-        name=status[:32],
+        name=status[:32], address=_address(form.get("To")),
     )
 
 
@@ -155,6 +157,7 @@ def mailgun_event(body: dict[str, Any]) -> ProviderEvent:
         delivery_id=_mailgun_delivery_id(data), event=event,
         permanent=name == "failed" and data.get("severity") == "permanent",
         detail=_mailgun_detail(data), at=_epoch(data.get("timestamp")), name=name[:32],
+        address=_address(data.get("recipient")),
     )
 
 
@@ -195,6 +198,13 @@ def _text(fields: dict[str, Any], name: str, limit: int) -> str:
         raise Refused(422, "malformed", f"signature.{name}: missing, not text, or over"
                       f" {limit} characters")
     return value
+
+
+def _address(value: Any) -> str | None:
+    """A reported address worth keeping: text, printable, at most 320 characters."""
+    if not isinstance(value, str) or not value.strip() or len(value) > 320:
+        return None
+    return value.strip() if value.isprintable() else None
 
 
 def _delivery_id(value: Any, field: str) -> uuid.UUID:

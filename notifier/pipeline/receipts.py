@@ -68,6 +68,10 @@ class Receipt:
     detail: str
     #: When the provider says it happened; None: now.
     at: datetime | None = None
+    #: The address the provider says it sent to (Mailgun's ``recipient``, Twilio's
+    #: ``To``); None: the recipient's address now. The one that bounced is the one
+    #: suppressed, even if the recipient has changed theirs since.
+    address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,8 +105,9 @@ def apply_receipt(session: Session, receipt: Receipt, settings: Settings) -> Rec
             " provider_status_at = coalesce(:at, now()), updated_at = now() WHERE id = :id"
         ), {"status": new, "detail": detail, "at": receipt.at, "id": receipt.delivery_id})
         status, changed = new, True
-    address = address_of(channel_class(receipt.channel).address_field, receipt.channel,
-                         row.email, row.phone, row.addresses or {})
+    address = receipt.address or address_of(
+        channel_class(receipt.channel).address_field, receipt.channel, row.email, row.phone,
+        row.addresses or {})
     suppressed = False
     if address:
         suppressed = _suppress_if_due(session, receipt, address, detail, soft, settings)

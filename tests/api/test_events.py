@@ -290,7 +290,8 @@ def test_twilio_callbacks_good_bad_and_missing_signatures(client: httpx.Client) 
 
 def test_twilio_undelivered_to_a_landline_suppresses_the_number(client: httpx.Client) -> None:
     delivery = sent_delivery("sms", email=None, phone="+1 555 867 5312")
-    answer = _twilio_post(client, delivery, _twilio_form("undelivered", ErrorCode="30006"))
+    answer = _twilio_post(client, delivery, _twilio_form("undelivered", ErrorCode="30006",
+                                                         To="+15558675312"))
     assert answer.json()["status"] == "undeliverable" and answer.json()["suppressed"] is True
     assert suppressed("sms") == {"+15558675312": "bounce"}
     soft = sent_delivery("sms", email=None, phone="+15558675313")
@@ -338,8 +339,14 @@ def test_mailgun_samples_good_tampered_stale_and_replayed(client: httpx.Client) 
     unsigned = copy.deepcopy(MAILGUN_HARD_BOUNCE)
     assert client.post("/v1/events/mailgun", json=unsigned).status_code == 401
     assert row(delivery)[0] == "delivered" and suppressed("email") == {}
+    # The recipient changed address since: the one Mailgun reports bounced is suppressed.
+    with session_scope() as session:
+        session.execute(text("UPDATE recipients SET email = 'alice.new@example.com' WHERE id ="
+                             " (SELECT recipient_id FROM deliveries WHERE id = :d)"),
+                        {"d": delivery})
     bounce = client.post("/v1/events/mailgun", json=_signed(MAILGUN_HARD_BOUNCE, delivery))
     assert bounce.json()["status"] == "bounced" and bounce.json()["suppressed"] is True
+    assert suppressed("email") == {"alice@example.com": "bounce"}
     assert row(delivery)[1] == ("permanent bounce 550 5.1.1 The email account that you"
                                 " tried to reach does not exist")
     # Unknown to us: 406, so that Mailgun does not retry it for hours.
