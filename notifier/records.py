@@ -50,7 +50,7 @@ def notification(notification_id: str | uuid.UUID) -> dict[str, Any] | None:
             return None
         deliveries = session.execute(text(
             "SELECT id, channel, status, attempts, last_error, next_attempt_at, sent_at,"
-            " provider, digest_id, updated_at FROM deliveries"
+            " provider, provider_detail, provider_status_at, digest_id, updated_at FROM deliveries"
             " WHERE notification_id = :id OR digest_id = CAST(:digest AS uuid)"
             " ORDER BY created_at, id"),
             {"id": notification_id, "digest": found["digest_id"]},
@@ -59,7 +59,8 @@ def notification(notification_id: str | uuid.UUID) -> dict[str, Any] | None:
         **{key: value for key, value in found.items() if key != "status_reason"},
         "reason": found["status_reason"],
         "deliveries": [
-            {**row, "last_error": row["last_error"] and mask_secrets(row["last_error"])}
+            {**row, "last_error": row["last_error"] and mask_secrets(row["last_error"]),
+             "provider_detail": row["provider_detail"] and mask_secrets(row["provider_detail"])}
             for row in deliveries
         ],
     }

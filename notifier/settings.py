@@ -6,7 +6,9 @@ operators find them in one place and modules never grow constants of their own.
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
@@ -179,9 +181,10 @@ class Settings(BaseSettings):
     notifications or deliveries), so deliveries <= notifications <= digests must hold
     (0 counts as forever; checked at start)."""
     retention_deliveries_days: float = Field(30, ge=0)
-    """Days a delivery is kept once sent, dead or cancelled (from its last change), and
-    only when no delivery of the same notification or digest is still on its way; 0
-    keeps it forever. At most ``retention_notifications_days``."""
+    """Days a delivery is kept once finished (sent or past it, dead, cancelled,
+    suppressed; from its last change), and only when no delivery of the same
+    notification or digest is still on its way; 0 keeps it forever. At most
+    ``retention_notifications_days``."""
     retention_digests_days: float = Field(30, ge=0)
     """Days a digest is kept from its creation, once it has no delivery and no member
     notification left; 0 keeps it forever. At least ``retention_notifications_days``."""
@@ -485,6 +488,29 @@ class Settings(BaseSettings):
     it mints a recipient token for anyone who asks, so anyone reaching the API reads any
     inbox. Needs ``NOTIFIER_API_TOKEN_SECRET``; off, the page is 404."""
 
+    # --- Receipts and suppressions (``docs/receipts.md``) ----------------------------
+    events_public_url: str | None = None
+    """The API's address as providers call it (``https://notifier.example.com``, no
+    path), which differs from its own behind a proxy: Twilio signs the whole URL it
+    calls, so ``X-Twilio-Signature`` is checked over this plus the request's path and
+    query. Set, the SMS channel asks Twilio for a status callback on every message
+    (``StatusCallback``: this, ``/v1/events/twilio`` and the delivery id); unset, it
+    asks for none and ``POST /v1/events/twilio`` answers 404."""
+    mailgun_webhook_signing_key: SecretStr | None = None
+    """Mailgun's HTTP webhook signing key (its control panel, Webhooks): each event's
+    ``signature`` is an HMAC-SHA256 of its timestamp and token with it. Unset:
+    ``POST /v1/events/mailgun`` answers 404."""
+    events_max_age: float = Field(300.0, gt=0, le=86400)
+    """Seconds a signed provider event's timestamp may be off from now (older, or ahead)
+    before it is refused as stale; its token is remembered as long (in the state
+    Redis), so a replay within it is refused too."""
+    suppression_soft_bounces: int = Field(3, ge=1, le=1000)
+    """Soft bounces (temporary failures) of one address on one channel, each from a
+    different delivery, within ``suppression_soft_bounce_window`` that suppress it (a
+    hard bounce or a complaint suppresses at once)."""
+    suppression_soft_bounce_window: float = Field(7.0, gt=0, le=365)
+    """Days over which soft bounces count towards ``suppression_soft_bounces``."""
+
     # --- RabbitMQ broker (``notifier/broker_topology.py``) ---------------------------
     broker_queue_type: Literal["quorum", "classic"] = "quorum"
     """On RabbitMQ: ``quorum`` queues (replicated, on disk before a publish is confirmed,
@@ -521,6 +547,16 @@ class Settings(BaseSettings):
     @classmethod
     def _listen_url_is_postgres(cls, url: str | None) -> str | None:
         return None if url is None else cls._database_url_is_postgres(url)
+
+    @field_validator("events_public_url")
+    @classmethod
+    def _public_url_is_a_base(cls, url: str | None) -> str | None:
+        if url is None or not url.strip():
+            return None
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise ValueError("expected the API's public base URL, https://host[:port][/path]")
+        return url.strip().rstrip("/")
 
     @field_validator("api_token_secret", "api_token_previous_secret")
     @classmethod
@@ -823,6 +859,15 @@ def mask_url(url: str) -> str:
     if url.startswith("sentinel:") and ";" in url:
         return ";".join(mask_secrets(part) for part in url.split(";"))
     return mask_secrets(url)
+
+
+def metrics_directory(settings: Settings) -> str:
+    """Where this host's processes keep their Prometheus values (multiprocess mode):
+    ``NOTIFIER_METRICS_DIR``, else prometheus-client's own variable, else /tmp's. The
+    workers and the API write there; ``notifier metrics`` adds them up."""
+    return settings.metrics_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.path.join(
+        tempfile.gettempdir(), f"notifier-metrics-{os.getuid()}"
+    )
 
 
 def load_settings() -> Settings:

@@ -134,7 +134,8 @@ def clean_state(database: str, broker: TestBroker) -> Iterator[None]:
     with session_scope() as session:
         session.connection().exec_driver_sql(
             "TRUNCATE notifications, deliveries, digests, dead_letters, idempotency_keys,"
-            " recipients, inbox_messages, aggregation_windows, api_keys CASCADE"
+            " recipients, inbox_messages, aggregation_windows, api_keys, suppressions,"
+            " soft_bounces CASCADE"
         )
     broker.empty_queues()
     state = redis.Redis.from_url(STATE_REDIS_URL)
@@ -150,7 +151,7 @@ def clean_state(database: str, broker: TestBroker) -> Iterator[None]:
 BROKER_MODULES = frozenset({
     "tests/ops/test_cli.py", "tests/ops/test_flower.py", "tests/ops/test_health.py",
     "tests/ops/test_metrics.py", "tests/pipeline/test_claim_recovery.py",
-    "tests/pipeline/test_delivery_bulk.py",
+    "tests/pipeline/test_delivery_bulk.py", "tests/pipeline/test_suppressions.py",
     "tests/pipeline/test_delivery_recovery.py", "tests/pipeline/test_flush_worker.py",
     "tests/storage/test_pgbouncer.py", "tests/test_bench_api.py",
     "tests/test_broker_topology.py", "tests/test_chaos.py", "tests/test_client.py",

@@ -21,10 +21,12 @@ from notifier.api import (
     dead_letters,
     demo,
     errors,
+    events,
     inbox,
     inbox_stream,
     notifications,
     preferences,
+    suppressions,
     tokens,
 )
 from notifier.logs import configure
@@ -42,11 +44,13 @@ def create_app() -> FastAPI:
     app = FastAPI(
         title="notifier", version=API_VERSION,
         description="Send notifications, follow and cancel them, edit recipients'"
-                    " preferences, list dead letters (docs/api.md).",
+                    " preferences, list dead letters, take providers' receipts, manage"
+                    " the suppression list (docs/api.md).",
         docs_url=None, redoc_url=None, lifespan=_lifespan,
     )
     errors.install(app)
-    for area in (notifications, preferences, dead_letters, inbox, tokens):
+    for area in (notifications, preferences, dead_letters, inbox, tokens, events,
+                 suppressions):
         app.include_router(area.router)
     inbox_stream.install(app)
     demo.install(app)
@@ -80,7 +84,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, description=app.description,
                          routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (NotificationIn, preferences.PreferencesChange):
+    for model in (NotificationIn, preferences.PreferencesChange, events.EventIn,
+                  suppressions.SuppressionIn):
         found = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(found.pop("$defs", {}))
         components[model.__name__] = found

@@ -51,6 +51,9 @@ class DeliveryView(BaseModel):
     sent_at: datetime | None
     #: The channel's provider that sent it (``0:smtp.example.com:465``), once sent.
     provider: str | None = None
+    #: What the provider's last receipt said, and when (docs/receipts.md).
+    provider_detail: str | None = None
+    provider_status_at: datetime | None = None
     #: Set when this is the delivery of the digest the notification was folded into.
     digest_id: uuid.UUID | None
     updated_at: datetime

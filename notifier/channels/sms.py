@@ -4,6 +4,11 @@ Channel URL: ``twilio://ACCOUNT_SID:AUTH_TOKEN@api.twilio.com?from=%2B1555000111
 options ``https=yes`` (``no`` for a local fake server in tests), ``timeout`` and
 ``allow_private``. The target is the recipient's ``phone``, in E.164 form.
 
+When ``NOTIFIER_EVENTS_PUBLIC_URL`` is set, every message asks Twilio for status
+callbacks (``StatusCallback``) to our ``/v1/events/twilio``, the delivery id in its
+query: Twilio signs the whole URL, so the id it reports back is the one we gave
+(``docs/receipts.md``).
+
 Twilio's Messages API takes no idempotency key: when a request times out after Twilio
 accepted it, the retry sends the text a second time. That is the accepted price of
 at-least-once delivery for SMS.
@@ -13,12 +18,13 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlencode
 
 import httpx
 
 from notifier.channels.base import ConfigurationError, OutgoingMessage, PermanentError
 from notifier.channels.http import HttpChannel, raise_for_response
+from notifier.settings import get_settings
 
 #: Twilio's longest message body, in characters.
 MAX_BODY = 1600
@@ -55,11 +61,19 @@ class SmsChannel(HttpChannel):
             f"{scheme}://{netloc}/2010-04-01/Accounts/{quote(self._sid, safe='')}/Messages.json"
         )
 
+    @property
+    def auth_token(self) -> str:
+        """What Twilio signs its callbacks with (``notifier.api.providers``)."""
+        return self._token
+
     def target(self, message: OutgoingMessage) -> str:
         return self.api_url
 
     def request(self, message: OutgoingMessage) -> dict[str, Any]:
         form = {"To": e164(message.address), "From": self._from, "Body": sms_text(message)}
+        callback = status_callback(message)
+        if callback:
+            form["StatusCallback"] = callback
         return {"data": form, "auth": (self._sid, self._token)}
 
     def check_response(self, response: httpx.Response) -> None:
@@ -73,6 +87,15 @@ class SmsChannel(HttpChannel):
                 f"sms: Twilio refused the credentials (HTTP {response.status_code})"
             )
         raise_for_response(response, detail=f"Twilio error {code}: {text}" if code else None)
+
+
+def status_callback(message: OutgoingMessage) -> str | None:
+    """The URL Twilio reports this message's statuses to, if we take them."""
+    public = get_settings().events_public_url
+    if not public:
+        return None
+    query = urlencode({"delivery_id": str(message.delivery_id)})
+    return f"{public.rstrip('/')}/v1/events/twilio?{query}"
 
 
 def e164(address: str | None) -> str:

@@ -35,7 +35,11 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from notifier.settings import PRIORITIES
-from notifier.storage.models import UNFINISHED_DELIVERY_STATUSES, sql_list
+from notifier.storage.models import (
+    SENT_DELIVERY_STATUSES,
+    UNFINISHED_DELIVERY_STATUSES,
+    sql_list,
+)
 
 QUANTILES = (0.5, 0.95, 0.99)
 
@@ -238,6 +242,8 @@ def ingest_figures(
 
 
 _UNFINISHED = sql_list(UNFINISHED_DELIVERY_STATUSES)
+#: Sent, whatever the provider's receipts said after (a bounce was still sent by us).
+_SENT = sql_list(SENT_DELIVERY_STATUSES)
 
 # The three branches each match an index: terminal rows by status, the unsent ones by
 # the partial index of due work (and ``sending``, a handful, by status).
@@ -245,7 +251,7 @@ _DELIVERY_SQL = f"""
 WITH touched AS (
     SELECT channel, priority, status, attempts, created_at, sent_at, digest_id, provider
     FROM deliveries
-    WHERE status = 'sent' AND sent_at >= :since AND sent_at < :until
+    WHERE status IN ({_SENT}) AND sent_at >= :since AND sent_at < :until
       AND updated_at >= :since  -- implied (a row's updated_at never precedes sent_at)
   UNION ALL
     SELECT channel, priority, status, attempts, created_at, sent_at, digest_id, provider
@@ -259,15 +265,15 @@ WITH touched AS (
 )
 SELECT grouping(t.channel) = 0 AS by_channel, grouping(t.priority) = 0 AS by_priority,
        grouping(t.provider) = 0 AS by_provider, t.channel, t.priority, t.provider,
-       count(*) FILTER (WHERE t.status = 'sent') AS sent,
-       count(*) FILTER (WHERE t.status = 'sent' AND t.attempts > 1) AS sent_after_retry,
+       count(*) FILTER (WHERE t.status IN ({_SENT})) AS sent,
+       count(*) FILTER (WHERE t.status IN ({_SENT}) AND t.attempts > 1) AS sent_after_retry,
        count(*) FILTER (WHERE t.status IN ({_UNFINISHED})) AS retrying,
        count(*) FILTER (WHERE t.status = 'dead') AS dead,
        percentile_cont(CAST(:quantiles AS float8[])) WITHIN GROUP (
            ORDER BY extract(epoch FROM t.sent_at - t.created_at)
-       ) FILTER (WHERE t.status = 'sent') AS latency,
-       count(*) FILTER (WHERE t.status = 'sent' AND t.digest_id IS NOT NULL) AS digests,
-       coalesce(sum(coalesce(g.item_count, 1)) FILTER (WHERE t.status = 'sent'), 0)
+       ) FILTER (WHERE t.status IN ({_SENT})) AS latency,
+       count(*) FILTER (WHERE t.status IN ({_SENT}) AND t.digest_id IS NOT NULL) AS digests,
+       coalesce(sum(coalesce(g.item_count, 1)) FILTER (WHERE t.status IN ({_SENT})), 0)
            AS notifications
 FROM touched t
 LEFT JOIN digests g ON g.id = t.digest_id

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from notifier.schemas import NotificationError
 from notifier.storage.db import session_scope
+from notifier.storage.models import SENT_DELIVERY_STATUSES
 from notifier.storage.models import UNSENT_DELIVERY_STATUSES as UNSENT
 
 
@@ -76,16 +77,18 @@ def cancel_notification(session: Session, notification_id: str) -> CancelOutcome
 
 
 def _delivery_gone(session: Session, notification_id: str) -> str | None:
-    """The status of a delivery of it that is sending, sent or dead (then cancelling is
-    too late), or None. The rows are locked first: a delivery worker claims with SKIP
-    LOCKED, so none can start sending between this check and the cancel."""
+    """The status of a delivery of it that is sending, sent (or past it), dead or
+    suppressed (then cancelling is too late), or None. The rows are locked first: a
+    delivery worker claims with SKIP LOCKED, so none can start sending between this
+    check and the cancel."""
     statuses = set(session.execute(
         text("SELECT status FROM deliveries WHERE notification_id = :id ORDER BY id"
              " FOR UPDATE"),
         {"id": notification_id},
     ).scalars())
     gone = statuses - {*UNSENT, "cancelled"}
-    return next((s for s in ("sent", "sending", "dead") if s in gone), None)
+    too_late = (*SENT_DELIVERY_STATUSES, "sending", "dead", "suppressed")
+    return next((s for s in too_late if s in gone), None)
 
 
 def _cancel(session: Session, notification_id: str) -> CancelOutcome:

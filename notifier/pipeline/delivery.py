@@ -2,9 +2,10 @@
 
 The life of a delivery row (``deliveries.status``)::
 
-    pending ──queue──▶ queued ──claim──▶ sending ──▶ sent
+    pending ──queue──▶ queued ──claim──▶ sending ──▶ sent ··(receipts)··▶ delivered, ...
                          ▲                  ├──▶ retrying ──(countdown or sweep)──▶ queued
-           sweep: lost ──┘                  └──▶ dead (+ a dead_letters row)
+           sweep: lost ──┘                  ├──▶ dead (+ a dead_letters row)
+                                            └──▶ suppressed (address suppressed, untried)
 
 Postgres is the record: a task only carries ids. Claiming is one ``UPDATE … FOR UPDATE
 SKIP LOCKED`` that only takes rows that are due, so a task published twice (the sweeper
@@ -74,6 +75,7 @@ from notifier.pipeline.dead_letters import (
 from notifier.pipeline.outbox import CLAIMANT_GONE, BatchSize, DeliveryTask, queue_deliveries
 from notifier.pipeline.ratelimit import RateLimiter, RateRequest
 from notifier.pipeline.retry import RetryPolicy, countdown_second, next_attempt
+from notifier.pipeline.suppressions import suppressed_among
 from notifier.settings import CHANNEL_NAMES, Settings, get_settings
 from notifier.storage.db import get_engine, raw_cursor, session_scope
 from notifier.storage.models import UNSENT_DELIVERY_STATUSES as UNSENT
@@ -114,6 +116,8 @@ class BatchOutcome:
     dead: int = 0
     #: Held back by the circuit breaker or a rate limit, no attempt counted.
     rescheduled: int = 0
+    #: Not attempted: the address is on the suppression list.
+    suppressed: int = 0
     #: Deliveries whose retry is due soon enough to ride on a countdown: publish these.
     tasks: list[DeliveryTask] = field(default_factory=list)
     #: Seconds from each sent delivery's row commit to the channel accepting it.
@@ -126,7 +130,7 @@ class BatchOutcome:
 
     def as_dict(self) -> dict[str, int]:
         return {"sent": self.sent, "retrying": self.retrying, "dead": self.dead,
-                "rescheduled": self.rescheduled}
+                "rescheduled": self.rescheduled, "suppressed": self.suppressed}
 
 
 # --- Sending ------------------------------------------------------------------------
@@ -177,7 +181,7 @@ def _claim_and_send(
         channel_name, settings, outcome, claim, batch_size, stopping,
     ) as recorder:
         claim.hold()
-        claimed = recorder.take(delivery_ids)
+        claimed = _skip_suppressed(channel_name, recorder.take(delivery_ids), recorder)
         if not claimed:
             return outcome
         try:
@@ -212,6 +216,19 @@ def _queue_again(
                 settings.delivery_claim_wait, settings.delivery_claim_attempts,
                 extra={"channel": channel_name})
     return BatchOutcome(rescheduled=queued, tasks=tasks)
+
+
+def _skip_suppressed(
+    channel_name: str, claimed: list[ClaimedDelivery], recorder: _Recorder,
+) -> list[ClaimedDelivery]:
+    """End the deliveries to suppressed addresses ``suppressed``, untried (one query for
+    the batch, ``notifier.pipeline.suppressions``); return the others."""
+    addresses = {d.id: d.message.address for d in claimed if d.message and d.message.address}
+    reasons = suppressed_among(recorder.cursor, channel_name, addresses)
+    for delivery in claimed:
+        if delivery.id in reasons:
+            recorder.suppressed(delivery, reasons[delivery.id])
+    return [d for d in claimed if d.id not in reasons]
 
 
 def _hold_unconfigured(
@@ -1121,6 +1138,11 @@ class _Recorder:
             self._failed_notifications.append(delivery.notification_id)
         log.warning("delivery %s (%s) is dead: %s", delivery.id, self.channel, reason or error,
                     extra=self.about(delivery))
+
+    def suppressed(self, delivery: ClaimedDelivery, reason: str) -> None:
+        """End it untried: its address is on the suppression list."""
+        self._add(_Pending(delivery, "suppressed", time.monotonic(), error=reason))
+        self.outcome.suppressed += 1
 
     def about(self, delivery: ClaimedDelivery) -> dict[str, Any]:
         """What a log line about one delivery names (see ``notifier.logs``)."""

@@ -32,12 +32,12 @@ from sqlalchemy.orm import Session
 
 from notifier.settings import Settings
 from notifier.storage.db import session_scope
-from notifier.storage.models import DeliveryStatus, NotificationStatus
+from notifier.storage.models import FINISHED_DELIVERY_STATUSES, NotificationStatus
 
 log = logging.getLogger(__name__)
 
 #: A delivery in one of these is done: nothing will send it again by itself.
-FINISHED_DELIVERIES = (DeliveryStatus.SENT, DeliveryStatus.DEAD, DeliveryStatus.CANCELLED)
+FINISHED_DELIVERIES = FINISHED_DELIVERY_STATUSES
 #: Every notification status but ``pending`` (waiting in an aggregation window).
 SETTLED_NOTIFICATIONS = tuple(s for s in NotificationStatus if s != NotificationStatus.PENDING)
 
@@ -136,7 +136,7 @@ def purge_batch(session: Session, purge: Purge, age: float, batch_size: int,
     session.execute(text("SELECT set_config('lock_timeout', :ms, true)"),
                     {"ms": f"{max(1, round(lock_timeout * 1000))}ms"})
     result = session.execute(text(purge.sql), {
-        "age": age, "n": batch_size, "finished": [s.value for s in FINISHED_DELIVERIES],
+        "age": age, "n": batch_size, "finished": list(FINISHED_DELIVERIES),
         "settled": [s.value for s in SETTLED_NOTIFICATIONS],
     })
     return cast("CursorResult[Any]", result).rowcount

@@ -43,6 +43,7 @@ class Scope(enum.StrEnum):
 
     SEND = "send"  # POST /v1/notifications
     READ = "read"  # the GETs
+    EVENTS = "events"  # POST /v1/events/{channel}: provider receipts, nothing else
     ADMIN = "admin"  # dead letters, and everything else
 
 
@@ -76,7 +77,8 @@ def create_key(
         raise ValueError("NAME: must be 1 to 255 printable characters")
     chosen = sorted(set(scopes), key=list(Scope).index)
     if not chosen:
-        raise ValueError("--scope: give at least one of send, read, admin")
+        raise ValueError(
+            f"--scope: give at least one of {', '.join(s.value for s in Scope)}")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(name=name, prefix=key[:PREFIX_CHARS], key_hash=hash_key(key),
                  scopes=[scope.value for scope in chosen],

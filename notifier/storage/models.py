@@ -56,6 +56,14 @@ class DeliveryStatus(enum.StrEnum):
     SCHEDULED = "scheduled"  # held until quiet hours end or the notification's send_at
     DEAD = "dead"  # parked in dead_letters
     CANCELLED = "cancelled"
+    # What the provider said after it accepted the message (receipts, docs/receipts.md):
+    # a receipt only moves a sent delivery forward (``notifier.pipeline.receipts``).
+    DELIVERED = "delivered"  # the recipient's server or handset took it
+    BOUNCED = "bounced"  # the address refused it for good (a hard bounce)
+    COMPLAINED = "complained"  # the recipient marked it as spam
+    UNDELIVERABLE = "undeliverable"  # the provider gave up on it (its "failed")
+    #: Not attempted: the address is on the suppression list (``last_error`` says why).
+    SUPPRESSED = "suppressed"
 
 
 #: Delivery statuses that have not gone out yet and that no worker holds: a claim takes
@@ -68,6 +76,16 @@ UNSENT_DELIVERY_STATUSES: tuple[str, ...] = tuple(status.value for status in (
 #: Unsent, or in a worker's hands: a delivery not yet at its end (sent, dead, cancelled).
 UNFINISHED_DELIVERY_STATUSES: tuple[str, ...] = (
     *UNSENT_DELIVERY_STATUSES, DeliveryStatus.SENDING.value,
+)
+#: The provider accepted it: ``sent``, and whatever its receipts said after.
+SENT_DELIVERY_STATUSES: tuple[str, ...] = tuple(status.value for status in (
+    DeliveryStatus.SENT, DeliveryStatus.DELIVERED, DeliveryStatus.BOUNCED,
+    DeliveryStatus.COMPLAINED, DeliveryStatus.UNDELIVERABLE,
+))
+#: At its end: nothing will send it again by itself (retention may purge it).
+FINISHED_DELIVERY_STATUSES: tuple[str, ...] = (
+    *SENT_DELIVERY_STATUSES, DeliveryStatus.DEAD.value, DeliveryStatus.CANCELLED.value,
+    DeliveryStatus.SUPPRESSED.value,
 )
 
 
@@ -285,8 +303,51 @@ class Delivery(Base):
     provider: Mapped[str | None] = mapped_column(String(100))
     queued_at: Mapped[Timestamp | None]
     sent_at: Mapped[Timestamp | None]
+    #: When the provider's last receipt says its event happened (migration 0014).
+    provider_status_at: Mapped[Timestamp | None]
+    #: The provider's reason, as it said it (a bounce's SMTP answer), cut to 500.
+    provider_detail: Mapped[str | None] = mapped_column(String(500))
     created_at: Mapped[CreatedAt]
     updated_at: Mapped[CreatedAt]
+
+
+class Suppression(Base):
+    """An address a channel no longer sends to (``notifier.pipeline.suppressions``):
+    a hard bounce, a complaint, too many soft bounces, or an operator said so."""
+
+    __tablename__ = "suppressions"
+    __table_args__ = (
+        Index("uq_suppressions_channel_address", "channel", "address", unique=True),
+        Index("ix_suppressions_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    channel: Mapped[str] = mapped_column(String(32), nullable=False)
+    #: Normalized (``suppressions.normalize``): what a delivery's address is matched as.
+    address: Mapped[str] = mapped_column(String(320), nullable=False)
+    reason: Mapped[str] = mapped_column(String(500), nullable=False)
+    #: What put it there: ``bounce``, ``complaint``, ``soft-bounces``, ``manual``.
+    source: Mapped[str] = mapped_column(String(32), nullable=False)
+    #: The delivery whose receipt did it (None when added by hand).
+    delivery_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    created_at: Mapped[CreatedAt]
+
+
+class SoftBounce(Base):
+    """One soft bounce per delivery, kept for ``suppression_soft_bounce_window``: enough
+    of them for one address within the window suppress it. Keyed by delivery, so a
+    replayed or retried event counts once."""
+
+    __tablename__ = "soft_bounces"
+    __table_args__ = (
+        Index("ix_soft_bounces_channel_address_at", "channel", "address", "at"),
+        Index("ix_soft_bounces_at", "at"),
+    )
+
+    delivery_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), nullable=False)
+    address: Mapped[str] = mapped_column(String(320), nullable=False)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
 
 class DeadLetter(Base):

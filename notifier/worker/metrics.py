@@ -16,20 +16,16 @@ and Postgres when the endpoint is scraped, by :class:`PipelineCollector`.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from notifier.settings import Settings, get_settings
+from notifier.settings import Settings, get_settings, metrics_directory
 
 
 def multiprocess_dir(settings: Settings | None = None) -> str:
     """``NOTIFIER_METRICS_DIR``, else prometheus-client's own variable, else /tmp's."""
-    settings = settings or get_settings()
-    return settings.metrics_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.path.join(
-        tempfile.gettempdir(), f"notifier-metrics-{os.getuid()}"
-    )
+    return metrics_directory(settings or get_settings())
 
 
 # Set, not defaulted: a worker started by a process that had a directory of its own
@@ -78,7 +74,8 @@ INGEST_LATENCY = Histogram(
 DELIVERIES = Counter(
     "notifier_deliveries_total",
     "Delivery attempts by outcome: sent, retrying, dead, rescheduled (circuit open or rate"
-    " limited, no attempt counted).", ["channel", "outcome"],
+    " limited, no attempt counted), suppressed (address on the suppression list, not"
+    " attempted).", ["channel", "outcome"],
 )
 PROVIDER_RESULTS = Counter(
     "notifier_provider_results_total",

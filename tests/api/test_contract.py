@@ -33,7 +33,10 @@ OPERATIONS = ["GET /v1/notifications/{notification_id}", "POST /v1/notifications
               "POST /v1/recipients/{recipient_id}/inbox/seen",
               "POST /v1/recipients/{recipient_id}/inbox/read",
               "POST /v1/recipients/{recipient_id}/inbox/archive",
-              "POST /v1/recipients/{recipient_id}/tokens"]
+              "POST /v1/recipients/{recipient_id}/tokens",
+              "POST /v1/events/{channel}", "POST /v1/events/twilio",
+              "POST /v1/events/mailgun", "GET /v1/suppressions", "POST /v1/suppressions",
+              "DELETE /v1/suppressions"]
 #: Operations left out: an event stream stays open by design, so a generated request
 #: would wait forever; its errors and its events are tested in test_inbox_stream.py.
 STREAMS = ["GET /v1/recipients/{recipient_id}/inbox/stream"]

@@ -94,7 +94,8 @@ def run(ids: list[str], settings) -> Any:
 def test_a_batch_goes_over_one_connection_and_is_recorded(smtp_server):
     ids = make_deliveries(5)
     outcome = run(ids, settings_for(smtp_server.url()))
-    assert outcome.as_dict() == {"sent": 5, "retrying": 0, "dead": 0, "rescheduled": 0}
+    assert outcome.as_dict() == {"sent": 5, "retrying": 0, "dead": 0, "rescheduled": 0,
+                                "suppressed": 0}
     assert sorted(smtp_server.message_ids()) == sorted(ids)
     assert smtp_server.connections == 1
     assert statuses() == {"sent": 5}

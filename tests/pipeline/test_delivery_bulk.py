@@ -57,7 +57,8 @@ def test_a_batch_of_mixed_outcomes_is_recorded_by_one_statement(smtp_server, mon
 
     outcome = deliver_batch("email", ids, settings, state_redis())
 
-    assert outcome.as_dict() == {"sent": 2, "retrying": 1, "dead": 1, "rescheduled": 1}
+    assert outcome.as_dict() == {"sent": 2, "retrying": 1, "dead": 1, "rescheduled": 1,
+                                "suppressed": 0}
     found = rows(ids)
     by_status = Counter(str(row["status"]) for row in found.values())
     assert by_status == {"sent": 2, "retrying": 2, "dead": 1}

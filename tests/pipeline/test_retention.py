@@ -18,7 +18,11 @@ from notifier.pipeline.inbox import mark
 from notifier.pipeline.retention import purge_expired
 from notifier.settings import ConfigError, Settings, load_settings
 from notifier.storage.db import session_scope
-from notifier.storage.models import DeliveryStatus
+from notifier.storage.models import (
+    FINISHED_DELIVERY_STATUSES,
+    UNFINISHED_DELIVERY_STATUSES,
+    DeliveryStatus,
+)
 from notifier.worker.app import app
 from tests.ops.test_cli import run
 from tests.workers import count_rows, wait_for
@@ -173,7 +177,7 @@ def test_an_old_notification_in_any_settled_status_goes_once_it_has_no_delivery(
     assert count_rows("SELECT count(*) FROM notifications WHERE id = :id", id=young) == 1
 
 
-@pytest.mark.parametrize("status", ["sent", "dead", "cancelled"])
+@pytest.mark.parametrize("status", FINISHED_DELIVERY_STATUSES)
 def test_an_old_finished_delivery_goes_and_then_its_notification(status):
     note = notification(ANCIENT, "delivered")
     delivery(ANCIENT, status, notification_id=note)
@@ -258,7 +262,12 @@ def test_archived_inbox_messages_go_as_read_ones_and_seen_ones_stay_as_unread_on
 
 # --- what is never purged ------------------------------------------------------------
 
-UNFINISHED = [s.value for s in DeliveryStatus if s not in ("sent", "dead", "cancelled")]
+UNFINISHED = [s.value for s in DeliveryStatus if s not in FINISHED_DELIVERY_STATUSES]
+
+
+def test_every_delivery_status_is_finished_or_unfinished():
+    """One source: a status added to DeliveryStatus must be placed in one list."""
+    assert set(UNFINISHED) == set(UNFINISHED_DELIVERY_STATUSES)
 
 
 @pytest.mark.parametrize("status", UNFINISHED)

@@ -23,6 +23,7 @@ from notifier.ops.cli import (
     send,
     stats,
     status,
+    suppressions,
     webhooks,
 )
 from notifier.ops.cli.common import EXIT_CONFIG, fail
@@ -45,5 +46,6 @@ for _command in (
     send.send, cancel.cancel, rules.rules, metrics.metrics, db.db, status.status,
     dead_letters.dead_letters, inbox.inbox, recipients.recipients, webhooks.webhooks,
     health.health, stats.stats, queues.queues, api.api, api.api_keys,
+    suppressions.suppressions,
 ):
     main.add_command(_command)

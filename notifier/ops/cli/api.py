@@ -12,7 +12,7 @@ from notifier.settings import get_settings
 #: The app factory uvicorn imports in each worker process (a string, so this command
 #: does not import the API itself: it sits above the operator tools, ``pyproject.toml``).
 APP_FACTORY = "notifier.api.app:create_app"
-SCOPES = ("send", "read", "admin")
+SCOPES = ("send", "read", "events", "admin")
 
 
 @click.command()
