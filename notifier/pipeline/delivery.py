@@ -963,6 +963,8 @@ class _Recorder:
         self._short_retries: dict[int, list[uuid.UUID]] = defaultdict(list)
         self._sent_notifications: list[uuid.UUID] = []
         self._failed_notifications: list[uuid.UUID] = []
+        #: Notifications with a delivery ended untried on the suppression list, and why.
+        self._suppressed_notifications: dict[uuid.UUID, str] = {}
         self._configuration_errors: dict[str, list[str]] = defaultdict(list)
         self._started = self._written = time.monotonic()
         #: The connection was cut under a claim that waited too long (``take``).
@@ -1143,6 +1145,8 @@ class _Recorder:
         """End it untried: its address is on the suppression list."""
         self._add(_Pending(delivery, "suppressed", time.monotonic(), error=reason))
         self.outcome.suppressed += 1
+        if delivery.notification_id:
+            self._suppressed_notifications[delivery.notification_id] = reason
 
     def about(self, delivery: ClaimedDelivery) -> dict[str, Any]:
         """What a log line about one delivery names (see ``notifier.logs``)."""
@@ -1239,7 +1243,7 @@ class _Recorder:
                       self.channel, reason, extra={"channel": self.channel,
                                                    "delivery_ids": held})
         if not (self._sent_notifications or self._failed_notifications
-                or self._short_retries):
+                or self._suppressed_notifications or self._short_retries):
             return
         with self.transaction() as cursor:
             if self._sent_notifications:
@@ -1254,6 +1258,19 @@ class _Recorder:
                     "UPDATE notifications SET status = 'failed', updated_at = clock_timestamp()"
                     " WHERE id = ANY(%s) AND status = 'dispatched'",
                     (self._failed_notifications,),
+                )
+            if self._suppressed_notifications:
+                # Only once every delivery of it was suppressed: one on another channel
+                # may still go out (then it ends delivered, as with any other).
+                suppressed = self._suppressed_notifications
+                cursor.execute(
+                    "UPDATE notifications AS n SET status = 'suppressed',"
+                    " status_reason = r.reason, updated_at = clock_timestamp()"
+                    " FROM unnest(%s::uuid[], %s::text[]) AS r(id, reason)"
+                    " WHERE n.id = r.id AND n.status = 'dispatched' AND NOT EXISTS ("
+                    "   SELECT 1 FROM deliveries d WHERE d.notification_id = n.id"
+                    "   AND d.status <> 'suppressed')",
+                    (list(suppressed), list(suppressed.values())),
                 )
             for second, ids in sorted(self._short_retries.items()):
                 self.outcome.tasks += queue_deliveries(

@@ -40,6 +40,13 @@ def _delivery(note: str) -> Any:
         ), {"n": note}).first()
 
 
+def _notification(note: str) -> tuple[str, str | None]:
+    with session_scope() as session:
+        row = session.execute(text(
+            "SELECT status, status_reason FROM notifications WHERE id = :n"), {"n": note}).one()
+    return row[0], row[1]
+
+
 def _bounce(delivery_id: uuid.UUID, permanent: bool = True) -> None:
     with session_scope() as session:
         apply_receipt(session, Receipt(delivery_id, "email", "bounced", permanent,
@@ -61,6 +68,7 @@ def test_a_hard_bounce_stops_mail_until_the_operator_removes_it(
         _, status, reason = _delivery(second)
         assert status == "suppressed"
         assert reason == "suppressed: hard bounce: 550 5.1.1 no such user"
+        assert _notification(second) == ("suppressed", reason)  # its only delivery
         assert smtp_server.connections == connections and len(smtp_server.messages) == 1
 
         listed = subprocess.run([NOTIFIER, "suppressions", "list", "--channel", "email"],
@@ -106,6 +114,31 @@ def test_a_batch_with_suppressed_and_free_addresses_sends_only_the_free(
     assert _count("status = 'suppressed'") == 10 and len(smtp_server.messages) == 10
     sent_to = {envelope[1][0] for envelope in smtp_server.envelopes}
     assert sent_to == {f"user-{i}@example.com" for i in range(1, 20, 2)}
+    with session_scope() as session:
+        ended = dict(session.execute(text(
+            "SELECT status, count(*) FROM notifications GROUP BY status")).all())
+    assert ended == {"suppressed": 10, "delivered": 10}
+
+
+def test_a_notification_suppressed_on_one_channel_still_goes_out_on_another(
+    smtp_server: SmtpServer,
+) -> None:
+    """Its e-mail is suppressed, its in-app message goes out: the notification ends
+    delivered, whichever delivery ended first."""
+    with session_scope() as session:
+        session.execute(text(
+            "INSERT INTO suppressions (channel, address, reason, source)"
+            " VALUES ('email', 'both@example.com', 'added by an operator', 'manual')"))
+    worker = WorkerProcess.start(env={"NOTIFIER_CHANNELS__EMAIL": smtp_server.url()})
+    try:
+        note = client.notify({"id": "both", "email": "both@example.com"}, "alert", "two ways",
+                             priority="critical", channels=["email", "inapp"])
+        wait_for(lambda: _count(f"notification_id = '{note}' AND status IN"
+                                " ('sent', 'suppressed')") == 2, 30, "both deliveries to end")
+        wait_for(lambda: _notification(note)[0] != "dispatched", 10, "the notification's end")
+    finally:
+        worker.stop()
+    assert _notification(note)[0] == "delivered" and not smtp_server.messages
 
 
 def test_receipts_only_move_forward_and_repeat_harmlessly() -> None:
