@@ -70,7 +70,8 @@ def test_a_primary_that_refuses_connections_fails_over_within_the_attempt(smtp_s
 
     outcome = run(ids, settings)
 
-    assert outcome.as_dict() == {"sent": 4, "retrying": 0, "dead": 0, "rescheduled": 0}
+    assert outcome.as_dict() == {"sent": 4, "retrying": 0, "dead": 0, "rescheduled": 0,
+                                 "suppressed": 0}
     assert sorted(backup.message_ids()) == sorted(ids)
     assert {(r["status"], r["attempts"], r["provider"]) for r in rows(ids)} == {
         ("sent", 1, name(1, backup))}
