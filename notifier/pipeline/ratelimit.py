@@ -163,6 +163,39 @@ def hash_tag(recipient_id: str) -> str:
     return "#" + hashlib.sha256(recipient_id.encode("utf-8", "replace")).hexdigest()[:32]
 
 
+#: KEYS: an API key's window, the keys' generation; ARGV: limit (0: none), length.
+#: Returns when the window resets ('0': counted, or no limit) and the generation ('' if
+#: never set): the request's rate check and its key cache's freshness in one round trip.
+_TAKE_KEY = Script(_CLOCK + """
+local limit, length = tonumber(ARGV[1]), tonumber(ARGV[2])
+local generation = redis.call('GET', KEYS[2]) or ''
+if limit > 0 then
+  if tonumber(redis.call('GET', KEYS[1]) or '0') >= limit then
+    return {tostring(window_end(length)), generation}
+  end
+  if redis.call('INCR', KEYS[1]) == 1 then
+    redis.call('PEXPIREAT', KEYS[1], window_end(length) * 1000)
+  end
+end
+return {'0', generation}
+""")
+
+
+def take_key_window(
+    client: StateRedis, key: str, generation_key: str, limit: int, length: int
+) -> tuple[float, str]:
+    """An API key's request: counted in its window of ``limit`` per ``length`` seconds
+    (``limit`` 0: not counted), and the keys' generation read, in one script call. Returns
+    0.0 or when the window resets (nothing counted), and the generation."""
+    [(reset, generation)] = run_scripts(
+        client, [(_TAKE_KEY, [key, generation_key], [limit, length])])
+    return float(reset), _text(generation)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def take_window(client: StateRedis, key: str, limit: int, length: int) -> float:
     """Count one use of a fixed window of ``limit`` per ``length`` seconds kept at ``key``
     (the recipients' script, so the window is the Redis server's): 0.0 if counted, else
