@@ -1,7 +1,8 @@
 """Who is asking: ``Authorization: Bearer <key>``, the key's scopes, its rate limit.
 
-:func:`require` is the one dependency every route takes. It runs in the thread pool:
-no key, a malformed header, an unknown or revoked key are 401; a key without the scope
+:func:`require` is the one dependency every route takes. It runs on the event loop
+(the Redis script through ``redis.asyncio``; Postgres, on a cache miss only, in the
+thread pool): no key, a malformed header, an unknown or revoked key are 401; a key without the scope
 is 403; a key past its requests per minute is 429 with ``Retry-After``.
 
 Each process keeps the keys it authenticated (:class:`KeyCache`, by the key's SHA-256),
@@ -20,15 +21,16 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from notifier.api.errors import ApiError
-from notifier.pipeline.ratelimit import take_key_window
+from notifier.pipeline.ratelimit import take_key_window_async
 from notifier.settings import get_settings
 from notifier.storage.api_keys import (
     CACHE_SECONDS,
@@ -40,7 +42,7 @@ from notifier.storage.api_keys import (
     rate_window_key,
 )
 from notifier.storage.db import session_scope
-from notifier.storage.state import state_redis
+from notifier.storage.state_async import async_state_redis
 
 #: Documents the scheme in OpenAPI; the checks and their answers are ours.
 bearer = HTTPBearer(auto_error=False, description="An API key: `notifier api-keys create`")
@@ -95,33 +97,34 @@ class KeyCache:
 cache = KeyCache()
 
 
-def require(scope: Scope) -> Callable[..., KeyInfo]:
+def require(scope: Scope) -> Callable[..., Awaitable[KeyInfo]]:
     """The dependency of a route needing ``scope`` (an admin key has every scope)."""
 
-    def check(
+    async def check(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> KeyInfo:
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise ApiError(401, "an API key is required: Authorization: Bearer <key>",
                            headers=_CHALLENGE)
-        return authorized(credentials.credentials.strip(), scope)
+        return await authorized(credentials.credentials.strip(), scope)
 
     check.__name__ = f"require_{scope.value}"
     return check
 
 
-def authorized(presented: str, scope: Scope) -> KeyInfo:
+async def authorized(presented: str, scope: Scope) -> KeyInfo:
     """The live key ``presented`` is, allowed ``scope`` and within its rate limit; else
     the ApiError to answer. One Redis script per request; Postgres only on a cache miss."""
     digest = hash_key(presented)
     before = cache.generation  # read before a lookup, which it then vouches for
     known = cache.get(digest)
-    key = _looked_up(presented, scope) if known is None else _allowed(known.info, scope)
+    key = (await run_in_threadpool(_looked_up, presented, scope) if known is None
+           else _allowed(known.info, scope))
     limit = key.rate_limit_per_minute
     if limit is None:
         limit = get_settings().api_rate_limit_per_minute
-    reset, generation = take_key_window(state_redis(), rate_window_key(key.id),
-                                        GENERATION_KEY, limit or 0, 60)
+    reset, generation = await take_key_window_async(
+        async_state_redis(), rate_window_key(key.id), GENERATION_KEY, limit or 0, 60)
     cache.observe(generation)
     if known is None:
         if before == generation:  # no revocation since before the lookup

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from notifier.settings import Settings
 from notifier.storage.state import Script, ScriptCall, StateRedis, run_scripts
+from notifier.storage.state_async import AsyncStateRedis, run_script
 
 #: Window name -> length in seconds.
 WINDOWS = {"minute": 60, "hour": 3600, "day": 86400}
@@ -181,14 +182,15 @@ return {'0', generation}
 """)
 
 
-def take_key_window(
-    client: StateRedis, key: str, generation_key: str, limit: int, length: int
+async def take_key_window_async(
+    client: AsyncStateRedis, key: str, generation_key: str, limit: int, length: int
 ) -> tuple[float, str]:
-    """An API key's request: counted in its window of ``limit`` per ``length`` seconds
-    (``limit`` 0: not counted), and the keys' generation read, in one script call. Returns
-    0.0 or when the window resets (nothing counted), and the generation."""
-    [(reset, generation)] = run_scripts(
-        client, [(_TAKE_KEY, [key, generation_key], [limit, length])])
+    """An API key's request, from the event loop: counted in its window of ``limit`` per
+    ``length`` seconds (``limit`` 0: not counted), and the keys' generation read, in one
+    script call. Returns 0.0 or when the window resets (nothing counted), and the
+    generation."""
+    reset, generation = await run_script(client, _TAKE_KEY, [key, generation_key],
+                                         [limit, length])
     return float(reset), _text(generation)
 
 
