@@ -16,6 +16,7 @@ untouched.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -39,14 +40,16 @@ class Lane:
         self._ready = threading.Condition()
         self._waiting: list[_Pending] = []
         self._thread: threading.Thread | None = None
+        self._pid = 0  # a forked child has the lane but not its thread: it starts its own
 
     def hand(self, pending: _Pending) -> None:
         with self._ready:
             self._waiting.append(pending)
-            if self._thread is None:
+            if self._thread is None or self._pid != os.getpid():
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name=f"notifier-api-publish-{self.name}")
                 self._thread.start()
+                self._pid = os.getpid()
             self._ready.notify()
 
     def _run(self) -> None:

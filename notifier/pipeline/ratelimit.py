@@ -201,6 +201,6 @@ def _text(value: str | bytes) -> str:
 def take_window(client: StateRedis, key: str, limit: int, length: int) -> float:
     """Count one use of a fixed window of ``limit`` per ``length`` seconds kept at ``key``
     (the recipients' script, so the window is the Redis server's): 0.0 if counted, else
-    when the window resets (epoch seconds, nothing counted). The HTTP API's per-key limit."""
+    when the window resets (epoch seconds, nothing counted). The recipient tokens' limit."""
     [answer] = run_scripts(client, [(_TAKE, [key], [limit, length])])
     return float(answer)
