@@ -130,7 +130,7 @@ async def authorized(presented: str, scope: Scope) -> KeyInfo:
         if before == generation:  # no revocation since before the lookup
             cache.put(digest, key, generation)
     elif known.generation != generation:  # a key was revoked since it was looked up
-        key = _looked_up(presented, scope)
+        key = await run_in_threadpool(_looked_up, presented, scope)
     if reset:
         wait = max(1, math.ceil(reset - time.time()))
         raise ApiError(429, f"rate limit of {limit} requests per minute reached",
