@@ -165,11 +165,18 @@ def hash_tag(recipient_id: str) -> str:
 
 
 #: KEYS: an API key's window, the keys' generation; ARGV: limit (0: none), length.
-#: Returns when the window resets ('0': counted, or no limit) and the generation ('' if
-#: never set): the request's rate check and its key cache's freshness in one round trip.
+#: Returns when the window resets ('0': counted, or no limit) and the generation: the
+#: request's rate check and its key cache's freshness in one round trip. A generation
+#: missing (never set, or lost with the server's data) is set from the server's clock,
+#: so a value once seen never comes back.
 _TAKE_KEY = Script(_CLOCK + """
 local limit, length = tonumber(ARGV[1]), tonumber(ARGV[2])
-local generation = redis.call('GET', KEYS[2]) or ''
+local generation = redis.call('GET', KEYS[2])
+if not generation then
+  generation = 't' .. clock[1] .. '.' .. clock[2]
+  redis.call('SET', KEYS[2], generation, 'NX')
+  generation = redis.call('GET', KEYS[2])
+end
 if limit > 0 then
   if tonumber(redis.call('GET', KEYS[1]) or '0') >= limit then
     return {tostring(window_end(length)), generation}

@@ -58,7 +58,8 @@ def rate_window_key(key_id: int) -> str:
 def bump_generation(client: StateRedis) -> None:
     """Tell every API process to forget the keys it knew (after a revocation commits).
     A random value, not a counter: a state Redis that lost its data and counted again
-    could repeat a value a process holds; a random one never comes back."""
+    could repeat a value a process holds; a random one never comes back (nor does the
+    clock-made one the API's script sets when the value is missing)."""
     client.set(GENERATION_KEY, uuid.uuid4().hex)
 
 
@@ -121,7 +122,7 @@ def list_keys(session: Session, *, include_revoked: bool = False) -> list[KeyInf
 def revoke_key(session: Session, name_or_prefix: str) -> list[KeyInfo]:
     """Revoke the live keys of this name, or the one of this prefix (or id); returns
     them. Call :func:`bump_generation` after the commit: the API processes' caches of
-keys then forget them before their next request."""
+    keys then forget them before their next request."""
     condition = (ApiKey.prefix == name_or_prefix) | (ApiKey.name == name_or_prefix)
     if name_or_prefix.isdigit():
         condition = condition | (ApiKey.id == int(name_or_prefix))

@@ -172,3 +172,21 @@ def test_a_revoke_that_cannot_reach_redis_says_so_and_still_revokes(
     [warning] = revoked.stderr.strip().splitlines()
     assert "revoked in Postgres" in warning and "60 s" in warning
     assert rows("SELECT revoked_at FROM api_keys")[0]["revoked_at"] is not None
+
+
+def test_a_cached_key_revoked_before_redis_lost_its_data_is_still_refused(
+    api_server: ApiServer, make_key: Callable[..., str],
+) -> None:
+    """The generation lost after a revoke (a state Redis restarted empty) comes back as a
+    value never seen before, so the key the process cached is looked up again."""
+    from notifier.storage.api_keys import GENERATION_KEY
+    from notifier.storage.state import state_redis
+
+    key = make_key("read")
+    with httpx.Client(base_url=api_server.url,
+                      headers={"Authorization": f"Bearer {key}"}) as client:
+        for _ in range(2):  # looked up, then cached
+            assert client.get("/v1/recipients/nobody/preferences").status_code == 404
+        assert cli("api-keys", "revoke", key[:11]).returncode == 0
+        state_redis().delete(GENERATION_KEY)
+        assert client.get("/v1/recipients/nobody/preferences").status_code == 401
