@@ -92,6 +92,8 @@ def test_a_critical_send_does_not_wait_behind_a_publish_of_others(broker: TestBr
     answered; the held one completes once let go."""
     [other], [critical] = made(1, tag="held"), made(1, "critical", "c")
 
+    GatedTitle.gate.clear()
+
     async def scenario() -> None:
         held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         message = {**to_message(other), "title": GatedTitle("held")}
