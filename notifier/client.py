@@ -215,6 +215,22 @@ def publish_many(
     return [str(notification.id) for notification in validated]
 
 
+def message_chunks(messages: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """``messages`` (of one priority) as :func:`publish_many` splits them into Celery
+    messages: at most ``client_chunk_size`` and ``max_message_bytes`` each."""
+    settings = get_settings()
+    size = settings.client_chunk_size
+    return [chunk for start in range(0, len(messages), size)
+            for chunk in _within_message_bytes(messages[start:start + size],
+                                               settings.max_message_bytes)]
+
+
+def publish_chunk(messages: list[dict[str, Any]], priority: str) -> None:
+    """One Celery message of notifications made by :func:`message_chunks` (on RabbitMQ,
+    confirmed when this returns): it is published whole or raises."""
+    _publish(messages, priority)
+
+
 def _validated_item(index: int, raw: Mapping[str, Any]) -> NotificationIn:
     try:
         return _validated(raw)

@@ -26,6 +26,7 @@ from typing import Annotated
 
 from fastapi import Depends, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from notifier.api.errors import ApiError
 from notifier.api.keys import require
@@ -50,7 +51,7 @@ class InboxAccess:
     key: KeyInfo | None
 
 
-def inbox_access(
+async def inbox_access(
     recipient_id: RecipientId,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     token: Annotated[str | None, Query(
@@ -59,14 +60,15 @@ def inbox_access(
                     " headers); never an API key",
     )] = None,
 ) -> InboxAccess:
-    """The dependency of every inbox route (runs in the thread pool: a key's lookup)."""
+    """The dependency of every inbox route (a key's check on the event loop, a token's
+    in the thread pool: its rate limit is a blocking Redis call)."""
     if credentials is not None and credentials.scheme.lower() == "bearer":
         given = credentials.credentials.strip()
         if not given.startswith(f"{VERSION}."):
-            return InboxAccess(recipient_id, _check_read_key(credentials))
-        return _by_token(recipient_id, given)
+            return InboxAccess(recipient_id, await _check_read_key(credentials))
+        return await run_in_threadpool(_by_token, recipient_id, given)
     if token is not None:
-        return _by_token(recipient_id, token)
+        return await run_in_threadpool(_by_token, recipient_id, token)
     raise ApiError(401, "an API key or a recipient token is required: Authorization:"
                         " Bearer <key or token>, or ?token=<token>", headers=_CHALLENGE)
 

@@ -43,14 +43,14 @@ class Token(BaseModel):
     expires_at: datetime
 
 
-def minting_key(
+async def minting_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> KeyInfo:
     """A read key; a recipient token is named as what it is, not as an unknown key."""
     if credentials is not None and credentials.credentials.strip().startswith(f"{VERSION}."):
         raise ApiError(401, "a recipient token cannot mint tokens: use an API key with the"
                             " read scope", headers={"WWW-Authenticate": "Bearer"})
-    return _read_key(credentials)
+    return await _read_key(credentials)
 
 
 def _body_schema() -> dict[str, Any]:

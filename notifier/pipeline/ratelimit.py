@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from notifier.settings import Settings
 from notifier.storage.state import Script, ScriptCall, StateRedis, run_scripts
+from notifier.storage.state_async import AsyncStateRedis, run_script
 
 #: Window name -> length in seconds.
 WINDOWS = {"minute": 60, "hour": 3600, "day": 86400}
@@ -163,9 +164,50 @@ def hash_tag(recipient_id: str) -> str:
     return "#" + hashlib.sha256(recipient_id.encode("utf-8", "replace")).hexdigest()[:32]
 
 
+#: KEYS: an API key's window, the keys' generation; ARGV: limit (0: none), length.
+#: Returns when the window resets ('0': counted, or no limit) and the generation: the
+#: request's rate check and its key cache's freshness in one round trip. A generation
+#: missing (never set, or lost with the server's data) is set from the server's clock,
+#: so a value once seen never comes back.
+_TAKE_KEY = Script(_CLOCK + """
+local limit, length = tonumber(ARGV[1]), tonumber(ARGV[2])
+local generation = redis.call('GET', KEYS[2])
+if not generation then
+  generation = 't' .. clock[1] .. '.' .. clock[2]
+  redis.call('SET', KEYS[2], generation, 'NX')
+  generation = redis.call('GET', KEYS[2])
+end
+if limit > 0 then
+  if tonumber(redis.call('GET', KEYS[1]) or '0') >= limit then
+    return {tostring(window_end(length)), generation}
+  end
+  if redis.call('INCR', KEYS[1]) == 1 then
+    redis.call('PEXPIREAT', KEYS[1], window_end(length) * 1000)
+  end
+end
+return {'0', generation}
+""")
+
+
+async def take_key_window_async(
+    client: AsyncStateRedis, key: str, generation_key: str, limit: int, length: int
+) -> tuple[float, str]:
+    """An API key's request, from the event loop: counted in its window of ``limit`` per
+    ``length`` seconds (``limit`` 0: not counted), and the keys' generation read, in one
+    script call. Returns 0.0 or when the window resets (nothing counted), and the
+    generation."""
+    reset, generation = await run_script(client, _TAKE_KEY, [key, generation_key],
+                                         [limit, length])
+    return float(reset), _text(generation)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def take_window(client: StateRedis, key: str, limit: int, length: int) -> float:
     """Count one use of a fixed window of ``limit`` per ``length`` seconds kept at ``key``
     (the recipients' script, so the window is the Redis server's): 0.0 if counted, else
-    when the window resets (epoch seconds, nothing counted). The HTTP API's per-key limit."""
+    when the window resets (epoch seconds, nothing counted). The recipient tokens' limit."""
     [answer] = run_scripts(client, [(_TAKE, [key], [limit, length])])
     return float(answer)

@@ -8,10 +8,13 @@ request would cap a process at a few requests per second. A key's first 11 chara
 (``prefix``, not secret) find its row, and the stored hash is compared with the
 presented one in constant time (:func:`hmac.compare_digest`).
 
-Keys are looked up in Postgres on every request, without a cache: a revoked key fails
-on the very next request, in every API process, and the lookup is one index scan
-(it costs what a ``SELECT 1`` through a session costs: ``docs/api.md``).
-``last_used_at`` is written at most once a minute per key.
+The API keeps the keys it authenticated in a per-process cache (``notifier.api.keys``),
+made safe by a *generation* in the state Redis (:data:`GENERATION_KEY`): revoking bumps
+it after the Postgres commit (:func:`bump_generation`), and every request's rate-limit
+script reads it, so a process that sees a new generation forgets every key it knew and
+the next request of a revoked key fails, in every API process. A key is looked up in
+Postgres (one index scan) when a process first sees it, after a generation change, and
+at least once a minute; ``last_used_at`` is written then, at most once a minute per key.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import enum
 import hashlib
 import hmac
 import secrets
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +32,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from notifier.storage.models import ApiKey
+from notifier.storage.state import StateRedis
 
 KEY_PREFIX = "nk_"
 #: Characters of a key kept as its display prefix (``nk_`` and 8 of the token).
@@ -36,6 +41,26 @@ PREFIX_CHARS = 11
 KEY_CHARS = len(KEY_PREFIX) + 43
 #: ``last_used_at`` is written when it is older than this (seconds).
 TOUCH_INTERVAL = 60
+#: The keys' generation in the state Redis: a new random value on every revocation. Its
+#: hash tag is the one of the keys' rate windows (:func:`rate_window_key`), so the one
+#: script a request runs reads both on a Redis Cluster too (one slot for all API keys).
+GENERATION_KEY = "notifier.api.{keys}.generation"
+#: Seconds an API process trusts a key it looked up (the bound of a revocation that
+#: could not reach Redis); also how often a busy key's ``last_used_at`` can move.
+CACHE_SECONDS = 60
+
+
+def rate_window_key(key_id: int) -> str:
+    """Where a key's requests of the current minute are counted (beside the generation)."""
+    return f"notifier.api.{{keys}}.rate.{key_id}.minute"
+
+
+def bump_generation(client: StateRedis) -> None:
+    """Tell every API process to forget the keys it knew (after a revocation commits).
+    A random value, not a counter: a state Redis that lost its data and counted again
+    could repeat a value a process holds; a random one never comes back (nor does the
+    clock-made one the API's script sets when the value is missing)."""
+    client.set(GENERATION_KEY, uuid.uuid4().hex)
 
 
 class Scope(enum.StrEnum):
@@ -98,7 +123,8 @@ def list_keys(session: Session, *, include_revoked: bool = False) -> list[KeyInf
 
 def revoke_key(session: Session, name_or_prefix: str) -> list[KeyInfo]:
     """Revoke the live keys of this name, or the one of this prefix (or id); returns
-    them. Takes effect on the next request of every API process (nothing is cached)."""
+    them. Call :func:`bump_generation` after the commit: the API processes' caches of
+    keys then forget them before their next request."""
     condition = (ApiKey.prefix == name_or_prefix) | (ApiKey.name == name_or_prefix)
     if name_or_prefix.isdigit():
         condition = condition | (ApiKey.id == int(name_or_prefix))

@@ -129,3 +129,64 @@ def test_several_processes_share_the_port_and_a_revocation(
         assert server.log().count("Started server process") == 2
     finally:
         server.stop()
+
+
+def test_a_revocation_reaches_the_caches_of_two_api_processes(
+    api_server: ApiServer, make_key: Callable[..., str],
+) -> None:
+    """Two separate API processes that both cached a key (one without a rate limit, so
+    with no counting to do) refuse it on their next request after the revoke; the keys
+    they forgot with it are looked up again and still work."""
+    other = ApiServer.start()
+    try:
+        unlimited, kept = make_key("read", rate_limit=0), make_key("read", name="kept")
+        path = "/v1/recipients/nobody/preferences"
+        clients = [httpx.Client(base_url=server.url, timeout=30) for server in (api_server, other)]
+
+        def status(http: httpx.Client, key: str) -> int:
+            return http.get(path, headers={"Authorization": f"Bearer {key}"}).status_code
+
+        for http in clients:
+            for key in (unlimited, kept, unlimited, kept):  # the second of each: from the cache
+                assert status(http, key) == 404
+        assert cli("api-keys", "revoke", unlimited[:11]).returncode == 0
+        for http in clients:
+            assert status(http, unlimited) == 401
+            assert status(http, kept) == 404
+            http.close()
+    finally:
+        other.stop()
+
+
+def test_a_revoke_that_cannot_reach_redis_says_so_and_still_revokes(
+    make_key: Callable[..., str],
+) -> None:
+    """The key is revoked in Postgres; one line says the caches may keep it a minute."""
+    key = make_key("read")
+    revoked = subprocess.run(
+        [NOTIFIER, "api-keys", "revoke", key[:11]], capture_output=True, text=True,
+        timeout=60, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "NOTIFIER_REDIS_URL": "redis://127.0.0.1:1/0"},
+    )
+    assert revoked.returncode == 0 and f"revoked {key[:11]}" in revoked.stdout
+    [warning] = revoked.stderr.strip().splitlines()
+    assert "revoked in Postgres" in warning and "60 s" in warning
+    assert rows("SELECT revoked_at FROM api_keys")[0]["revoked_at"] is not None
+
+
+def test_a_cached_key_revoked_before_redis_lost_its_data_is_still_refused(
+    api_server: ApiServer, make_key: Callable[..., str],
+) -> None:
+    """The generation lost after a revoke (a state Redis restarted empty) comes back as a
+    value never seen before, so the key the process cached is looked up again."""
+    from notifier.storage.api_keys import GENERATION_KEY
+    from notifier.storage.state import state_redis
+
+    key = make_key("read")
+    with httpx.Client(base_url=api_server.url,
+                      headers={"Authorization": f"Bearer {key}"}) as client:
+        for _ in range(2):  # looked up, then cached
+            assert client.get("/v1/recipients/nobody/preferences").status_code == 404
+        assert cli("api-keys", "revoke", key[:11]).returncode == 0
+        state_redis().delete(GENERATION_KEY)
+        assert client.get("/v1/recipients/nobody/preferences").status_code == 401

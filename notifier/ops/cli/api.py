@@ -111,3 +111,21 @@ def revoke_api_key(key: str) -> None:
         fail(f"no live API key named or starting {key[:PREFIX_CHARS]!r}", EXIT_CONFIG)
     for info in revoked:
         click.echo(f"revoked {info.prefix}… ({info.name})")
+    _tell_api_processes()
+
+
+def _tell_api_processes() -> None:
+    """Make the API processes forget the keys they cached (``notifier.api.keys``); if
+    the state Redis does not answer, the revocation stands but a process that cached the
+    key may still accept it for up to a minute: say so."""
+    from redis.exceptions import RedisError
+
+    from notifier.storage.api_keys import CACHE_SECONDS, bump_generation
+    from notifier.storage.state import state_redis
+
+    try:
+        bump_generation(state_redis())
+    except (RedisError, OSError) as exc:
+        click.echo(f"warning: the state Redis did not answer ({str(exc)[:200]}): the key is"
+                   f" revoked in Postgres, but API processes that cached it may accept it"
+                   f" for up to {CACHE_SECONDS} s", err=True)
