@@ -493,11 +493,28 @@ def _print_cpu(outcomes: dict[str, Outcome]) -> None:
     if not rows:
         return
     print("\nCPU: cores kept busy, averaged over each scenario (2 in all; postgres counts"
-          " every backend on the server)")
-    print(f"{'scenario':<44}" + "".join(f"{party:>10}" for party in PARTIES))
+          " every backend on the server); us/item: CPU of every party per item done;"
+          " ceiling: the rate that CPU allows on this machine's cores")
+    print(f"{'scenario':<44}" + "".join(f"{party:>10}" for party in PARTIES)
+          + f"{'us/item':>9}{'ceiling/s':>11}")
     for outcome in rows:
+        per_item = cpu_per_item(outcome)
         print(f"{outcome.label:<44}"
-              + "".join(f"{outcome.cores.get(party, 0):>10.2f}" for party in PARTIES))
+              + "".join(f"{outcome.cores.get(party, 0):>10.2f}" for party in PARTIES)
+              + (f"{per_item[0]:>9,.0f}{per_item[1]:>11,.0f}" if per_item else ""))
+
+
+def cpu_per_item(outcome: Outcome) -> tuple[float, float] | None:
+    """(microseconds of CPU per item done, every party together; the rate at which that
+    CPU would keep all of this machine's cores busy). A scenario whose rate is close to
+    its ceiling is CPU-bound here: only less CPU per item makes it faster, whatever the
+    design; one far below it waits (on locks, round trips, a single busy process)."""
+    if not outcome.cores or outcome.committed <= 0 or outcome.seconds <= 0:
+        return None
+    micros = sum(outcome.cores.values()) * outcome.seconds / outcome.committed * 1e6
+    if micros <= 0:
+        return None
+    return micros, (os.cpu_count() or 1) * 1e6 / micros
 
 
 def _print_profiles(outcomes: dict[str, Outcome], top: int = 5) -> None:
@@ -749,10 +766,16 @@ def _markdown_cpu(outcomes: dict[str, Outcome]) -> list[str]:
     if not rows:
         return []
     lines = ["", "## CPU (cores kept busy, averaged over each scenario; 2 in all)", "",
-             "| scenario | " + " | ".join(PARTIES) + " |",
-             "|---|" + "---:|" * len(PARTIES)]
-    lines += [f"| {o.label} | " + " | ".join(f"{o.cores.get(p, 0):.2f}" for p in PARTIES)
-              + " |" for o in rows]
+             "µs/item: the CPU of every party per item done; ceiling: the rate at which that"
+             " CPU keeps every core of this machine busy (a rate close to it is CPU-bound"
+             " here; one far below it waits).", "",
+             "| scenario | " + " | ".join(PARTIES) + " | µs/item | ceiling/s |",
+             "|---|" + "---:|" * (len(PARTIES) + 2)]
+    for o in rows:
+        per_item = cpu_per_item(o)
+        tail = f" {per_item[0]:,.0f} | {per_item[1]:,.0f} |" if per_item else "  |  |"
+        lines.append(f"| {o.label} | " + " | ".join(f"{o.cores.get(p, 0):.2f}" for p in PARTIES)
+                     + " |" + tail)
     return lines
 
 

@@ -82,6 +82,19 @@ def test_aims_read_the_aggregation_figures() -> None:
     assert reached["notify_many"]["value"] == pytest.approx(40.0)
 
 
+def test_cpu_per_item_and_the_ceiling_it_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every party's cores over the scenario's seconds, per item; the ceiling is the rate
+    that CPU would reach with every core busy."""
+    monkeypatch.setattr(report.os, "cpu_count", lambda: 2)
+    outcome = Outcome("buffered", "b", 50_000, 4.0, 2.0, 40_000,
+                      cores={"producer": 0.5, "pool": 1.0, "postgres": 0.5})
+    micros, ceiling = report.cpu_per_item(outcome) or (0.0, 0.0)
+    assert micros == pytest.approx(2.0 * 4.0 / 40_000 * 1e6)  # 200 µs
+    assert ceiling == pytest.approx(10_000)  # 2 cores / 200 µs
+    assert report.cpu_per_item(Outcome("x", "x", 0, 1.0, 1.0, 0, cores={"pool": 1.0})) is None
+    assert report.cpu_per_item(Outcome("x", "x", 5, 1.0, 1.0, 5)) is None
+
+
 def test_report_json_markdown_and_plots(tmp_path: Path) -> None:
     doc = report.document(outcomes(), MACHINE, BenchConfig(), 0.1, SETTINGS)
     saved = json.loads(report.write_json(doc, tmp_path / "latest.json").read_text())

@@ -221,7 +221,7 @@ def test_a_change_rolled_back_is_never_taken_for_the_current_one():
 def test_a_recipient_created_by_a_rolled_back_batch_is_created_again():
     """The first batch made the recipient and rolled back (another message refused): the
     cache must not remember a row that never committed, or the next batch would skip
-    the recipient's insert and fail on the foreign key."""
+    the recipient's insert and store notifications of a recipient that does not exist."""
     try:
         with session_scope() as session:
             ingest_batch(session, [IngestMessage(str(uuid.uuid4()), [note("alert", "newbie")])],
@@ -233,3 +233,4 @@ def test_a_recipient_created_by_a_rolled_back_batch_is_created_again():
     again = note("alert", "newbie")
     assert len(ingest([again], now=T0 + MINUTE).stored) == 1
     assert status(again) == "pending"
+    assert query("SELECT count(*) FROM recipients WHERE id = 'newbie'")[0][0] == 1

@@ -1,0 +1,66 @@
+"""Lighter notification writes: no per-row recipient check, no index on status.
+
+Measured on ingest's own mixed workload (``/work/tools``-style runs, Postgres backend
+CPU per notification, three rounds each): the foreign key from ``notifications`` to
+``recipients`` cost about 4 µs of Postgres's ~25 µs per notification (its check is a
+query and a row lock for every inserted row), and ``ix_notifications_status`` about 2 µs
+(an entry per row in an index on a column of seven values).
+
+- **The foreign key** guarded nothing ingest does not already guarantee: ingest writes
+  (or finds) every recipient in the same transaction as its notifications, and nothing
+  in notifier deletes a recipient or changes its id. What the key also did, refuse an
+  operator's ``DELETE`` or id change of a recipient that still has notifications, a
+  trigger on ``recipients`` now does, at the cost of one index probe per deleted row,
+  nothing on the write path. Unlike the key it cannot see notifications of a
+  transaction not yet committed: a recipient deleted by hand in the very moment a batch
+  for it commits leaves that batch's notifications without their recipient (their
+  deliveries then find no address and end as dead letters naming it). Digests keep
+  their key (written by the flush, a few per window).
+- **The status index** served only ``notifier status``'s count by status, which now
+  reads the table (pending ones have their own partial index).
+
+Revision ID: 0013
+Revises: 0012
+Create Date: 2026-12-07 10:00:00
+"""
+
+from alembic import op
+
+revision = "0013"
+down_revision = "0012"
+branch_labels = None
+depends_on = None
+
+GUARD_FUNCTION = """
+CREATE FUNCTION notifier_recipient_still_referenced() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF (TG_OP = 'DELETE' OR NEW.id IS DISTINCT FROM OLD.id)
+       AND EXISTS (SELECT 1 FROM notifications WHERE recipient_id = OLD.id) THEN
+        RAISE EXCEPTION 'recipient % still has notifications', quote_literal(OLD.id)
+            USING ERRCODE = 'foreign_key_violation',
+                  HINT = 'delete its notifications first (docs/retention.md)';
+    END IF;
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
+$$
+"""
+
+
+def upgrade() -> None:
+    op.drop_constraint("fk_notifications_recipient_id_recipients", "notifications",
+                       type_="foreignkey")
+    op.drop_index("ix_notifications_status", table_name="notifications")
+    op.execute(GUARD_FUNCTION)
+    op.execute(
+        "CREATE TRIGGER recipient_still_referenced BEFORE DELETE OR UPDATE OF id"
+        " ON recipients FOR EACH ROW EXECUTE FUNCTION notifier_recipient_still_referenced()"
+    )
+
+
+def downgrade() -> None:
+    op.execute("DROP TRIGGER recipient_still_referenced ON recipients")
+    op.execute("DROP FUNCTION notifier_recipient_still_referenced()")
+    op.create_index("ix_notifications_status", "notifications", ["status"], unique=False)
+    op.create_foreign_key("fk_notifications_recipient_id_recipients", "notifications",
+                          "recipients", ["recipient_id"], ["id"])
