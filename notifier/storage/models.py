@@ -161,7 +161,7 @@ class Notification(Base):
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     #: A recipient's id, with no foreign key: ingest writes the recipient in the same
     #: transaction, and a trigger refuses deleting a recipient that still has
-    #: notifications (migration 0013 says why: the key's check per row was the write's
+    #: notifications (migration 0015 says why: the key's check per row was the write's
     #: largest cost).
     recipient_id: Mapped[str] = mapped_column(String(255), nullable=False)
     type: Mapped[str] = mapped_column(String(64), nullable=False)

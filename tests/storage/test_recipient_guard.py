@@ -1,4 +1,4 @@
-"""A recipient that still has notifications cannot be deleted or renamed (migration 0013).
+"""A recipient that still has notifications cannot be deleted or renamed (migration 0015).
 
 ``notifications.recipient_id`` has no foreign key (its check per inserted row was the
 write's largest cost); a trigger on ``recipients`` refuses what the key refused.
