@@ -14,9 +14,10 @@ with the code before: 20,253 → 28,593 notifications/s (medians).
   trigger on ``recipients`` now does, at the cost of one index probe per deleted row,
   nothing on the write path. Unlike the key it cannot see notifications of a
   transaction not yet committed: a recipient deleted by hand in the very moment a batch
-  for it commits leaves that batch's notifications without their recipient (their
-  deliveries then find no address and end as dead letters naming it). Digests keep
-  their key (written by the flush, a few per window).
+  for it commits leaves that batch's notifications without their recipient: a delivery
+  on a channel that needs an address then fails as any recipient without one does
+  ("recipient … has no email address"). Digests keep their key (written by the
+  flush, a few per window).
 - **The status index** served only ``notifier status``'s count by status, which now
   reads the table (pending ones have their own partial index).
 
