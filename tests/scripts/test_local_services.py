@@ -46,9 +46,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_script(*args: str, database_url: str, broker_url: str) -> subprocess.CompletedProcess:
+def run_script(*args: str, database_url: str, broker_url: str,
+               state_url: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "NOTIFIER_DATABASE_URL": database_url,
            "NOTIFIER_BROKER_URL": broker_url}
+    env.pop("NOTIFIER_REDIS_URL", None)
+    if state_url is not None:
+        env["NOTIFIER_REDIS_URL"] = state_url
     return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
@@ -119,6 +123,28 @@ def test_embedded_servers_start_answer_and_stop(data_dir: Path) -> None:
     assert not local_services.process_alive(pids["redis"])
     assert not local_services.process_alive(pids["postgres"])
     assert not (data_dir / "env").exists()
+
+
+@pytest.mark.slow
+def test_a_state_redis_that_does_not_answer_gets_the_embedded_one(data_dir: Path) -> None:
+    """NOTIFIER_REDIS_URL set to a Redis that is not there: the embedded Redis serves it
+    (db 1), said in one line naming the variable's URL; the others are left alone."""
+    if not (local_services.postgres_answers(REAL_DATABASE_URL)
+            and local_services.broker_answers(REAL_BROKER_URL)):
+        pytest.skip("no Postgres at 127.0.0.1:5432 or no Redis at 127.0.0.1:6379")
+    state_url = f"redis://127.0.0.1:{free_port()}/2"
+    result = run_script("--data-dir", str(data_dir), database_url=REAL_DATABASE_URL,
+                        broker_url=REAL_BROKER_URL, state_url=state_url)
+    assert result.returncode == 0, result.stderr
+    said = result.stderr.splitlines()
+    assert len(said) == 1 and said[0].startswith(f"No state Redis answers at {state_url};")
+    exports = parse_exports(result.stdout)
+    assert set(exports) == {"NOTIFIER_REDIS_URL"}
+    assert exports["NOTIFIER_REDIS_URL"].startswith("unix:///")
+    assert exports["NOTIFIER_REDIS_URL"].endswith("?db=1")
+    client = redis.Redis.from_url(exports["NOTIFIER_REDIS_URL"])
+    assert client.ping()
+    client.close()
 
 
 def test_nothing_is_said_when_both_services_answer(tmp_path: Path) -> None:
