@@ -54,8 +54,29 @@ def server_seconds(client: StateRedis) -> float:
     return float(seconds) + float(micros) / 1e6
 
 
+@dataclass(frozen=True)
+class ClientClasses:
+    """redis-py's client classes of one flavour: blocking (here) or ``redis.asyncio``
+    (``notifier.storage.state_async``); :func:`connect_with` builds either the same way."""
+
+    redis: Any
+    sentinel: Any
+    cluster: Any
+    node: Any
+
+
+BLOCKING = ClientClasses(redis.Redis, Sentinel, RedisCluster, ClusterNode)
+
+
 def connect(settings: Settings, *, timeout: float = 5.0) -> StateRedis:
     """A client of the state Redis that ``settings`` name, however it is reached."""
+    client: StateRedis = connect_with(BLOCKING, settings, timeout)
+    return client
+
+
+def connect_with(classes: ClientClasses, settings: Settings, timeout: float) -> Any:
+    """A client of ``classes``' flavour for the state Redis of ``settings``: a plain URL,
+    the master the Sentinels name, or a cluster."""
     url = settings.state_redis_url
     scheme = urlsplit(url).scheme
     timeouts: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
@@ -64,21 +85,21 @@ def connect(settings: Settings, *, timeout: float = 5.0) -> StateRedis:
         sentinel_options: dict[str, Any] = dict(timeouts)
         if settings.sentinel_password:
             sentinel_options["password"] = settings.sentinel_password.get_secret_value()
-        sentinel = Sentinel(list(found.sentinels), sentinel_kwargs=sentinel_options, **timeouts)
+        sentinel = classes.sentinel(list(found.sentinels), sentinel_kwargs=sentinel_options,
+                                    **timeouts)
         assert settings.state_sentinel_master  # the settings refuse a sentinel:// without
-        client: redis.Redis = sentinel.master_for(
+        return sentinel.master_for(
             settings.state_sentinel_master, db=found.db, username=found.username,
             password=found.password, health_check_interval=30,
         )
-        return client
     if scheme.endswith("+cluster"):
         cluster = parse_cluster_url(url)
-        return RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in cluster.nodes],
+        return classes.cluster(
+            startup_nodes=[classes.node(host, port) for host, port in cluster.nodes],
             ssl=cluster.tls, username=cluster.username, password=cluster.password,
             **timeouts,
         )
-    return redis.Redis.from_url(url, health_check_interval=30, **timeouts)
+    return classes.redis.from_url(url, health_check_interval=30, **timeouts)
 
 
 def describe(client: StateRedis) -> str | None:

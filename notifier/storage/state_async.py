@@ -15,17 +15,18 @@ import asyncio
 import os
 from collections.abc import Sequence
 from typing import Any, TypeAlias
-from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import NoScriptError
 
-from notifier.settings import Settings, get_settings, parse_cluster_url, parse_sentinel_url
-from notifier.storage.state import Script
+from notifier.settings import Settings, get_settings
+from notifier.storage.state import ClientClasses, Script, connect_with
 
 AsyncStateRedis: TypeAlias = "Redis | RedisCluster"
+
+ASYNCIO = ClientClasses(Redis, Sentinel, RedisCluster, ClusterNode)
 
 _clients: dict[tuple[int, int], AsyncStateRedis] = {}
 
@@ -39,30 +40,10 @@ def async_state_redis() -> AsyncStateRedis:
 
 
 def connect_async(settings: Settings, *, timeout: float = 5.0) -> AsyncStateRedis:
-    """An asyncio client of the state Redis ``settings`` name, however it is reached."""
-    url = settings.state_redis_url
-    scheme = urlsplit(url).scheme
-    timeouts: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-    if scheme == "sentinel":
-        found = parse_sentinel_url(url)
-        sentinel_options: dict[str, Any] = dict(timeouts)
-        if settings.sentinel_password:
-            sentinel_options["password"] = settings.sentinel_password.get_secret_value()
-        sentinel = Sentinel(list(found.sentinels), sentinel_kwargs=sentinel_options, **timeouts)
-        assert settings.state_sentinel_master  # the settings refuse a sentinel:// without
-        client: Redis = sentinel.master_for(
-            settings.state_sentinel_master, db=found.db, username=found.username,
-            password=found.password, health_check_interval=30,
-        )
-        return client
-    if scheme.endswith("+cluster"):
-        cluster = parse_cluster_url(url)
-        return RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in cluster.nodes],
-            ssl=cluster.tls, username=cluster.username, password=cluster.password,
-            **timeouts,
-        )
-    return Redis.from_url(url, health_check_interval=30, **timeouts)
+    """An asyncio client of the state Redis ``settings`` name, however it is reached
+    (built as :func:`notifier.storage.state.connect` builds its blocking one)."""
+    client: AsyncStateRedis = connect_with(ASYNCIO, settings, timeout)
+    return client
 
 
 async def run_script(
