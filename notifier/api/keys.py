@@ -132,11 +132,16 @@ async def authorized(presented: str, scope: Scope) -> KeyInfo:
     elif known.generation != generation:  # a key was revoked since it was looked up
         key = await run_in_threadpool(_looked_up, presented, scope)
     if reset:
-        wait = max(1, math.ceil(reset - time.time()))
-        raise ApiError(429, f"rate limit of {limit} requests per minute reached",
-                       [{"limit": limit, "retry_after": wait}],
-                       headers={"Retry-After": str(wait)})
+        raise over_rate_limit(limit or 0, reset)
     return key
+
+
+def over_rate_limit(limit: int, reset: float, whose: str = "") -> ApiError:
+    """The 429 of a rate window that resets at ``reset`` (epoch seconds), with
+    ``Retry-After``; ``whose`` ends the sentence (" for this recipient's tokens")."""
+    wait = max(1, math.ceil(reset - time.time()))
+    return ApiError(429, f"rate limit of {limit} requests per minute reached{whose}",
+                    [{"limit": limit, "retry_after": wait}], headers={"Retry-After": str(wait)})
 
 
 def _looked_up(presented: str, scope: Scope) -> KeyInfo:

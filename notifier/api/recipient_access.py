@@ -19,8 +19,6 @@ leaked token cannot be used to flood the database.
 from __future__ import annotations
 
 import hashlib
-import math
-import time
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -29,7 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from notifier.api.errors import ApiError
-from notifier.api.keys import require
+from notifier.api.keys import over_rate_limit, require
 from notifier.api.preferences import RecipientId
 from notifier.pipeline.ratelimit import take_window
 from notifier.pipeline.recipient_tokens import MAX_TOKEN_LENGTH, VERSION, TokenError, verify
@@ -92,10 +90,7 @@ def _within_rate_limit(recipient_id: str) -> None:
     name = f"notifier.api.rate.{{t{_digest(recipient_id)}}}.minute"
     reset = take_window(state_redis(), name, limit, 60)
     if reset:
-        wait = max(1, math.ceil(reset - time.time()))
-        raise ApiError(429, f"rate limit of {limit} requests per minute reached for this"
-                            " recipient's tokens", [{"limit": limit, "retry_after": wait}],
-                       headers={"Retry-After": str(wait)})
+        raise over_rate_limit(limit, reset, " for this recipient's tokens")
 
 
 def _digest(recipient_id: str) -> str:
