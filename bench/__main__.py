@@ -13,7 +13,9 @@ aggregation).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
 import traceback
@@ -380,7 +382,36 @@ def draw_plots(document: dict[str, Any], config: BenchConfig) -> tuple[dict[str,
         return {}, f"No plots: drawing them failed ({error!r})."
 
 
+def exit_on_sigterm() -> None:
+    """A SIGTERM (``kill``, ``timeout``) ends the run and everything it started.
+
+    The workers and servers the scenarios start run in sessions of their own, so only
+    the run can stop them, and Python's default for SIGTERM ends it on the spot, leaving
+    them loading the machine for whatever runs next. Raising ``SystemExit`` to run the
+    ``finally`` blocks is not enough: a signal that lands in a garbage-collection
+    callback has its exception printed and dropped, and the run carries on. So the
+    handler stops every descendant itself (SIGTERM, then SIGKILL for what is left after
+    ten seconds) and then exits."""
+    def stop(signum: int, frame: object) -> None:
+        import psutil
+
+        print("[bench] terminated: stopping the processes it started", file=sys.stderr,
+              flush=True)
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.terminate()
+        _, alive = psutil.wait_procs(children, timeout=10)
+        for child in alive:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()
     config = parse_args(argv)
     config.apply_environment()
     return run(config)
