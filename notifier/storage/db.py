@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias, cast
 
 import psycopg
+from psycopg import pq
 from psycopg.rows import TupleRow
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
@@ -100,36 +101,51 @@ def bound_transaction(session: Session, settings: Settings) -> None:
     ``set_config(…, true)`` is ``SET LOCAL``: the setting ends with the transaction,
     never with the session, so a pooler in transaction mode (PgBouncer) hands nothing
     on, and the delivery claim's transaction on a pooled connection is never bounded
-    by it. One statement, which also reads Postgres's clock for ``transaction_now``;
-    none if both are 0 (the server's own settings then apply). It goes through the raw
-    cursor, not ``session.execute``: the ORM's path cost ~250 us of worker CPU per
-    transaction, which on two busy cores put 3-5 ms on the critical lane's p50."""
+    by it. None of it if both are 0 (the server's own settings then apply).
+
+    It costs no round trip of its own: psycopg would send ``BEGIN`` alone and wait for
+    it, then the settings; here ``BEGIN``, the settings and the read of Postgres's clock
+    (for ``transaction_now``) go as one simple query, and psycopg, finding the
+    transaction begun, sends no ``BEGIN`` of its own. On two busy cores every round
+    trip of a critical ingest batch is a wake-up of the worker and of its backend
+    behind the bulk work (see ``docs/scaling.md``)."""
     values = [
-        (name, f"{max(1, round(seconds * 1000))}ms")
+        (name, max(1, round(seconds * 1000)))
         for name, field in TRANSACTION_BOUNDS
         if (seconds := getattr(settings, field))
     ]
-    if values:
-        cursor = raw_cursor(session)
-        cursor.execute(
-            "SELECT statement_timestamp(), "
-            + ", ".join(f"set_config('{name}', %s, true)" for name, _ in values),
-            [value for _, value in values],
-        )
-        row = cursor.fetchone()
-        if row is None:  # a SELECT without FROM always returns its row
-            raise RuntimeError("Postgres returned no time")
-        session.info[_SERVER_NOW] = row[0]
+    if not values:
+        return
+    connection = driver_connection(session)
+    # Integers of our own settings, in milliseconds: nothing to quote.
+    settings_sql = "".join(f", set_config('{name}', '{ms}ms', true)" for name, ms in values)
+    clock_sql = "(extract(epoch FROM statement_timestamp()) * 1000000)::int8"
+    if connection.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+        result = connection.pgconn.exec_(f"BEGIN; SELECT {clock_sql}{settings_sql}".encode())
+    else:  # a statement already ran in this transaction (no caller does that today)
+        result = connection.pgconn.exec_(f"SELECT {clock_sql}{settings_sql}".encode())
+    if result.status != pq.ExecStatus.TUPLES_OK:
+        raise psycopg.errors.error_from_result(result, encoding=connection.info.encoding)
+    microseconds = int(result.get_value(0, 0) or b"")
+    session.info[_SERVER_NOW] = _EPOCH + timedelta(microseconds=microseconds)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def driver_connection(session: Session) -> psycopg.Connection[TupleRow]:
+    """The psycopg connection under the session, inside its transaction."""
+    driver: psycopg.Connection[TupleRow] | None = session.connection().connection.driver_connection
+    if driver is None:  # only a connection already closed has none
+        raise RuntimeError("the session's database connection is closed")
+    return driver
 
 
 def raw_cursor(session: Session) -> Cursor:
     """A psycopg cursor on the session's own connection, inside its transaction: for the
     pipeline's hand-written SQL (``executemany``, ``COPY``, row locks) that the ORM would
     only slow down. Commit and rollback stay the session's."""
-    driver: psycopg.Connection[TupleRow] | None = session.connection().connection.driver_connection
-    if driver is None:  # only a connection already closed has none
-        raise RuntimeError("the session's database connection is closed")
-    return driver.cursor()
+    return driver_connection(session).cursor()
 
 
 def libpq_url(url: str) -> str:
