@@ -92,3 +92,27 @@ def rotate_webhook_secret(recipient: str, overlap: str | None) -> None:
 def _no_recipient(recipient: str) -> None:
     fail(f"no recipient {recipient!r}; create one with"
          f" `notifier recipients set {recipient} --address webhook=URL`", EXIT_USAGE)
+
+
+@click.group()
+def callbacks() -> None:
+    """Status callbacks' signing secrets (docs/callbacks.md)."""
+
+
+@callbacks.command("secret")
+@click.argument("url")
+@friendly_errors
+def show_callback_secret(url: str) -> None:
+    """Print the signing secret of the receiver of callback URL (made now if it has
+    none). One per origin (scheme, host and port): every callback URL on that server
+    shares it. The receiver verifies X-Notifier-Signature with it, as a webhook's."""
+    from notifier.channels.base import endpoint_of
+    from notifier.storage.callback_secrets import signing_secrets
+    from notifier.storage.db import session_scope
+
+    origin = endpoint_of(url)
+    if origin is None:
+        fail(f"not an http(s) URL: {url!r}", EXIT_USAGE)
+        return
+    with session_scope() as session:
+        click.echo(signing_secrets(session, [origin])[origin].current)
