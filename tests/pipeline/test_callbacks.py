@@ -57,7 +57,8 @@ def _sweep_until(condition: Callable[[], bool], timeout: float, what: str) -> No
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout}s for {what}")
+            states = _rows("SELECT status, state, attempts, last_error FROM callbacks")
+            raise TimeoutError(f"waited {timeout}s for {what}; callbacks: {states}")
         sweep_callbacks()
         time.sleep(0.2)
 
@@ -90,8 +91,10 @@ def test_every_terminal_status_is_called_back_once_signed(smtp_server: SmtpServe
         receiver.secret = _secret_of(receiver.url())
         refusing.respond_always(400, "no such hook")
         url = receiver.url()
+        # Ten 500s from one receiver would open its circuit (5 by default) for a minute.
         worker = WorkerProcess.start(env={"NOTIFIER_CHANNELS__EMAIL": smtp_server.url(),
-                                          "NOTIFIER_RETRY_BASE": "0.2"})
+                                          "NOTIFIER_RETRY_BASE": "0.2",
+                                          "NOTIFIER_ENDPOINT_BREAKER_THRESHOLD": "50"})
         api = ApiServer.start()
         try:
             common = {"type": "alert", "priority": "critical", "callback_url": url}
