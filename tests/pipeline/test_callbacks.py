@@ -263,3 +263,21 @@ def test_api_keys_create_takes_a_default_callback_url_and_the_secret_command() -
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.strip() == _secret_of("https://hooks.example.com/status")()
+
+
+def test_retention_purges_old_sent_and_parked_callbacks_only() -> None:
+    from notifier.pipeline.retention import purge_expired
+    from notifier.settings import Settings
+
+    with session_scope() as session:
+        for state, days in (("sent", 40), ("dead", 40), ("retrying", 40), ("sent", 1)):
+            session.execute(text(
+                "INSERT INTO callbacks (id, delivery_id, notification_id, channel, status,"
+                " url, state, updated_at) VALUES (gen_random_uuid(), gen_random_uuid(),"
+                " gen_random_uuid(), 'email', 'sent', 'https://cb.example.com/', :state,"
+                " now() - make_interval(days => :days))"), {"state": state, "days": days})
+    purged = purge_expired(Settings(retention_batch_pause=0))
+    assert purged.get("callbacks") == 2
+    left = sorted((r.state, r.young) for r in _rows(
+        "SELECT state, updated_at > now() - interval '2 days' AS young FROM callbacks"))
+    assert left == [("retrying", False), ("sent", True)]
