@@ -281,3 +281,53 @@ def test_retention_purges_old_sent_and_parked_callbacks_only() -> None:
     left = sorted((r.state, r.young) for r in _rows(
         "SELECT state, updated_at > now() - interval '2 days' AS young FROM callbacks"))
     assert left == [("retrying", False), ("sent", True)]
+
+
+def _ingest_statements(monkeypatch: Any, payloads: list[dict[str, Any]]) -> list[str]:
+    """The statements one ingest batch sends to Postgres (every ``execute`` and ``copy``
+    of its psycopg cursor, recorded on the way through)."""
+    import psycopg
+
+    from notifier.pipeline.ingest import IngestMessage, ingest_batch
+
+    seen: list[str] = []
+    execute, copy = psycopg.Cursor.execute, psycopg.Cursor.copy
+
+    def spy_execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(" ".join(str(query).split()))
+        return execute(self, query, *args, **kwargs)
+
+    def spy_copy(self: Any, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(" ".join(str(statement).split()))
+        return copy(self, statement, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", spy_execute)
+    monkeypatch.setattr(psycopg.Cursor, "copy", spy_copy)
+    with session_scope() as session:
+        result = ingest_batch(session, [IngestMessage(f"m-{uuid.uuid4()}", payloads)])
+    monkeypatch.undo()
+    assert len(result.stored) == len(payloads)
+    return seen
+
+
+def test_a_batch_without_callback_urls_pays_nothing_for_them(monkeypatch: Any) -> None:
+    """Statements counted, not timed: a batch with no callback URL sends the same
+    statements whether or not another batch had one, none of them about callbacks; a
+    batch with one adds one UPDATE and the ``callback`` column of its deliveries."""
+    def batch(tag: str, url: str | None = None) -> list[dict[str, Any]]:
+        return [{"recipient": {"id": f"{tag}-{i}", "email": f"{tag}{i}@example.com"},
+                 "type": "alert", "title": "t", "priority": "critical", "channels": ["email"],
+                 **({"callback_url": url} if url and i == 0 else {})} for i in range(20)]
+
+    plain = _ingest_statements(monkeypatch, batch("a"))
+    with_url = _ingest_statements(monkeypatch, batch("b", "https://cb.example.com/in"))
+    plain_again = _ingest_statements(monkeypatch, batch("c"))
+    assert not any("callback" in statement for statement in plain)
+    assert len(plain_again) == len(plain)
+    extra = [s for s in with_url if "callback" in s]
+    assert len(with_url) == len(plain) + 1 and len(extra) == 2
+    assert extra[0].startswith("UPDATE notifications n SET callback_url")
+    assert extra[1].startswith("INSERT INTO deliveries")
+    flagged = _rows("SELECT n.recipient_id, d.callback FROM deliveries d"
+                    " JOIN notifications n ON n.id = d.notification_id WHERE d.callback")
+    assert [r.recipient_id for r in flagged] == ["b-0"]
