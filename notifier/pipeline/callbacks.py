@@ -105,7 +105,10 @@ def sweep_due_callbacks(
         UPDATE callbacks SET state = 'queued', updated_at = now(), next_attempt_at = now()
         WHERE id IN (
             SELECT id FROM callbacks
-            WHERE next_attempt_at <= now() AND (
+            -- The first condition is the partial index's (ix_callbacks_due): only
+            -- callbacks still moving are read, however many were sent.
+            WHERE state IN ('pending', 'queued', 'sending', 'retrying')
+              AND next_attempt_at <= now() AND (
                   state IN ('pending', 'retrying')
                OR (state = 'queued' AND next_attempt_at <= now() - %(queued)s)
                OR (state = 'sending' AND next_attempt_at <= now() - %(lease)s))
