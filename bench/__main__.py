@@ -74,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                         help="timed runs of each delivery scenario; the fastest counts")
     parser.add_argument("--failover-attempts", type=int, default=defaults.failover_attempts,
                         help="attempts timed per case of email_failover")
+    parser.add_argument("--receipts", type=int, default=defaults.receipts,
+                        help="provider events posted by the receipts step")
+    parser.add_argument("--callbacks", type=int, default=defaults.callbacks,
+                        help="status callbacks sent by the callbacks step")
     parser.add_argument("--aggregation-recipients", type=int,
                         default=defaults.aggregation_recipients,
                         help="recipients of the simulated day part of aggregation_efficiency")
@@ -138,7 +142,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         delivery_concurrency=args.delivery_concurrency,
         delivery_batch_size=args.delivery_batch_size, smtp_server=args.smtp_server,
         server_processes=args.server_processes, delivery_runs=args.delivery_runs,
-        failover_attempts=args.failover_attempts,
+        failover_attempts=args.failover_attempts, receipts=args.receipts,
+        callbacks=args.callbacks,
         smtp_reply_delay_ms=args.smtp_reply_delay_ms,
         aggregation_recipients=args.aggregation_recipients,
         aggregation_hours=args.aggregation_hours, flush_waiting=args.flush_waiting,
@@ -160,7 +165,7 @@ STEP_NAMES = (
     "api_single", "api_lists", "sse_fanout",
     "aggregation_efficiency", "flush_latency",
     "email_naive", "email_reused", "email_pooled", "webhook_naive", "webhook_pooled",
-    "email_failover", "hosts",
+    "email_failover", "receipts", "callbacks", "hosts",
 )
 
 
@@ -168,9 +173,11 @@ def plan(config: BenchConfig) -> dict[str, Step]:
     """The scenarios in the order they run (cheapest and worker-less first)."""
     from bench import aggregation as a
     from bench import api
+    from bench import callbacks as cb
     from bench import delivery as d
     from bench import failover as f
     from bench import hosts as h
+    from bench import receipts as r
     from bench import scenarios as s
 
     def with_worker(spec: WorkerSpec, body: Callable[..., Outcome]) -> Step:
@@ -218,6 +225,10 @@ def plan(config: BenchConfig) -> dict[str, Step]:
         "webhook_pooled": lambda b: d.webhook_pooled(b, config.webhooks),
         # What a failover to a channel's second provider adds to an attempt (issue 15).
         "email_failover": lambda b: f.email_failover(b, config.failover_attempts),
+        # Issue 15's receipts (a real API, relay clients posting events) and status
+        # callbacks (the worker's code in this process, a local receiver).
+        "receipts": lambda b: r.receipts_step(b, config.receipts),
+        "callbacks": lambda b: cb.callbacks_step(b, config.callbacks),
         # 1, 2 and 4 worker hosts (network namespaces; root only, else left out).
         "hosts": lambda b: h.hosts_scaling(b),
     }

@@ -62,6 +62,10 @@ class BenchConfig:
     #: Attempts timed per case of ``email_failover`` (a fifth of them where each waits
     #: out the connect timeout; see bench.failover).
     failover_attempts: int = 100
+    #: Provider events posted by the ``receipts`` step (bench.receipts).
+    receipts: int = 2000
+    #: Status callbacks sent by the ``callbacks`` step (bench.callbacks).
+    callbacks: int = 2000
     #: Timed runs of each delivery scenario; the fastest counts (see bench.delivery).
     delivery_runs: int = 3
     #: Recipients of the simulated aggregation day part (``aggregation_efficiency``).

@@ -61,8 +61,7 @@ def run(count: int, clients: int, workers: int, redis_url: str) -> dict[str, Any
     database_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{DATABASE}"
     env = {
         "NOTIFIER_DATABASE_URL": database_url, "NOTIFIER_BROKER_URL": redis_url,
-        "NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_API_RATE_LIMIT_PER_MINUTE": "0",
-        "NOTIFIER_LOG_LEVEL": "WARNING",
+        "NOTIFIER_REDIS_URL": redis_url, "NOTIFIER_LOG_LEVEL": "WARNING",
         "NOTIFIER_METRICS_DIR": tempfile.mkdtemp(prefix="notifier-bench-receipts-"),
     }
     os.environ.update(env)
@@ -70,7 +69,14 @@ def run(count: int, clients: int, workers: int, redis_url: str) -> dict[str, Any
     from notifier.storage import migrate
 
     migrate.upgrade(database_url)
-    deliveries = _seed(count)
+    return measure(f"{SERVER}/{DATABASE}", count, clients, workers)
+
+
+def measure(libpq_url: str, count: int, clients: int, workers: int) -> dict[str, Any]:
+    """Seed ``count`` sent deliveries in the database of ``libpq_url`` (the one
+    ``NOTIFIER_DATABASE_URL`` names), post an event for each through a real API, and
+    check them: the standalone run's and ``make bench``'s ``receipts`` step's."""
+    deliveries = _seed(libpq_url, count)
     key = _events_key()
     server, url = _start_api(workers)
     try:
@@ -78,7 +84,7 @@ def run(count: int, clients: int, workers: int, redis_url: str) -> dict[str, Any
     finally:
         server.terminate()
         server.wait(timeout=30)
-    with psycopg.connect(f"{SERVER}/{DATABASE}") as conn:
+    with psycopg.connect(libpq_url) as conn:
         statuses = dict(conn.execute(
             "SELECT status, count(*) FROM deliveries GROUP BY status").fetchall())
         suppressions = conn.execute("SELECT count(*) FROM suppressions").fetchone()
@@ -146,10 +152,10 @@ def _create_database() -> None:
             conn.execute(f'CREATE DATABASE "{DATABASE}"')
 
 
-def _seed(count: int) -> list[str]:
+def _seed(libpq_url: str, count: int) -> list[str]:
     """``count`` sent e-mail deliveries, each of its own recipient and notification."""
     ids = [str(uuid.uuid4()) for _ in range(count)]
-    with psycopg.connect(f"{SERVER}/{DATABASE}", autocommit=True) as conn:
+    with psycopg.connect(libpq_url, autocommit=True) as conn:
         conn.execute("TRUNCATE notifications, deliveries, recipients, suppressions,"
                      " soft_bounces, api_keys CASCADE")
         conn.execute("""
@@ -185,9 +191,11 @@ def _start_api(workers: int) -> tuple[subprocess.Popen[bytes], str]:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
     notifier = str(Path(sys.executable).with_name("notifier"))
+    # The key's rate limit is off: the figure is the API's and Postgres's.
     server = subprocess.Popen([notifier, "api", "--port", str(port), "--workers", str(workers)],
                               cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
+                                   "NOTIFIER_API_RATE_LIMIT_PER_MINUTE": "0"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -209,6 +217,19 @@ def _claim_redis_db() -> tuple[int, str]:
         if client.dbsize() == 0 and client.set(CLAIM, value, nx=True, ex=3600):
             return number, value
     raise SystemExit(f"no empty Redis db at {REDIS} for the bench")
+
+
+def receipts_step(bench: Any, count: int, clients: int = 4, workers: int = 2) -> Any:
+    """``make bench``'s ``receipts`` step: :func:`measure` on the bench's database."""
+    from bench.scenarios import Outcome
+
+    result = measure(bench.config.libpq_url, count, clients, workers)
+    return Outcome(
+        "receipts", f"receipts: POST /v1/events/email, {clients} clients, {workers} API"
+        " processes", count, result["seconds"], result["seconds"], result["applied"],
+        extra={key: result[key] for key in ("latency_ms", "answers", "statuses",
+                                            "suppressions", "clients", "api_workers")},
+    )
 
 
 if __name__ == "__main__":

@@ -270,6 +270,8 @@ def print_report(
     _print_aggregation(outcomes, reached)
     _print_delivery(outcomes, reached)
     _print_failover(outcomes, reached)
+    for line in receipts_callbacks_lines(outcomes):
+        print(line)
     for line in api_lines(outcomes, reached):
         print(line)
     _print_cpu(outcomes)
@@ -422,6 +424,25 @@ def failover_lines(outcome: Outcome) -> list[str]:
         lines.append(
             f"{case:<14}{figures['count']:>6}{_num(figures['p50']):>9}{_num(figures['p99']):>9}"
             f"{_num(more.get('p50')):>12}{_num(more.get('p99')):>12}")
+    return lines
+
+
+def receipts_callbacks_lines(outcomes: dict[str, Outcome]) -> list[str]:
+    """Issue 15's receipts processed and status callbacks sent per second."""
+    receipts, callbacks = outcomes.get("receipts"), outcomes.get("callbacks")
+    if not receipts and not callbacks:
+        return []
+    lines = ["\nReceipts and status callbacks"]
+    if receipts:
+        latency = receipts.extra.get("latency_ms", {})
+        lines.append(f"receipts processed  {receipts.rate:>9,.1f}/s  ({receipts.committed} of"
+                     f" {receipts.notifications} applied; request p50 {latency.get('p50')} ms,"
+                     f" p99 {latency.get('p99')} ms; {receipts.label})")
+    if callbacks:
+        lines.append(f"callbacks sent      {callbacks.rate:>9,.1f}/s  ({callbacks.committed} of"
+                     f" {callbacks.notifications}, {callbacks.extra.get('received')} received;"
+                     f" the trigger wrote them in {callbacks.extra.get('trigger_ms')} ms;"
+                     f" {callbacks.label})")
     return lines
 
 
@@ -618,6 +639,10 @@ def write_markdown(
     lines += _markdown_aggregation(outcomes)
     lines += _markdown_delivery(outcomes)
     lines += _markdown_failover(outcomes)
+    receipts_callbacks = receipts_callbacks_lines(outcomes)
+    if receipts_callbacks:
+        lines += ["", "## Receipts and status callbacks", "", "```",
+                  *receipts_callbacks[1:], "```"]
     lines += markdown_api(outcomes, reached)
     lines += _markdown_cpu(outcomes)
     lines += markdown_profiles(doc, baseline)

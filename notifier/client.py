@@ -97,12 +97,16 @@ def build(
     idempotency_key: str | None = None,
     send_at: datetime | str | None = None,
     id: str | uuid.UUID | None = None,
+    callback_url: str | None = None,
 ) -> NotificationIn:
-    """A validated notification with its id; raises NotificationError naming bad fields."""
+    """A validated notification with its id; raises NotificationError naming bad fields.
+    ``callback_url``: where each terminal status of its deliveries is POSTed
+    (docs/callbacks.md)."""
     fields = {
         "recipient": recipient, "type": type, "title": title, "body": body,
         "priority": priority, "channels": channels, "data": dict(data or {}),
         "idempotency_key": idempotency_key, "send_at": send_at, "id": id,
+        "callback_url": callback_url,
     }
     return _validated({key: value for key, value in fields.items() if value is not None})
 

@@ -269,6 +269,46 @@ Body = Annotated[str, StringConstraints(max_length=65536), AfterValidator(_stora
 SendAt = Annotated[datetime | None, AfterValidator(_send_at_has_zone)]
 
 
+def callback_url_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a notification's ``callback_url``, or None: an http(s)
+    URL with a host and a valid port, at most ``max_url_chars``, one line, and no user
+    or password in it (they would be stored and logged with every event; a receiver
+    checks the signature instead). Where it may point (no private address) is the
+    egress guard's to say when it is POSTed (``notifier.pipeline.callbacks``)."""
+    limit = get_settings().max_url_chars
+    if len(value) > limit:
+        return f"is {len(value)} characters, more than the limit of {limit}"
+    if _CONTROL_CHARS.search(value) or " " in value:
+        return "must be one URL, without spaces, control characters or line breaks"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises for a port out of range or not a number
+    except ValueError as exc:
+        return f"not a valid URL ({exc}): {quote(value)}"
+    if parts.scheme not in ("http", "https"):
+        return f"must be an http or https URL (got {quote(value)})"
+    if not parts.hostname:
+        return f"not a valid URL (no host): {quote(value)}"
+    if parts.username is not None or parts.password is not None:
+        return "must not hold a user name or password (callbacks are signed instead)"
+    return None
+
+
+def _callback_url(value: str | None) -> str | None:
+    if value is not None:
+        problem = callback_url_problem(value)
+        if problem:
+            raise ValueError(problem)
+    return value
+
+
+#: A notification's ``callback_url``: where its deliveries' terminal statuses go.
+CallbackUrl = Annotated[
+    Annotated[str, StringConstraints(strip_whitespace=True)] | None,
+    AfterValidator(_callback_url),
+]
+
+
 class NotificationIn(BaseModel):
     """One notification as a producer sends it (the public contract's fields)."""
 
@@ -284,6 +324,7 @@ class NotificationIn(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: Identifier | None = None
     send_at: SendAt = None
+    callback_url: CallbackUrl = None
 
     #: ``data`` as JSON text, encoded once: checked here and written as is by ingest.
     _data_json: str = PrivateAttr(default="{}")
@@ -321,6 +362,7 @@ class _NotificationFields(TypedDict):
     data: NotRequired[Annotated[dict[str, Any], Field(default_factory=dict)]]
     idempotency_key: NotRequired[Annotated[Identifier | None, Field(default=None)]]
     send_at: NotRequired[Annotated[SendAt, Field(default=None)]]
+    callback_url: NotRequired[Annotated[CallbackUrl, Field(default=None)]]
 
 
 class Notification(TypedDict):
@@ -338,6 +380,7 @@ class Notification(TypedDict):
     data: dict[str, Any]
     idempotency_key: str | None
     send_at: datetime | None
+    callback_url: str | None
     recipient_id: str
     data_json: str
 
@@ -378,6 +421,8 @@ class _LooseFields(TypedDict):
     data: NotRequired[Annotated[dict[str, Any], Field(default_factory=dict)]]
     idempotency_key: NotRequired[Annotated[_LooseIdentifier | None, Field(default=None)]]
     send_at: NotRequired[Annotated[datetime | None, Field(default=None)]]
+    callback_url: NotRequired[Annotated[
+        Annotated[str, StringConstraints(strip_whitespace=True)] | None, Field(default=None)]]
 
 
 _LOOSE_LIST: TypeAdapter[Any] = TypeAdapter(list[_LooseFields])
@@ -402,6 +447,7 @@ def _check_items(items: list[dict[str, Any]]) -> None:
         if item["channels"] is not None:
             item["channels"] = known_channel_list(item["channels"])
         _send_at_has_zone(item["send_at"])
+        _callback_url(item["callback_url"])
         item["data_json"] = encoded_data(item["data"])
         item["recipient_id"] = recipient if isinstance(recipient, str) else recipient.id
     for type_ in types:

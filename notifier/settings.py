@@ -363,6 +363,22 @@ class Settings(BaseSettings):
     endpoint_breaker_open_seconds: float = Field(60.0, gt=0)
     """Seconds an endpoint's deliveries are held before one delivery probes it."""
 
+    # --- Status callbacks (``docs/callbacks.md``) ------------------------------------
+    callback_sweep_interval: float = Field(1.0, gt=0)
+    """Seconds between beat's callback sweeps, which publish the status callbacks the
+    deliveries' status changes wrote (and find lost ones): at most this, plus the
+    queue's wait, between a status and its POST. An idle sweep is one query on an
+    empty partial index."""
+    callback_timeout: float = Field(10.0, gt=0, le=300)
+    """Seconds one callback POST may take (lookup, connect, TLS, request, answer)."""
+    callback_max_attempts: int = Field(8, ge=1)
+    """Attempts after which a callback that keeps failing (5xx, 429, timeouts) is parked
+    (``dead``, counted in ``notifier_callbacks_total``); its waits are the delivery
+    retries' (``NOTIFIER_RETRY_BASE``, ``_FACTOR``, ``_CAP``). A refusal (4xx, a
+    forbidden address) parks it at once. Never affects the notification's status."""
+    callback_batch_size: int = Field(100, ge=1, le=10_000)
+    """Callbacks carried by one ``notifier.callbacks`` task (POSTed over the pool)."""
+
     # --- Rate limits and the sweeper ------------------------------------------------
     rate_limit_per_minute: int = Field(60, ge=0)
     """Deliveries per recipient per minute (0: no limit), a fixed window in Redis. A

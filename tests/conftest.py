@@ -135,7 +135,7 @@ def clean_state(database: str, broker: TestBroker) -> Iterator[None]:
         session.connection().exec_driver_sql(
             "TRUNCATE notifications, deliveries, digests, dead_letters, idempotency_keys,"
             " recipients, inbox_messages, aggregation_windows, api_keys, suppressions,"
-            " soft_bounces CASCADE"
+            " soft_bounces, callbacks, callback_secrets CASCADE"
         )
     broker.empty_queues()
     state = redis.Redis.from_url(STATE_REDIS_URL)

@@ -131,3 +131,35 @@ def test_preferences_use_the_same_address_checks():
     with pytest.raises(PreferencesError) as error:
         _validated_recipient({"id": "u1", "addresses": {"webhook": "http://example.com:99999/"}})
     assert "webhook: not a valid URL (Port out of range" in str(error.value)
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("ftp://hooks.example.com/in", "callback_url: must be an http or https URL"),
+    ("hooks.example.com/in", "callback_url: must be an http or https URL"),
+    ("https://user:secret@hooks.example.com/in", "callback_url: must not hold a user name"),
+    ("https://hooks.example.com:99999/in", "callback_url: not a valid URL"),
+    ("https:///in", "callback_url: not a valid URL (no host)"),
+    ("https://hooks.example.com/in\r\nX: y", "callback_url: must be one URL"),
+    ("https://hooks.example.com/" + "a" * 3000, "callback_url: is 3026 characters"),
+    (42, "callback_url: Input should be a valid string"),
+])
+def test_a_bad_callback_url_names_its_field(url, problem):
+    """Checked alike by the model (the client's, the API's) and the plain-data form
+    (ingest's), each naming the field."""
+    from notifier.schemas import validate_notification, validate_notifications
+
+    for check in (parse_notification, validate_notification):
+        with pytest.raises(NotificationError) as error:
+            check(GOOD | {"callback_url": url})
+        assert any(p.startswith(problem) for p in error.value.problems), error.value.problems
+    assert validate_notifications([GOOD | {"callback_url": url}]) is None
+
+
+def test_a_good_callback_url_is_kept_and_none_is_the_default():
+    from notifier.schemas import validate_notifications
+
+    url = "https://hooks.example.com:8443/status?source=notifier"
+    assert parse_notification(GOOD | {"callback_url": url}).callback_url == url
+    assert parse_notification(GOOD).callback_url is None
+    [item] = validate_notifications([GOOD | {"callback_url": url}]) or []
+    assert item["callback_url"] == url

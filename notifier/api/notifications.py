@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from notifier import client, records
 from notifier.api import idempotency, publisher
 from notifier.api.body import read_json
+from notifier.api.callbacks import with_key_callback
 from notifier.api.errors import ApiError, responses
 from notifier.api.keys import require
 from notifier.pipeline.cancel import cancel_by
@@ -111,7 +112,7 @@ async def send(
     settings = get_settings()
     raw = await read_json(request, settings.max_message_bytes)
     single = not isinstance(raw, list)
-    items: list[Any] = [raw] if single else raw
+    items: list[Any] = with_key_callback([raw] if single else raw, key)
     if not items:
         raise ApiError(422, "the list is empty", [_problem(None, "body: must hold at least"
                                                                   " one notification")])

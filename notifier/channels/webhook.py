@@ -120,14 +120,23 @@ def signed_request(
     """Keyword arguments of ``httpx.Client.post`` for one message: the JSON body and its
     headers, signed with each of ``secrets`` (newest first)."""
     body = encode_payload(message, now)
+    return {"content": body, "headers": signed_headers(secrets, message.idempotency_key,
+                                                       body, now)}
+
+
+def signed_headers(
+    secrets: Sequence[bytes | str], idempotency_key: str, body: bytes, now: float
+) -> dict[str, str]:
+    """The headers of a signed JSON POST of ``body``: what webhook deliveries and status
+    callbacks (``notifier.channels.callback``) carry alike, so that one
+    ``verify_signature`` checks both."""
     timestamp = str(int(now))
-    headers = {
+    return {
         "Content-Type": "application/json",
-        IDEMPOTENCY_HEADER: message.idempotency_key,
+        IDEMPOTENCY_HEADER: idempotency_key,
         TIMESTAMP_HEADER: timestamp,
-        SIGNATURE_HEADER: signature_header(secrets, timestamp, message.idempotency_key, body),
+        SIGNATURE_HEADER: signature_header(secrets, timestamp, idempotency_key, body),
     }
-    return {"content": body, "headers": headers}
 
 
 def _option_names(query: str) -> set[str]:

@@ -69,6 +69,8 @@ class _Member:
     body: str
     data: dict[str, Any]
     created_at: datetime
+    #: It names a ``callback_url`` (sent alone, its delivery reports its statuses).
+    callback: bool = False
 
 
 def flush_due_windows(
@@ -157,7 +159,7 @@ def load_members(
     cursor.execute(
         """
         SELECT id, window_id, recipient_id, type, priority, channels, title, body, data,
-               created_at
+               created_at, callback_url IS NOT NULL
         FROM notifications WHERE window_id = ANY(%b) AND status = 'pending'
         ORDER BY window_id, created_at, id
         FOR UPDATE
@@ -199,7 +201,7 @@ def _plan_window(
             member = members[0]
             plan.deliveries.append(NewDelivery(
                 window.key[0], channel, member.priority, notification_id=member.id,
-                hold_until=held,
+                hold_until=held, callback=member.callback,
             ))
             plan.statuses.setdefault(member.id, ("dispatched", None, None))
             continue

@@ -450,9 +450,33 @@ def copy_notifications(
         return []
     rows = [_notification_row(candidate, routed) for candidate, routed in candidates]
     if careful:
-        return _insert_new_only(cursor, rows)
-    _copy_rows(cursor, "notifications", rows)
-    return [candidate.id for candidate, _ in candidates]
+        stored = _insert_new_only(cursor, rows)
+    else:
+        _copy_rows(cursor, "notifications", rows)
+        stored = [candidate.id for candidate, _ in candidates]
+    _store_callback_urls(cursor, candidates)
+    return stored
+
+
+def _store_callback_urls(
+    cursor: Cursor[Any], candidates: Sequence[tuple[Candidate, Routed]]
+) -> None:
+    """Write the ``callback_url`` of the few notifications that name one, by a statement
+    of their own: the COPY's columns stay as they were, and a batch without any
+    callback URL (the usual one) runs nothing more. A candidate another transaction
+    stored first (``careful``) is not touched: its own row keeps its own URL, written
+    by that transaction."""
+    urls = [(c.id, c.notification.get("callback_url")) for c, _ in candidates]
+    named = [(i, url) for i, url in urls if url]
+    if not named:
+        return
+    ids, values = zip(*named, strict=True)
+    cursor.execute(
+        "UPDATE notifications n SET callback_url = u.url"
+        " FROM unnest(%s::uuid[], %s::text[]) AS u(id, url)"
+        " WHERE n.id = u.id AND n.callback_url IS NULL",
+        (list(ids), list(values)),
+    )
 
 
 _COLUMNS = ", ".join(_NOTIFICATION_COLUMNS)

@@ -35,6 +35,9 @@ class NewDelivery:
     digest_id: uuid.UUID | None = None
     #: Held until then (quiet hours, ``send_at``); None: due now.
     hold_until: datetime | None = None
+    #: Its notification has a ``callback_url``: its finished statuses become callback
+    #: events (``deliveries.callback``, ``notifier.pipeline.callbacks``).
+    callback: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,18 +60,26 @@ def insert_deliveries(cursor: Cursor[Any], deliveries: Sequence[NewDelivery]) ->
          "scheduled" if d.hold_until else "pending", d.hold_until)
         for d in deliveries
     ]
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    # The ``callback`` column is sent only when a delivery needs it: the statement
+    # (and its cost) of everyone else stays as it was.
+    callback = any(d.callback for d in deliveries)
+    if callback:
+        columns.append([d.callback for d in deliveries])
     cursor.execute(
-        """
+        f"""
         INSERT INTO deliveries (id, notification_id, digest_id, recipient_id, channel,
-            priority, status, next_attempt_at, last_error)
+            priority, status, next_attempt_at, last_error{", callback" if callback else ""})
         SELECT d.id, d.n, d.g, d.r, d.c, d.p, d.s, coalesce(d.due, now()),
                CASE WHEN d.due IS NOT NULL THEN 'held until ' || d.due::text END
+               {", d.cb" if callback else ""}
         FROM unnest(%s::uuid[], %s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::text[],
-                    %s::text[], %s::timestamptz[]) AS d(id, n, g, r, c, p, s, due)
+                    %s::text[], %s::timestamptz[]{", %s::bool[]" if callback else ""})
+             AS d(id, n, g, r, c, p, s, due{", cb" if callback else ""})
         ON CONFLICT DO NOTHING
         RETURNING id, status
         """,
-        [list(column) for column in zip(*rows, strict=True)],
+        columns,
     )
     return [row[0] for row in cursor.fetchall() if row[1] == "pending"]
 

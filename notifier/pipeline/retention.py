@@ -120,6 +120,15 @@ PURGES: tuple[Purge, ...] = (
             WHERE created_at < now() - make_interval(secs => :age)
             ORDER BY created_at LIMIT :n FOR UPDATE SKIP LOCKED)
         """, _days("retention_dead_letters_days")),
+    # Status callbacks sent or parked, as long as finished deliveries are kept (a
+    # callback outlives its delivery harmlessly: it holds its URL and ids itself).
+    Purge("callbacks", """
+        DELETE FROM callbacks WHERE id IN (
+            SELECT id FROM callbacks
+            WHERE state IN ('sent', 'dead')
+              AND updated_at < now() - make_interval(secs => :age)
+            ORDER BY updated_at LIMIT :n FOR UPDATE SKIP LOCKED)
+        """, _days("retention_deliveries_days")),
     # Keys matter only within the dedup window: their own expiry, whatever the settings.
     Purge("idempotency_keys", """
         DELETE FROM idempotency_keys WHERE key IN (

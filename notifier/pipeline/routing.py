@@ -299,7 +299,7 @@ def dispatch_now(
         held = hold_until(n["priority"], states.get(recipient, NO_PREFERENCES), now, n["send_at"])
         deliveries += [
             NewDelivery(recipient, channel, n["priority"], notification_id=candidate.id,
-                        hold_until=held)
+                        hold_until=held, callback=bool(n.get("callback_url")))
             for channel in routed.channels
         ]
     return insert_deliveries(cursor, deliveries)

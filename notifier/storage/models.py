@@ -188,6 +188,9 @@ class Notification(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=text("clock_timestamp()")
     )
+    #: Where each terminal status of its deliveries is POSTed (migration 0016,
+    #: ``notifier.pipeline.callbacks``); None: nowhere.
+    callback_url: Mapped[str | None] = mapped_column(Text)
 
 
 class Digest(Base):
@@ -310,6 +313,67 @@ class Delivery(Base):
     provider_detail: Mapped[str | None] = mapped_column(String(500))
     created_at: Mapped[CreatedAt]
     updated_at: Mapped[CreatedAt]
+    #: Its notification has a ``callback_url``: the trigger ``callback_event`` (migration
+    #: 0016) writes a ``callbacks`` row when it reaches a finished status. Read by the
+    #: trigger's ``WHEN`` alone, so other deliveries cost nothing.
+    callback: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+
+
+#: What a status callback is doing: waiting to be published (``pending``, written by the
+#: trigger), published, being POSTed, waiting for its next attempt, done, or given up.
+CALLBACK_STATES: tuple[str, ...] = ("pending", "queued", "sending", "retrying", "sent", "dead")
+#: Callback states still moving: the sweeper's and the due index's.
+UNFINISHED_CALLBACK_STATES: tuple[str, ...] = ("pending", "queued", "sending", "retrying")
+
+
+class Callback(Base):
+    """One status of one delivery, to POST to its notification's ``callback_url``
+    (``notifier.pipeline.callbacks``): written by the trigger ``callback_event`` in the
+    transaction that set the status, at most once per (delivery, status)."""
+
+    __tablename__ = "callbacks"
+    __table_args__ = (
+        CheckConstraint(f"state IN ({sql_list(CALLBACK_STATES)})", name="state"),
+        Index("uq_callbacks_delivery_id_status", "delivery_id", "status", unique=True),
+        Index("ix_callbacks_due", "next_attempt_at",
+              postgresql_where=text(f"state IN ({sql_list(UNFINISHED_CALLBACK_STATES)})")),
+        Index("ix_callbacks_updated_at", "updated_at"),  # retention
+    )
+
+    #: The event's id: the receiver's key to drop a repeat (``Idempotency-Key``).
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    delivery_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    notification_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    channel: Mapped[str] = mapped_column(String(32), nullable=False)
+    #: The delivery's status this event reports.
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    #: The provider's detail or our last error, as the delivery had it (500 characters).
+    detail: Mapped[str | None] = mapped_column(String(500))
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    last_error: Mapped[str | None] = mapped_column(Text)
+    occurred_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=text("clock_timestamp()")
+    )
+    sent_at: Mapped[Timestamp | None]
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
+class CallbackSecret(Base):
+    """The signing secret of one callback receiver, by origin (``scheme://host:port``):
+    ``notifier.storage.callback_secrets``."""
+
+    __tablename__ = "callback_secrets"
+
+    origin: Mapped[str] = mapped_column(String(300), primary_key=True)
+    secret: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[CreatedAt]
 
 
 class Suppression(Base):
@@ -467,6 +531,9 @@ class ApiKey(Base):
     scopes: Mapped[list[str]] = mapped_column(ARRAY(String(16)), nullable=False)
     #: Requests per minute; None: ``NOTIFIER_API_RATE_LIMIT_PER_MINUTE``.
     rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)
+    #: The ``callback_url`` the HTTP API gives a notification of this key that names
+    #: none (migration 0016).
+    callback_url: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[CreatedAt]
     revoked_at: Mapped[Timestamp | None]
     #: Written at most once a minute per key (``api_keys.touch``).

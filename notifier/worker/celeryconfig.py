@@ -81,6 +81,13 @@ beat_schedule = {
         "schedule": _settings.sweep_interval,
         "options": {"queue": BEAT_QUEUE, "expires": _settings.sweep_interval},
     },
+    # Status callbacks' outbox (notifier/pipeline/callbacks.py): publishes what the
+    # deliveries' status changes wrote, often, so a callback follows its status closely.
+    "sweep-callbacks": {
+        "task": "notifier.sweep_callbacks",
+        "schedule": _settings.callback_sweep_interval,
+        "options": {"queue": BEAT_QUEUE, "expires": _settings.callback_sweep_interval},
+    },
     # Retention of every table (notifier/pipeline/retention.py); a run that outlives the next tick
     # is harmless (SKIP LOCKED), one that waited a whole interval is dropped.
     "purge-expired-rows": {

@@ -77,6 +77,12 @@ DELIVERIES = Counter(
     " limited, no attempt counted), suppressed (address on the suppression list, not"
     " attempted).", ["channel", "outcome"],
 )
+CALLBACKS = Counter(
+    "notifier_callbacks_total",
+    "Status callbacks by outcome: sent, retrying, dead (parked: refused or out of"
+    " attempts), held (the receiver's circuit open, no attempt counted), skipped.",
+    ["outcome"],
+)
 PROVIDER_RESULTS = Counter(
     "notifier_provider_results_total",
     "Messages each provider of a channel answered, by result: sent, provider_error (its"
@@ -161,6 +167,14 @@ def record_delivery(
     for seconds in latencies:
         histogram.observe(seconds)
     BATCH_SIZE.labels("deliver").observe(batch_size)
+
+
+def record_callbacks(outcomes: Mapping[str, int]) -> None:
+    """A callback batch's outcomes: sent, retrying, dead (parked), held (circuit open),
+    skipped (another task had them)."""
+    for outcome, count in outcomes.items():
+        if count:
+            CALLBACKS.labels(outcome).inc(count)
 
 
 def record_flush(windows: int, digests: int, digested: int) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from notifier import broker_topology
+from notifier.pipeline.callbacks import CallbackTask, send_callbacks, sweep_due_callbacks
 from notifier.pipeline.dead_letters import Rejection, without_payload, write_dead_letters
 from notifier.pipeline.delivery import deliver_batch
 from notifier.pipeline.ingest import (
@@ -121,6 +122,35 @@ def sweep_deliveries() -> int:
         tasks = sweep_due_deliveries(tx.cursor, _settings, batch_size=_batch_size)
         tx.after_commit(publish, tasks)
     return sum(len(task.delivery_ids) for task in tasks)
+
+
+@app.task(name="notifier.sweep_callbacks", acks_late=True, send_events=False)
+def sweep_callbacks() -> int:
+    """Beat's callback sweep: publish the status callbacks written since the last one,
+    and those due again (``notifier.pipeline.callbacks``)."""
+    with transaction() as tx:
+        tasks = sweep_due_callbacks(tx.cursor, _settings)
+        tx.after_commit(publish_callbacks, tasks)
+    return sum(len(task.callback_ids) for task in tasks)
+
+
+@app.task(name="notifier.callbacks", acks_late=True)
+def callbacks(callback_ids: list[str]) -> dict[str, int]:
+    """POST a batch of status callbacks; what fails waits in Postgres for the sweep."""
+    outcome = send_callbacks(callback_ids, _settings, state_redis())
+    metrics.record_callbacks(outcome.as_dict())
+    for error in outcome.errors:
+        _log(logging.INFO, "callback not sent: %s", error)
+    return outcome.as_dict()
+
+
+def publish_callbacks(tasks: Sequence[CallbackTask]) -> None:
+    for task in tasks:
+        callbacks.apply_async(
+            (task.callback_ids,), queue=task.queue,
+            argsrepr=f"(<{len(task.callback_ids)} callbacks>)",
+            **broker_topology.publish_options(_settings),
+        )
 
 
 def publish_new_deliveries(delivery_ids: Sequence[Any]) -> None:

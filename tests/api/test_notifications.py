@@ -160,3 +160,24 @@ def test_cancel_a_held_notification_then_too_late_and_unknown(
     assert again.status_code == 409 and "cancelled already" in again.json()["error"]
     unknown = api.post(f"/v1/notifications/{uuid.uuid4()}/cancel")
     assert unknown.status_code == 404
+
+
+def test_a_bad_callback_url_is_422_naming_the_field_and_a_keys_default_does_not_hide_it(
+    api_server: Any, broker: TestBroker,
+) -> None:
+    """Checked as the client checks it; the key's default is given only to items that
+    name none, so an item's own bad URL is still refused (and nothing is published)."""
+    from notifier.storage.api_keys import Scope, create_key
+    from notifier.storage.db import session_scope
+
+    with session_scope() as session:
+        _, key = create_key(session, "with default", [Scope.SEND], None,
+                            "https://hooks.example.com/status")
+    answer = httpx.post(f"{api_server.url}/v1/notifications", timeout=30,
+                        headers={"Authorization": f"Bearer {key}"},
+                        json=[note(), note(callback_url="https://u:p@hooks.example.com/")])
+    assert answer.status_code == 422, answer.text
+    [problem] = answer.json()["detail"]
+    assert (problem["index"], problem["field"]) == (1, "callback_url")
+    assert "user name or password" in problem["problem"]
+    assert nothing_waiting(broker)

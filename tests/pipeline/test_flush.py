@@ -159,3 +159,18 @@ def test_ten_thousand_notifications_end_in_exactly_the_expected_digests():
     assert windows() == []
     assert query("SELECT count(*) FROM deliveries WHERE digest_id IS NOT NULL")[0][0] == (
         expected_digests)
+
+
+def test_a_lone_member_with_a_callback_url_keeps_it_on_its_delivery():
+    """A notification that waited in its window and goes as itself: its delivery is
+    marked for callbacks (``deliveries.callback``), its neighbour's is not."""
+    url = "https://callbacks.example.com/in"
+    called = note("task_deadline", recipient="cb-1", channels=["inapp"], callback_url=url)
+    plain = note("task_deadline", recipient="cb-2", channels=["inapp"])
+    ingest([called, plain], now=T0)
+    result = flush(T0 + 30 * MINUTE)
+    assert (result.windows, result.digests) == (2, 0)
+    assert [tuple(r) for r in query(
+        "SELECT n.id::text, d.callback, n.callback_url FROM deliveries d"
+        " JOIN notifications n ON n.id = d.notification_id ORDER BY d.callback")] == [
+        (plain["id"], False, None), (called["id"], True, url)]

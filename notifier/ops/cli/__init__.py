@@ -46,6 +46,6 @@ for _command in (
     send.send, cancel.cancel, rules.rules, metrics.metrics, db.db, status.status,
     dead_letters.dead_letters, inbox.inbox, recipients.recipients, webhooks.webhooks,
     health.health, stats.stats, queues.queues, api.api, api.api_keys,
-    suppressions.suppressions,
+    suppressions.suppressions, webhooks.callbacks,
 ):
     main.add_command(_command)

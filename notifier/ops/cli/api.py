@@ -7,7 +7,7 @@ import json
 import click
 
 from notifier.ops.cli.common import EXIT_CONFIG, EXIT_USAGE, fail, friendly_errors, when
-from notifier.settings import get_settings
+from notifier.settings import get_settings, mask_url
 
 #: The app factory uvicorn imports in each worker process (a string, so this command
 #: does not import the API itself: it sits above the operator tools, ``pyproject.toml``).
@@ -54,8 +54,13 @@ def api_keys() -> None:
 @click.option("--rate-limit", type=click.IntRange(min=0),
               help="Requests per minute for this key [NOTIFIER_API_RATE_LIMIT_PER_MINUTE];"
                    " 0: unlimited.")
+@click.option("--callback-url", metavar="URL",
+              help="Where the statuses of this key's notifications go when they name no"
+                   " callback_url (docs/callbacks.md).")
 @friendly_errors
-def create_api_key(name: str, scopes: tuple[str, ...], rate_limit: int | None) -> None:
+def create_api_key(
+    name: str, scopes: tuple[str, ...], rate_limit: int | None, callback_url: str | None,
+) -> None:
     """Make a key called NAME; prints it once, on the last line (it is stored hashed)."""
     from notifier.storage.api_keys import Scope, create_key
     from notifier.storage.db import session_scope
@@ -63,11 +68,13 @@ def create_api_key(name: str, scopes: tuple[str, ...], rate_limit: int | None) -
     try:
         with session_scope() as session:
             info, key = create_key(session, name, [Scope(s) for s in scopes or ("send",)],
-                                   rate_limit)
+                                   rate_limit, callback_url)
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
     click.echo(f"created API key {info.prefix}… ({info.name}) with scopes"
                f" {', '.join(info.scopes)}; it is shown only now:")
+    if info.callback_url:
+        click.echo(f"its notifications' default callback URL: {mask_url(info.callback_url)}")
     click.echo(key)
 
 

@@ -29,7 +29,7 @@ def show_webhook_secret(recipient: str, as_json: bool) -> None:
     """Print RECIPIENT's signing secret (made now if it has none yet).
 
     Give it to the receiver: it verifies each request's X-Notifier-Signature with it.
-    The only command that prints a secret.
+    With ``notifier callbacks secret``, the only commands that print a secret.
     """
     from notifier.storage.db import session_scope
     from notifier.storage.webhook_secrets import secret_info
@@ -92,3 +92,28 @@ def rotate_webhook_secret(recipient: str, overlap: str | None) -> None:
 def _no_recipient(recipient: str) -> None:
     fail(f"no recipient {recipient!r}; create one with"
          f" `notifier recipients set {recipient} --address webhook=URL`", EXIT_USAGE)
+
+
+@click.group()
+def callbacks() -> None:
+    """Status callbacks' signing secrets (docs/callbacks.md)."""
+
+
+@callbacks.command("secret")
+@click.argument("url")
+@friendly_errors
+def show_callback_secret(url: str) -> None:
+    """Print the signing secret of the receiver of callback URL (made now if it has
+    none). One per origin (scheme, host and port): every callback URL on that server
+    shares it. The receiver verifies X-Notifier-Signature with it, as a webhook's.
+    With ``notifier webhooks secret show``, the only commands that print a secret."""
+    from notifier.channels.base import endpoint_of
+    from notifier.storage.callback_secrets import signing_secrets
+    from notifier.storage.db import session_scope
+
+    origin = endpoint_of(url)
+    if origin is None:
+        fail(f"not an http(s) URL: {url!r}", EXIT_USAGE)
+        return
+    with session_scope() as session:
+        click.echo(signing_secrets(session, [origin])[origin].current)
