@@ -31,19 +31,16 @@ from fastapi.security.utils import get_authorization_scheme_param
 from starlette.concurrency import run_in_threadpool
 
 from notifier.api.errors import ApiError
-from notifier.pipeline.ratelimit import take_key_window_async
+from notifier.api.key_windows import key_windows
 from notifier.settings import get_settings
 from notifier.storage.api_keys import (
     CACHE_SECONDS,
-    GENERATION_KEY,
     KeyInfo,
     Scope,
     authenticate,
     hash_key,
-    rate_window_key,
 )
 from notifier.storage.db import session_scope
-from notifier.storage.state_async import async_state_redis
 
 #: Documents the scheme in OpenAPI; the checks and their answers are ours.
 bearer = HTTPBearer(auto_error=False, description="An API key: `notifier api-keys create`")
@@ -138,8 +135,7 @@ async def authorized(presented: str, scope: Scope) -> KeyInfo:
     limit = key.rate_limit_per_minute
     if limit is None:
         limit = get_settings().api_rate_limit_per_minute
-    reset, generation = await take_key_window_async(
-        async_state_redis(), rate_window_key(key.id), GENERATION_KEY, limit or 0, 60)
+    reset, generation = await key_windows().take(key.id, limit or 0)
     cache.observe(generation)
     if known is None:
         if before == generation:  # no revocation since before the lookup

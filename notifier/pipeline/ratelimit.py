@@ -164,41 +164,56 @@ def hash_tag(recipient_id: str) -> str:
     return "#" + hashlib.sha256(recipient_id.encode("utf-8", "replace")).hexdigest()[:32]
 
 
-#: KEYS: an API key's window, the keys' generation; ARGV: limit (0: none), length.
-#: Returns when the window resets ('0': counted, or no limit) and the generation: the
-#: request's rate check and its key cache's freshness in one round trip. A generation
-#: missing (never set, or lost with the server's data) is set from the server's clock,
-#: so a value once seen never comes back.
-_TAKE_KEY = Script(_CLOCK + """
-local limit, length = tonumber(ARGV[1]), tonumber(ARGV[2])
-local generation = redis.call('GET', KEYS[2])
+#: KEYS: the keys' generation, then API keys' windows; ARGV: the windows' length, then
+#: per window its limit (0: none) and the requests to count. Returns the generation,
+#: then per window the requests granted (the first ones: as many as the window has room
+#: for, all of them without a limit) and when it resets: the key checks of every request
+#: an API process has waiting, and its key cache's freshness, in one round trip. A
+#: generation missing (never set, or lost with the server's data) is set from the
+#: server's clock, so a value once seen never comes back.
+_TAKE_KEYS = Script(_CLOCK + """
+local generation = redis.call('GET', KEYS[1])
 if not generation then
   generation = 't' .. clock[1] .. '.' .. clock[2]
-  redis.call('SET', KEYS[2], generation, 'NX')
-  generation = redis.call('GET', KEYS[2])
+  redis.call('SET', KEYS[1], generation, 'NX')
+  generation = redis.call('GET', KEYS[1])
 end
-if limit > 0 then
-  if tonumber(redis.call('GET', KEYS[1]) or '0') >= limit then
-    return {tostring(window_end(length)), generation}
+local length = tonumber(ARGV[1])
+local answer = {generation}
+for i = 2, #KEYS do
+  local limit, count = tonumber(ARGV[2 * i - 2]), tonumber(ARGV[2 * i - 1])
+  local granted = count
+  if limit > 0 then
+    local used = tonumber(redis.call('GET', KEYS[i]) or '0')
+    granted = math.min(count, math.max(0, limit - used))
+    if granted > 0 and redis.call('INCRBY', KEYS[i], granted) == granted then
+      redis.call('PEXPIREAT', KEYS[i], window_end(length) * 1000)
+    end
   end
-  if redis.call('INCR', KEYS[1]) == 1 then
-    redis.call('PEXPIREAT', KEYS[1], window_end(length) * 1000)
-  end
+  answer[#answer + 1] = granted
+  answer[#answer + 1] = tostring(window_end(length))
 end
-return {'0', generation}
+return answer
 """)
 
 
-async def take_key_window_async(
-    client: AsyncStateRedis, key: str, generation_key: str, limit: int, length: int
-) -> tuple[float, str]:
-    """An API key's request, from the event loop: counted in its window of ``limit`` per
-    ``length`` seconds (``limit`` 0: not counted), and the keys' generation read, in one
-    script call. Returns 0.0 or when the window resets (nothing counted), and the
-    generation."""
-    reset, generation = await run_script(client, _TAKE_KEY, [key, generation_key],
-                                         [limit, length])
-    return float(reset), _text(generation)
+async def take_key_windows_async(
+    client: AsyncStateRedis, generation_key: str, windows: Sequence[tuple[str, int, int]],
+    length: int,
+) -> tuple[str, list[tuple[int, float]]]:
+    """API keys' requests, from the event loop: for each ``(window key, limit, count)``
+    (limit 0: nothing counted) as many of ``count`` requests as its window of ``limit``
+    per ``length`` seconds has room for are counted; and the keys' generation read; in
+    one script call. Returns the generation and, per window, the requests granted and
+    when the window resets (epoch seconds): the same as ``count`` calls one by one (a
+    refused request is not counted)."""
+    keys = [generation_key, *(window for window, _, _ in windows)]
+    args: list[int] = [length]
+    for _, limit, count in windows:
+        args += [limit, count]
+    generation, *rest = await run_script(client, _TAKE_KEYS, keys, args)
+    return _text(generation), [(int(rest[i]), float(rest[i + 1]))
+                               for i in range(0, len(rest), 2)]
 
 
 def _text(value: str | bytes) -> str:
