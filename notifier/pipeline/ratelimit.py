@@ -220,9 +220,11 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def take_window(client: StateRedis, key: str, limit: int, length: int) -> float:
+async def take_window_async(
+    client: AsyncStateRedis, key: str, limit: int, length: int,
+) -> float:
     """Count one use of a fixed window of ``limit`` per ``length`` seconds kept at ``key``
-    (the recipients' script, so the window is the Redis server's): 0.0 if counted, else
-    when the window resets (epoch seconds, nothing counted). The recipient tokens' limit."""
-    [answer] = run_scripts(client, [(_TAKE, [key], [limit, length])])
-    return float(answer)
+    (the recipients' script, so the window is the Redis server's), from the event loop:
+    0.0 if counted, else when the window resets (epoch seconds, nothing counted). The
+    recipient tokens' limit."""
+    return float(await run_script(client, _TAKE, [key], [limit, length]))

@@ -1,0 +1,126 @@
+"""Rate limits over HTTP: a key's limit across two API processes while their checks are
+taken together (``notifier.api.key_windows``), the script counting them, and the
+recipient tokens' limit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from notifier.pipeline.recipient_tokens import mint
+from notifier.settings import Settings
+from tests.api.server import TOKEN_SECRET, ApiServer
+
+pytestmark = pytest.mark.broker  # the sends are published
+
+#: Requests per minute of the limited server's tokens (NOTIFIER_API_RATE_LIMIT_PER_MINUTE).
+TOKEN_LIMIT = 3
+
+
+def within_one_window() -> None:
+    """Wait out the end of a minute: the windows are fixed minutes of the Redis clock,
+    and a window that resets midway would grant more than the limit."""
+    left = 60 - time.time() % 60
+    if left < 8:
+        time.sleep(left + 0.5)
+
+
+@pytest.fixture(scope="module")
+def limited_server(database: str) -> Iterator[ApiServer]:
+    server = ApiServer.start(env={"NOTIFIER_API_TOKEN_SECRET": TOKEN_SECRET,
+                                  "NOTIFIER_API_RATE_LIMIT_PER_MINUTE": str(TOKEN_LIMIT)})
+    yield server
+    server.stop()
+
+
+def test_a_keys_limit_holds_exactly_across_two_processes_under_concurrent_sends(
+    api_server: ApiServer, make_key: Callable[..., str],
+) -> None:
+    """40 concurrent sends to each of two API processes with a key of 25 a minute: each
+    process takes the checks that wait at once in one script call, and between them
+    exactly 25 are accepted; the others are 429 with Retry-After."""
+    other = ApiServer.start()
+    try:
+        key = make_key("send", rate_limit=25)
+        note = {"recipient": "u1", "type": "welcome", "title": "Hello"}
+
+        async def burst() -> list[httpx.Response]:
+            limits = httpx.Limits(max_connections=40)
+            async with httpx.AsyncClient(timeout=60, limits=limits,
+                                         headers={"Authorization": f"Bearer {key}"}) as http:
+                return await asyncio.gather(*(
+                    http.post(f"{server.url}/v1/notifications", json=note)
+                    for _ in range(40) for server in (api_server, other)))
+
+        within_one_window()
+        answers = asyncio.run(burst())
+    finally:
+        other.stop()
+    assert Counter(answer.status_code for answer in answers) == {202: 25, 429: 55}
+    refused = next(answer for answer in answers if answer.status_code == 429)
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.json()["detail"] == [{"limit": 25, "retry_after":
+                                         int(refused.headers["retry-after"])}]
+
+
+def test_the_script_grants_a_batch_as_calls_one_by_one_would() -> None:
+    """Three requests of a key with 4 left, then two more, a key without a limit, and a
+    second key: granted in order up to the limit, nothing counted past it."""
+    from notifier.pipeline.ratelimit import take_key_windows_async
+    from notifier.settings import get_settings
+    from notifier.storage.api_keys import GENERATION_KEY, rate_window_key
+    from notifier.storage.state_async import connect_async
+
+    limited, unlimited, second = (rate_window_key(n) for n in (1, 2, 3))
+
+    async def take() -> list[tuple[str, list[tuple[int, float]]]]:
+        client = connect_async(get_settings())
+        try:
+            return [await take_key_windows_async(client, GENERATION_KEY, windows, 60)
+                    for windows in ([(limited, 4, 3), (unlimited, 0, 5)],
+                                    [(limited, 4, 2), (second, 1, 3)],
+                                    [(limited, 4, 1)])]
+        finally:
+            await client.aclose()
+
+    within_one_window()
+    first, then, last = asyncio.run(take())
+    assert first[0] == then[0] == last[0]  # the generation, made once
+    assert [granted for granted, _ in first[1]] == [3, 5]
+    assert [granted for granted, _ in then[1]] == [1, 1]
+    assert [granted for granted, _ in last[1]] == [0]
+    reset = last[1][0][1]
+    assert reset % 60 == 0 and 0 < reset - time.time() <= 60
+
+    from notifier.storage.state import state_redis
+
+    counted = state_redis().mget([limited, unlimited, second])
+    assert counted == [b"4", None, b"1"]
+
+
+def test_a_recipients_tokens_past_the_limit_are_429_with_retry_after(
+    limited_server: ApiServer,
+) -> None:
+    """The tokens of one recipient share its window (the API's per-key limit); another
+    recipient's tokens have their own."""
+    settings = Settings(api_token_secret=TOKEN_SECRET)
+    token, again = (mint("ann", 600, settings=settings) for _ in range(2))
+    within_one_window()
+    with httpx.Client(base_url=limited_server.url, timeout=30) as http:
+        answers = [http.get("/v1/recipients/ann/inbox", params={"token": t})
+                   for t in (token, again, token, again, token)]
+        other = http.get("/v1/recipients/bo/inbox",
+                         headers={"Authorization": f"Bearer {mint('bo', 600, settings=settings)}"})
+    assert [a.status_code for a in answers] == [200] * TOKEN_LIMIT + [429, 429], answers[-1].text
+    refused = answers[-1]
+    assert refused.json()["error"] == (f"rate limit of {TOKEN_LIMIT} requests per minute"
+                                       " reached for this recipient's tokens")
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.json()["detail"] == [{"limit": TOKEN_LIMIT, "retry_after":
+                                         int(refused.headers["retry-after"])}]
+    assert other.status_code == 200
