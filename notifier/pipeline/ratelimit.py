@@ -165,12 +165,14 @@ def hash_tag(recipient_id: str) -> str:
 
 
 #: KEYS: the keys' generation, then API keys' windows; ARGV: the windows' length, then
-#: per window its limit (0: none) and the requests to count. Returns the generation,
-#: then per window the requests granted (the first ones: as many as the window has room
-#: for, all of them without a limit) and when it resets: the key checks of every request
-#: an API process has waiting, and its key cache's freshness, in one round trip. A
-#: generation missing (never set, or lost with the server's data) is set from the
-#: server's clock, so a value once seen never comes back.
+#: per window its limit (0: none), the requests already admitted (counted whatever the
+#: limit: an API process let them through on what it last read) and the requests asking.
+#: Returns the generation, then per window the requests granted of those asking (the
+#: first ones: as many as the window has room for, all without a limit), the window's
+#: count then and when it resets: the key checks of every request an API process has to
+#: count or to decide, and its key cache's freshness, in one round trip. A generation
+#: missing (never set, or lost with the server's data) is set from the server's clock,
+#: so a value once seen never comes back.
 _TAKE_KEYS = Script(_CLOCK + """
 local generation = redis.call('GET', KEYS[1])
 if not generation then
@@ -181,39 +183,53 @@ end
 local length = tonumber(ARGV[1])
 local answer = {generation}
 for i = 2, #KEYS do
-  local limit, count = tonumber(ARGV[2 * i - 2]), tonumber(ARGV[2 * i - 1])
-  local granted = count
+  local at = 3 * i - 4
+  local limit, admitted, asking = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+  local granted, used = asking, 0
   if limit > 0 then
-    local used = tonumber(redis.call('GET', KEYS[i]) or '0')
-    granted = math.min(count, math.max(0, limit - used))
-    if granted > 0 and redis.call('INCRBY', KEYS[i], granted) == granted then
-      redis.call('PEXPIREAT', KEYS[i], window_end(length) * 1000)
+    used = tonumber(redis.call('GET', KEYS[i]) or '0') + admitted
+    granted = math.min(asking, math.max(0, limit - used))
+    if admitted + granted > 0 then
+      used = redis.call('INCRBY', KEYS[i], admitted + granted)
+      if used == admitted + granted then
+        redis.call('PEXPIREAT', KEYS[i], window_end(length) * 1000)
+      end
     end
   end
   answer[#answer + 1] = granted
+  answer[#answer + 1] = used
   answer[#answer + 1] = tostring(window_end(length))
 end
 return answer
 """)
 
 
+@dataclass(frozen=True)
+class KeyWindow:
+    """An API key's window after :func:`take_key_windows_async`: requests granted of those
+    asking, its count then, when it resets (epoch seconds)."""
+
+    granted: int
+    used: int
+    reset: float
+
+
 async def take_key_windows_async(
-    client: AsyncStateRedis, generation_key: str, windows: Sequence[tuple[str, int, int]],
-    length: int,
-) -> tuple[str, list[tuple[int, float]]]:
-    """API keys' requests, from the event loop: for each ``(window key, limit, count)``
-    (limit 0: nothing counted) as many of ``count`` requests as its window of ``limit``
-    per ``length`` seconds has room for are counted; and the keys' generation read; in
-    one script call. Returns the generation and, per window, the requests granted and
-    when the window resets (epoch seconds): the same as ``count`` calls one by one (a
-    refused request is not counted)."""
-    keys = [generation_key, *(window for window, _, _ in windows)]
+    client: AsyncStateRedis, generation_key: str,
+    windows: Sequence[tuple[str, int, int, int]], length: int,
+) -> tuple[str, list[KeyWindow]]:
+    """API keys' requests, from the event loop, for each ``(window key, limit, admitted,
+    asking)`` (limit 0: nothing counted): the ``admitted`` ones counted, then as many of
+    the ``asking`` ones as its window of ``limit`` per ``length`` seconds has room for
+    (the same as that many calls one by one: a refused request is not counted); and the
+    keys' generation read; in one script call."""
+    keys = [generation_key, *(window for window, _, _, _ in windows)]
     args: list[int] = [length]
-    for _, limit, count in windows:
-        args += [limit, count]
+    for _, limit, admitted, asking in windows:
+        args += [limit, admitted, asking]
     generation, *rest = await run_script(client, _TAKE_KEYS, keys, args)
-    return _text(generation), [(int(rest[i]), float(rest[i + 1]))
-                               for i in range(0, len(rest), 2)]
+    return _text(generation), [KeyWindow(int(rest[i]), int(rest[i + 1]), float(rest[i + 2]))
+                               for i in range(0, len(rest), 3)]
 
 
 def _text(value: str | bytes) -> str:

@@ -1,6 +1,6 @@
-"""Rate limits over HTTP: a key's limit across two API processes while their checks are
-taken together (``notifier.api.key_windows``), the script counting them, and the
-recipient tokens' limit."""
+"""Rate limits over HTTP: a key's limit across two API processes, exact or within the
+bound of their reads of Redis (``notifier.api.key_windows``), the script counting them,
+and the recipient tokens' limit."""
 
 from __future__ import annotations
 
@@ -30,31 +30,37 @@ def within_one_window() -> None:
         time.sleep(left + 0.5)
 
 
+#: Every request waits for a read of Redis begun after it arrived.
+EXACT = {"NOTIFIER_API_KEY_SYNC_INTERVAL": "0"}
+NOTE = {"recipient": "u1", "type": "welcome", "title": "Hello"}
+
+
 @pytest.fixture(scope="module")
 def limited_server(database: str) -> Iterator[ApiServer]:
-    server = ApiServer.start(env={"NOTIFIER_API_TOKEN_SECRET": TOKEN_SECRET,
+    """Exact key windows; recipient tokens limited to TOKEN_LIMIT a minute."""
+    server = ApiServer.start(env={"NOTIFIER_API_TOKEN_SECRET": TOKEN_SECRET, **EXACT,
                                   "NOTIFIER_API_RATE_LIMIT_PER_MINUTE": str(TOKEN_LIMIT)})
     yield server
     server.stop()
 
 
-def test_a_keys_limit_holds_exactly_across_two_processes_under_concurrent_sends(
-    api_server: ApiServer, make_key: Callable[..., str],
+def test_an_exact_limit_holds_across_two_processes_under_concurrent_sends(
+    limited_server: ApiServer, make_key: Callable[..., str],
 ) -> None:
-    """40 concurrent sends to each of two API processes with a key of 25 a minute: each
-    process takes the checks that wait at once in one script call, and between them
-    exactly 25 are accepted; the others are 429 with Retry-After."""
-    other = ApiServer.start()
+    """NOTIFIER_API_KEY_SYNC_INTERVAL=0: 40 concurrent sends to each of two API processes
+    with a key of 25 a minute; each process takes the checks waiting at once in one
+    script call, and between them exactly 25 are accepted, the others 429."""
+    api_server = limited_server
+    other = ApiServer.start(env=EXACT)
     try:
         key = make_key("send", rate_limit=25)
-        note = {"recipient": "u1", "type": "welcome", "title": "Hello"}
 
         async def burst() -> list[httpx.Response]:
             limits = httpx.Limits(max_connections=40)
             async with httpx.AsyncClient(timeout=60, limits=limits,
                                          headers={"Authorization": f"Bearer {key}"}) as http:
                 return await asyncio.gather(*(
-                    http.post(f"{server.url}/v1/notifications", json=note)
+                    http.post(f"{server.url}/v1/notifications", json=NOTE)
                     for _ in range(40) for server in (api_server, other)))
 
         within_one_window()
@@ -68,9 +74,37 @@ def test_a_keys_limit_holds_exactly_across_two_processes_under_concurrent_sends(
                                          int(refused.headers["retry-after"])}]
 
 
+def test_between_reads_each_process_keeps_the_limit_and_the_next_read_ends_it(
+    api_server: ApiServer, make_key: Callable[..., str],
+) -> None:
+    """The default interval: a process answers from its last read and counts what it
+    lets through, so on its own it never passes the limit; two may pass it by what one
+    let through before its counts reached Redis; once the interval is over, both read
+    the whole count and refuse."""
+    from notifier.settings import get_settings
+
+    other = ApiServer.start()
+    try:
+        key = make_key("send", rate_limit=5)
+        within_one_window()
+        with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {key}"}) as http:
+            def sends(server: ApiServer, count: int) -> list[int]:
+                return [http.post(f"{server.url}/v1/notifications", json=NOTE).status_code
+                        for _ in range(count)]
+
+            first, second = sends(api_server, 7), sends(other, 7)
+            assert first == [202] * 5 + [429] * 2
+            assert second.count(202) <= 5 and 429 in second
+            time.sleep(get_settings().api_key_sync_interval + 0.2)
+            assert sends(api_server, 3) + sends(other, 3) == [429] * 6
+    finally:
+        other.stop()
+
+
 def test_the_script_grants_a_batch_as_calls_one_by_one_would() -> None:
-    """Three requests of a key with 4 left, then two more, a key without a limit, and a
-    second key: granted in order up to the limit, nothing counted past it."""
+    """Three requests asking of a key with 4 left, then two more, a key without a limit,
+    and a second key; then counts a process let through: granted in order up to the
+    limit, nothing counted past it, admitted ones counted whatever the limit."""
     from notifier.pipeline.ratelimit import take_key_windows_async
     from notifier.settings import get_settings
     from notifier.storage.api_keys import GENERATION_KEY, rate_window_key
@@ -82,25 +116,25 @@ def test_the_script_grants_a_batch_as_calls_one_by_one_would() -> None:
         client = connect_async(get_settings())
         try:
             return [await take_key_windows_async(client, GENERATION_KEY, windows, 60)
-                    for windows in ([(limited, 4, 3), (unlimited, 0, 5)],
-                                    [(limited, 4, 2), (second, 1, 3)],
-                                    [(limited, 4, 1)])]
+                    for windows in ([(limited, 4, 0, 3), (unlimited, 0, 0, 5)],
+                                    [(limited, 4, 0, 2), (second, 1, 0, 3)],
+                                    [(limited, 4, 2, 1)])]
         finally:
             await client.aclose()
 
     within_one_window()
     first, then, last = asyncio.run(take())
     assert first[0] == then[0] == last[0]  # the generation, made once
-    assert [granted for granted, _ in first[1]] == [3, 5]
-    assert [granted for granted, _ in then[1]] == [1, 1]
-    assert [granted for granted, _ in last[1]] == [0]
-    reset = last[1][0][1]
+    assert [(w.granted, w.used) for w in first[1]] == [(3, 3), (5, 0)]
+    assert [(w.granted, w.used) for w in then[1]] == [(1, 4), (1, 1)]
+    assert [(w.granted, w.used) for w in last[1]] == [(0, 6)]
+    reset = last[1][0].reset
     assert reset % 60 == 0 and 0 < reset - time.time() <= 60
 
     from notifier.storage.state import state_redis
 
     counted = state_redis().mget([limited, unlimited, second])
-    assert counted == [b"4", None, b"1"]
+    assert counted == [b"6", None, b"1"]
 
 
 def test_a_recipients_tokens_past_the_limit_are_429_with_retry_after(
