@@ -61,6 +61,8 @@ class _Window:
     used: int = 0
     #: Requests let through here since, not counted in Redis yet.
     admitted: int = 0
+    #: Of those, the ones the call in flight is counting.
+    sending: int = 0
     #: When it ends (epoch seconds, the Redis server's clock).
     reset: float = 0.0
 
@@ -87,7 +89,7 @@ class KeyWindows:
                 and time.time() < known.reset):
             if self._calling is None and age > self.interval / 2:
                 self._call()  # refreshed before it goes stale, nobody waiting for it
-            if limit and known.used + known.admitted >= limit:
+            if limit and known.used + known.sending + known.admitted >= limit:
                 return known.reset, self._generation
             known.admitted += 1 if limit else 0
             return 0.0, self._generation
@@ -119,8 +121,9 @@ class KeyWindows:
             asking.setdefault(request.window, []).append(request)
         counted = {name: window.admitted for name, window in self._windows.items()
                    if window.admitted}
-        for name in counted:
-            self._windows[name].admitted = 0
+        for name, count in counted.items():
+            window = self._windows[name]
+            window.admitted, window.sending = 0, count
         limits = {name: self._windows[name].limit for name in counted}
         limits.update({name: requests[-1].limit for name, requests in asking.items()})
         began = time.monotonic()
@@ -131,7 +134,8 @@ class KeyWindows:
                  for name, limit in limits.items()], WINDOW_SECONDS)
         except BaseException as exc:
             for name, count in counted.items():  # counted by the next call instead
-                self._windows[name].admitted += count
+                window = self._windows[name]
+                window.admitted, window.sending = window.admitted + count, 0
             for request in waiting:
                 if not request.answer.done():
                     request.answer.set_exception(exc)
@@ -139,17 +143,18 @@ class KeyWindows:
                 raise
             return
         self._generation, self._read_at = generation, began
-        now = time.time()
-        for name in [name for name, window in self._windows.items()
-                     if window.reset <= now and not window.admitted]:
-            del self._windows[name]  # ended: a key seen again is read afresh
         for (name, limit), found in zip(limits.items(), read, strict=True):
             window = self._windows.setdefault(name, _Window(limit))
             window.limit, window.used, window.reset = limit, found.used, found.reset
+            window.sending = 0  # in ``used`` now
             for index, request in enumerate(asking.get(name, ())):
                 if not request.answer.done():  # the client went away
                     request.answer.set_result(
                         (0.0 if index < found.granted else found.reset, generation))
+        now = time.time()
+        for name in [name for name, window in self._windows.items()
+                     if window.reset <= now and not window.admitted]:
+            del self._windows[name]  # ended: a key seen again is read afresh
 
 
 _loops: dict[tuple[int, int], KeyWindows] = {}
