@@ -20,9 +20,11 @@ requests never wait for Redis. The bounds (``docs/api.md``):
 
 * a revoke is seen by every process's answers at most ``interval`` after it: a request
   that arrives later is answered from a read begun after the revoke;
-* a key's limit is never passed by one process (its own counts are exact and added to
-  the last count read); between processes, by at most what the others let through in
-  ``interval``, before their counts reach Redis.
+* a key's limit is never passed by one process (its own counts, those in flight too,
+  are added to the last count read); a process takes its counts to Redis within
+  about ``interval`` of letting the requests through (a timer, should all go quiet), so
+  between processes the limit is passed by at most what the others let through in
+  the last two intervals.
 
 ``interval`` 0 makes every request wait for a read begun after it arrived: exact, and
 still one call for all the requests waiting at once. A failed call fails the requests
@@ -78,6 +80,8 @@ class KeyWindows:
         #: When the last call that answered began (``time.monotonic``).
         self._read_at = -float("inf")
         self._calling: asyncio.Task[None] | None = None
+        #: Set while counts let through wait for a call to take them to Redis.
+        self._flush: asyncio.TimerHandle | None = None
 
     async def take(self, key_id: int, limit: int) -> tuple[float, str]:
         """Count a request of key ``key_id`` in its window of ``limit`` a minute (0:
@@ -91,13 +95,27 @@ class KeyWindows:
                 self._call()  # refreshed before it goes stale, nobody waiting for it
             if limit and known.used + known.sending + known.admitted >= limit:
                 return known.reset, self._generation
-            known.admitted += 1 if limit else 0
+            if limit:
+                known.admitted += 1
+                if self._flush is None:  # in Redis within an interval, even if all goes quiet
+                    self._flush = asyncio.get_running_loop().call_later(
+                        self.interval, self._flushed)
             return 0.0, self._generation
         answer: asyncio.Future[tuple[float, str]] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(name, limit, answer))
         if self._calling is None:
             self._call()
         return await answer
+
+    def _flushed(self) -> None:
+        self._flush = None
+        if not any(window.admitted for window in self._windows.values()):
+            return
+        if self._calling is None:
+            self._call()
+        else:  # the call in flight may have begun before them: look again soon
+            self._flush = asyncio.get_running_loop().call_later(
+                self.interval / 2, self._flushed)
 
     def _call(self) -> None:
         """A call, once the requests already ready on the event loop have run (and have
