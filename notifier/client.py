@@ -123,8 +123,13 @@ def _publish(messages: list[dict[str, Any]] | dict[str, Any], priority: str) -> 
         chunks = _within_message_bytes(messages, get_settings().max_message_bytes)
         if len(chunks) > 1:
             for chunk in chunks:
-                _publish(chunk, priority)
+                _send(chunk, priority)
             return
+    _send(messages, priority)
+
+
+def _send(messages: list[dict[str, Any]] | dict[str, Any], priority: str) -> None:
+    """One Celery message of ``messages``, already within the size bound."""
     count = len(messages) if isinstance(messages, list) else 1
     app.send_task(
         INGEST_TASK, args=[messages], queue=queue_name(priority),
@@ -231,8 +236,9 @@ def message_chunks(messages: list[dict[str, Any]]) -> list[list[dict[str, Any]]]
 
 def publish_chunk(messages: list[dict[str, Any]], priority: str) -> None:
     """One Celery message of notifications made by :func:`message_chunks` (on RabbitMQ,
-    confirmed when this returns): it is published whole or raises."""
-    _publish(messages, priority)
+    confirmed when this returns): it is published whole or raises (not sized again:
+    :func:`message_chunks` kept it within the bound)."""
+    _send(messages, priority)
 
 
 def _validated_item(index: int, raw: Mapping[str, Any]) -> NotificationIn:

@@ -475,6 +475,14 @@ class Settings(BaseSettings):
     """Requests one API key may make per minute (a fixed window in the state Redis,
     shared by every API process); a key's own limit (``notifier api-keys create
     --rate-limit``) overrides it; 0: unlimited. Past it: 429 with ``Retry-After``."""
+    api_key_sync_interval: float = Field(0.05, ge=0, le=5)
+    """Seconds an API process may answer a request from what it last read of the keys in
+    the state Redis (their rate windows' counts, the keys' generation) instead of
+    waiting for a read of its own: one script call per this interval carries a busy
+    process's requests, not one per request (``docs/api.md``). The bounds it sets: a
+    revoked key is refused by every process at most this long after the revoke, and a
+    key's limit may be passed by what the other processes admit within it. 0: every
+    request waits for a read begun after it arrived (exact, and a call per few requests)."""
     api_cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     """Origins whose browser pages may call the API (CORS), comma-separated, each
     ``scheme://host[:port]`` with no path: ``https://app.example.com,http://localhost:3000``;

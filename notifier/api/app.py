@@ -49,6 +49,7 @@ def create_app() -> FastAPI:
         docs_url=None, redoc_url=None, lifespan=_lifespan,
     )
     errors.install(app)
+    app.router.routes.append(notifications.send_route)  # first: the hot path
     for area in (notifications, preferences, dead_letters, inbox, tokens, events,
                  suppressions):
         app.include_router(area.router)

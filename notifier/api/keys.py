@@ -27,22 +27,20 @@ from typing import Annotated
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from starlette.concurrency import run_in_threadpool
 
 from notifier.api.errors import ApiError
-from notifier.pipeline.ratelimit import take_key_window_async
+from notifier.api.key_windows import key_windows
 from notifier.settings import get_settings
 from notifier.storage.api_keys import (
     CACHE_SECONDS,
-    GENERATION_KEY,
     KeyInfo,
     Scope,
     authenticate,
     hash_key,
-    rate_window_key,
 )
 from notifier.storage.db import session_scope
-from notifier.storage.state_async import async_state_redis
 
 #: Documents the scheme in OpenAPI; the checks and their answers are ours.
 bearer = HTTPBearer(auto_error=False, description="An API key: `notifier api-keys create`")
@@ -104,12 +102,26 @@ def require(scope: Scope) -> Callable[..., Awaitable[KeyInfo]]:
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> KeyInfo:
         if credentials is None or credentials.scheme.lower() != "bearer":
-            raise ApiError(401, "an API key is required: Authorization: Bearer <key>",
-                           headers=_CHALLENGE)
+            raise _no_key()
         return await authorized(credentials.credentials.strip(), scope)
 
     check.__name__ = f"require_{scope.value}"
     return check
+
+
+async def authorized_header(authorization: str | None, scope: Scope) -> KeyInfo:
+    """:func:`require`'s check for a route that reads its own headers (the single send,
+    which skips FastAPI's dependency solving): ``Authorization`` parsed as ``bearer``
+    parses it, the same answers."""
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    if not (authorization and scheme and credentials) or scheme.lower() != "bearer":
+        raise _no_key()
+    return await authorized(credentials.strip(), scope)
+
+
+def _no_key() -> ApiError:
+    return ApiError(401, "an API key is required: Authorization: Bearer <key>",
+                    headers=_CHALLENGE)
 
 
 async def authorized(presented: str, scope: Scope) -> KeyInfo:
@@ -123,8 +135,7 @@ async def authorized(presented: str, scope: Scope) -> KeyInfo:
     limit = key.rate_limit_per_minute
     if limit is None:
         limit = get_settings().api_rate_limit_per_minute
-    reset, generation = await take_key_window_async(
-        async_state_redis(), rate_window_key(key.id), GENERATION_KEY, limit or 0, 60)
+    reset, generation = await key_windows().take(key.id, limit or 0)
     cache.observe(generation)
     if known is None:
         if before == generation:  # no revocation since before the lookup

@@ -15,11 +15,14 @@ retry is answered with the first request's ids (``notifier.api.idempotency``).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from starlette import types as asgi
 from starlette.concurrency import run_in_threadpool
 
 from notifier import client, records
@@ -27,7 +30,7 @@ from notifier.api import idempotency, publisher
 from notifier.api.body import read_json
 from notifier.api.callbacks import with_key_callback
 from notifier.api.errors import ApiError, responses
-from notifier.api.keys import require
+from notifier.api.keys import authorized_header, bearer, require
 from notifier.pipeline.cancel import cancel_by
 from notifier.schemas import NotificationError, NotificationIn
 from notifier.settings import get_settings
@@ -83,32 +86,56 @@ class Cancelled(BaseModel):
     status: str
 
 
-def _body_schema() -> dict[str, Any]:
-    """The request body in OpenAPI: the contract's model, alone or in a list."""
+def _openapi_extra() -> dict[str, Any]:
+    """What FastAPI would have read from a signature of dependencies: the key, the
+    ``Idempotency-Key`` header; and the request body, the contract's model alone or in a
+    list (read by the route itself, bounded: ``notifier.api.body``)."""
     ref = {"$ref": "#/components/schemas/NotificationIn"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "anyOf": [ref, {"type": "array", "items": ref, "minItems": 1}],
-    }}}}}
+    header = {"anyOf": [{"type": "string", "minLength": 1,
+                         "maxLength": idempotency.HEADER_CHARS}, {"type": "null"}],
+              "description": _HEADER_DESCRIPTION, "title": idempotency.HEADER}
+    return {
+        "security": [{bearer.scheme_name: []}],
+        "parameters": [{"name": idempotency.HEADER, "in": "header", "required": False,
+                        "schema": header, "description": _HEADER_DESCRIPTION}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "anyOf": [ref, {"type": "array", "items": ref, "minItems": 1}],
+        }}}},
+    }
 
 
-@router.post(
-    "", status_code=202, response_model=Sent, openapi_extra=_body_schema(),
-    summary="Send one notification, or a list of them",
-    responses=responses(400, 401, 403, 409, 413, 422, 429, 503),
-)
-async def send(
-    request: Request,
-    key: Annotated[KeyInfo, Depends(require(Scope.SEND))],
-    idempotency_key: Annotated[str | None, Header(
-        alias="Idempotency-Key", min_length=1, max_length=idempotency.HEADER_CHARS,
-        description="A repeat within the dedup window with the same body is answered"
-                    " with the first request's ids (header `Idempotent-Replayed: true`);"
-                    " with another body 422; while the first is in flight 409.",
-    )] = None,
-) -> Response:
+_HEADER_DESCRIPTION = ("A repeat within the dedup window with the same body is answered"
+                       " with the first request's ids (header `Idempotent-Replayed: true`);"
+                       " with another body 422; while the first is in flight 409.")
+
+
+class _DirectRoute(APIRoute):
+    """A route FastAPI describes in OpenAPI like any other but does not serve: the
+    endpoint takes the Request and checks the key and the header itself, and is called
+    as a plain ASGI app. For the single send, the hot path, FastAPI's per-request
+    machinery (dependency solving, exit stacks, a second exception wrapper: the app's
+    ``ExceptionMiddleware`` answers the endpoint's errors all the same) cost more CPU
+    than validating the notification."""
+
+    def __init__(self, path: str, endpoint: Callable[[Request], Awaitable[Response]],
+                 **options: Any) -> None:
+        super().__init__(path, endpoint, **options)
+
+        async def app(scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+            response = await endpoint(Request(scope, receive, send))
+            await response(scope, receive, send)
+
+        self.app = app
+
+
+async def send(request: Request) -> Response:
     """Body: a notification (the task contract's fields) or a list of them. Every item
     is checked first; if any is refused, the answer is 422 naming each item's index,
     field and problem, and nothing of the request is published."""
+    key = await authorized_header(request.headers.get("authorization"), Scope.SEND)
+    idempotency_key = request.headers.get(idempotency.HEADER)
+    if idempotency_key is not None:
+        _header_length_checked(idempotency_key)
     settings = get_settings()
     raw = await read_json(request, settings.max_message_bytes)
     single = not isinstance(raw, list)
@@ -135,6 +162,30 @@ async def send(
             return _sent(answer.ids, replayed=True)
         ids = answer
     return _sent(ids)
+
+
+#: ``POST /v1/notifications``, added to the app's own routes (an included router's
+#: matching costs as much again as this route's).
+send_route = _DirectRoute(
+    "/v1/notifications", send, methods=["POST"], tags=["notifications"], status_code=202,
+    response_model=Sent, openapi_extra=_openapi_extra(),
+    summary="Send one notification, or a list of them",
+    responses=responses(400, 401, 403, 409, 413, 422, 429, 503),
+)
+
+
+def _header_length_checked(value: str) -> None:
+    """The bounds FastAPI checked when the header was a declared parameter, answered in
+    its words (``notifier.api.errors``); :func:`idempotency.checked_header` checks the
+    rest."""
+    if not value:
+        problem = "String should have at least 1 character"
+    elif len(value) > idempotency.HEADER_CHARS:
+        problem = f"String should have at most {idempotency.HEADER_CHARS} characters"
+    else:
+        return
+    raise ApiError(422, "invalid request", [{"field": f"header.{idempotency.HEADER}",
+                                             "problem": problem}])
 
 
 def _sent(ids: list[str], replayed: bool = False) -> Response:

@@ -24,16 +24,15 @@ from typing import Annotated
 
 from fastapi import Depends, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 
 from notifier.api.errors import ApiError
 from notifier.api.keys import over_rate_limit, require
 from notifier.api.preferences import RecipientId
-from notifier.pipeline.ratelimit import take_window
+from notifier.pipeline.ratelimit import take_window_async
 from notifier.pipeline.recipient_tokens import MAX_TOKEN_LENGTH, VERSION, TokenError, verify
 from notifier.settings import get_settings
 from notifier.storage.api_keys import KeyInfo, Scope
-from notifier.storage.state import state_redis
+from notifier.storage.state_async import async_state_redis
 
 _bearer = HTTPBearer(auto_error=False, description="An API key with the read scope, or a"
                                                    " recipient token for this recipient")
@@ -58,37 +57,37 @@ async def inbox_access(
                     " headers); never an API key",
     )] = None,
 ) -> InboxAccess:
-    """The dependency of every inbox route (a key's check on the event loop, a token's
-    in the thread pool: its rate limit is a blocking Redis call)."""
+    """The dependency of every inbox route, on the event loop (a token's check is an
+    HMAC and one Redis script, through ``redis.asyncio``: no thread hop)."""
     if credentials is not None and credentials.scheme.lower() == "bearer":
         given = credentials.credentials.strip()
         if not given.startswith(f"{VERSION}."):
             return InboxAccess(recipient_id, await _check_read_key(credentials))
-        return await run_in_threadpool(_by_token, recipient_id, given)
+        return await _by_token(recipient_id, given)
     if token is not None:
-        return await run_in_threadpool(_by_token, recipient_id, token)
+        return await _by_token(recipient_id, token)
     raise ApiError(401, "an API key or a recipient token is required: Authorization:"
                         " Bearer <key or token>, or ?token=<token>", headers=_CHALLENGE)
 
 
-def _by_token(recipient_id: str, token: str) -> InboxAccess:
+async def _by_token(recipient_id: str, token: str) -> InboxAccess:
     try:
         verify(token, recipient_id=recipient_id)
     except TokenError as exc:
         raise ApiError(401, str(exc), [{"field": "token", "reason": exc.reason}],
                        headers=_CHALLENGE) from None
-    _within_rate_limit(recipient_id)
+    await _within_rate_limit(recipient_id)
     return InboxAccess(recipient_id, None)
 
 
-def _within_rate_limit(recipient_id: str) -> None:
+async def _within_rate_limit(recipient_id: str) -> None:
     limit = get_settings().api_rate_limit_per_minute
     if not limit:
         return
     # The recipient id may hold any character but control ones; a digest keeps the key
     # short and free of braces (the tag is the digest: one slot per recipient).
     name = f"notifier.api.rate.{{t{_digest(recipient_id)}}}.minute"
-    reset = take_window(state_redis(), name, limit, 60)
+    reset = await take_window_async(async_state_redis(), name, limit, 60)
     if reset:
         raise over_rate_limit(limit, reset, " for this recipient's tokens")
 

@@ -164,50 +164,83 @@ def hash_tag(recipient_id: str) -> str:
     return "#" + hashlib.sha256(recipient_id.encode("utf-8", "replace")).hexdigest()[:32]
 
 
-#: KEYS: an API key's window, the keys' generation; ARGV: limit (0: none), length.
-#: Returns when the window resets ('0': counted, or no limit) and the generation: the
-#: request's rate check and its key cache's freshness in one round trip. A generation
+#: KEYS: the keys' generation, then API keys' windows; ARGV: the windows' length, then
+#: per window its limit (0: none), the requests already admitted (counted whatever the
+#: limit: an API process let them through on what it last read) and the requests asking.
+#: Returns the generation, then per window the requests granted of those asking (the
+#: first ones: as many as the window has room for, all without a limit), the window's
+#: count then and when it resets: the key checks of every request an API process has to
+#: count or to decide, and its key cache's freshness, in one round trip. A generation
 #: missing (never set, or lost with the server's data) is set from the server's clock,
 #: so a value once seen never comes back.
-_TAKE_KEY = Script(_CLOCK + """
-local limit, length = tonumber(ARGV[1]), tonumber(ARGV[2])
-local generation = redis.call('GET', KEYS[2])
+_TAKE_KEYS = Script(_CLOCK + """
+local generation = redis.call('GET', KEYS[1])
 if not generation then
   generation = 't' .. clock[1] .. '.' .. clock[2]
-  redis.call('SET', KEYS[2], generation, 'NX')
-  generation = redis.call('GET', KEYS[2])
+  redis.call('SET', KEYS[1], generation, 'NX')
+  generation = redis.call('GET', KEYS[1])
 end
-if limit > 0 then
-  if tonumber(redis.call('GET', KEYS[1]) or '0') >= limit then
-    return {tostring(window_end(length)), generation}
+local length = tonumber(ARGV[1])
+local answer = {generation}
+for i = 2, #KEYS do
+  local at = 3 * i - 4
+  local limit, admitted, asking = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+  local granted, used = asking, 0
+  if limit > 0 then
+    used = tonumber(redis.call('GET', KEYS[i]) or '0') + admitted
+    granted = math.min(asking, math.max(0, limit - used))
+    if admitted + granted > 0 then
+      used = redis.call('INCRBY', KEYS[i], admitted + granted)
+      if used == admitted + granted then
+        redis.call('PEXPIREAT', KEYS[i], window_end(length) * 1000)
+      end
+    end
   end
-  if redis.call('INCR', KEYS[1]) == 1 then
-    redis.call('PEXPIREAT', KEYS[1], window_end(length) * 1000)
-  end
+  answer[#answer + 1] = granted
+  answer[#answer + 1] = used
+  answer[#answer + 1] = tostring(window_end(length))
 end
-return {'0', generation}
+return answer
 """)
 
 
-async def take_key_window_async(
-    client: AsyncStateRedis, key: str, generation_key: str, limit: int, length: int
-) -> tuple[float, str]:
-    """An API key's request, from the event loop: counted in its window of ``limit`` per
-    ``length`` seconds (``limit`` 0: not counted), and the keys' generation read, in one
-    script call. Returns 0.0 or when the window resets (nothing counted), and the
-    generation."""
-    reset, generation = await run_script(client, _TAKE_KEY, [key, generation_key],
-                                         [limit, length])
-    return float(reset), _text(generation)
+@dataclass(frozen=True)
+class KeyWindow:
+    """An API key's window after :func:`take_key_windows_async`: requests granted of those
+    asking, its count then, when it resets (epoch seconds)."""
+
+    granted: int
+    used: int
+    reset: float
+
+
+async def take_key_windows_async(
+    client: AsyncStateRedis, generation_key: str,
+    windows: Sequence[tuple[str, int, int, int]], length: int,
+) -> tuple[str, list[KeyWindow]]:
+    """API keys' requests, from the event loop, for each ``(window key, limit, admitted,
+    asking)`` (limit 0: nothing counted): the ``admitted`` ones counted, then as many of
+    the ``asking`` ones as its window of ``limit`` per ``length`` seconds has room for
+    (the same as that many calls one by one: a refused request is not counted); and the
+    keys' generation read; in one script call."""
+    keys = [generation_key, *(window for window, _, _, _ in windows)]
+    args: list[int] = [length]
+    for _, limit, admitted, asking in windows:
+        args += [limit, admitted, asking]
+    generation, *rest = await run_script(client, _TAKE_KEYS, keys, args)
+    return _text(generation), [KeyWindow(int(rest[i]), int(rest[i + 1]), float(rest[i + 2]))
+                               for i in range(0, len(rest), 3)]
 
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def take_window(client: StateRedis, key: str, limit: int, length: int) -> float:
+async def take_window_async(
+    client: AsyncStateRedis, key: str, limit: int, length: int,
+) -> float:
     """Count one use of a fixed window of ``limit`` per ``length`` seconds kept at ``key``
-    (the recipients' script, so the window is the Redis server's): 0.0 if counted, else
-    when the window resets (epoch seconds, nothing counted). The recipient tokens' limit."""
-    [answer] = run_scripts(client, [(_TAKE, [key], [limit, length])])
-    return float(answer)
+    (the recipients' script, so the window is the Redis server's), from the event loop:
+    0.0 if counted, else when the window resets (epoch seconds, nothing counted). The
+    recipient tokens' limit."""
+    return float(await run_script(client, _TAKE, [key], [limit, length]))
