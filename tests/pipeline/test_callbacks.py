@@ -331,3 +331,29 @@ def test_a_batch_without_callback_urls_pays_nothing_for_them(monkeypatch: Any) -
     flagged = _rows("SELECT n.recipient_id, d.callback FROM deliveries d"
                     " JOIN notifications n ON n.id = d.notification_id WHERE d.callback")
     assert [r.recipient_id for r in flagged] == ["b-0"]
+
+
+def test_a_failing_receivers_circuit_holds_its_callbacks_without_counting_attempts() -> None:
+    """In process: after the endpoint circuit's threshold of 5xx, the receiver's next
+    callbacks are put back (``held``), no attempt counted, none POSTed."""
+    settings = get_settings().model_copy(update={"endpoint_breaker_threshold": 2,
+                                                 "retry_base": 0.01})
+    with HttpServer() as receiver:
+        receiver.respond_always(503, "down")
+        for _ in range(4):
+            _finish_delivery(receiver.url("/cb"))
+
+        def sweep() -> list[str]:
+            with session_scope() as session:
+                tasks = sweep_due_callbacks(raw_cursor(session), settings)
+            return [i for task in tasks for i in task.callback_ids]
+
+        queued = sweep()
+        first = send_callbacks(queued[:2], settings, state_redis())
+        assert (first.retrying, first.held) == (2, 0) and len(receiver.requests) == 2
+        time.sleep(0.05)  # the two retries fall due
+        second = send_callbacks(queued[2:] + sweep(), settings, state_redis())
+        assert (second.held, second.sent, second.retrying) == (4, 0, 0)
+        assert len(receiver.requests) == 2
+    attempts = sorted(r.attempts for r in _rows("SELECT attempts FROM callbacks"))
+    assert attempts == [0, 0, 1, 1]
