@@ -116,9 +116,9 @@ def revoke_api_key(key: str) -> None:
                              if not key.startswith("nk_") else key[:PREFIX_CHARS])
     if not revoked:
         fail(f"no live API key named or starting {key[:PREFIX_CHARS]!r}", EXIT_CONFIG)
+    _tell_api_processes()
     for info in revoked:
         click.echo(f"revoked {info.prefix}… ({info.name})")
-    _tell_api_processes()
 
 
 def _tell_api_processes() -> None:
@@ -136,3 +136,20 @@ def _tell_api_processes() -> None:
         click.echo(f"warning: the state Redis did not answer ({str(exc)[:200]}): the key is"
                    f" revoked in Postgres, but API processes that cached it may accept it"
                    f" for up to {CACHE_SECONDS} s", err=True)
+        return
+    _wait_out_key_reads()
+
+
+def _wait_out_key_reads() -> None:
+    """Return only once every API process refuses the key: a process answers a request
+    from a read of the keys' generation begun at most ``NOTIFIER_API_KEY_SYNC_INTERVAL``
+    before it (``notifier.api.key_windows``); two intervals, and a margin for the read
+    itself, leave no read begun before the bump in use. "revoked", printed after this,
+    then means refused everywhere."""
+    import time
+
+    from notifier.settings import get_settings
+
+    interval = get_settings().api_key_sync_interval
+    if interval:
+        time.sleep(2 * interval + 0.02)
