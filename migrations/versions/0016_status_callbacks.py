@@ -5,11 +5,13 @@ terminal status of each of its deliveries is POSTed there (docs/callbacks.md).
 
 - ``notifications.callback_url`` and ``api_keys.callback_url``: nullable, nothing
   rewritten (instant on a big table).
-- ``deliveries.callback``: true when its notification has a callback URL, set when the
-  delivery row is written. A constant default, so adding it rewrites nothing.
-- ``callbacks``: the outbox of events to POST, one per (delivery, status) (the unique
-  index: a status written twice, or a replayed dead letter dying again, produces one
-  event). ``url`` is copied from the notification when the event is made, so retention
+- ``deliveries.callback``: true when its notification (or, for a digest, one of its
+  members) has a callback URL, set when the delivery row is written. A constant
+  default, so adding it rewrites nothing.
+- ``callbacks``: the outbox of events to POST, one per (delivery, status, notification)
+  (the unique index: a status written twice, or a replayed dead letter dying again,
+  produces one event; a digest's delivery makes one for each member that names a
+  callback URL). ``url`` is copied from the notification when the event is made, so retention
   purging the notification does not strand its callbacks.
 - A trigger on ``deliveries`` writes the event **in the transaction that set the
   status**, whichever code set it (the delivery step's bulk outcome, a receipt, a
@@ -43,12 +45,24 @@ EVENT_FUNCTION = """
 CREATE FUNCTION notifier_callback_event() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO callbacks (id, delivery_id, notification_id, channel, status, detail, url)
-    SELECT gen_random_uuid(), NEW.id, n.id, NEW.channel, NEW.status,
-           left(coalesce(NEW.provider_detail, NEW.last_error), 500), n.callback_url
-    FROM notifications n
-    WHERE n.id = NEW.notification_id AND n.callback_url IS NOT NULL
-    ON CONFLICT (delivery_id, status) DO NOTHING;
+    IF NEW.notification_id IS NOT NULL THEN
+        INSERT INTO callbacks (id, delivery_id, notification_id, channel, status, detail,
+                               url)
+        SELECT gen_random_uuid(), NEW.id, n.id, NEW.channel, NEW.status,
+               left(coalesce(NEW.provider_detail, NEW.last_error), 500), n.callback_url
+        FROM notifications n
+        WHERE n.id = NEW.notification_id AND n.callback_url IS NOT NULL
+        ON CONFLICT (delivery_id, status, notification_id) DO NOTHING;
+    ELSE
+        -- A digest's delivery: one event for each member that names a callback URL.
+        INSERT INTO callbacks (id, delivery_id, notification_id, channel, status, detail,
+                               url)
+        SELECT gen_random_uuid(), NEW.id, n.id, NEW.channel, NEW.status,
+               left(coalesce(NEW.provider_detail, NEW.last_error), 500), n.callback_url
+        FROM notifications n
+        WHERE n.digest_id = NEW.digest_id AND n.callback_url IS NOT NULL
+        ON CONFLICT (delivery_id, status, notification_id) DO NOTHING;
+    END IF;
     RETURN NULL;
 END
 $$
@@ -84,8 +98,8 @@ def upgrade() -> None:
             "state IN ('pending', 'queued', 'sending', 'retrying', 'sent', 'dead')",
             name=op.f("ck_callbacks_state")),
     )
-    op.create_index("uq_callbacks_delivery_id_status", "callbacks",
-                    ["delivery_id", "status"], unique=True)
+    op.create_index("uq_callbacks_delivery_id_status_notification_id", "callbacks",
+                    ["delivery_id", "status", "notification_id"], unique=True)
     op.create_index("ix_callbacks_due", "callbacks", ["next_attempt_at"],
                     postgresql_where=sa.text(
                         "state IN ('pending', 'queued', 'sending', 'retrying')"))

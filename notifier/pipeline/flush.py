@@ -69,7 +69,8 @@ class _Member:
     body: str
     data: dict[str, Any]
     created_at: datetime
-    #: It names a ``callback_url`` (sent alone, its delivery reports its statuses).
+    #: It names a ``callback_url``: the delivery that carries it, alone or in a digest,
+    #: reports its statuses to it.
     callback: bool = False
 
 
@@ -209,6 +210,7 @@ def _plan_window(
         plan.digests.append(_digest_row(digest_id, window, channel, members, rule, state))
         plan.deliveries.append(NewDelivery(
             window.key[0], channel, priority, digest_id=digest_id, hold_until=held,
+            callback=any(member.callback for member in members),
         ))
         for member in members:
             plan.statuses[member.id] = ("digested", digest_id, None)

@@ -334,7 +334,8 @@ class Callback(Base):
     __tablename__ = "callbacks"
     __table_args__ = (
         CheckConstraint(f"state IN ({sql_list(CALLBACK_STATES)})", name="state"),
-        Index("uq_callbacks_delivery_id_status", "delivery_id", "status", unique=True),
+        Index("uq_callbacks_delivery_id_status_notification_id", "delivery_id", "status",
+              "notification_id", unique=True),
         Index("ix_callbacks_due", "next_attempt_at",
               postgresql_where=text(f"state IN ({sql_list(UNFINISHED_CALLBACK_STATES)})")),
         Index("ix_callbacks_updated_at", "updated_at"),  # retention

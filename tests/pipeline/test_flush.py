@@ -11,8 +11,11 @@ import random
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta
 
+from sqlalchemy import text
+
 from notifier.pipeline.delivery import deliver_batch
 from notifier.settings import get_settings
+from notifier.storage.db import session_scope
 from notifier.storage.state import state_redis
 from tests.pipeline.helpers import (
     MINUTE,
@@ -174,3 +177,26 @@ def test_a_lone_member_with_a_callback_url_keeps_it_on_its_delivery():
         "SELECT n.id::text, d.callback, n.callback_url FROM deliveries d"
         " JOIN notifications n ON n.id = d.notification_id ORDER BY d.callback")] == [
         (plain["id"], False, None), (called["id"], True, url)]
+
+
+def test_a_digest_reports_each_member_that_names_a_callback_url():
+    """A digest's delivery is marked for callbacks when one member names a URL; each
+    status it reaches then makes one event per such member (none for the other), once."""
+    url = "https://callbacks.example.com/in"
+    first = note("task_deadline", recipient="cb-3", channels=["inapp"], callback_url=url)
+    second = note("task_deadline", recipient="cb-3", channels=["inapp"], callback_url=url)
+    plain = note("task_deadline", recipient="cb-3", channels=["inapp"])
+    ingest([first, second, plain], now=T0)
+    result = flush(T0 + 30 * MINUTE)
+    assert (result.windows, result.digests) == (1, 1)
+    [(delivery, callback)] = query(
+        "SELECT id, callback FROM deliveries WHERE digest_id IS NOT NULL")
+    assert callback is True
+    with session_scope() as session:
+        for reached in ("sent", "sent", "delivered"):
+            session.execute(text("UPDATE deliveries SET status = :s WHERE id = :d"),
+                            {"s": reached, "d": delivery})
+    events = query("SELECT notification_id::text, status, url FROM callbacks"
+                   " WHERE delivery_id = :d ORDER BY status, notification_id", d=delivery)
+    assert sorted(tuple(e) for e in events) == sorted(
+        (n["id"], reached, url) for n in (first, second) for reached in ("delivered", "sent"))
