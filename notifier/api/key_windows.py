@@ -21,7 +21,8 @@ requests never wait for Redis. The bounds (``docs/api.md``):
 * a revoke is seen by every process's answers at most ``interval`` after it: a request
   that arrives later is answered from a read begun after the revoke;
 * a key's limit is never passed by one process (its own counts, those in flight too,
-  are added to the last count read); a process takes its counts to Redis within
+  and the requests still waiting for a call's answer are added to the last count
+  read); a process takes its counts to Redis within
   about ``interval`` of letting the requests through (a timer, should all go quiet), so
   between processes the limit is passed by at most what the others let through in
   the last two intervals.
@@ -76,6 +77,10 @@ class KeyWindows:
         self.interval = interval
         self._windows: dict[str, _Window] = {}
         self._waiting: list[_Waiting] = []
+        #: Per window: requests waiting for a call or asking in the one in flight. Their
+        #: answers are not known yet, so one answered here meanwhile counts them as let
+        #: through: else the call could grant them the room it just gave away.
+        self._pending: dict[str, int] = {}
         self._generation = ""
         #: When the last call that answered began (``time.monotonic``).
         self._read_at = -float("inf")
@@ -93,7 +98,8 @@ class KeyWindows:
                 and time.time() < known.reset):
             if self._calling is None and age > self.interval / 2:
                 self._call()  # refreshed before it goes stale, nobody waiting for it
-            if limit and known.used + known.sending + known.admitted >= limit:
+            taken = known.used + known.sending + known.admitted + self._pending.get(name, 0)
+            if limit and taken >= limit:
                 return known.reset, self._generation
             if limit:
                 known.admitted += 1
@@ -103,9 +109,19 @@ class KeyWindows:
             return 0.0, self._generation
         answer: asyncio.Future[tuple[float, str]] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(name, limit, answer))
+        self._pending[name] = self._pending.get(name, 0) + 1
         if self._calling is None:
             self._call()
         return await answer
+
+    def _answered(self, requests: list[_Waiting]) -> None:
+        """They have their answers (or their call failed): no longer pending."""
+        for request in requests:
+            left = self._pending.get(request.window, 0) - 1
+            if left > 0:
+                self._pending[request.window] = left
+            else:
+                self._pending.pop(request.window, None)
 
     def _flushed(self) -> None:
         self._flush = None
@@ -154,6 +170,7 @@ class KeyWindows:
             for name, count in counted.items():  # counted by the next call instead
                 window = self._windows[name]
                 window.admitted, window.sending = window.admitted + count, 0
+            self._answered(waiting)
             for request in waiting:
                 if not request.answer.done():
                     request.answer.set_exception(exc)
@@ -161,6 +178,7 @@ class KeyWindows:
                 raise
             return
         self._generation, self._read_at = generation, began
+        self._answered(waiting)
         for (name, limit), found in zip(limits.items(), read, strict=True):
             window = self._windows.setdefault(name, _Window(limit))
             window.limit, window.used, window.reset = limit, found.used, found.reset
