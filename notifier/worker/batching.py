@@ -330,13 +330,17 @@ class CommittedBatches(Batches):
     def _urgent_overflows(self) -> bool:
         """Whether urgent work takes one of the ``-c`` processes: always without a lane;
         with one, once the lane falls behind (a full batch, or one that waited
-        ``flush_interval``). Until then criticals arriving while the lane is busy gather
-        for its next batch: split into small batches on every process, each batch's
-        fixed cost (commit, publishing, a delivery task, its events) made criticals
-        under load slower, and took processes from bulk work."""
+        ``flush_interval``), or at once when the lane is busy and no bulk work waits
+        here (an incident's burst of criticals on a quiet worker: the ``-c`` processes
+        would idle while criticals queued for the lane). While bulk work waits,
+        criticals arriving while the lane is busy gather for its next batch: split into
+        small batches on every process, each batch's fixed cost (commit, publishing, a
+        delivery task, its events) made criticals under load slower, and took
+        processes from bulk work."""
         if not self._urgent.held:
             return False
         return (not self._lane or self._urgent.items >= self.flush_items
+                or (not self._bulk.held and self._lane_in_flight >= self._lane)
                 or self._urgent.oldest_age(time.monotonic()) >= self.flush_interval)
 
     def _batch_ready(self) -> bool:

@@ -88,6 +88,54 @@ def test_critical_is_committed_while_bulk_batches_hold_every_pool_process():
         worker.stop()
 
 
+@contextmanager
+def _key_locked(key: str) -> Iterator[Connection]:
+    """Hold an idempotency key's row FOR UPDATE until the block ends: a batch repeating
+    the key waits for it inside Postgres (its claim updates the row)."""
+    with get_engine().connect() as connection:
+        transaction = connection.begin()
+        locked = connection.execute(text(
+            "SELECT key FROM idempotency_keys WHERE key = :k FOR UPDATE"), {"k": key}).all()
+        assert len(locked) == 1
+        try:
+            yield connection
+        finally:
+            transaction.rollback()
+
+
+@pytest.mark.slow
+def test_criticals_take_an_idle_process_while_the_lane_is_busy_and_no_bulk_waits():
+    """An incident's burst on a quiet worker: the lane's batch is blocked in Postgres,
+    nothing bulk waits, and another critical is stored on one of the ``-c`` processes
+    at once instead of waiting for the lane (here for ever: ``flush_interval`` is 300 s)."""
+    recipient = f"lane-{uuid.uuid4().hex[:8]}"
+    key = f"incident-{uuid.uuid4().hex[:8]}"
+    worker = WorkerProcess.start(env={
+        "NOTIFIER_VISIBILITY_TIMEOUT": "120",
+        "NOTIFIER_INGEST_FLUSH_INTERVAL": "300",
+        "NOTIFIER_DATABASE_LOCK_TIMEOUT": "0",  # the blocked batch waits as long as we hold
+    })
+    try:
+        first = client.notify(recipient, "alert", "disk full", priority="critical",
+                              idempotency_key=key)
+        wait_for(lambda: _stored(first), timeout=30, what="the first critical notification")
+        with _key_locked(key):
+            client.notify(recipient, "alert", "disk full again", priority="critical",
+                          idempotency_key=key)
+            wait_for(lambda: _batches_waiting_on_locks() == 1, timeout=30,
+                     what="the lane's batch blocked on the key")
+            other = client.notify(f"{recipient}-ops", "alert", "load high",
+                                  priority="critical")
+            wait_for(lambda: _stored(other), timeout=30,
+                     what="the other critical, beside the blocked lane")
+            assert _batches_waiting_on_locks() == 1  # the lane's batch still waits
+        wait_for(lambda: count_rows("SELECT duplicates FROM idempotency_keys WHERE key = :k",
+                                    k=key) == 1,
+                 timeout=30, what="the repeat counted, once the key is free")
+    finally:
+        worker.stop()
+
+
 # --- the slot accounting the lane relies on ---------------------------------------------
 
 
