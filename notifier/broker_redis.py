@@ -37,6 +37,8 @@ before; ``basic_get`` (a synchronous poll, not used by workers) is kombu's own.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from time import monotonic, sleep, time
 from typing import Any
 
@@ -93,13 +95,57 @@ class _WakeClient:
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's Redis QoS, minus the second write for a message the script recorded."""
+    """kombu's Redis QoS, minus the second write for a message the script recorded, and
+    with :meth:`acks_together`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Tags acknowledged inside :meth:`acks_together`, not yet removed from Redis.
+        self._deferred: list[str] | None = None
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if self.channel.take_recorded(delivery_tag):
             VirtualQoS.append(self, message, delivery_tag)
         else:
             super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        if self._deferred is None:
+            super().ack(delivery_tag)
+        else:
+            self._deferred.append(delivery_tag)
+            VirtualQoS.ack(self, delivery_tag)
+
+    @contextmanager
+    def acks_together(self) -> Iterator[None]:
+        """Acknowledge every message acked inside the block with one Redis round trip.
+
+        kombu removes each acknowledged message from ``unacked`` and its index with a
+        ``MULTI``/``EXEC`` of its own: for a batch of single notifications that was a
+        quarter of the worker's consumer CPU. Here the block's acks are counted at once
+        (the prefetch window moves as before) and their records removed by one
+        transaction when it ends. Should that fail (Redis away), the records stay, and
+        the visibility-timeout restore brings the messages back, as for a single ack
+        that failed: ingest stores each notification once (ids are the dedup key)."""
+        if self._deferred is not None:  # nested: the outer block removes them
+            yield
+            return
+        self._deferred = []
+        try:
+            yield
+        finally:
+            tags, self._deferred = self._deferred, None
+            if tags:
+                self._remove_all(tags)
+
+    def _remove_all(self, tags: list[str]) -> None:
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags)
+                pipe.execute()
+        except Exception as exc:  # the restore brings them back (see acks_together)
+            kombu_redis.warning("%d acknowledgements not written (%r): the messages come"
+                                " back after the visibility timeout", len(tags), exc)
 
 
 class AtomicReceive:

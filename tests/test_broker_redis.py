@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -229,6 +230,39 @@ def test_no_ack_consumers_leave_no_record(kombu_db: str):
             while len(bodies) < 8:
                 connection.drain_events(timeout=5)
     assert redis.Redis.from_url(kombu_db).hlen("unacked") == 0
+
+
+def test_acks_together_remove_the_blocks_records_in_one_write_when_it_ends(kombu_db: str):
+    """Inside ``acks_together`` an ack frees the prefetch window at once and its record
+    stays until the block ends; then every record of the block is gone."""
+    _publish_mix(kombu_db)
+    state = redis.Redis.from_url(kombu_db)
+    messages: list[Any] = []
+    with Connection(kombu_db, transport=OURS) as connection, \
+            Consumer(connection, _queues(), prefetch_count=8,
+                     callbacks=[lambda _, message: messages.append(message)]):
+        while len(messages) < 8:
+            connection.drain_events(timeout=5)
+        qos = connection.default_channel.qos
+        assert not qos.can_consume()
+        with qos.acks_together():
+            for message in messages:
+                message.ack()
+            assert qos.can_consume()
+            assert state.hlen("unacked") == state.zcard("unacked_index") == 8
+        assert state.hlen("unacked") == state.zcard("unacked_index") == 0
+        assert all(message.acknowledged for message in messages)
+
+
+@redis_only
+def test_a_workers_batches_leave_no_unacknowledged_record(worker: WorkerProcess):
+    """Single notifications, acknowledged a batch at a time: once stored, none of their
+    messages is left in ``unacked`` (the restore would send it again)."""
+    for n in range(40):
+        client.notify("ada", "report", f"single {n}")
+    wait_for_rows(40, timeout=30)
+    broker = redis.Redis.from_url(BROKER_URL)
+    wait_for(lambda: broker.hlen("unacked") == 0, 10, "no unacknowledged record left")
 
 
 @redis_only

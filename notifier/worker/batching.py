@@ -8,7 +8,8 @@ subclass keeps its message handling and replaces the rest:
 
 * **Commit, then acknowledge.** celery-batches acknowledges a batch whose ``run``
   raised; here a batch that did not commit goes back to the queue (and so does a batch
-  whose pool process died).
+  whose pool process died). On Redis a committed batch's acknowledgements go in one
+  round trip (``notifier.broker_redis.QoS.acks_together``).
 * **Items, not messages.** One message may carry hundreds of notifications, so a batch
   closes at ``flush_items`` items (or after ``flush_interval`` seconds).
 * **One batch per pool process.** Handing every batch to the pool at once would queue
@@ -406,8 +407,9 @@ class CommittedBatches(Batches):
                 self._requeue(requests, f"the batch did not commit: {failure['reason']}")
                 event("task-failed", exception="the batch did not commit")
             else:
-                for request in requests:
-                    request.acknowledge()
+                with self._acks_together():
+                    for request in requests:
+                        request.acknowledge()
                 event("task-succeeded", result=repr(result))
             self._batch_done(size, lane)
 
@@ -423,6 +425,13 @@ class CommittedBatches(Batches):
             apply_batches_task, (self, batch, 0, None),
             callback=on_return, error_callback=on_error,
         )
+
+    def _acks_together(self) -> contextlib.AbstractContextManager[None]:
+        """One broker round trip for a committed batch's acknowledgements where the
+        transport offers it (``notifier.broker_redis``), else each message's own."""
+        channel = getattr(self._task_consumer(), "channel", None)
+        together = getattr(getattr(channel, "qos", None), "acks_together", None)
+        return together() if callable(together) else contextlib.nullcontext()
 
     def _batch_events(self, requests: list[Any]) -> Callable[..., None]:
         """Task events for the batch as one task (celery-batches sends none), so Flower
