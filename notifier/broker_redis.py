@@ -10,7 +10,8 @@ worker SIGKILLed between the two, or a connection that breaks after Redis sent t
 Here one Lua script does both: it takes the oldest message of the first non-empty queue
 key (kombu's key order: every queue at priority step 0, then each at the next step) and
 records it in ``unacked``/``unacked_index`` under the delivery tag kombu will use, in one
-atomic step. Whatever happens to the reply, the message is in the hash, and kombu's own
+atomic step; with queues read in priority order it takes as many as the prefetch window
+has room for (at most ``RECEIVE_MOST``), in the order repeated ``BRPOP`` calls would. Whatever happens to the reply, the message is in the hash, and kombu's own
 restore brings it back after ``visibility_timeout``; the ``ack`` deletes it as before.
 Everything on Redis keeps kombu's format (lists, priority-step keys, the same hash
 entries ``[message, exchange, routing_key]`` and index scores), so stock producers (a plain
@@ -50,16 +51,23 @@ from kombu.utils.json import loads
 
 #: KEYS: the unacked hash, the unacked index, then the queue keys in consuming order.
 #: ARGV[1]: the index score (the worker's clock, as kombu's ``QoS.append`` writes it);
-#: ARGV[1 + n]: "1" when the message taken from queue key n is to be recorded (a consumer
+#: ARGV[2]: the most messages to take; ARGV[3]: bytes after which no more are taken;
+#: ARGV[3 + n]: "1" when a message taken from queue key n is to be recorded (a consumer
 #: that acknowledges), "0" for a ``no_ack`` consumer.
-#: Returns nil, or {n, message, 1 if recorded else 0}. Nothing is written before the hash
-#: and index: a refused write (OOM) aborts the script with the queue untouched.
+#: Takes the oldest messages of the first non-empty key, then of the next, as repeated
+#: ``BRPOP`` calls would (kombu's priority order); at least one if there is one.
+#: Returns {n, message, 1 if recorded else 0, n, message, ...}, empty when there is none.
+#: Nothing is written before the hash and index: a refused write (OOM) aborts the script
+#: with that message still on its queue.
 RECEIVE_SCRIPT = """
+local most, budget = tonumber(ARGV[2]), tonumber(ARGV[3])
+local taken, bytes, out = 0, 0, {}
 for i = 3, #KEYS do
-  local item = redis.call('LINDEX', KEYS[i], -1)
-  if item then
+  while taken < most and (taken == 0 or bytes < budget) do
+    local item = redis.call('LINDEX', KEYS[i], -1)
+    if not item then break end
     local recorded = 0
-    if ARGV[i - 1] == '1' then
+    if ARGV[i + 1] == '1' then
       local ok, m = pcall(cjson.decode, item)
       local props = ok and type(m) == 'table' and m['properties']
       local info = type(props) == 'table' and props['delivery_info']
@@ -73,11 +81,21 @@ for i = 3, #KEYS do
       end
     end
     redis.call('RPOP', KEYS[i])
-    return {i - 2, item, recorded}
+    taken = taken + 1
+    bytes = bytes + #item
+    out[#out + 1] = i - 2
+    out[#out + 1] = item
+    out[#out + 1] = recorded
   end
 end
-return nil
+return out
 """
+
+#: The most messages one receive takes, and the bytes after which it takes no more: a
+#: burst of single notifications costs one round trip per this many, not one each, and
+#: the script (which holds Redis while it runs) stays short.
+RECEIVE_MOST = 50
+RECEIVE_BYTES = 256 * 1024
 
 #: Seconds a consumer with a wake connection waits, idle, before it looks anyway.
 WAKE_SAFETY_INTERVAL = 1.0
@@ -231,7 +249,17 @@ class AtomicReceive:
         self.client.connection.send_command(
             "EVALSHA", self._script_sha, len(keys) + 2,
             prefix + self.unacked_key, prefix + self.unacked_index_key,
-            *(prefix + key for key in keys), repr(time()), *record)
+            *(prefix + key for key in keys), repr(time()), self._receive_most(),
+            RECEIVE_BYTES, *record)
+
+    def _receive_most(self) -> int:
+        """How many messages one receive may take: what the prefetch window has room
+        for, at most :data:`RECEIVE_MOST`; one unless the queues are read in priority
+        order (round-robin moves to the next queue after every message)."""
+        if getattr(self, "queue_order_strategy", None) != "priority":
+            return 1
+        room = self.qos.can_consume_max_estimate()  # type: ignore[attr-defined]
+        return max(1, min(RECEIVE_MOST, room if room is not None else RECEIVE_MOST))
 
     def _idle_wait(self) -> float:
         """Seconds before an idle channel may look again (0: now). In a worker's event
@@ -371,17 +399,31 @@ class AtomicReceive:
                 else:
                     self._go_idle()
                 raise kombu_redis.Empty()
-            index, item, recorded = reply
-            queue = self._queue_of(self._receive_keys[int(index) - 1])
-            message = loads(bytes_to_str(item))
-            if int(recorded):
-                self._recorded.add(message["properties"]["delivery_tag"])
-            self._queue_cycle.rotate(queue)
-            self.connection._deliver(message, queue)
+            self._deliver_all(reply)
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()  # type: ignore[attr-defined]
+
+
+    def _deliver_all(self, reply: list[Any]) -> None:
+        """Hand each message of a receive to its consumer. One that cannot be read or
+        handed over costs that one alone: the others are still delivered, then the
+        first error is raised, as for a single message."""
+        failure: BaseException | None = None
+        for start in range(0, len(reply), 3):
+            index, item, recorded = reply[start:start + 3]
+            try:
+                queue = self._queue_of(self._receive_keys[int(index) - 1])
+                message = loads(bytes_to_str(item))
+                if int(recorded):
+                    self._recorded.add(message["properties"]["delivery_tag"])
+                self._queue_cycle.rotate(queue)
+                self.connection._deliver(message, queue)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
 
 class Channel(AtomicReceive, kombu_redis.Channel):

@@ -232,6 +232,26 @@ def test_no_ack_consumers_leave_no_record(kombu_db: str):
     assert redis.Redis.from_url(kombu_db).hlen("unacked") == 0
 
 
+def test_a_receive_takes_no_more_than_the_prefetch_window_has_room_for(kombu_db: str):
+    """One receive may take several messages, never more than the consumer's prefetch
+    window: the rest stay on their queues for other workers."""
+    _publish_mix(kombu_db)
+    state = redis.Redis.from_url(kombu_db)
+    received: list[int] = []
+    options = {"queue_order_strategy": "priority"}
+    with Connection(kombu_db, transport=OURS, transport_options=options) as connection, \
+            Consumer(connection, _queues(), prefetch_count=3,
+                     callbacks=[lambda body, _: received.append(body["n"])]):
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                connection.drain_events(timeout=0.2)
+        assert len(received) == 3
+        queued = sum(state.llen(key) for key in state.scan_iter("test-brokerredis*"))
+        assert queued == 5 and state.hlen("unacked") == 3
+        connection.default_channel.do_restore = False
+
+
 def test_acks_together_remove_the_blocks_records_in_one_write_when_it_ends(kombu_db: str):
     """Inside ``acks_together`` an ack frees the prefetch window at once and its record
     stays until the block ends; then every record of the block is gone."""
