@@ -35,13 +35,15 @@ from typing import Any
 from celery import Celery
 
 from notifier.broker_topology import celery_settings, declare_queue, publish_options
-from notifier.ids import uuid7
+from notifier.ids import uuid7, uuid7_texts
 from notifier.schemas import (
     ENQUEUED_AT_HEADER,
     NotificationError,
     NotificationIn,
     parse_notification,
+    plain_message,
     to_message,
+    validate_notifications,
 )
 from notifier.settings import PRIORITIES, get_settings, queue_name
 
@@ -163,12 +165,26 @@ def _within_message_bytes(
 
 
 def _json_size_bound(value: Any) -> int:
+    """An upper bound of ``value``'s JSON size: a string 2 + 2 bytes a character (6 if
+    any is not ASCII), 24 for any other scalar, containers their items' sum plus the
+    separators. The strings of a dict or list (most of a notification) are sized in
+    the loop, without a call each: this walks every item of every published message."""
     if isinstance(value, str):
         return 2 + (len(value) * 2 if value.isascii() else len(value) * 6)
     if isinstance(value, dict):
-        return 2 + sum(_json_size_bound(k) + _json_size_bound(v) + 2 for k, v in value.items())
+        size = 2
+        for key, item in value.items():
+            size += 2 + (2 + 2 * len(key) if type(key) is str and key.isascii()
+                         else _json_size_bound(key))
+            size += (2 + 2 * len(item) if type(item) is str and item.isascii()
+                     else _json_size_bound(item))
+        return size
     if isinstance(value, list):
-        return 2 + sum(_json_size_bound(v) + 1 for v in value)
+        size = 2
+        for item in value:
+            size += 1 + (2 + 2 * len(item) if type(item) is str and item.isascii()
+                         else _json_size_bound(item))
+        return size
     return 24
 
 
@@ -195,8 +211,11 @@ def notify_many(
     Every notification is validated first: if one is bad, nothing is sent and the
     NotificationError says which item and field.
     """
-    validated = [_validated_item(index, raw) for index, raw in enumerate(notifications)]
-    return publish_many(validated, chunk_size)
+    raws = list(notifications)
+    messages = validated_messages(raws)
+    if messages is None:  # one is refused (or not a dict): each alone names its problem
+        messages = [to_message(_validated_item(index, raw)) for index, raw in enumerate(raws)]
+    return publish_messages(messages, chunk_size)
 
 
 def validated(raw: Any) -> NotificationIn:
@@ -208,20 +227,43 @@ def validated(raw: Any) -> NotificationIn:
     return _validated(raw)
 
 
+def validated_messages(raws: list[Any]) -> list[dict[str, Any]] | None:
+    """The messages (:func:`to_message`'s form, ids made) of notifications that all pass
+    :func:`validated`'s checks, checked in one call over the list and built from plain
+    data (``schemas.validate_notifications``, ``schemas.plain_message``): no model per
+    item. None if any is refused or is not a dict: then each is checked alone, for its
+    own reasons."""
+    items = validate_notifications(raws)
+    if items is None:
+        return None
+    made = iter(uuid7_texts(sum(item["id"] is None for item in items)))
+    return [plain_message(item, next(made) if item["id"] is None else str(item["id"]))
+            for item in items]
+
+
 def publish_many(
     validated: list[NotificationIn], chunk_size: int | None = None
 ) -> list[str]:
     """Publish notifications checked by :func:`validated` as :func:`notify_many` does:
     many per message, grouped by priority, critical ones first; returns ids in order."""
+    return publish_messages([to_message(notification) for notification in validated],
+                            chunk_size)
+
+
+def publish_messages(
+    messages: list[dict[str, Any]], chunk_size: int | None = None
+) -> list[str]:
+    """Publish checked notifications' messages (:func:`validated_messages`,
+    :func:`to_message`) as :func:`notify_many` does; returns their ids in order."""
     chunk_size = chunk_size or get_settings().client_chunk_size
     by_priority: dict[str, list[dict[str, Any]]] = {p: [] for p in PRIORITIES}
-    for notification in validated:
-        by_priority[notification.priority].append(to_message(notification))
+    for message in messages:
+        by_priority[message.get("priority", "normal")].append(message)
     for priority in PRIORITIES:  # critical ones leave first
         items = by_priority[priority]
         for start in range(0, len(items), chunk_size):
             _publish(items[start:start + chunk_size], priority)
-    return [str(notification.id) for notification in validated]
+    return [message["id"] for message in messages]
 
 
 def message_chunks(messages: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -627,3 +627,36 @@ def to_message(notification: NotificationIn) -> dict[str, Any]:
         "id": str(notification.id),
         "title": notification.title,
     }
+
+
+_DATETIME: TypeAdapter[datetime] = TypeAdapter(datetime)
+
+
+def plain_message(notification: Notification, id_: str) -> dict[str, Any]:
+    """:func:`to_message`'s form (the same keys, order and values) of a notification
+    validated into plain data (:func:`validate_notifications`), with its id as text:
+    a producer sending a list builds no model and walks no defaults per item. A test
+    holds the two to the same message."""
+    recipient = notification["recipient"]
+    message: dict[str, Any] = {
+        "id": id_,
+        "recipient": recipient if isinstance(recipient, str) else recipient.model_dump(
+            mode="json", exclude_none=True, exclude_defaults=True),
+        "type": notification["type"],
+    }
+    if notification["priority"] != "normal":
+        message["priority"] = notification["priority"]
+    if notification["channels"] is not None:
+        message["channels"] = notification["channels"]
+    message["title"] = notification["title"]
+    if notification["body"]:
+        message["body"] = notification["body"]
+    if notification["data"]:
+        message["data"] = notification["data"]
+    if notification["idempotency_key"] is not None:
+        message["idempotency_key"] = notification["idempotency_key"]
+    if notification["send_at"] is not None:
+        message["send_at"] = _DATETIME.dump_python(notification["send_at"], mode="json")
+    if notification["callback_url"] is not None:
+        message["callback_url"] = notification["callback_url"]
+    return message

@@ -4,15 +4,20 @@ the same values are refused with the same words, problem for problem."""
 
 from __future__ import annotations
 
+import json
 import math
+import uuid
 from typing import Any
 
 import pytest
 
+from notifier.ids import uuid7, uuid7_texts
 from notifier.schemas import (
     NotificationError,
     NotificationIn,
     parse_notification,
+    plain_message,
+    to_message,
     validate_notification,
     validate_notifications,
 )
@@ -112,3 +117,38 @@ def test_the_one_call_gives_what_each_alone_gives(change):
     together = validate_notifications(raws)
     assert together == [validate_notification(raw) for raw in raws]
     assert [list(item) for item in together] == [list(validate_notification(raw)) for raw in raws]
+
+
+@pytest.mark.parametrize("change", [
+    {}, {"priority": "normal", "body": "", "data": {}, "channels": None, "send_at": None},
+    {"priority": "critical", "channels": ["email", "inapp", "email"], "body": "b"},
+    {"id": "01a24e6b-4744-7153-b937-e0ec98d1ff20", "idempotency_key": " k ", "title": " t "},
+    {"data": {"n": 1, "s": "ü", "deep": {"a": [1, {"b": None}]}, "f": 1e16, "z": None},
+     "send_at": "2026-01-01T09:00:00+02:00"},
+    {"send_at": "2026-01-01T09:00:00.25Z", "callback_url": " https://example.com/cb "},
+    {"recipient": {"id": " u2 ", "email": "user@bücher.de", "timezone": "Europe/Paris",
+                   "addresses": {"webhook": "https://example.com/h"}, "name": None}},
+    {"recipient": {"id": "u3", "addresses": {}}, "priority": "low"},
+])
+def test_a_message_built_from_plain_data_is_the_models_message(change):
+    """The list path's message (no model) is :func:`to_message`'s, key for key in the
+    same order, so the broker carries the same JSON whichever path built it."""
+    raw = GOOD | change
+    model = parse_notification(raw)
+    model.id = model.id or uuid.UUID("01a24e6b-4744-7153-b937-e0ec98d1ff21")
+    [plain] = validate_notifications([raw]) or []
+    built = plain_message(plain, str(model.id))
+    assert json.dumps(built) == json.dumps(to_message(model))
+
+
+def test_ids_made_for_a_list_are_distinct_version_7_uuids_of_now():
+    """``uuid7_texts`` (one random read for a list's ids): each in ``str(uuid7())``'s
+    form, version 7 with the RFC variant, its time this millisecond, none repeated."""
+    before = uuid.UUID(str(uuid7())).int >> 80
+    made = uuid7_texts(2000)
+    after = uuid.UUID(str(uuid7())).int >> 80
+    assert len(set(made)) == 2000 and uuid7_texts(0) == []
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert before <= parsed.int >> 80 <= after

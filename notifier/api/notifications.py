@@ -32,7 +32,7 @@ from notifier.api.callbacks import with_key_callback
 from notifier.api.errors import ApiError, responses
 from notifier.api.keys import authorized_header, bearer, require
 from notifier.pipeline.cancel import cancel_by
-from notifier.schemas import NotificationError, NotificationIn
+from notifier.schemas import NotificationError, NotificationIn, to_message
 from notifier.settings import get_settings
 from notifier.storage.api_keys import KeyInfo, Scope
 from notifier.storage.state import state_redis
@@ -152,16 +152,16 @@ async def send(request: Request) -> Response:
         [notification] = _checked(items, single, None)
         await publisher.publish(notification)
         return _sent([str(notification.id)])
-    if idempotency_key is None:
-        ids = await run_in_threadpool(_check_and_publish, items, single, None)
-    else:
-        header = idempotency.checked_header(idempotency_key)
-        answer = await run_in_threadpool(_send_once, key.id, header, raw,
-                                         settings.dedup_window, items, single)
-        if isinstance(answer, idempotency.Replay):
-            return _sent(answer.ids, replayed=True)
-        ids = answer
-    return _sent(ids)
+    if idempotency_key is None:  # a list: checked in the pool, published by the lanes
+        messages = await run_in_threadpool(_checked_messages, items, None)
+        await publisher.publish_messages(messages)
+        return _sent([message["id"] for message in messages])
+    header = idempotency.checked_header(idempotency_key)
+    answer = await run_in_threadpool(_send_once, key.id, header, raw,
+                                     settings.dedup_window, items, single)
+    if isinstance(answer, idempotency.Replay):
+        return _sent(answer.ids, replayed=True)
+    return _sent(answer)
 
 
 #: ``POST /v1/notifications``, added to the app's own routes (an included router's
@@ -219,11 +219,28 @@ def _check_and_publish(
     items: list[Any], single: bool, header_key: tuple[int, str] | None,
 ) -> list[str]:
     """Check every item, then publish all of them or none (in the thread pool)."""
-    checked = _checked(items, single, header_key)
     if single:
-        client.publish_one(checked[0])
-        return [str(checked[0].id)]
-    return client.publish_many(checked)
+        [notification] = _checked(items, single, header_key)
+        client.publish_one(notification)
+        return [str(notification.id)]
+    return client.publish_messages(_checked_messages(items, header_key))
+
+
+def _checked_messages(
+    items: list[Any], header_key: tuple[int, str] | None,
+) -> list[dict[str, Any]]:
+    """A list's messages, ids made, every item checked by the task contract's schema, or
+    the 422 naming each problem. All at once when all pass (the usual case:
+    :func:`client.validated_messages`); else each alone, for its own reasons."""
+    try:
+        keyed = [_with_key(item, index, header_key) for index, item in enumerate(items)]
+    except NotificationError:
+        keyed = None
+    messages = None if keyed is None else client.validated_messages(keyed)
+    if messages is None:
+        messages = [to_message(notification)
+                    for notification in _checked(items, False, header_key)]
+    return messages
 
 
 def _checked(
