@@ -11,8 +11,9 @@ Here one Lua script does both: it takes the oldest message of the first non-empt
 key (kombu's key order: every queue at priority step 0, then each at the next step) and
 records it in ``unacked``/``unacked_index`` under the delivery tag kombu will use, in one
 atomic step; with queues read in priority order it takes as many as the prefetch window
-has room for (at most ``RECEIVE_MOST``), in the order repeated ``BRPOP`` calls would. Whatever happens to the reply, the message is in the hash, and kombu's own
-restore brings it back after ``visibility_timeout``; the ``ack`` deletes it as before.
+has room for (at most ``RECEIVE_MOST``), in the order repeated ``BRPOP`` calls would.
+Whatever happens to the reply, the message is in the hash, and kombu's own restore
+brings it back after ``visibility_timeout``; the ``ack`` deletes it as before.
 Everything on Redis keeps kombu's format (lists, priority-step keys, the same hash
 entries ``[message, exchange, routing_key]`` and index scores), so stock producers (a plain
 Celery app sending ``notifier.ingest``), stock consumers and stock restore logic work
