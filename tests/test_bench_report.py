@@ -380,3 +380,14 @@ def test_the_failover_figures_are_read_against_the_connect_timeout(tmp_path):
     doc = report.document(found, MACHINE, BenchConfig(), 0.1, SETTINGS)
     path = report.write_markdown(found, doc, path=tmp_path / "report.md")
     assert "| blackholed | 100 | 1,012.0 | 1,040.0 | 1,002.0 | 1,020.0 |" in path.read_text()
+
+
+def test_a_scenarios_reset_empties_the_suppression_list(bench_on_test_database: Bench) -> None:
+    """A run's hard bounces must not keep the next run's e-mails from being sent: the
+    reset between scenarios empties the suppression list with the rest."""
+    conn = bench_on_test_database.conn
+    conn.execute("INSERT INTO suppressions (channel, address, reason, source)"
+                 " VALUES ('email', 'user-1@example.com', 'hard bounce', 'bounce')")
+    bench_database.reset(conn, 3)
+    assert conn.execute("SELECT count(*) FROM suppressions").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM recipients").fetchone() == (3,)
