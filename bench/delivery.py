@@ -460,13 +460,13 @@ def make_deliveries(count: int, channel: str, target: str = "") -> list[str]:
 
 
 def queue(ids: list[str], size: int) -> list[DeliveryTask]:
-    """Group the rows ingest wrote ``queued`` into tasks of exactly ``size``
-    deliveries, whatever size the pipeline would choose itself: the task size is a
-    setting of the benchmark, reported with its figures."""
+    """Mark the rows queued (the ingest task's outbox step) and group them into tasks of
+    exactly ``size`` deliveries, whatever size the pipeline would choose itself: the
+    task size is a setting of the benchmark, reported with its figures."""
     settings = get_settings().model_copy(update={"delivery_batch_size": size})
     with session_scope() as session:
         cursor = session.connection().connection.driver_connection.cursor()
-        tasks = queue_deliveries(cursor, ids, settings, from_status="queued")
+        tasks = queue_deliveries(cursor, ids, settings)
     queued = [i for task in tasks for i in task.delivery_ids]
     if len(queued) != len(ids):
         raise RuntimeError(f"{len(queued)} of {len(ids)} deliveries queued")

@@ -23,8 +23,8 @@ from notifier.pipeline.outbox import (
     BatchSize,
     DeliveryTask,
     NewDelivery,
-    group_into_tasks,
     insert_deliveries,
+    queue_deliveries,
 )
 from notifier.pipeline.routing import (
     NO_PREFERENCES,
@@ -106,13 +106,13 @@ def flush_due_windows(
         digests += plan.digests
         statuses.update(plan.statuses)
     _write_digests(cursor, digests)
-    queued = insert_deliveries(cursor, deliveries)
+    due_now = insert_deliveries(cursor, deliveries)
     _set_statuses(cursor, statuses)
     cursor.execute("DELETE FROM aggregation_windows WHERE id = ANY(%b)", (list(windows),))
     result.digests = len(digests)
     result.notifications = len(statuses)
     result.digested = sum(1 for status, _, _ in statuses.values() if status == "digested")
-    result.tasks = group_into_tasks(queued, settings, batch_size=batch_size)
+    result.tasks = queue_deliveries(cursor, due_now, settings, batch_size=batch_size)
     return result
 
 

@@ -27,7 +27,6 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from notifier.pipeline.dead_letters import Rejection, cut, jsonb_safe, write_dead_letters
-from notifier.pipeline.outbox import QueuedDelivery
 from notifier.pipeline.routing import (
     RecipientState,
     Routed,
@@ -90,8 +89,7 @@ class IngestResult:
     duplicates: int = 0
     rejected: int = 0
     suppressed: int = 0
-    #: Delivery rows written ``queued``: their tasks are published after the commit.
-    queued: list[QueuedDelivery] = field(default_factory=list)
+    delivery_ids: list[uuid.UUID] = field(default_factory=list)
     #: Stored notifications per (priority, type), and per routing status: for metrics.
     kinds: Counter[tuple[str, str]] = field(default_factory=Counter)
     routed: Counter[str] = field(default_factory=Counter)
@@ -105,20 +103,16 @@ class IngestResult:
         self.duplicates += other.duplicates
         self.rejected += other.rejected
         self.suppressed += other.suppressed
-        self.queued += other.queued
+        self.delivery_ids += other.delivery_ids
         self.kinds.update(other.kinds)
         self.routed.update(other.routed)
-
-    @property
-    def delivery_ids(self) -> list[uuid.UUID]:
-        return [delivery.id for delivery in self.queued]
 
     def as_dict(self) -> dict[str, int]:
         return {
             "stored": len(self.stored), "repeated_ids": self.repeated_ids,
             "duplicates": self.duplicates, "rejected": self.rejected,
             "suppressed": self.suppressed,
-            "deliveries": len(self.queued),
+            "deliveries": len(self.delivery_ids),
         }
 
 
@@ -265,7 +259,7 @@ def ingest_batch(
                                          now, states)
     dispatched = [(c, routed) for c, routed in new
                   if routed.status == NotificationStatus.DISPATCHED]
-    result.queued = dispatch_now(cursor, dispatched, now, states=states)
+    result.delivery_ids = dispatch_now(cursor, dispatched, now, states=states)
     result.kinds.update((c.notification["priority"], c.notification["type"]) for c, _ in new)
     result.routed.update(routed.status for _, routed in new)
     result.suppressed = result.routed["suppressed"]

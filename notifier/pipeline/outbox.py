@@ -1,10 +1,8 @@
 """The outbox: delivery rows waiting to be published as ``notifier.deliver`` tasks.
 
-Delivery rows are written in the transaction that decided them (ingest, the flush),
-those due now already ``queued``; the tasks that carry their ids are published only
-after it commits. A row whose task was never published (its process died in between,
-the broker refused it) or was lost by the broker is found again by the sweeper, after
-``NOTIFIER_QUEUED_TIMEOUT``.
+Delivery rows are written in the transaction that decided them (ingest, the flush);
+the tasks that carry their ids are published only after it commits. A row whose task
+was never published, or was lost by the broker, is found again by the sweeper.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from notifier.ids import uuid7
 from notifier.settings import Settings, delivery_queue
@@ -42,14 +40,6 @@ class NewDelivery:
     callback: bool = False
 
 
-class QueuedDelivery(NamedTuple):
-    """A delivery row written ``queued``: what its task needs (see :func:`group_into_tasks`)."""
-
-    id: uuid.UUID
-    channel: str
-    priority: str
-
-
 @dataclass(frozen=True)
 class DeliveryTask:
     """One ``notifier.deliver`` task to publish: deliveries of one channel and queue."""
@@ -60,22 +50,14 @@ class DeliveryTask:
     countdown: float = 0.0
 
 
-def insert_deliveries(
-    cursor: Cursor[Any], deliveries: Sequence[NewDelivery],
-) -> list[QueuedDelivery]:
-    """Write delivery rows; returns those due now, written ``queued``: the caller
-    publishes their tasks (:func:`group_into_tasks`) once its transaction commits.
-    Held ones are ``scheduled`` and the sweeper publishes them when their time comes.
-
-    Due rows are written ``queued`` rather than ``pending`` and marked in a second
-    transaction: that transaction cost a critical notification about a third of its
-    time in the worker, and protected only the instant between two commits (a task
-    lost after the commit waits for ``NOTIFIER_QUEUED_TIMEOUT`` either way)."""
+def insert_deliveries(cursor: Cursor[Any], deliveries: Sequence[NewDelivery]) -> list[uuid.UUID]:
+    """Write delivery rows; returns the ids due now (pending: the outbox to publish).
+    Held ones are ``scheduled`` and the sweeper publishes them when their time comes."""
     if not deliveries:
         return []
     rows = [
         (uuid7(), d.notification_id, d.digest_id, d.recipient_id, d.channel, d.priority,
-         "scheduled" if d.hold_until else "queued", d.hold_until)
+         "scheduled" if d.hold_until else "pending", d.hold_until)
         for d in deliveries
     ]
     columns = [list(column) for column in zip(*rows, strict=True)]
@@ -86,22 +68,20 @@ def insert_deliveries(
         columns.append([d.callback for d in deliveries])
     cursor.execute(
         f"""
-        INSERT INTO deliveries (id, notification_id, digest_id, recipient_id, channel, priority,
-            status, queued_at, next_attempt_at, last_error{", callback" if callback else ""})
-        SELECT d.id, d.n, d.g, d.r, d.c, d.p, d.s,
-               CASE WHEN d.due IS NULL THEN clock_timestamp() END, coalesce(d.due, now()),
+        INSERT INTO deliveries (id, notification_id, digest_id, recipient_id, channel,
+            priority, status, next_attempt_at, last_error{", callback" if callback else ""})
+        SELECT d.id, d.n, d.g, d.r, d.c, d.p, d.s, coalesce(d.due, now()),
                CASE WHEN d.due IS NOT NULL THEN 'held until ' || d.due::text END
                {", d.cb" if callback else ""}
         FROM unnest(%s::uuid[], %s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::text[],
                     %s::text[], %s::timestamptz[]{", %s::bool[]" if callback else ""})
              AS d(id, n, g, r, c, p, s, due{", cb" if callback else ""})
         ON CONFLICT DO NOTHING
-        RETURNING id, channel, priority, status
+        RETURNING id, status
         """,
         columns,
     )
-    return [QueuedDelivery(row[0], row[1], row[2]) for row in cursor.fetchall()
-            if row[3] == "queued"]
+    return [row[0] for row in cursor.fetchall() if row[1] == "pending"]
 
 
 def queue_deliveries(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from notifier.pipeline.outbox import NewDelivery, QueuedDelivery, insert_deliveries
+from notifier.pipeline.outbox import NewDelivery, insert_deliveries
 from notifier.pipeline.preferences import Preferences, parse_preferences, quiet_until
 from notifier.pipeline.rules import Rule, Rules
 from notifier.pipeline.windows import GroupKey, WaitingGroup, assign_windows, group_key
@@ -285,10 +285,9 @@ def already_stored(cursor: Cursor[Any], ids: Sequence[uuid.UUID]) -> set[uuid.UU
 def dispatch_now(
     cursor: Cursor[Any], items: Sequence[tuple[Any, Routed]], now: datetime,
     *, states: dict[str, RecipientState] | None = None,
-) -> list[QueuedDelivery]:
+) -> list[uuid.UUID]:
     """Delivery rows for notifications that do not wait for a window (``(candidate,
-    routed)`` pairs); returns those to publish after the commit. ``states`` as for
-    routing."""
+    routed)`` pairs); returns the ids to publish now. ``states`` as for routing."""
     if not items:
         return []
     if states is None:

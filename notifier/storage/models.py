@@ -48,8 +48,8 @@ class NotificationStatus(enum.StrEnum):
 
 
 class DeliveryStatus(enum.StrEnum):
-    PENDING = "pending"  # its task not yet published (a replayed dead letter's, an old row)
-    QUEUED = "queued"  # its task published, or to be once the writing transaction commits
+    PENDING = "pending"  # written, its task not yet published (an outbox row)
+    QUEUED = "queued"  # task published
     SENDING = "sending"
     SENT = "sent"
     RETRYING = "retrying"

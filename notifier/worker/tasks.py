@@ -25,12 +25,7 @@ from notifier.pipeline.ingest import (
     ingest_batch,
     message_id_of,
 )
-from notifier.pipeline.outbox import (
-    DeliveryTask,
-    QueuedDelivery,
-    group_into_tasks,
-    sweep_due_deliveries,
-)
+from notifier.pipeline.outbox import DeliveryTask, queue_deliveries, sweep_due_deliveries
 from notifier.pipeline.retention import purge_expired as purge_expired_rows
 from notifier.schemas import ENQUEUED_AT_HEADER
 from notifier.settings import PRIORITIES, get_settings, queue_name
@@ -76,7 +71,7 @@ def _after_commit(result: IngestResult, messages: list[IngestMessage]) -> None:
     """Publish, count and log a committed batch. Nothing here may raise: the batch is
     committed, and an exception would return its messages to the queue for ever."""
     try:
-        publish_new_deliveries(result.queued)
+        publish_new_deliveries(result.delivery_ids)
     except Exception as exc:  # the sweeper publishes pending rows
         _log(logging.WARNING, "critical deliveries left to the sweeper: %s",
              describe_exception(exc))
@@ -158,11 +153,17 @@ def publish_callbacks(tasks: Sequence[CallbackTask]) -> None:
         )
 
 
-def publish_new_deliveries(queued: Sequence[QueuedDelivery]) -> None:
-    """Publish the tasks of the delivery rows an ingest batch committed ``queued``
-    (notifications that wait for no window). If this process dies before it is done,
-    the sweeper publishes them after ``NOTIFIER_QUEUED_TIMEOUT``."""
-    publish(group_into_tasks(queued, _settings, batch_size=_batch_size))
+def publish_new_deliveries(delivery_ids: Sequence[Any]) -> None:
+    """Queue the delivery rows an ingest batch committed (critical notifications).
+
+    If this process dies between the ingest commit and here, the rows stay ``pending``
+    and the sweeper publishes them.
+    """
+    if not delivery_ids:
+        return
+    with transaction() as tx:
+        tx.after_commit(publish, queue_deliveries(tx.cursor, delivery_ids, _settings,
+                                                       batch_size=_batch_size))
 
 
 def publish(tasks: Sequence[DeliveryTask]) -> None:

@@ -145,7 +145,7 @@ def test_a_notification_being_sent_cannot_be_cancelled():
     assert status(sending) == "dispatched"
     assert cancel_by(sending["id"], None) == CancelOutcome(sending["id"], False, "sending")
     assert {d.channel: d.status for d in deliveries_of(sending["id"])} == {
-        "inapp": "sending", "webhook": "queued"}
+        "inapp": "sending", "webhook": "pending"}
     assert len(result.delivery_ids) == 2
 
 

@@ -161,7 +161,7 @@ def test_inline_recipient_is_upserted():
 
 
 def test_critical_notifications_get_delivery_rows_at_ingest():
-    """Critical notifications skip aggregation: one queued delivery per channel at once."""
+    """Critical notifications skip aggregation: one pending delivery per channel at once."""
     with session_scope() as session:
         session.execute(text(
             "INSERT INTO recipients (id, preferences) VALUES ('ops', '{\"channels\": [\"slack\"]}')"

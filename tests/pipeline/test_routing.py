@@ -100,7 +100,7 @@ def test_quiet_hours_across_midnight_hold_deliveries_and_critical_passes():
     assert (held_delivery.status, held_delivery.next_attempt_at) == ("scheduled", morning)
     assert status(held) == "dispatched"
     [critical_delivery] = deliveries_of(critical["id"])
-    assert critical_delivery.status == "queued"
+    assert critical_delivery.status == "pending"
     assert result.delivery_ids == [critical_delivery.id]
 
     # The digest of the two alerts, due at 23:35 local, is held until 07:00 as well.
@@ -110,8 +110,8 @@ def test_quiet_hours_across_midnight_hold_deliveries_and_critical_passes():
     assert (digest_delivery.status, digest_delivery.next_attempt_at) == ("scheduled", morning)
 
     # Edges: 21:59 and 07:00 local are not quiet, 22:00 and 06:59 are.
-    for moment, expected in [(_local(14, 21, 59), "queued"), (_local(14, 22), "scheduled"),
-                             (_local(15, 6, 59), "scheduled"), (morning, "queued")]:
+    for moment, expected in [(_local(14, 21, 59), "pending"), (_local(14, 22), "scheduled"),
+                             (_local(15, 6, 59), "scheduled"), (morning, "pending")]:
         item = note("security_notice", "owl")
         ingest([item], now=moment, rules=rules)
         assert deliveries_of(item["id"])[0].status == expected, moment

@@ -160,7 +160,7 @@ def test_leading_sends_the_first_at_once_and_batches_the_rest():
     result = ingest([first], now=T0, rules=rules)
     assert status(first) == "dispatched"
     [delivery] = deliveries_of(first["id"])
-    assert delivery.status == "queued" and result.delivery_ids == [delivery.id]
+    assert delivery.status == "pending" and result.delivery_ids == [delivery.id]
 
     rest = [note("build") for _ in range(3)]
     for minute, item in enumerate(rest, start=1):
