@@ -406,7 +406,6 @@ class AtomicReceive:
             self._in_poll = None
             self._flush_brpop_reauth()  # type: ignore[attr-defined]
 
-
     def _deliver_all(self, reply: list[Any]) -> None:
         """Hand each message of a receive to its consumer. One that cannot be read or
         handed over costs that one alone: the others are still delivered, then the

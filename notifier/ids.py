@@ -10,14 +10,16 @@ import os
 import time
 import uuid
 
+#: The bits a version 7 UUID fixes: the version (7) and the RFC 4122 variant.
+_VERSION_MASK = ~(0xF << 76) & ~(0x3 << 62)
+_VERSION_7_VARIANT = (0x7 << 76) | (0x2 << 62)
+
 
 def uuid7() -> uuid.UUID:
     """A version 7 UUID (RFC 9562): 48 bits of Unix milliseconds, then random bits."""
     millis = time.time_ns() // 1_000_000
     value = (millis & ((1 << 48) - 1)) << 80 | int.from_bytes(os.urandom(10), "big")
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
-    return uuid.UUID(int=value)
+    return uuid.UUID(int=(value & _VERSION_MASK) | _VERSION_7_VARIANT)
 
 
 def uuid7_texts(count: int) -> list[str]:
@@ -36,8 +38,3 @@ def uuid7_texts(count: int) -> list[str]:
         hexed = f"{value:032x}"
         texts.append(f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:]}")
     return texts
-
-
-#: The bits :func:`uuid7` sets: the version (7) and the RFC 4122 variant.
-_VERSION_MASK = ~(0xF << 76) & ~(0x3 << 62)
-_VERSION_7_VARIANT = (0x7 << 76) | (0x2 << 62)
