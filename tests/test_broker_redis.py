@@ -252,6 +252,37 @@ def test_a_receive_takes_no_more_than_the_prefetch_window_has_room_for(kombu_db:
         connection.default_channel.do_restore = False
 
 
+def test_an_unreadable_message_in_a_receive_costs_only_itself(kombu_db: str):
+    """A receive that takes a message nobody can read (not JSON, pushed by hand) among
+    good ones hands every good one over, then raises that one's error once."""
+    first, _ = _queues()
+    state = redis.Redis.from_url(kombu_db)
+    with Connection(kombu_db) as connection:
+        producer = Producer(connection)
+        for n in range(4):
+            if n == 2:
+                state.lpush(first.name, b"not json {")
+            producer.publish({"n": n}, exchange=first.exchange, routing_key=first.routing_key,
+                             declare=[first])
+    received: list[int] = []
+    failures: list[Exception] = []
+    options = {"queue_order_strategy": "priority"}
+    with Connection(kombu_db, transport=OURS, transport_options=options) as connection, \
+            Consumer(connection, [first], callbacks=[
+                lambda body, message: (received.append(body["n"]), message.ack())]):
+        deadline = time.monotonic() + 5
+        while len(received) < 4 and time.monotonic() < deadline:
+            try:
+                connection.drain_events(timeout=0.5)
+            except TimeoutError:
+                pass
+            except ValueError as exc:  # the unreadable one: JSONDecodeError
+                failures.append(exc)
+    assert received == [0, 1, 2, 3]
+    assert len(failures) == 1
+    assert state.llen(first.name) == 0
+
+
 def test_acks_together_remove_the_blocks_records_in_one_write_when_it_ends(kombu_db: str):
     """Inside ``acks_together`` an ack frees the prefetch window at once and its record
     stays until the block ends; then every record of the block is gone."""
