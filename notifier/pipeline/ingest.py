@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from notifier.pipeline.dead_letters import Rejection, cut, jsonb_safe, write_dead_letters
+from notifier.pipeline.outbox import DeliveryTask
 from notifier.pipeline.routing import (
     RecipientState,
     Routed,
@@ -90,6 +91,8 @@ class IngestResult:
     rejected: int = 0
     suppressed: int = 0
     delivery_ids: list[uuid.UUID] = field(default_factory=list)
+    #: The tasks that carry ``delivery_ids`` once they are queued (after the commit).
+    delivery_tasks: list[DeliveryTask] = field(default_factory=list)
     #: Stored notifications per (priority, type), and per routing status: for metrics.
     kinds: Counter[tuple[str, str]] = field(default_factory=Counter)
     routed: Counter[str] = field(default_factory=Counter)
@@ -104,6 +107,7 @@ class IngestResult:
         self.rejected += other.rejected
         self.suppressed += other.suppressed
         self.delivery_ids += other.delivery_ids
+        self.delivery_tasks += other.delivery_tasks
         self.kinds.update(other.kinds)
         self.routed.update(other.routed)
 

@@ -11,7 +11,7 @@ from typing import Any, TypeAlias, cast
 import psycopg
 from psycopg import pq
 from psycopg.rows import TupleRow
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -66,11 +66,15 @@ def _session_maker(engine: Engine) -> sessionmaker[Session]:
 
 @contextmanager
 def session_scope(
-    url: str | None = None, *, bounds: Settings | None = None
+    url: str | None = None, *, bounds: Settings | None = None,
+    connection: Connection | None = None,
 ) -> Iterator[Session]:
     """A session that commits when the block ends and rolls back when it raises; with
-    ``bounds``, its transaction's idle and lock waits are bounded (``bound_transaction``)."""
-    session = _session_maker(get_engine(url))()
+    ``bounds``, its transaction's idle and lock waits are bounded (``bound_transaction``).
+    With ``connection`` (:func:`pooled_connection`) it runs on that one, which stays
+    checked out after the commit; else on one of the pool's, returned at the end."""
+    maker = _session_maker(get_engine(url))
+    session = maker(bind=connection) if connection is not None else maker()
     try:
         if bounds is not None:
             bound_transaction(session, bounds)
@@ -81,6 +85,28 @@ def session_scope(
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def pooled_connection(url: str | None = None) -> Iterator[Connection]:
+    """One of the pool's connections, for a transaction (``session_scope(connection=…)``)
+    and a statement after its commit (:func:`autocommit_cursor`): the pool checks a
+    connection (``pool_pre_ping``) each time it hands one out, so a second checkout
+    right after the commit would cost a round trip of its own."""
+    with get_engine(url).connect() as connection:
+        yield connection
+
+
+def autocommit_cursor(connection: Connection) -> Cursor:
+    """A cursor on ``connection`` (no transaction open on it) whose each statement is its
+    own transaction: one round trip, where a transaction of one statement costs three
+    (``BEGIN``, the statement, ``COMMIT``). The pool puts the connection back in
+    transactions when it is returned (SQLAlchemy resets an isolation level set here)."""
+    connection.execution_options(isolation_level="AUTOCOMMIT")
+    driver: psycopg.Connection[TupleRow] | None = connection.connection.driver_connection
+    if driver is None:  # only a connection already closed has none
+        raise RuntimeError("the database connection is closed")
+    return driver.cursor()
 
 
 #: The settings ``bound_transaction`` sets, and the setting that gives each (seconds).

@@ -5,10 +5,12 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from notifier import client
-from notifier.storage.db import session_scope
+from notifier.pipeline.ingest import IngestMessage, ingest_batch
+from notifier.storage.db import driver_connection, get_engine, pooled_connection, session_scope
+from notifier.worker import tasks
 from tests.brokers import foreign_producer
 from tests.conftest import BROKER_URL
 from tests.workers import WorkerProcess, count_rows, wait_for, wait_for_rows
@@ -104,3 +106,51 @@ def test_critical_is_committed_before_a_normal_backlog():
         " (SELECT created_at FROM notifications WHERE id = :id)", id=critical_id,
     )
     assert ahead < 1000, f"{ahead} of 5,000 normal notifications were stored first"
+
+
+# --- the queue step after an ingest commit (in this process, real Postgres) -------------
+
+
+def _critical_messages(count: int) -> list[IngestMessage]:
+    return [IngestMessage(str(uuid.uuid4()), _note(priority="critical", channels=["inapp"]))
+            for _ in range(count)]
+
+
+def test_critical_deliveries_are_queued_on_the_batch_connection_after_its_commit():
+    """A committed batch's due deliveries are marked queued, grouped into the tasks to
+    publish, on the connection that committed them: the pool hands out one connection
+    per batch (its check, pre-ping, is a round trip), and takes it back in transaction
+    mode, so the next session is a transaction again, not a statement at a time."""
+    engine = get_engine()
+    checkouts: list[object] = []
+    listener = lambda *args: checkouts.append(args[1])  # noqa: E731
+    event.listen(engine, "checkout", listener)
+    try:
+        result = tasks.store_messages(_critical_messages(3))
+    finally:
+        event.remove(engine, "checkout", listener)
+    assert len(checkouts) == 1
+    assert len(result.delivery_ids) == 3
+    assert [(t.channel, sorted(t.delivery_ids)) for t in result.delivery_tasks] == [
+        ("inapp", sorted(str(i) for i in result.delivery_ids))]
+    assert count_rows("SELECT count(*) FROM deliveries WHERE status = 'queued'") == 3
+    with session_scope() as session:
+        assert not driver_connection(session).autocommit
+        session.execute(text("UPDATE deliveries SET status = 'sending'"))
+        session.rollback()  # a transaction again: undone
+    assert count_rows("SELECT count(*) FROM deliveries WHERE status = 'queued'") == 3
+
+
+def test_a_queue_step_that_fails_leaves_the_committed_rows_to_the_sweeper():
+    """Postgres lost between the commit and the queue step (the backend killed, as a
+    network cut would): nothing raises, no task is returned, and the rows stay
+    ``pending``, which the sweeper publishes; the pool replaces the dead connection."""
+    with pooled_connection() as connection:
+        with session_scope(connection=connection) as session:
+            result = ingest_batch(session, _critical_messages(2))
+            backend = driver_connection(session).info.backend_pid
+        with session_scope() as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": backend})
+        assert tasks.queue_committed_deliveries(connection, result.delivery_ids) == []
+    assert count_rows("SELECT count(*) FROM deliveries WHERE status = 'pending'") == 2
+    assert len(tasks.store_messages(_critical_messages(1)).delivery_tasks) == 1
