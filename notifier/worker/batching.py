@@ -16,13 +16,12 @@ subclass keeps its message handling and replaces the rest:
   them first-in-first-out inside the pool, where a critical batch waits behind all of
   them. Batches wait in this process instead, and when a pool process frees up the
   critical ones ("urgent") go first.
-* **A lane for critical batches.** Under the prefork pool the worker runs one process
-  more than ``-c`` (:mod:`notifier.worker.lane`): bulk batches take a slot of the
+* **A lane for critical batches.** Under the prefork pool the worker runs processes
+  beyond ``-c`` (:mod:`notifier.worker.lane`): bulk batches take a slot of the
   worker's semaphore like any Celery task, so bulk batches and deliveries together
-  hold at most ``-c`` processes, and an urgent batch goes at once to the one left
-  free, never behind a bulk batch. Urgent work takes one of the ``-c`` processes
-  too once the lane falls behind, and bulk leaves the lane's core to it while
-  criticals flow.
+  hold at most ``-c`` processes, and an urgent batch goes at once to a lane process,
+  never behind a bulk batch. Urgent work takes one of the ``-c`` processes too once
+  the lanes fall behind, and bulk leaves a core to them while criticals flow.
 * **Back-pressure.** While a pool's worth of batches is already waiting, or the
   messages held weigh more than ``worker_held_bytes``, the worker stops taking messages
   from its bulk queues, so the backlog stays in the broker, where the queue order still
@@ -324,20 +323,22 @@ class CommittedBatches(Batches):
         cores are all busy (Postgres on the same host), the lane running beside ``-c``
         bulk batches would have to share their cores; while criticals flow, the lane
         takes one bulk batch's place instead (what critical-first dispatch did before
-        the lane, but without waiting for that batch to end first)."""
+        the lane, but without waiting for that batch to end first). One place, however
+        many lanes: one lane is busy most of the time, a second covers the overlap of
+        two critical batches."""
         lingering = time.monotonic() - self._urgent_seen < self.urgent_linger
-        return max(1, self._slots - self._lane) if self._lane and lingering else self._slots
+        return max(1, self._slots - 1) if self._lane and lingering else self._slots
 
     def _urgent_overflows(self) -> bool:
         """Whether urgent work takes one of the ``-c`` processes: always without a lane;
-        with one, once the lane falls behind (a full batch, or one that waited
-        ``flush_interval``), or at once when the lane is busy and no bulk work waits
+        with lanes, once they fall behind (a full batch, or one that waited
+        ``flush_interval``), or at once when every lane is busy and no bulk work waits
         here (an incident's burst of criticals on a quiet worker: the ``-c`` processes
-        would idle while criticals queued for the lane). While bulk work waits,
-        criticals arriving while the lane is busy gather for its next batch: split into
-        small batches on every process, each batch's fixed cost (commit, publishing, a
-        delivery task, its events) made criticals under load slower, and took
-        processes from bulk work."""
+        would idle while criticals queued for a lane). While bulk work waits,
+        criticals arriving while every lane is busy gather for the next free one: split
+        into small batches on every process, each batch's fixed cost (commit,
+        publishing, a delivery task, its events) made criticals under load slower, and
+        took processes from bulk work."""
         if not self._urgent.held:
             return False
         return (not self._lane or self._urgent.items >= self.flush_items

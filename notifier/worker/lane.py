@@ -1,22 +1,24 @@
-"""The critical lane: one pool process more than ``-c`` asks for, kept free for
-critical ingest batches, so a critical notification never waits for a bulk batch.
+"""The critical lane: pool processes beyond what ``-c`` asks for
+(``NOTIFIER_CRITICAL_LANES``, two by default), kept free for critical ingest batches,
+so a critical notification never waits for a bulk batch.
 
 Celery's prefork pool writes a job to any idle process (``-O fair``, the default) and
 queues it first-in-first-out when none is idle: with ``-c 2`` and two bulk batches of
 500 notifications in progress, a critical batch waited for one of them to finish
-(100-300 ms under load). This bootstep starts the pool with ``-c`` + 1 processes and
-leaves everything else at ``-c``:
+(100-300 ms under load). This bootstep starts the pool with ``-c`` + the lanes'
+processes and leaves everything else at ``-c``:
 
 * Celery's own tasks (deliveries, flushes, sweeps) take a slot of the worker's
   semaphore as always, and that semaphore keeps its ``-c`` slots;
 * bulk ingest batches take a slot of the same semaphore
   (:class:`notifier.worker.batching.CommittedBatches`), so deliveries and bulk batches
   together never occupy more than ``-c`` processes;
-* one critical batch at a time runs on the spare process without a slot
-  (:class:`SlotLedger` keeps the semaphore's count right, since the pool releases a
-  slot whenever any job ends); criticals arriving meanwhile gather for its next batch,
-  and while they flow bulk batches hold one process fewer (``CommittedBatches``
-  ``_urgent_overflows`` and ``_bulk_slots`` say why).
+* one critical batch per lane process runs without a slot (:class:`SlotLedger` keeps
+  the semaphore's count right, since the pool releases a slot whenever any job ends);
+  criticals arriving while every lane is busy gather for the next free one, and while
+  they flow bulk batches hold one process fewer (``CommittedBatches``
+  ``_urgent_overflows`` and ``_bulk_slots`` say why). Two lanes, not one: a lane
+  batch under load takes 10-15 ms, criticals arriving meanwhile waited for all of it.
 
 Only for the prefork pool on an event loop (what ``celery -A notifier worker`` runs);
 with ``--pool solo``/``threads`` or ``--autoscale`` there is no lane and critical
@@ -29,13 +31,12 @@ from typing import Any
 
 from celery import bootsteps
 
-#: Pool processes added for critical ingest batches.
-LANE_PROCESSES = 1
+from notifier.settings import get_settings
 
 
 class CriticalLane(bootsteps.Step):
-    """Grow the pool by :data:`LANE_PROCESSES` before it starts, leaving the worker's
-    semaphore (the slots of Celery's own tasks) as ``-c`` made it."""
+    """Grow the pool by ``NOTIFIER_CRITICAL_LANES`` processes before it starts, leaving
+    the worker's semaphore (the slots of Celery's own tasks) as ``-c`` made it."""
 
     label = "critical lane"
     requires = ("celery.worker.components:Pool",)
@@ -45,9 +46,10 @@ class CriticalLane(bootsteps.Step):
         super().__init__(parent, **kwargs)
 
     def create(self, parent: Any) -> None:
-        if lane_possible(parent):
-            parent.pool.limit += LANE_PROCESSES  # read when the pool starts its processes
-            parent.critical_lane = LANE_PROCESSES
+        lanes = get_settings().critical_lanes
+        if lanes and lane_possible(parent):
+            parent.pool.limit += lanes  # read when the pool starts its processes
+            parent.critical_lane = lanes
 
 
 def lane_possible(worker: Any) -> bool:

@@ -114,6 +114,7 @@ def test_criticals_take_an_idle_process_while_the_lane_is_busy_and_no_bulk_waits
         "NOTIFIER_VISIBILITY_TIMEOUT": "120",
         "NOTIFIER_INGEST_FLUSH_INTERVAL": "300",
         "NOTIFIER_DATABASE_LOCK_TIMEOUT": "0",  # the blocked batch waits as long as we hold
+        "NOTIFIER_CRITICAL_LANES": "1",  # with two, the second lane would take it
     })
     try:
         first = client.notify(recipient, "alert", "disk full", priority="critical",
@@ -132,6 +133,44 @@ def test_criticals_take_an_idle_process_while_the_lane_is_busy_and_no_bulk_waits
         wait_for(lambda: count_rows("SELECT duplicates FROM idempotency_keys WHERE key = :k",
                                     k=key) == 1,
                  timeout=30, what="the repeat counted, once the key is free")
+    finally:
+        worker.stop()
+
+
+@pytest.mark.slow
+def test_a_critical_starts_on_the_second_lane_while_the_first_is_busy_and_bulk_waits():
+    """Two lanes (the default): the first lane's batch is blocked in Postgres, both
+    ``-c`` processes hold blocked bulk batches with more bulk waiting behind them, and
+    another critical is still stored at once, on the second lane. With one lane it
+    gathers behind the first lane's batch, however long that takes."""
+    recipient = f"lane-{uuid.uuid4().hex[:8]}"
+    key = f"incident-{uuid.uuid4().hex[:8]}"
+    worker = WorkerProcess.start(env={
+        "NOTIFIER_VISIBILITY_TIMEOUT": "120",
+        "NOTIFIER_DATABASE_LOCK_TIMEOUT": "0",  # blocked batches wait as long as we hold
+    })
+    try:
+        client.notify_many(_bulk(recipient, 1))  # opens the group's window
+        first = client.notify(f"{recipient}-ops", "alert", "disk full", priority="critical",
+                              idempotency_key=key)
+        wait_for(lambda: _stored(first) and count_rows(
+            "SELECT count(*) FROM aggregation_windows WHERE recipient_id = :r",
+            r=recipient) == 1, what="the window and the first critical")
+        with _window_locked(recipient), _key_locked(key):
+            for _ in range(20):  # a backlog: two batches blocked, the rest held
+                client.notify_many(_bulk(recipient, 50))
+            wait_for(lambda: _batches_waiting_on_locks() == 2, timeout=30,
+                     what="both -c processes blocked on the window")
+            client.notify(f"{recipient}-ops", "alert", "disk full again", priority="critical",
+                          idempotency_key=key)
+            wait_for(lambda: _batches_waiting_on_locks() == 3, timeout=30,
+                     what="the first lane's batch blocked on the key")
+            other = client.notify(f"{recipient}-db", "alert", "load high", priority="critical")
+            wait_for(lambda: _stored(other), timeout=30, what="the critical on the second lane")
+            assert _batches_waiting_on_locks() == 3  # everything else still waits
+        wait_for(lambda: count_rows("SELECT count(*) FROM notifications WHERE"
+                                    " recipient_id = :r", r=recipient) == 1001,
+                 timeout=60, what="the backlog, once the window is free")
     finally:
         worker.stop()
 
