@@ -305,6 +305,8 @@ class CommittedBatches(Batches):
             self._flush_again = True
             while self._flush_again:
                 self._flush_again = False
+                if self._ledger is not None:
+                    self._ledger.settle()  # may grant our wait: then this loop runs again
                 self._take_incoming()
                 while self._lane_in_flight < self._lane and self._urgent.held:
                     self._send(self._urgent.take(self.flush_items), lane=True)

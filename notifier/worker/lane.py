@@ -65,21 +65,28 @@ def lane_possible(worker: Any) -> bool:
 
 class SlotLedger:
     """The worker's semaphore, shared by Celery's tasks and bulk ingest batches, with
-    the critical lane's jobs accounted for.
+    the critical lanes' jobs accounted for.
 
-    The pool releases a slot whenever *any* job ends, the lane's included (billiard
-    releases before it calls the job's callback), though a lane job took none. So a
-    lane job puts a waiter first in the semaphore's line when it starts: the next
-    release goes to that waiter and is kept, never to a waiting task. Slots never
-    exceed ``-c``, not even for a moment (a ``-c 1`` worker never sends two deliveries
-    at once); when another job ends first, its slot is kept instead and the lane job's
-    own release frees one, so the count is right either way.
+    The pool releases a slot whenever *any* job ends, the lanes' included (billiard
+    releases before it calls the job's callback), though a lane job took none. So each
+    running lane job keeps a waiter ("keep") first in the semaphore's line: the next
+    release goes to a keep and is kept, never to a waiting task. Slots never exceed
+    ``-c``, not even for a moment (a ``-c 1`` worker never sends two deliveries at
+    once).
+
+    A keep cannot tell whose release it took. When another job ended first, its slot
+    was kept instead: :meth:`settle` (called as each lane job ends and whenever the
+    batches are dispatched) sees fewer keeps waiting than lane jobs running, puts a
+    keep back and hands the slot on. Without it, with two lanes taking turns, keeps
+    were always waiting and took every bulk batch's release for as long as criticals
+    flowed: bulk ingest nearly stopped.
     """
 
     def __init__(self, semaphore: Any) -> None:
         self.semaphore = semaphore
         self.held = 0  # slots taken for batches not yet sent to the pool
         self.waiting = False
+        self.lanes_running = 0
 
     def take(self, on_granted: Any) -> bool:
         """A slot now (True), or ``on_granted()`` once one is free, after the tasks
@@ -96,7 +103,7 @@ class SlotLedger:
 
     def _granted(self, on_granted: Any) -> None:
         if not self.waiting:  # a stale wait: give the slot back
-            self.semaphore.release()
+            self._hand_on()
             return
         self.waiting = False
         self.held += 1
@@ -110,17 +117,47 @@ class SlotLedger:
         """Return a held slot nothing needs any more."""
         while self.held:
             self.held -= 1
-            self.semaphore.release()
+            self._hand_on()
 
     def lane_started(self) -> None:
-        # kombu's semaphore has no public way to wait ahead of the line; its waiters are
-        # (callback, args, kwargs) in a deque served from the left.
-        self.semaphore._waiting.appendleft((_keep, (), {}))
+        self.lanes_running += 1
+        self._add_keep()
 
     def lane_ended(self) -> None:
-        """Nothing to do: the waiter placed at the start took (or takes) the release."""
+        """The pool has just released for this job (a keep took it, or will take it
+        when a lost process is replaced); hand on any slot a keep took from another."""
+        self.lanes_running -= 1
+        self.settle()
+
+    def settle(self) -> None:
+        """One keep waiting per running lane job: a keep missing took the release of
+        another job, whose slot goes to the first waiter that is not a keep (or back
+        to the semaphore). Never more: a lane job whose release is still to come (its
+        process was lost) has a keep too many until it comes."""
+        while self._keeps_waiting() < self.lanes_running:
+            self._add_keep()
+            self._hand_on()
+
+    # kombu's semaphore has no public way to wait ahead of the line; its waiters are
+    # (callback, args, kwargs) in a deque served from the left, and it is cleared (keeps
+    # included) when the consumer reconnects: so keeps are counted, not remembered.
+
+    def _add_keep(self) -> None:
+        self.semaphore._waiting.appendleft((_keep, (), {}))
+
+    def _keeps_waiting(self) -> int:
+        return sum(1 for waiter in self.semaphore._waiting if waiter[0] is _keep)
+
+    def _hand_on(self) -> None:
+        """Release one slot past the keeps: to the first other waiter, else back."""
+        waiting = self.semaphore._waiting
+        for index, (callback, args, kwargs) in enumerate(waiting):
+            if callback is not _keep:
+                del waiting[index]
+                callback(*args, **kwargs)
+                return
+        self.semaphore.value = min(self.semaphore.value + 1, self.semaphore.initial_value)
 
 
 def _keep() -> None:
-    """The release of a lane job (or of a job that ended before it): kept, no task
-    gets it."""
+    """A release taken by a keep: no task gets it (see :class:`SlotLedger`)."""

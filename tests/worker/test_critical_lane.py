@@ -206,19 +206,74 @@ def test_a_lane_job_ending_while_a_task_waits_costs_no_slot():
     assert (semaphore.value, semaphore.initial_value) == (2, 2)
 
 
-def test_a_task_ending_before_the_lane_job_leaves_the_count_right():
-    """The release of a job that ends while the lane runs is kept instead; the lane
-    job's own release then frees that slot."""
+def test_a_task_ending_while_the_lane_runs_hands_its_slot_on_at_the_next_settle():
+    """The release of a job that ends while a lane job runs is taken by the lane job's
+    keep; settling (as the batches' dispatch does) hands that slot to the waiting task
+    at once and keeps the next release, the lane job's own, instead."""
     semaphore = LaxBoundedSemaphore(1)
     ledger = SlotLedger(semaphore)
     granted: list[str] = []
     semaphore.acquire(granted.append, "running task")
     semaphore.acquire(granted.append, "waiting task")
     ledger.lane_started()
-    _pool_releases(semaphore, 1)  # the running task ends: kept, nobody runs
+    _pool_releases(semaphore, 1)  # the running task ends: its release is kept...
     assert granted == ["running task"]
-    _pool_releases(semaphore, 1)  # the lane job ends: the waiting task runs
+    ledger.settle()  # ...and handed on
+    assert granted == ["running task", "waiting task"]
+    _pool_releases(semaphore, 1)  # the lane job ends: kept, nobody else runs
     ledger.lane_ended()
+    semaphore.acquire(granted.append, "next task")
+    assert granted == ["running task", "waiting task"]
+    _pool_releases(semaphore, 1)  # the waiting task ends: the next one runs
+    assert granted == ["running task", "waiting task", "next task"]
+    _pool_releases(semaphore, 1)
+    assert (semaphore.value, semaphore.initial_value) == (1, 1)
+
+
+def test_two_lanes_taking_turns_never_keep_a_bulk_batch_waiting_for_its_slot():
+    """With two lanes whose jobs overlap all the time (criticals flowing), there is
+    always a keep waiting: each bulk batch's release went to one, and a bulk batch
+    waiting for a slot waited until both lanes were idle at once. Settled, it gets
+    the slot as soon as the batch before it ends, and the count ends right."""
+    semaphore = LaxBoundedSemaphore(1)
+    ledger = SlotLedger(semaphore)
+    granted: list[str] = []
+    assert ledger.take(lambda: granted.append("bulk 0"))
+    ledger.spend()  # bulk batch 0 runs on the one slot
+    ledger.lane_started()  # lane job A
+    for n in range(1, 6):
+        ledger.lane_started()  # the next lane job starts before the last one ends
+        assert not ledger.take(lambda n=n: granted.append(f"bulk {n}"))
+        _pool_releases(semaphore, 1)  # the running bulk batch ends
+        ledger.settle()
+        assert granted == [f"bulk {i}" for i in range(n + 1)]
+        ledger.spend()
+        _pool_releases(semaphore, 1)  # the older lane job ends: kept
+        ledger.lane_ended()
+        assert semaphore.value == 0  # the bulk batch holds the slot
+    _pool_releases(semaphore, 1)  # the last lane job ends
+    ledger.lane_ended()
+    _pool_releases(semaphore, 1)  # the last bulk batch ends
+    assert (semaphore.value, semaphore.initial_value) == (1, 1)
+    assert ledger._keeps_waiting() == 0
+
+
+def test_a_lost_lane_process_whose_release_comes_late_leaves_the_count_right():
+    """A lane job whose process died ends (its error callback) before the pool's
+    release for the lost process: settling meanwhile hands nothing on."""
+    semaphore = LaxBoundedSemaphore(1)
+    ledger = SlotLedger(semaphore)
+    granted: list[str] = []
+    semaphore.acquire(granted.append, "running task")
+    semaphore.acquire(granted.append, "waiting task")
+    ledger.lane_started()
+    ledger.lane_ended()  # the error callback, before any release
+    ledger.settle()
+    assert granted == ["running task"]
+    _pool_releases(semaphore, 1)  # the pool replaces the process: kept
+    ledger.settle()
+    assert granted == ["running task"]
+    _pool_releases(semaphore, 1)  # the running task ends: the waiting one runs
     assert granted == ["running task", "waiting task"]
     _pool_releases(semaphore, 1)
     assert (semaphore.value, semaphore.initial_value) == (1, 1)
