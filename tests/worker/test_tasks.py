@@ -123,7 +123,7 @@ def test_critical_deliveries_are_queued_on_the_batch_connection_after_its_commit
     mode, so the next session is a transaction again, not a statement at a time."""
     engine = get_engine()
     checkouts: list[object] = []
-    listener = lambda *args: checkouts.append(args[1])  # noqa: E731
+    listener = lambda driver, *_: checkouts.append(driver)  # noqa: E731
     event.listen(engine, "checkout", listener)
     try:
         result = tasks.store_messages(_critical_messages(3))
@@ -134,6 +134,7 @@ def test_critical_deliveries_are_queued_on_the_batch_connection_after_its_commit
     assert [(t.channel, sorted(t.delivery_ids)) for t in result.delivery_tasks] == [
         ("inapp", sorted(str(i) for i in result.delivery_ids))]
     assert count_rows("SELECT count(*) FROM deliveries WHERE status = 'queued'") == 3
+    assert not checkouts[0].autocommit  # the batch's connection, back in the pool
     with session_scope() as session:
         assert not driver_connection(session).autocommit
         session.execute(text("UPDATE deliveries SET status = 'sending'"))
