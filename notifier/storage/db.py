@@ -44,12 +44,18 @@ def get_engine(url: str | None = None, settings: Settings | None = None) -> Engi
     settings = settings or get_settings()
     url = url or settings.database_url
     key = (os.getpid(), url, settings.database_pool_size, settings.database_prepared_statements)
-    if key not in _engines:
-        _engines[key] = create_engine(
+    engine = _engines.get(key)
+    if engine is None:
+        made = create_engine(
             url, pool_pre_ping=True, pool_size=settings.database_pool_size, max_overflow=0,
             connect_args=connect_args(settings),
         )
-    return _engines[key]
+        # Two threads at once (a pool process's first job and its warm-up, API threads)
+        # keep one engine: a second pool would hold connections beyond the bound.
+        engine = _engines.setdefault(key, made)
+        if engine is not made:
+            made.dispose()  # never connected
+    return engine
 
 
 _session_makers: dict[Engine, sessionmaker[Session]] = {}
