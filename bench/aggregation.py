@@ -31,7 +31,7 @@ from notifier.pipeline.flush import flush_due_windows
 from notifier.pipeline.ingest import IngestMessage, ingest_batch
 from notifier.pipeline.rules import BUILTIN_RULES
 from notifier.settings import get_settings
-from notifier.storage.db import session_scope
+from notifier.storage.db import raw_cursor, session_scope
 from notifier.worker.batch_sizing import delivery_sizer
 
 #: Tables the aggregation scenarios empty first.
@@ -151,7 +151,7 @@ def aggregation_efficiency(bench: Bench, recipients: int = 300, hours: float = 6
 
 
 def _flush_all(session: Any, settings: Any, now: datetime) -> None:
-    cursor = session.connection().connection.driver_connection.cursor()
+    cursor = raw_cursor(session)
     sizer = delivery_sizer(settings)  # as beat's flush task sizes its delivery tasks
     while flush_due_windows(cursor, BUILTIN_RULES, settings, now, batch_size=sizer).windows:
         pass

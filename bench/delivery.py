@@ -56,7 +56,7 @@ from notifier.pipeline.delivery import deliver_batch
 from notifier.pipeline.ingest import IngestMessage, ingest_batch
 from notifier.pipeline.outbox import DeliveryTask, queue_deliveries
 from notifier.settings import Settings, delivery_queue, get_settings
-from notifier.storage.db import session_scope
+from notifier.storage.db import raw_cursor, session_scope
 from notifier.storage.state import state_redis
 from notifier.worker.tasks import publish
 
@@ -465,7 +465,7 @@ def queue(ids: list[str], size: int) -> list[DeliveryTask]:
     task size is a setting of the benchmark, reported with its figures."""
     settings = get_settings().model_copy(update={"delivery_batch_size": size})
     with session_scope() as session:
-        cursor = session.connection().connection.driver_connection.cursor()
+        cursor = raw_cursor(session)
         tasks = queue_deliveries(cursor, ids, settings)
     queued = [i for task in tasks for i in task.delivery_ids]
     if len(queued) != len(ids):

@@ -109,10 +109,7 @@ def autocommit_cursor(connection: Connection) -> Cursor:
     (``BEGIN``, the statement, ``COMMIT``). The pool puts the connection back in
     transactions when it is returned (SQLAlchemy resets an isolation level set here)."""
     connection.execution_options(isolation_level="AUTOCOMMIT")
-    driver: psycopg.Connection[TupleRow] | None = connection.connection.driver_connection
-    if driver is None:  # only a connection already closed has none
-        raise RuntimeError("the database connection is closed")
-    return driver.cursor()
+    return _driver(connection).cursor()
 
 
 #: The settings ``bound_transaction`` sets, and the setting that gives each (seconds).
@@ -167,9 +164,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 def driver_connection(session: Session) -> psycopg.Connection[TupleRow]:
     """The psycopg connection under the session, inside its transaction."""
-    driver: psycopg.Connection[TupleRow] | None = session.connection().connection.driver_connection
+    return _driver(session.connection())
+
+
+def _driver(connection: Connection) -> psycopg.Connection[TupleRow]:
+    driver: psycopg.Connection[TupleRow] | None = connection.connection.driver_connection
     if driver is None:  # only a connection already closed has none
-        raise RuntimeError("the session's database connection is closed")
+        raise RuntimeError("the database connection is closed")
     return driver
 
 

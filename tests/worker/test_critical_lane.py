@@ -206,16 +206,25 @@ def test_a_lane_job_ending_while_a_task_waits_costs_no_slot():
     assert (semaphore.value, semaphore.initial_value) == (2, 2)
 
 
-def test_a_task_ending_while_the_lane_runs_hands_its_slot_on_at_the_next_settle():
-    """The release of a job that ends while a lane job runs is taken by the lane job's
-    keep; settling (as the batches' dispatch does) hands that slot to the waiting task
-    at once and keeps the next release, the lane job's own, instead."""
+def _one_slot_a_task_waiting_a_lane_running() -> tuple[
+    LaxBoundedSemaphore, SlotLedger, list[str]
+]:
+    """A ``-c 1`` worker's semaphore: a task running on the slot, another waiting for
+    it, and a lane job started; ``granted`` lists the tasks run, in order."""
     semaphore = LaxBoundedSemaphore(1)
     ledger = SlotLedger(semaphore)
     granted: list[str] = []
     semaphore.acquire(granted.append, "running task")
     semaphore.acquire(granted.append, "waiting task")
     ledger.lane_started()
+    return semaphore, ledger, granted
+
+
+def test_a_task_ending_while_the_lane_runs_hands_its_slot_on_at_the_next_settle():
+    """The release of a job that ends while a lane job runs is taken by the lane job's
+    keep; settling (as the batches' dispatch does) hands that slot to the waiting task
+    at once and keeps the next release, the lane job's own, instead."""
+    semaphore, ledger, granted = _one_slot_a_task_waiting_a_lane_running()
     _pool_releases(semaphore, 1)  # the running task ends: its release is kept...
     assert granted == ["running task"]
     ledger.settle()  # ...and handed on
@@ -261,12 +270,7 @@ def test_two_lanes_taking_turns_never_keep_a_bulk_batch_waiting_for_its_slot():
 def test_a_lost_lane_process_whose_release_comes_late_leaves_the_count_right():
     """A lane job whose process died ends (its error callback) before the pool's
     release for the lost process: settling meanwhile hands nothing on."""
-    semaphore = LaxBoundedSemaphore(1)
-    ledger = SlotLedger(semaphore)
-    granted: list[str] = []
-    semaphore.acquire(granted.append, "running task")
-    semaphore.acquire(granted.append, "waiting task")
-    ledger.lane_started()
+    semaphore, ledger, granted = _one_slot_a_task_waiting_a_lane_running()
     ledger.lane_ended()  # the error callback, before any release
     ledger.settle()
     assert granted == ["running task"]
