@@ -39,6 +39,10 @@ def test_database_url_spellings_use_psycopg(monkeypatch, url):
     ("NOTIFIER_API_DEMO", "true", "NOTIFIER_API_DEMO: the demo page mints recipient tokens"),
     ("NOTIFIER_API_STREAM_HEARTBEAT", "0",
          "NOTIFIER_API_STREAM_HEARTBEAT: Input should be greater than or equal to 0.05"),
+    ("NOTIFIER_CRITICAL_LANES", "99",
+         "NOTIFIER_CRITICAL_LANES: Input should be less than or equal to 8"),
+    ("NOTIFIER_CRITICAL_LANES", "-1",
+         "NOTIFIER_CRITICAL_LANES: Input should be greater than or equal to 0"),
 ])
 def test_bad_values_name_the_variable(monkeypatch, variable, value, message):
     """A bad value raises ConfigError whose one line starts with the variable's name."""
